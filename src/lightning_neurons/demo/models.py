@@ -1,0 +1,67 @@
+"""A small convolutional classifier for the quickstart and the tests.
+
+Example:
+    >>> model = SmallCNN(num_classes=12)
+    >>> [name for name, _ in model.named_modules() if name.startswith("features.block")][:2]
+    ['features.block1', 'features.block1.conv']
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            bn=nn.BatchNorm2d(out_channels),
+            relu=nn.ReLU(inplace=True),
+            pool=nn.MaxPool2d(2),
+        )
+    )
+
+
+class SmallCNN(pl.LightningModule):
+    """Four conv blocks and a linear head; units worth explaining live in ``features.block3`` and ``block4``.
+
+    Args:
+        num_classes: Output classes.
+        width: Channels of the first block (doubled at each block).
+        lr: Adam learning rate.
+    """
+
+    def __init__(self, num_classes: int = 12, width: int = 16, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        widths = [3, width, width * 2, width * 4, width * 8]
+        self.features = nn.Sequential(
+            OrderedDict((f"block{i + 1}", _block(widths[i], widths[i + 1])) for i in range(4))
+        )
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(x)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": accuracy}, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
