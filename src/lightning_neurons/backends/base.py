@@ -7,11 +7,16 @@ module (``embedded``, ``clip``, ``hf``) and returns a :class:`Backend`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 class ModelLoadError(RuntimeError):
@@ -83,3 +88,117 @@ class Backend:
     def encode_descriptions(self, texts: Sequence[str]) -> Tensor:
         """Embed descriptions for drift similarity (text-text)."""
         return (self.text_encoder or self.encoder).encode_texts(texts)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The given device, or the best available one (CUDA, then Apple MPS, then CPU).
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def prepare_images(
+    images: Tensor,
+    size: int | tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize_mode: str = "shortest",
+) -> Tensor:
+    """Resize and normalise ``[0, 1]`` images on their own device, without a PIL round-trip.
+
+    Args:
+        images: Float ``[N, 3, H, W]`` (or ``[3, H, W]``) in ``[0, 1]``; one channel is repeated to three.
+        size: Output side (or ``(height, width)``).
+        mean: Per-channel mean of the model's normalisation.
+        std: Per-channel standard deviation of the model's normalisation.
+        resize_mode: ``"shortest"`` resizes the shorter side to ``size`` then centre-crops (as CLIP and
+            ImageNet models were trained); ``"squash"`` resizes straight to ``size`` and so keeps the whole
+            region, which suits tight region crops.
+
+    Returns:
+        Float ``[N, 3, size, size]`` normalised images.
+
+    Example:
+        >>> prepare_images(torch.rand(2, 3, 50, 80), 32, (0.5,) * 3, (0.5,) * 3).shape
+        torch.Size([2, 3, 32, 32])
+    """
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4:
+        raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    images = images.float()
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    h, w = images.shape[-2:]
+    if resize_mode == "shortest":
+        scale = max(out_h / h, out_w / w)
+        new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    elif resize_mode == "squash":
+        new_h, new_w = out_h, out_w
+    else:
+        raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {resize_mode!r}")
+    if (new_h, new_w) != (h, w):
+        # Antialiasing matters when shrinking large photos; it is a no-op cost when upsampling small crops.
+        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    images = images[..., top : top + out_h, left : left + out_w].clamp(0.0, 1.0)
+    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - mean_t) / std_t
+
+
+_MODEL_CACHE: dict[tuple[Any, ...], Any] = {}
+
+
+def cached_model(key: tuple[Any, ...], factory: Callable[[], T]) -> T:
+    """Build a model once per process and key (loading weights is the slow part of every run).
+
+    Example:
+        >>> cached_model(("doc", 1), lambda: [1]) is cached_model(("doc", 1), lambda: [2])
+        True
+    """
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = factory()
+    return _MODEL_CACHE[key]
+
+
+def clear_model_cache() -> None:
+    """Drop every model cached by :func:`cached_model` (frees memory; the next load reads weights again)."""
+    _MODEL_CACHE.clear()
+
+
+def model_load_error(
+    what: str, source: str, looked_in: str, kwarg: str, example: str, cause: BaseException | None = None
+) -> str:
+    """One error message for a model that could not be loaded: which, where it was looked for, what to do.
+
+    Args:
+        what: The kind of model, e.g. ``"BLIP captioner"``.
+        source: The hub id, tag or path that was asked for.
+        looked_in: Where it was looked for (hub id and cache directory, or the local path).
+        kwarg: The ``backend_kwargs`` key that takes a local path.
+        example: An example local path for that key.
+        cause: The underlying exception, summarised on the last line.
+    """
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    lines = [
+        f"Could not load the {what} {source!r}.",
+        f"Looked for it in: {looked_in}" + (" (HF_HUB_OFFLINE is set, so nothing was downloaded)." if offline else "."),
+        f'To use local weights pass a path: backend_kwargs={{"{kwarg}": "{example}"}}.',
+        'backend="embedded" needs no download and works offline.',
+    ]
+    if cause is not None:
+        first = (str(cause).strip().splitlines() or [""])[0]
+        lines.append(f"Cause: {type(cause).__name__}: {first}")
+    return "\n".join(lines)

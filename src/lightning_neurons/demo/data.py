@@ -107,12 +107,18 @@ class PhotoPatches(Dataset[tuple[Tensor, int]]):
         # (scale, x, y, flip) per sample, fixed at construction so that indexing is deterministic.
         self._params = torch.rand(len(self.classes) * samples_per_class, 4, generator=generator)
         self._min_scale = min_scale
+        self._cache: dict[int, Tensor] = {}  # crops are deterministic: cut each one once
 
     def __len__(self) -> int:
         return len(self.classes) * self.samples_per_class
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         label = index // self.samples_per_class
+        if index not in self._cache:
+            self._cache[index] = self._cut(index, label)
+        return self._cache[index], label
+
+    def _cut(self, index: int, label: int) -> Tensor:
         name = self.classes[label]
         photo = load_photo(PHOTO_CLASSES[self.swap.get(name, name)])
         scale, fx, fy, flip = self._params[index].tolist()
@@ -126,7 +132,7 @@ class PhotoPatches(Dataset[tuple[Tensor, int]]):
         image = image.clamp(0, 1)
         if self.normalize:
             image = (image - torch.tensor(IMAGE_MEAN)[:, None, None]) / torch.tensor(IMAGE_STD)[:, None, None]
-        return image, label
+        return image
 
 
 class PhotoPatchesDataModule(pl.LightningDataModule):

@@ -1,4 +1,4 @@
-"""A small convolutional classifier for the quickstart and the tests.
+"""Small classifiers (a CNN and a ViT) for the quickstart, the configs and the tests.
 
 Example:
     >>> model = SmallCNN(num_classes=12)
@@ -27,7 +27,28 @@ def _block(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class SmallCNN(pl.LightningModule):
+class ImageClassifier(pl.LightningModule):
+    """Cross-entropy training, accuracy logging and Adam, shared by the demo classifiers."""
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        accuracy = (logits.argmax(1) == labels).float().mean()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": accuracy}, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class SmallCNN(ImageClassifier):
     """Four conv blocks and a linear head; units worth explaining live in ``features.block3`` and ``block4``.
 
     Args:
@@ -49,19 +70,43 @@ class SmallCNN(pl.LightningModule):
         x = self.features(x)
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(1) == labels).float().mean()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": accuracy}, prog_bar=True)
-        return loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+class TinyViT(ImageClassifier):
+    """A small torchvision Vision Transformer; its blocks are ``backbone.encoder.layers.encoder_layer_<i>``.
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
+    Args:
+        num_classes: Output classes.
+        image_size: Input side.
+        patch_size: Patch side (the unit maps are ``image_size / patch_size`` square).
+        hidden_dim: Token width (= units per block output).
+        num_layers: Encoder blocks.
+        num_heads: Attention heads.
+        lr: Adam learning rate.
+    """
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+    def __init__(
+        self,
+        num_classes: int = 12,
+        image_size: int = 64,
+        patch_size: int = 8,
+        hidden_dim: int = 64,
+        num_layers: int = 3,
+        num_heads: int = 4,
+        lr: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        self.save_hyperparameters()
+        self.backbone = VisionTransformer(
+            image_size=image_size,
+            patch_size=patch_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            hidden_dim=hidden_dim,
+            mlp_dim=hidden_dim * 2,
+            num_classes=num_classes,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone(x)

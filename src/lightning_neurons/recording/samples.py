@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
 
 InputKey = int | str | None
 
@@ -67,3 +70,97 @@ class SampleSource(Protocol):
     def fetch(self, ids: Sequence[int]) -> tuple[Tensor, Tensor | None]:
         """Return ``inputs [n, ...]`` in the order of ``ids`` and their labels (or ``None``)."""
         ...
+
+
+class DataLoaderSampleSource:
+    """Fetches probe samples back from the validation dataloader they were recorded from.
+
+    A sample id is the sample's position in the (non-shuffled) validation stream. Map-style datasets with a
+    sequential sampler (or a ``DistributedSampler`` with ``shuffle=False``, whose global ids equal dataset indices)
+    are indexed directly; another deterministic sampler maps id ``i`` to ``list(sampler)[i]``. Items are collated
+    with the loader's ``collate_fn``. Iterable datasets are re-iterated through the loader and only the wanted
+    positions are kept (memory bounded by the wanted set; iteration stops once all are found).
+
+    Args:
+        dataloader: The probe dataloader (batch-wise, as used for recording).
+        input_key: Index/key of the inputs in a batch (``None``: guess).
+        target_key: Index/key of integer labels in a batch (``None``: guess).
+
+    Raises:
+        ValueError: If the loader shuffles (a ``RandomSampler`` or a shuffling ``DistributedSampler``): the ids
+            would not point at the recorded samples.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> data = TensorDataset(torch.arange(10.0)[:, None], torch.arange(10))
+        >>> inputs, labels = DataLoaderSampleSource(DataLoader(data, batch_size=4)).fetch([7, 2])
+        >>> inputs[:, 0].tolist(), labels.tolist()
+        ([7.0, 2.0], [7, 2])
+    """
+
+    def __init__(self, dataloader: DataLoader, input_key: InputKey = None, target_key: InputKey = None) -> None:
+        self.dataloader = dataloader
+        self.input_key = input_key
+        self.target_key = target_key
+        self._iterable = isinstance(dataloader.dataset, IterableDataset)
+        self._order: list[int] | None = None
+        if not self._iterable:
+            sampler = dataloader.sampler
+            batch_sampler = getattr(dataloader, "batch_sampler", None)
+            if batch_sampler is not None and hasattr(batch_sampler, "sampler"):
+                sampler = batch_sampler.sampler
+            if isinstance(sampler, RandomSampler) or (
+                isinstance(sampler, DistributedSampler) and sampler.shuffle
+            ):
+                raise ValueError(
+                    "the probe dataloader shuffles its samples, so recorded sample ids cannot be mapped back to "
+                    "the data; use shuffle=False for the validation dataloader"
+                )
+            if not isinstance(sampler, (SequentialSampler, DistributedSampler)):
+                self._order = [int(i) for i in sampler]  # another deterministic order: id -> dataset index
+
+    def fetch(self, ids: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+        """Return ``inputs [n, ...]`` in the order of ``ids`` and their labels (``None`` if the batches have none).
+
+        Raises:
+            IndexError: If an id is beyond the probe set.
+        """
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("fetch() needs at least one sample id")
+        if self._iterable:
+            return self._fetch_iterable(ids)
+        size = len(self._order) if self._order is not None else len(self.dataloader.dataset)  # type: ignore[arg-type]
+        bad = [i for i in ids if not 0 <= i < size]
+        if bad:
+            raise IndexError(f"sample ids {bad[:5]} are outside the probe set of {size} samples")
+        indices = [self._order[i] for i in ids] if self._order is not None else ids
+        dataset = self.dataloader.dataset
+        collate = self.dataloader.collate_fn if self.dataloader.batch_size is not None else None
+        batch = (collate or torch.utils.data.default_collate)([dataset[i] for i in indices])
+        return batch_inputs(batch, self.input_key), batch_targets(batch, self.target_key)
+
+    def _fetch_iterable(self, ids: list[int]) -> tuple[Tensor, Tensor | None]:
+        wanted = set(ids)
+        found_inputs: dict[int, Tensor] = {}
+        found_labels: dict[int, Tensor] = {}
+        position = 0
+        for batch in self.dataloader:
+            inputs = batch_inputs(batch, self.input_key)
+            labels = batch_targets(batch, self.target_key)
+            n = inputs.shape[0]
+            for row in range(n):
+                if position + row in wanted:
+                    found_inputs[position + row] = inputs[row].clone()
+                    if labels is not None:
+                        found_labels[position + row] = labels[row].clone()
+            position += n
+            if len(found_inputs) == len(wanted):
+                break
+        missing = sorted(wanted - found_inputs.keys())
+        if missing:
+            raise IndexError(f"sample ids {missing[:5]} are beyond the {position} samples of the iterable dataset")
+        inputs = torch.stack([found_inputs[i] for i in ids])
+        labels = torch.stack([found_labels[i] for i in ids]) if len(found_labels) == len(wanted) else None
+        return inputs, labels

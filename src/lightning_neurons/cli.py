@@ -1,0 +1,190 @@
+"""The ``lightning-neurons`` command: ``fit`` (LightningCLI), ``explain``, ``history``, ``report``, ``evaluate``.
+
+Only this module prints. User mistakes end in one ``error:`` line (set ``LIGHTNING_NEURONS_TRACEBACK=1`` for the
+full traceback); the exit status is 2 for usage errors and 1 for failures.
+
+Example:
+    $ lightning-neurons fit --config configs/quickstart.yaml
+    $ lightning-neurons history lightning_logs/version_0
+    $ lightning-neurons report lightning_logs/version_0 -o report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, KeyError, ImportError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "fit":
+        return _guard(lambda: _fit(argv[1:]))
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    return _guard(lambda: args.handler(args))
+
+
+def _guard(run: Any) -> int:
+    from lightning_neurons.backends.base import ModelLoadError
+
+    try:
+        return int(run() or 0)
+    except (*_USER_ERRORS, ModelLoadError) as err:
+        if os.environ.get("LIGHTNING_NEURONS_TRACEBACK"):
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2 if isinstance(err, _USER_ERRORS) else 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-neurons",
+        description="Explain what the neurons of a vision network mean, while it trains or from checkpoints.",
+        epilog="`lightning-neurons fit --help` shows the LightningCLI options (trainer, model, data, callbacks).",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="{fit,explain,history,report,evaluate}")
+    sub.add_parser("fit", help="train with LightningCLI (configs/quickstart.yaml is the offline quickstart)")
+
+    explain = sub.add_parser("explain", help="explain a saved checkpoint (or a directory of them) post hoc")
+    explain.add_argument("--checkpoint", required=True, help="a .ckpt file, or a directory explained in epoch order")
+    explain.add_argument("--model-class", required=True, help="import path of the LightningModule, pkg.module.Class")
+    explain.add_argument("--data", required=True, help="import path of a LightningDataModule (its val_dataloader)")
+    explain.add_argument("--data-args", default="{}", help="JSON keyword arguments of the data module")
+    explain.add_argument("--layers", required=True, nargs="+", help="layer names or glob patterns")
+    explain.add_argument("--top-k", type=int, default=16, help="top samples per unit (default 16)")
+    explain.add_argument("--backend", default="embedded", help="embedded (offline), clip or hf (default embedded)")
+    explain.add_argument("--backend-args", default="{}", help="JSON keyword arguments of the backend")
+    explain.add_argument("--vocabulary", nargs="*", default=None, help="general, classes, llm and/or concept files")
+    explain.add_argument("--image-mean", type=float, nargs=3, default=None, help="input normalisation mean")
+    explain.add_argument("--image-std", type=float, nargs=3, default=None, help="input normalisation std")
+    explain.add_argument("--describe", action="store_true", help="caption crops and summarise them with the LLM")
+    explain.add_argument("-o", "--output-dir", default="neurons_posthoc", help="where history/TensorBoard/report go")
+    explain.set_defaults(handler=_explain)
+
+    history = sub.add_parser("history", help="print per-layer drift summaries of a run and write CSV/JSON")
+    history.add_argument("run_dir", help="a run's log directory (or its history.jsonl)")
+    history.add_argument("--csv", default=None, help="CSV output path (default RUN_DIR/neurons/history.csv)")
+    history.add_argument("--json", default=None, help="JSON output path (default RUN_DIR/neurons/history.json)")
+    history.set_defaults(handler=_history)
+
+    report = sub.add_parser("report", help="write a self-contained HTML report of a run")
+    report.add_argument("run_dir", help="a run's log directory (or its history.jsonl)")
+    report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    report.set_defaults(handler=_report)
+
+    evaluate = sub.add_parser("evaluate", help="measure explanation quality against baselines")
+    evaluate.add_argument("run_dir", nargs="?", help="optional run directory (default: the built-in benchmark)")
+    evaluate.add_argument("-o", "--output", default=None, help="write the JSON result here")
+    evaluate.set_defaults(handler=_evaluate)
+    return parser
+
+
+def _fit(argv: list[str]) -> int:
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI
+
+    import lightning_neurons.callback  # noqa: F401  (registers NeuronExplainer for --trainer.callbacks+=)
+    from lightning_neurons.callback import NeuronExplainer
+
+    cli = LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=["fit", *argv],
+        save_config_kwargs={"overwrite": True},
+    )
+    explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]
+    if cli.trainer.log_dir:
+        print(f"\nTensorBoard logs:  tensorboard --logdir {cli.trainer.log_dir} --samples_per_plugin=text=0,images=0")
+    for explainer in explainers:
+        for label, path in explainer.outputs().items():
+            print(f"{label + ':':<18} {path}")
+    return 0
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(f"{path!r} is not an import path like package.module.Class")
+    return getattr(importlib.import_module(module), name)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from lightning_neurons.posthoc import explain_checkpoints
+
+    model_class = _import(args.model_class)
+    datamodule = _import(args.data)(**json.loads(args.data_args))
+    datamodule.setup("validate")
+    rounds = explain_checkpoints(
+        args.checkpoint,
+        model_class,
+        datamodule.val_dataloader(),
+        args.layers,
+        output_dir=args.output_dir,
+        top_k=args.top_k,
+        backend=args.backend,
+        backend_kwargs=json.loads(args.backend_args),
+        vocabulary=args.vocabulary,
+        class_names=getattr(datamodule, "classes", None),
+        image_mean=args.image_mean,
+        image_std=args.image_std,
+        describe=args.describe,
+    )
+    for rnd in rounds:
+        print(f"epoch {rnd.epoch}: {len(rnd)} units explained")
+        for unit in rnd.units[:5]:
+            print(f"  {unit.layer}[{unit.unit}] {unit.description!r} (score {unit.score:.2f})")
+    print(f"outputs: {Path(args.output_dir).resolve()}")
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from lightning_neurons.drift.history import load_history, resolve_history_path
+
+    path = resolve_history_path(args.run_dir)
+    history = load_history(path)
+    for line in history.format_summary():
+        print(line)
+    csv_path = Path(args.csv) if args.csv else path.with_suffix(".csv")
+    json_path = Path(args.json) if args.json else path.with_suffix(".json")
+    history.to_csv(csv_path)
+    history.to_json(json_path)
+    print(f"wrote {csv_path} and {json_path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lightning_neurons.logging.report import write_report
+
+    path = write_report(args.run_dir, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lightning_neurons.evaluation import run_benchmark
+
+    result = run_benchmark(run_dir=args.run_dir)
+    text = json.dumps(result, indent=1)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

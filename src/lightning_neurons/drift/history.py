@@ -1,0 +1,497 @@
+"""The explanation history of a run: per (layer, unit, epoch) what the unit meant and how that drifted.
+
+:class:`RunHistory` lives in the callback's ``state_dict`` (plain Python types, so it fits a Lightning checkpoint)
+and, when given a path, in a JSON Lines file that gets the records of every round appended as the round is added.
+
+JSON Lines schema (``history.jsonl``, one object per line, one line per unit and explained epoch)::
+
+    schema                int    record format version (1)
+    layer                 str    layer name (``model.named_modules()``)
+    unit                  int    unit index in the layer
+    epoch                 int    explained epoch
+    description           str    the explanation
+    score                 float  AUC of the description in [0, 1] (null when not finite)
+    margin                float  mean top-crop similarity minus mean control similarity
+    concept_score         float  corrected concept score that chose the description
+    source                str    "concept" or "describe"
+    alternatives          list   [{"text": str, "score": float}, ...] runner-up concepts
+    top_sample_ids        list   probe-sample ids of the top activations, best first
+    previous_epoch        int?   the unit's previous explained epoch (null on its first)
+    previous_description  str?   the description at previous_epoch
+    similarity            float? cosine similarity of the two descriptions' text embeddings
+    changed               bool   similarity < threshold (false on the first epoch)
+    jaccard               float? Jaccard index of the two top-k sample-id sets
+    score_delta           float? score minus the previous score
+    threshold             float  change threshold used
+
+Reading the file (:func:`load_history`) replays it in order: a later record replaces an earlier one with the same
+``(layer, unit, epoch)``, and a round whose epoch is not after the latest one seen so far discards the later epochs
+(the run was resumed from an earlier checkpoint, so they belong to an abandoned timeline). The same rule holds for
+:meth:`RunHistory.add_round`.
+
+Example:
+    >>> import torch
+    >>> from lightning_neurons.results import ExplanationRound, UnitExplanation
+    >>> embed = lambda texts: torch.eye(8)[[len(t) % 8 for t in texts]]  # toy embedder
+    >>> history = RunHistory()
+    >>> for epoch, text in [(0, "dots"), (1, "dots"), (2, "stripes")]:
+    ...     unit = UnitExplanation("fc", 0, epoch=epoch, description=text, score=0.8)
+    ...     drift = history.add_round(ExplanationRound(epoch, [unit]), embed)
+    >>> [d.changed for d in history.drift()]
+    [False, False, True]
+    >>> RunHistory.from_state_dict(history.state_dict()).records == history.records
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_neurons.drift.metrics import (
+    DEFAULT_CHANGE_THRESHOLD,
+    DEFAULT_STABLE_ROUNDS,
+    EmbedFn,
+    LayerDriftSummary,
+    UnitDrift,
+    compare_units,
+    summarize_layer,
+)
+from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
+
+#: File name of the history inside a run's log directory.
+HISTORY_FILENAME = "history.jsonl"
+
+#: Version of the record format (the ``schema`` field of every JSON Lines record).
+SCHEMA_VERSION = 1
+
+Key = tuple[str, int, int]
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+@dataclass
+class HistoryRecord:
+    """One unit at one explained epoch: its explanation and its drift from the previous explained epoch.
+
+    Args:
+        explanation: The unit's explanation, trimmed to what the history keeps (no boxes, activations, ablation).
+        drift: Its drift against the unit's previous explained epoch.
+    """
+
+    explanation: UnitExplanation
+    drift: UnitDrift
+
+    @property
+    def key(self) -> Key:
+        """``(layer, unit, epoch)``."""
+        return (self.drift.layer, self.drift.unit, self.drift.epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON Lines record (see the module docstring for the schema)."""
+        e, d = self.explanation, self.drift
+        return {
+            "schema": SCHEMA_VERSION,
+            "layer": d.layer,
+            "unit": d.unit,
+            "epoch": d.epoch,
+            "description": e.description,
+            "score": _finite(e.score),
+            "margin": _finite(e.margin),
+            "concept_score": _finite(e.concept_score),
+            "source": e.source,
+            "alternatives": [{"text": a.text, "score": _finite(a.score)} for a in e.alternatives],
+            "top_sample_ids": [int(i) for i in e.top_sample_ids],
+            "previous_epoch": d.previous_epoch,
+            "previous_description": d.previous_description,
+            "similarity": _finite(d.similarity),
+            "changed": bool(d.changed),
+            "jaccard": _finite(d.jaccard),
+            "score_delta": _finite(d.score_delta),
+            "threshold": d.threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HistoryRecord:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: If the record was written by a newer schema version.
+        """
+        if int(data.get("schema", SCHEMA_VERSION)) > SCHEMA_VERSION:
+            raise ValueError(f"history record schema {data['schema']} is newer than this version ({SCHEMA_VERSION})")
+
+        def num(k: str) -> float:
+            v = data.get(k)
+            return float("nan") if v is None else float(v)
+
+        explanation = UnitExplanation(
+            layer=str(data["layer"]),
+            unit=int(data["unit"]),
+            epoch=int(data["epoch"]),
+            description=str(data["description"]),
+            score=num("score"),
+            margin=num("margin"),
+            concept_score=num("concept_score"),
+            alternatives=[
+                Alternative(a["text"], float("nan") if a["score"] is None else a["score"])
+                for a in data.get("alternatives", [])
+            ],
+            source=str(data.get("source", "concept")),
+            top_sample_ids=[int(i) for i in data.get("top_sample_ids", [])],
+        )
+        drift = UnitDrift.from_dict({**data, "score": explanation.score})
+        return cls(explanation=explanation, drift=drift)
+
+
+def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
+    # The history keeps what drift and reports need; boxes/activations/ablation stay in the round itself.
+    return UnitExplanation(
+        layer=u.layer, unit=int(u.unit), epoch=epoch, description=u.description, score=float(u.score),
+        margin=float(u.margin), concept_score=float(u.concept_score),
+        alternatives=[Alternative(a.text, float(a.score)) for a in u.alternatives], source=u.source,
+        top_sample_ids=[int(i) for i in u.top_sample_ids],
+    )
+
+
+@dataclass
+class RunHistory:
+    """Per ``(layer, unit, epoch)`` the explanation and its drift; the memory of a run across epochs.
+
+    Args:
+        threshold: Description similarity below which a unit's meaning counts as changed
+            (see :data:`~lightning_neurons.drift.metrics.DEFAULT_CHANGE_THRESHOLD`).
+        stable_rounds: ``N`` of "stable for the last N comparisons" in the summaries.
+        path: JSON Lines file to append every added round to (``None``: memory only). Set it with :meth:`attach`
+            to bring an existing file in line with a restored history.
+
+    Example:
+        >>> history = RunHistory(threshold=0.75)  # doctest: +SKIP
+        >>> history.load_state_dict(checkpoint_state)  # on resume  # doctest: +SKIP
+        >>> history.attach(Path(trainer.log_dir) / HISTORY_FILENAME)  # doctest: +SKIP
+        >>> drift = history.add_round(rnd, backend.encode_descriptions)  # each round  # doctest: +SKIP
+        >>> summaries = history.summary(epoch=rnd.epoch)  # doctest: +SKIP
+    """
+
+    threshold: float = DEFAULT_CHANGE_THRESHOLD
+    stable_rounds: int = DEFAULT_STABLE_ROUNDS
+    path: Path | None = None
+    _records: dict[Key, HistoryRecord] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.stable_rounds < 1:
+            raise ValueError(f"stable_rounds must be >= 1, got {self.stable_rounds}")
+        if self.path is not None:
+            self.path = Path(self.path)
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._records
+
+    @property
+    def records(self) -> list[HistoryRecord]:
+        """All records ordered by epoch, layer (first-seen order), unit."""
+        order = {name: i for i, name in enumerate(self.layers)}
+        return sorted(self._records.values(), key=lambda r: (r.key[2], order[r.key[0]], r.key[1]))
+
+    @property
+    def epochs(self) -> list[int]:
+        """Explained epochs, ascending."""
+        return sorted({k[2] for k in self._records})
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in the order first seen (by epoch)."""
+        keys = sorted(self._records, key=lambda k: k[2])
+        return list(dict.fromkeys(k[0] for k in keys))
+
+    def units(self, layer: str) -> list[int]:
+        """Units of ``layer`` explained at any epoch, ascending."""
+        return sorted({k[1] for k in self._records if k[0] == layer})
+
+    def get(self, layer: str, unit: int, epoch: int) -> HistoryRecord:
+        """The record of one unit at one epoch.
+
+        Raises:
+            KeyError: If there is none.
+        """
+        try:
+            return self._records[(layer, unit, epoch)]
+        except KeyError:
+            raise KeyError(f"no history for unit {unit} of layer {layer!r} at epoch {epoch} "
+                           f"(epochs: {self.epochs}, layers: {self.layers})") from None
+
+    def timeline(self, layer: str, unit: int) -> list[HistoryRecord]:
+        """One unit's records in epoch order."""
+        return sorted((r for k, r in self._records.items() if k[:2] == (layer, unit)), key=lambda r: r.key[2])
+
+    def drift(self, epoch: int | None = None) -> list[UnitDrift]:
+        """Drift records of one epoch (default: all epochs), in :attr:`records` order."""
+        return [r.drift for r in self.records if epoch is None or r.key[2] == epoch]
+
+    def summary(self, epoch: int | None = None) -> list[LayerDriftSummary]:
+        """Per-layer drift summaries of one epoch (default: every explained epoch), by epoch then layer.
+
+        Example:
+            >>> RunHistory().summary()
+            []
+        """
+        timelines: dict[str, dict[int, list[UnitDrift]]] = defaultdict(lambda: defaultdict(list))
+        for r in sorted(self._records.values(), key=lambda r: r.key[2]):
+            timelines[r.key[0]][r.key[1]].append(r.drift)
+        epochs = self.epochs if epoch is None else [epoch]
+        out = []
+        for ep in epochs:
+            for layer in self.layers:
+                if any(k[0] == layer and k[2] == ep for k in self._records):
+                    out.append(summarize_layer(layer, ep, timelines[layer], self.stable_rounds))
+        return out
+
+    # ------------------------------------------------------------------ updates
+    def add_round(self, round: ExplanationRound, embed: EmbedFn, epoch: int | None = None) -> list[UnitDrift]:
+        """Add one explanation round, compute its drift, and append it to the JSON Lines file.
+
+        Idempotent per epoch: adding an epoch again replaces its records. Adding an epoch earlier than the latest
+        one discards the later epochs with a warning (a resumed run rewinds the timeline).
+
+        Args:
+            round: The round (``round.epoch`` is used unless ``epoch`` is given).
+            embed: Batched text embedder for description similarity, e.g. ``backend.encode_descriptions``;
+                called at most once per round, only for descriptions that differ from the previous ones.
+            epoch: Overrides ``round.epoch`` (needed when it is ``None``, e.g. post hoc).
+
+        Returns:
+            One :class:`UnitDrift` per unit of the round, in round order.
+
+        Raises:
+            ValueError: If the round has no epoch and none is given.
+        """
+        ep = round.epoch if epoch is None else epoch
+        if ep is None:
+            raise ValueError("the round has no epoch; pass epoch= to RunHistory.add_round")
+        ep = int(ep)
+        later = [e for e in self.epochs if e > ep]
+        if later:
+            warnings.warn(f"adding epoch {ep} discards the later history epochs {later} (resumed from an earlier "
+                          "checkpoint?)", stacklevel=2)
+        self._records = {k: r for k, r in self._records.items() if k[2] < ep}
+        previous: dict[tuple[str, int], UnitExplanation] = {}
+        for r in sorted(self._records.values(), key=lambda r: r.key[2]):
+            previous[r.key[:2]] = r.explanation
+        units = [_trim(u, ep) for u in round.units]
+        drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep)
+        new = [HistoryRecord(u, d) for u, d in zip(units, drifts)]
+        for rec in new:
+            self._records[rec.key] = rec
+        if self.path is not None:
+            self._append(new)
+        return drifts
+
+    def attach(self, path: str | Path) -> None:
+        """Write to ``path`` from now on, first bringing the file in line with this history.
+
+        Call it after :meth:`load_state_dict` on resume: when the file does not already replay to this history
+        (a new log directory, or a file that ran past the checkpoint) all records are appended, so that
+        :func:`load_history` of the file equals this history again.
+
+        Args:
+            path: The JSON Lines file (created with its parent directories when missing).
+        """
+        self.path = Path(path)
+        if not self._records:
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                warnings.warn(f"{self.path} already holds history records; new rounds are appended and replace "
+                              "those of the same or later epochs when read", stacklevel=2)
+            return
+        if self.path.is_file() and _dicts(_read_jsonl(self.path, warn=False)) == _dicts(self):
+            return
+        self._append(self.records)
+
+    def _append(self, records: Iterable[HistoryRecord]) -> None:
+        assert self.path is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+            f.flush()
+
+    def _replay(self, records: Iterable[HistoryRecord]) -> None:
+        # File-order replay: each round (a run of records with one epoch) replaces its epoch and drops any later
+        # ones, exactly like add_round; for an uninterrupted run this is plain insertion.
+        last_epoch: int | None = None
+        for r in records:
+            ep = r.key[2]
+            if ep != last_epoch:
+                self._records = {k: v for k, v in self._records.items() if k[2] < ep}
+            self._records[r.key] = r
+            last_epoch = ep
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-Python state for a Lightning checkpoint (the file path is not part of it)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "threshold": self.threshold,
+            "stable_rounds": self.stable_rounds,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the records with those of :meth:`state_dict`.
+
+        The configured ``threshold`` and ``stable_rounds`` are kept (the restored records keep the threshold they
+        were computed with); a differing threshold is warned about.
+        """
+        if "threshold" in state and not math.isclose(float(state["threshold"]), self.threshold):
+            warnings.warn(f"the restored history used change threshold {state['threshold']}; new rounds use "
+                          f"{self.threshold}", stacklevel=2)
+        self._records = {}
+        self._replay(HistoryRecord.from_dict(d) for d in state.get("records", []))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> RunHistory:
+        """A history restored from :meth:`state_dict` with the threshold it was written with."""
+        history = cls(threshold=float(state.get("threshold", DEFAULT_CHANGE_THRESHOLD)),
+                      stable_rounds=int(state.get("stable_rounds", DEFAULT_STABLE_ROUNDS)))
+        history.load_state_dict(state)
+        return history
+
+    def to_jsonl(self, path: str | Path) -> Path:
+        """Write all records to a new JSON Lines file (overwriting it); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.records),
+                        encoding="utf-8")
+        return path
+
+    def to_json(self, path: str | Path) -> Path:
+        """Write one JSON document: :meth:`state_dict` plus ``"summary"`` (all per-layer summaries).
+
+        Example:
+            >>> RunHistory().to_json("/tmp/history.json").name
+            'history.json'
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {**self.state_dict(), "summary": [s.to_dict() for s in self.summary()]}
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        return path
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write one CSV row per record (the JSON Lines fields; lists joined: ``"text=score; ..."``, ``"3 1 7"``).
+
+        Example:
+            >>> RunHistory().to_csv("/tmp/history.csv").read_text().split(",")[:3]
+            ['layer', 'unit', 'epoch']
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        columns = list(_CSV_COLUMNS)
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for r in self.records:
+                row = r.to_dict()
+                row["alternatives"] = "; ".join(f"{a['text']}={a['score']:.4g}" if a["score"] is not None
+                                                else a["text"] for a in row["alternatives"])
+                row["top_sample_ids"] = " ".join(str(i) for i in row["top_sample_ids"])
+                writer.writerow({c: "" if row[c] is None else row[c] for c in columns})
+        return path
+
+
+def _dicts(history: RunHistory) -> list[dict[str, Any]]:
+    return [r.to_dict() for r in history.records]
+
+
+_CSV_COLUMNS = [
+    "layer", "unit", "epoch", "description", "score", "margin", "concept_score", "source", "previous_epoch",
+    "previous_description", "similarity", "changed", "jaccard", "score_delta", "threshold", "alternatives",
+    "top_sample_ids",
+]
+
+
+def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
+    records = []
+    threshold = DEFAULT_CHANGE_THRESHOLD
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                # A crash mid-write leaves a partial last line; everything before it is valid.
+                if warn:
+                    warnings.warn(f"{path}:{n}: skipping a line that is not valid JSON", stacklevel=3)
+                continue
+            records.append(HistoryRecord.from_dict(data))
+            threshold = float(data.get("threshold", threshold))
+    history = RunHistory(threshold=threshold)
+    history._replay(records)
+    return history
+
+
+def find_history_file(path_or_run_dir: str | Path) -> Path:
+    """The history file of a run directory (searched recursively when not at its top), or the path itself.
+
+    Raises:
+        FileNotFoundError: If there is none.
+        ValueError: If a directory holds several (e.g. several ``version_*`` runs): pass one of them.
+    """
+    path = Path(path_or_run_dir)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a history file nor a run directory")
+    if (path / HISTORY_FILENAME).is_file():
+        return path / HISTORY_FILENAME
+    found = sorted(path.rglob(HISTORY_FILENAME))
+    if not found:
+        raise FileNotFoundError(f"no {HISTORY_FILENAME} under {path}: was the run logged with NeuronExplainer?")
+    if len(found) > 1:
+        listing = ", ".join(str(p.parent) for p in found)
+        raise ValueError(f"{path} holds {len(found)} run histories; pass one of: {listing}")
+    return found[0]
+
+
+def load_history(path_or_run_dir: str | Path) -> RunHistory:
+    """Read a run's history.
+
+    Accepts the run's log directory (holding ``history.jsonl``, possibly in one subdirectory such as
+    ``version_0``), a ``history.jsonl`` file, or a JSON file written by :meth:`RunHistory.to_json`. The JSON Lines
+    file is replayed in order: the last record per ``(layer, unit, epoch)`` wins, and a round that goes back in
+    epochs (a resumed run) discards the later epochs before it. A partial last line is skipped with a warning.
+
+    Args:
+        path_or_run_dir: Run directory or file.
+
+    Returns:
+        The history, with the change threshold its records were computed with.
+
+    Raises:
+        FileNotFoundError: If no history is found.
+        ValueError: If a directory holds several histories.
+
+    Example:
+        >>> history = load_history("lightning_logs/version_0")  # doctest: +SKIP
+        >>> history.to_csv("drift.csv")  # doctest: +SKIP
+        >>> for s in history.summary(): print(s.layer, s.epoch, s.fraction_changed)  # doctest: +SKIP
+    """
+    path = find_history_file(path_or_run_dir)
+    if path.suffix == ".json":
+        return RunHistory.from_state_dict(json.loads(path.read_text(encoding="utf-8")))
+    return _read_jsonl(path)

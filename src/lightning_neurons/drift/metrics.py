@@ -1,0 +1,327 @@
+"""Drift between consecutive explanations of a unit, and per-layer summaries of it.
+
+A unit's meaning *changed* between two explained epochs when the text-embedding cosine similarity of its two
+descriptions is below a threshold (:data:`DEFAULT_CHANGE_THRESHOLD`). Identical descriptions (after trimming and
+case folding) have similarity exactly 1 and are never embedded.
+
+The threshold default, 0.75, was chosen for MiniLM-like sentence encoders (``all-MiniLM-L6-v2``, the embedded
+backend's text encoder), where paraphrases score above it and different concepts below it, e.g.
+``"red" / "red color"`` 0.90, ``"striped" / "stripes"`` 0.84, ``"blue sky" / "sky"`` 0.79,
+``"dog face" / "dog head"`` 0.77 versus ``"red" / "blue"`` 0.73, ``"wheel" / "tire"`` 0.72, ``"dog" / "cat"``
+0.66, ``"grass" / "sky"`` 0.47. CLIP text towers give higher similarities to unrelated texts; raise the threshold
+(about 0.85-0.9) with them.
+
+Example:
+    >>> import torch
+    >>> from lightning_neurons.results import UnitExplanation
+    >>> def embed(texts):  # any Callable[[list[str]], Tensor]; normally Backend.encode_descriptions
+    ...     return torch.nn.functional.normalize(torch.tensor([[len(t), 1.0] for t in texts]), dim=1)
+    >>> old = [UnitExplanation("fc", 0, epoch=1, description="dots", score=0.7, top_sample_ids=[1, 2])]
+    >>> new = [UnitExplanation("fc", 0, epoch=2, description="dots", score=0.8, top_sample_ids=[2, 3])]
+    >>> d = compare_units({("fc", 0): old[0]}, new, embed)[0]
+    >>> (d.changed, d.similarity, round(d.jaccard, 3), round(d.score_delta, 3))
+    (False, 1.0, 0.333, 0.1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_neurons.results import UnitExplanation
+
+#: Cosine similarity below which two descriptions of a unit count as different meanings (MiniLM-like encoders).
+DEFAULT_CHANGE_THRESHOLD = 0.75
+
+#: Number of most recent comparisons without a change for a unit to count as stable.
+DEFAULT_STABLE_ROUNDS = 3
+
+#: Embeds a batch of texts; returns ``[len(texts), D]`` (normalised here, so any scale is fine).
+EmbedFn = Callable[[list[str]], Tensor]
+
+
+@dataclass
+class UnitDrift:
+    """How one unit's explanation moved from its previous explained epoch to this one.
+
+    The comparison fields are ``None`` (and ``changed`` is ``False``) for the first explained epoch of a unit.
+
+    Args:
+        layer: Layer name.
+        unit: Unit index.
+        epoch: Epoch of the current explanation.
+        description: Current description.
+        score: Current score (AUC).
+        previous_epoch: The unit's previous explained epoch, ``None`` if this is its first.
+        previous_description: The description at ``previous_epoch``.
+        similarity: Cosine similarity of the two descriptions' text embeddings (1.0 for identical texts).
+        changed: ``similarity < threshold``: the meaning changed.
+        jaccard: Jaccard index of the two top-k sample-id sets.
+        score_delta: Current score minus previous score.
+        threshold: The change threshold that was applied.
+    """
+
+    layer: str
+    unit: int
+    epoch: int
+    description: str
+    score: float
+    previous_epoch: int | None = None
+    previous_description: str | None = None
+    similarity: float | None = None
+    changed: bool = False
+    jaccard: float | None = None
+    score_delta: float | None = None
+    threshold: float = DEFAULT_CHANGE_THRESHOLD
+
+    @property
+    def compared(self) -> bool:
+        """Whether there was a previous explanation to compare with."""
+        return self.previous_epoch is not None
+
+    @property
+    def drift(self) -> float | None:
+        """Semantic distance ``1 - similarity`` (``None`` without a previous explanation)."""
+        return None if self.similarity is None else 1.0 - self.similarity
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UnitDrift:
+        """Inverse of :meth:`to_dict`; ignores unknown keys (so a full history record is accepted)."""
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: data[k] for k in names if k in data})
+
+
+@dataclass
+class LayerDriftSummary:
+    """Drift of one layer at one explained epoch.
+
+    Args:
+        layer: Layer name.
+        epoch: The epoch summarised.
+        n_units: Units explained at this epoch.
+        n_compared: Units that had a previous explanation.
+        n_changed: Units whose meaning changed.
+        fraction_changed: ``n_changed / n_compared`` (0.0 when nothing was compared).
+        mean_score: Mean score of the layer's units.
+        mean_similarity: Mean description similarity over compared units (``None`` when none).
+        mean_jaccard: Mean top-k Jaccard over compared units (``None`` when none).
+        stable_rounds: The ``N`` of ``n_stable``.
+        n_stable: Units with at least ``N`` comparisons up to this epoch, none of the last ``N`` a change.
+        first_stable_epoch: Per unit, the first epoch after which its meaning never changed again (up to this
+            epoch): the epoch of its last change, or its first explained epoch if it never changed.
+    """
+
+    layer: str
+    epoch: int
+    n_units: int
+    n_compared: int
+    n_changed: int
+    fraction_changed: float
+    mean_score: float
+    mean_similarity: float | None
+    mean_jaccard: float | None
+    stable_rounds: int
+    n_stable: int
+    first_stable_epoch: dict[int, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary (unit keys of ``first_stable_epoch`` become strings, as JSON requires)."""
+        data = asdict(self)
+        data["first_stable_epoch"] = {str(k): v for k, v in self.first_stable_epoch.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerDriftSummary:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["first_stable_epoch"] = {int(k): v for k, v in data.get("first_stable_epoch", {}).items()}
+        return cls(**data)
+
+
+def _same_text(a: str, b: str) -> bool:
+    return a.strip().casefold() == b.strip().casefold()
+
+
+def description_similarity(previous: Sequence[str], current: Sequence[str], embed: EmbedFn) -> list[float]:
+    """Pairwise cosine similarity of two equally long lists of descriptions.
+
+    Identical texts (ignoring case and surrounding spaces) get exactly 1.0 without being embedded; all other
+    distinct texts are embedded in one batched ``embed`` call (none when every pair is identical).
+
+    Args:
+        previous: Earlier descriptions.
+        current: Later descriptions, paired with ``previous`` by position.
+        embed: Text embedder, e.g. ``backend.encode_descriptions``.
+
+    Returns:
+        One similarity per pair, clamped to ``[-1, 1]``.
+
+    Raises:
+        ValueError: If the lists differ in length or ``embed`` returns the wrong number of rows.
+
+    Example:
+        >>> description_similarity(["stripes"], ["Stripes "], embed=lambda t: 1 / 0)
+        [1.0]
+    """
+    if len(previous) != len(current):
+        raise ValueError(f"got {len(previous)} previous and {len(current)} current descriptions")
+    out = [1.0] * len(current)
+    todo = [i for i, (a, b) in enumerate(zip(previous, current)) if not _same_text(a, b)]
+    if not todo:
+        return out
+    texts = list(dict.fromkeys([previous[i] for i in todo] + [current[i] for i in todo]))
+    emb = torch.as_tensor(embed(texts)).detach().float().cpu()
+    if emb.ndim != 2 or emb.shape[0] != len(texts):
+        raise ValueError(f"embed returned shape {tuple(emb.shape)} for {len(texts)} texts; expected [N, D]")
+    emb = torch.nn.functional.normalize(emb, dim=1)
+    row = {t: i for i, t in enumerate(texts)}
+    a = emb[[row[previous[i]] for i in todo]]
+    b = emb[[row[current[i]] for i in todo]]
+    sims = (a * b).sum(dim=1).clamp(-1.0, 1.0).tolist()
+    for i, s in zip(todo, sims):
+        out[i] = float(s)
+    return out
+
+
+def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
+    """Jaccard index of two id sets (1.0 when both are empty).
+
+    Example:
+        >>> jaccard([1, 2, 3], [2, 3, 4])
+        0.5
+    """
+    sa, sb = set(a), set(b)
+    union = sa | sb
+    return 1.0 if not union else len(sa & sb) / len(union)
+
+
+def compare_units(
+    previous: Mapping[tuple[str, int], UnitExplanation],
+    current: Iterable[UnitExplanation],
+    embed: EmbedFn,
+    threshold: float = DEFAULT_CHANGE_THRESHOLD,
+    epoch: int | None = None,
+) -> list[UnitDrift]:
+    """Drift of every current unit explanation against that unit's previous explanation.
+
+    Args:
+        previous: Per ``(layer, unit)``, the unit's previous explanation (a unit missing here is a first round).
+        current: The explanations of the new round.
+        embed: Batched text embedder (called at most once).
+        threshold: Similarity below which the meaning counts as changed.
+        epoch: Epoch to record (default: each explanation's own ``epoch``).
+
+    Returns:
+        One :class:`UnitDrift` per current explanation, in input order.
+
+    Raises:
+        ValueError: If an explanation has no epoch and ``epoch`` is not given.
+    """
+    current = list(current)
+    pairs = [(i, previous[u.key]) for i, u in enumerate(current) if u.key in previous]
+    sims = description_similarity([p.description for _, p in pairs], [current[i].description for i, _ in pairs], embed)
+    by_index = {i: (p, s) for (i, p), s in zip(pairs, sims)}
+    out = []
+    for i, u in enumerate(current):
+        ep = epoch if epoch is not None else u.epoch
+        if ep is None:
+            raise ValueError(f"unit {u.unit} of layer {u.layer!r} has no epoch; pass epoch=")
+        d = UnitDrift(layer=u.layer, unit=u.unit, epoch=int(ep), description=u.description, score=float(u.score),
+                      threshold=threshold)
+        if i in by_index:
+            p, s = by_index[i]
+            d.previous_epoch = p.epoch
+            d.previous_description = p.description
+            d.similarity = s
+            d.changed = s < threshold
+            d.jaccard = jaccard(p.top_sample_ids, u.top_sample_ids)
+            d.score_delta = float(u.score) - float(p.score)
+        out.append(d)
+    return out
+
+
+def first_stable_epoch(timeline: Sequence[UnitDrift]) -> int | None:
+    """The first epoch after which a unit's meaning never changed again.
+
+    Args:
+        timeline: The unit's drift records in epoch order.
+
+    Returns:
+        The epoch of the last change, or the first epoch when the meaning never changed; ``None`` when empty.
+
+    Example:
+        >>> t = [UnitDrift("fc", 0, e, "x", 0.5, changed=c) for e, c in [(0, False), (1, True), (2, False)]]
+        >>> first_stable_epoch(t)
+        1
+    """
+    if not timeline:
+        return None
+    changes = [d.epoch for d in timeline if d.changed]
+    return changes[-1] if changes else timeline[0].epoch
+
+
+def is_stable(timeline: Sequence[UnitDrift], rounds: int = DEFAULT_STABLE_ROUNDS) -> bool:
+    """Whether the unit's last ``rounds`` comparisons (it needs that many) are all unchanged."""
+    compared = [d for d in timeline if d.compared]
+    return len(compared) >= rounds and not any(d.changed for d in compared[-rounds:])
+
+
+def summarize_layer(
+    layer: str,
+    epoch: int,
+    timelines: Mapping[int, Sequence[UnitDrift]],
+    stable_rounds: int = DEFAULT_STABLE_ROUNDS,
+) -> LayerDriftSummary:
+    """Summarise one layer at one epoch.
+
+    Args:
+        layer: Layer name.
+        epoch: The epoch to summarise; records after it are ignored.
+        timelines: Per unit, its drift records in epoch order (any epochs; only those ``<= epoch`` count).
+        stable_rounds: ``N`` for the "stable for the last N comparisons" count.
+
+    Returns:
+        The summary; units not explained at ``epoch`` are left out.
+
+    Example:
+        >>> t = {0: [UnitDrift("fc", 0, 0, "x", 0.6), UnitDrift("fc", 0, 1, "y", 0.8, 0, "x", 0.2, True)]}
+        >>> s = summarize_layer("fc", 1, t)
+        >>> (s.fraction_changed, s.mean_score, s.first_stable_epoch)
+        (1.0, 0.8, {0: 1})
+    """
+    now: list[UnitDrift] = []
+    first_stable: dict[int, int] = {}
+    n_stable = 0
+    for unit in sorted(timelines):
+        past = [d for d in timelines[unit] if d.epoch <= epoch]
+        if not past or past[-1].epoch != epoch:
+            continue
+        now.append(past[-1])
+        first = first_stable_epoch(past)
+        if first is not None:
+            first_stable[unit] = first
+        n_stable += is_stable(past, stable_rounds)
+    compared = [d for d in now if d.compared]
+    n_changed = sum(d.changed for d in compared)
+    return LayerDriftSummary(
+        layer=layer,
+        epoch=epoch,
+        n_units=len(now),
+        n_compared=len(compared),
+        n_changed=n_changed,
+        fraction_changed=n_changed / len(compared) if compared else 0.0,
+        mean_score=sum(d.score for d in now) / len(now) if now else float("nan"),
+        mean_similarity=sum(d.similarity or 0.0 for d in compared) / len(compared) if compared else None,
+        mean_jaccard=sum(d.jaccard or 0.0 for d in compared) / len(compared) if compared else None,
+        stable_rounds=stable_rounds,
+        n_stable=n_stable,
+        first_stable_epoch=first_stable,
+    )

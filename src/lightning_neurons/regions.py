@@ -1,0 +1,540 @@
+"""Activated regions: unit maps -> thresholds -> boxes, crops, masks and previews.
+
+The steps of DESIGN.md "The method", step 2, vectorised over many ``(unit, sample)`` pairs at once and
+device-agnostic (everything stays on the device of its inputs):
+
+1. :func:`unit_thresholds`: per unit, the top ``quantile`` (Network Dissection: 0.995) of its activations
+   over the control (reservoir) maps and its own top maps.
+2. :func:`region_boxes`: each pair's map is upsampled (bilinear) to a working resolution of the input,
+   thresholded (quantile threshold; a relative ``min + r * (peak - min)`` fallback when the quantile threshold
+   leaves nothing), reduced to the connected component that contains the peak, and its box is padded, grown
+   to a minimum size and made square (so that resizing the crop does not distort it).
+3. :func:`dedupe_boxes`: boxes of the same sample that overlap with IoU above ``0.8`` become one crop.
+4. :func:`crop_images` / :func:`crop_masks`: crops and masks resized to a fixed size (``roi_align``).
+5. :func:`preview_images`: ``uint8`` crops, dimmed outside the region and with the region outlined.
+
+Why the peak's connected component rather than the box of the whole mask: a unit that fires on two
+separate objects in one image would get one large box that is mostly background between them; the
+peak's component gives a tight crop of the strongest instance (the other instances appear in the other
+top samples anyway). ``component="all"`` gives the whole-mask box.
+
+Example:
+    >>> import torch
+    >>> maps = torch.zeros(1, 7, 7); maps[0, 1:3, 4:6] = 1.0
+    >>> boxes, _ = region_boxes(maps, torch.tensor([0.5]), (224, 224), padding=0.0, min_size=0.0)
+    >>> boxes.tolist()
+    [[128, 32, 192, 96]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import batched_nms, box_iou, roi_align
+
+Component = Literal["peak", "all"]
+
+
+def images_from_inputs(
+    inputs: Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> Tensor:
+    """Turn model inputs into RGB images in ``[0, 1]``.
+
+    Args:
+        inputs: ``[N, C, H, W]`` with ``C`` 1 or 3.
+        mean: Per-channel mean the inputs were normalised with; ``None`` with ``std=None`` min-max scales
+            every image to ``[0, 1]``.
+        std: Per-channel standard deviation.
+
+    Returns:
+        float32 ``[N, 3, H, W]`` in ``[0, 1]``.
+
+    Raises:
+        ValueError: If the inputs are not images.
+
+    Example:
+        >>> images_from_inputs(torch.zeros(2, 1, 4, 4)).shape
+        torch.Size([2, 3, 4, 4])
+    """
+    if inputs.dim() != 4 or inputs.shape[1] not in (1, 3):
+        raise ValueError(
+            f"the explanation stage needs image inputs [N, 1 or 3, H, W], got shape {tuple(inputs.shape)}"
+        )
+    x = inputs.detach().float()
+    if mean is not None or std is not None:
+        m = torch.as_tensor(mean if mean is not None else 0.0, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+        s = torch.as_tensor(std if std is not None else 1.0, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
+        x = x * s + m
+    else:
+        flat = x.flatten(1)
+        lo = flat.min(dim=1).values.reshape(-1, 1, 1, 1)
+        hi = flat.max(dim=1).values.reshape(-1, 1, 1, 1)
+        x = (x - lo) / (hi - lo).clamp_min(1e-8)
+    x = x.clamp(0.0, 1.0)
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+
+
+def quantile_from_sorted(sorted_values: Tensor, count: Tensor, quantile: float) -> Tensor:
+    """Linear-interpolated quantile of each row's first ``count`` values (rows sorted ascending).
+
+    Args:
+        sorted_values: ``[U, M]`` ascending, where only the first ``count[u]`` entries of row ``u`` are data.
+        count: ``[U]`` number of data entries per row.
+        quantile: In ``[0, 1]``.
+    """
+    pos = quantile * (count.clamp_min(1) - 1).to(sorted_values.dtype)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=sorted_values.shape[1] - 1)
+    hi = torch.minimum(hi, (count - 1).clamp_min(0))
+    frac = pos - lo.to(pos.dtype)
+    v_lo = sorted_values.gather(1, lo[:, None]).squeeze(1)
+    v_hi = sorted_values.gather(1, hi[:, None]).squeeze(1)
+    out = v_lo + frac * (v_hi - v_lo)
+    return torch.where(count > 0, out, torch.full_like(out, float("inf")))
+
+
+def unit_thresholds(
+    top_maps: Tensor,
+    control_values: Tensor | None = None,
+    quantile: float = 0.995,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Per-unit activation threshold: the top ``quantile`` of the unit's control and top-map activations.
+
+    Args:
+        top_maps: ``[U, k, h, w]`` (or ``[U, k, n]``) maps of each unit on its top samples.
+        control_values: ``[U, M]`` activations of each unit on the control samples (a subsample of their map
+            values is enough); ``None`` for none.
+        quantile: Network Dissection uses 0.995 (top 0.5%).
+        valid: ``[U, k]`` bool, which top slots hold a sample; ``None`` = all.
+
+    Returns:
+        float32 ``[U]``; ``inf`` for a unit with no finite value (the relative fallback then applies).
+
+    Example:
+        >>> t = unit_thresholds(torch.arange(10.0).reshape(1, 1, 10), quantile=0.5)
+        >>> round(float(t), 2)
+        4.5
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    num_units, k = top_maps.shape[:2]
+    top = top_maps.reshape(num_units, k, -1).float()
+    if valid is not None:
+        top = torch.where(valid[:, :, None].to(top.device), top, torch.full_like(top, float("nan")))
+    parts = [top.reshape(num_units, -1)]
+    if control_values is not None and control_values.numel() > 0:
+        parts.append(control_values.to(top.device, torch.float32).reshape(num_units, -1))
+    values = torch.cat(parts, dim=1)
+    values = torch.where(torch.isfinite(values), values, torch.full_like(values, float("nan")))
+    count = (~torch.isnan(values)).sum(dim=1)
+    # NaN sorts last, so the data of each row is its first ``count`` entries.
+    sorted_values = torch.sort(values, dim=1).values
+    return quantile_from_sorted(sorted_values, count, quantile)
+
+
+def working_size(image_size: tuple[int, int], mask_size: int) -> tuple[int, int]:
+    """Resolution at which masks are computed: the input size shrunk so that its long side is ``mask_size``."""
+    height, width = image_size
+    scale = min(1.0, mask_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def region_masks(
+    maps: Tensor,
+    thresholds: Tensor,
+    mask_hw: tuple[int, int],
+    *,
+    relative_threshold: float = 0.5,
+    component: Component = "peak",
+) -> Tensor:
+    """Activated-region masks of many maps at resolution ``mask_hw``.
+
+    Args:
+        maps: ``[P, h, w]`` unit maps, one per ``(unit, sample)`` pair.
+        thresholds: ``[P]`` the unit's quantile threshold for each pair.
+        mask_hw: Output resolution (the input image's aspect ratio).
+        relative_threshold: Fallback ``min + r * (peak - min)`` of the upsampled map, used where the quantile
+            threshold leaves no pixel.
+        component: ``"peak"`` keeps the 8-connected component that contains the peak; ``"all"`` the whole mask.
+
+    Returns:
+        bool ``[P, mh, mw]``, never empty (the peak pixel is always in).
+    """
+    num = maps.shape[0]
+    up = F.interpolate(maps[:, None].float(), size=mask_hw, mode="bilinear", align_corners=False)[:, 0]
+    flat = up.flatten(1)
+    peak_val, peak_idx = flat.max(dim=1)
+    low = flat.min(dim=1).values
+    thr = thresholds.to(up.device, torch.float32)
+    fallback = low + relative_threshold * (peak_val - low)
+    thr = torch.where(peak_val >= thr, thr, fallback)
+    mask = flat >= thr[:, None]
+    mask[torch.arange(num, device=mask.device), peak_idx] = True
+    mask = mask.reshape(num, *mask_hw)
+    if component == "peak":
+        mask = peak_component(mask, peak_idx)
+    return mask
+
+
+def peak_component(mask: Tensor, peak_idx: Tensor, check_every: int = 8) -> Tensor:
+    """The 8-connected component of each mask that contains its peak pixel (batched flood fill).
+
+    Grows every seed by one pixel per step (3x3 max-pool restricted to the mask); converges after as many
+    steps as the longest geodesic distance from the peak. Convergence is checked only every ``check_every``
+    steps to keep host synchronisations rare on accelerators.
+
+    Args:
+        mask: bool ``[P, H, W]``.
+        peak_idx: ``[P]`` flat index of the seed pixel of each mask.
+        check_every: Steps between convergence checks.
+    """
+    num, height, width = mask.shape
+    allowed = mask[:, None].to(torch.float16 if mask.is_cuda else torch.float32)
+    seed = torch.zeros(num, height * width, dtype=allowed.dtype, device=mask.device)
+    seed[torch.arange(num, device=mask.device), peak_idx] = 1
+    seed = seed.reshape(num, 1, height, width)
+    for _ in range(0, height * width + check_every, check_every):
+        before = seed
+        for _ in range(check_every):
+            seed = F.max_pool2d(seed, 3, stride=1, padding=1) * allowed
+        if torch.equal(seed, before):
+            break
+    return seed[:, 0] > 0
+
+
+def mask_boxes(mask: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Tight ``(x0, y0, x1, y1)`` boxes (end exclusive) of masks, in input pixels.
+
+    Args:
+        mask: bool ``[P, mh, mw]``, each non-empty.
+        image_size: ``(H, W)`` of the input the masks cover.
+
+    Returns:
+        int64 ``[P, 4]``.
+    """
+    _, mh, mw = mask.shape
+    height, width = image_size
+    rows = mask.any(dim=2)
+    cols = mask.any(dim=1)
+    ar_h = torch.arange(mh, device=mask.device)
+    ar_w = torch.arange(mw, device=mask.device)
+    y0 = torch.where(rows, ar_h, mh).min(dim=1).values
+    y1 = torch.where(rows, ar_h, -1).max(dim=1).values + 1
+    x0 = torch.where(cols, ar_w, mw).min(dim=1).values
+    x1 = torch.where(cols, ar_w, -1).max(dim=1).values + 1
+    sy, sx = height / mh, width / mw
+    return torch.stack(
+        [
+            (x0 * sx).floor().long(),
+            (y0 * sy).floor().long(),
+            (x1 * sx).ceil().long().clamp(max=width),
+            (y1 * sy).ceil().long().clamp(max=height),
+        ],
+        dim=1,
+    )
+
+
+def pad_boxes(
+    boxes: Tensor, image_size: tuple[int, int], padding: float = 0.1, min_size: float = 0.1, square: bool = True
+) -> Tensor:
+    """Pad boxes by a fraction of their size, grow them to a minimum size, optionally make them square.
+
+    The result stays inside the image (a box is shifted, then clipped, when it would leave it).
+
+    Args:
+        boxes: int64 ``[P, 4]`` ``(x0, y0, x1, y1)``, end exclusive.
+        image_size: ``(H, W)``.
+        padding: Added on every side, as a fraction of the box's width / height.
+        min_size: Minimum side, as a fraction of the image's shorter side.
+        square: Grow the shorter side to the longer one (CLIP-style encoders see square crops).
+
+    Returns:
+        int64 ``[P, 4]``.
+    """
+    height, width = image_size
+    b = boxes.float()
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    bw = (b[:, 2] - b[:, 0]) * (1 + 2 * padding)
+    bh = (b[:, 3] - b[:, 1]) * (1 + 2 * padding)
+    smallest = max(1.0, min_size * min(height, width))
+    bw, bh = bw.clamp_min(smallest), bh.clamp_min(smallest)
+    if square:
+        side = torch.maximum(bw, bh)
+        bw, bh = side, side
+    bw, bh = bw.clamp(max=width), bh.clamp(max=height)
+    x0 = (cx - bw / 2).clamp(min=0)
+    y0 = (cy - bh / 2).clamp(min=0)
+    x0 = torch.minimum(x0, width - bw)
+    y0 = torch.minimum(y0, height - bh)
+    out = torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1).round().long()
+    out[:, 0::2] = out[:, 0::2].clamp(0, width)
+    out[:, 1::2] = out[:, 1::2].clamp(0, height)
+    return out
+
+
+def region_boxes(
+    maps: Tensor,
+    thresholds: Tensor,
+    image_size: tuple[int, int],
+    *,
+    relative_threshold: float = 0.5,
+    padding: float = 0.1,
+    min_size: float = 0.1,
+    square: bool = True,
+    mask_size: int = 112,
+    component: Component = "peak",
+    return_masks: bool = False,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor | None]:
+    """Padded crop boxes (and optionally masks) of the activated regions of many unit maps.
+
+    Args:
+        maps: ``[P, h, w]`` unit maps (``1 x 1`` maps, from linear units, give the whole image).
+        thresholds: ``[P]`` quantile threshold of each pair's unit.
+        image_size: ``(H, W)`` of the model input.
+        relative_threshold: Fallback threshold as a fraction of the map's range, see :func:`region_masks`.
+        padding: See :func:`pad_boxes`.
+        min_size: See :func:`pad_boxes`.
+        square: See :func:`pad_boxes`.
+        mask_size: Long side of the working resolution of the masks.
+        component: ``"peak"`` or ``"all"``, see the module docstring.
+        return_masks: Also return the masks (``[P, mh, mw]`` bool over the whole image).
+        chunk_size: Pairs per vectorised step (bounds memory).
+
+    Returns:
+        ``(boxes int64 [P, 4], masks or None)``.
+
+    Example:
+        >>> boxes, masks = region_boxes(torch.ones(3, 1, 1), torch.zeros(3), (32, 32), return_masks=True)
+        >>> boxes[0].tolist(), masks.shape
+        ([0, 0, 32, 32], torch.Size([3, 32, 32]))
+    """
+    mask_hw = working_size(image_size, mask_size)
+    num = maps.shape[0]
+    boxes = torch.empty(num, 4, dtype=torch.long, device=maps.device)
+    masks = torch.empty(num, *mask_hw, dtype=torch.bool, device=maps.device) if return_masks else None
+    if maps.shape[-2:] == (1, 1):
+        boxes[:] = torch.tensor([0, 0, image_size[1], image_size[0]], device=maps.device)
+        if masks is not None:
+            masks[:] = True
+        return boxes, masks
+    for start in range(0, num, chunk_size):
+        sl = slice(start, min(num, start + chunk_size))
+        m = region_masks(
+            maps[sl], thresholds[sl], mask_hw, relative_threshold=relative_threshold, component=component
+        )
+        boxes[sl] = pad_boxes(mask_boxes(m, image_size), image_size, padding, min_size, square)
+        if masks is not None:
+            masks[sl] = m
+    return boxes, masks
+
+
+def dedupe_boxes(sample_index: Tensor, boxes: Tensor, iou_threshold: float = 0.8) -> tuple[Tensor, Tensor]:
+    """Merge boxes of the same sample that overlap with IoU above ``iou_threshold`` into one crop.
+
+    Exact duplicates are merged first; then greedy suppression (larger boxes win) per sample; every box is
+    assigned to the kept box of its sample that it overlaps most (at least ``iou_threshold`` when suppressed).
+
+    Args:
+        sample_index: int64 ``[P]`` which image each box belongs to.
+        boxes: int64 ``[P, 4]``.
+        iou_threshold: Merge threshold.
+
+    Returns:
+        ``(keep [K], assign [P])``: indices (into ``P``) of the unique crops, and for every box the index
+        (into ``K``) of the crop that represents it.
+
+    Example:
+        >>> keep, assign = dedupe_boxes(torch.tensor([0, 0, 1]), torch.tensor([[0, 0, 10, 10], [0, 0, 10, 9],
+        ...     [0, 0, 10, 10]]))
+        >>> keep.tolist(), assign.tolist()
+        ([0, 2], [0, 0, 1])
+    """
+    num = boxes.shape[0]
+    device = boxes.device
+    if num == 0:
+        return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long, device=device)
+    rows = torch.cat([sample_index[:, None], boxes], dim=1)
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    # First occurrence of each exact-duplicate group, so that ``keep`` indexes the caller's pairs.
+    first = torch.full((uniq.shape[0],), num, dtype=torch.long, device=device)
+    first.scatter_reduce_(0, inverse, torch.arange(num, device=device), reduce="amin")
+    ub = uniq[:, 1:].float()
+    us = uniq[:, 0].contiguous()
+    area = (ub[:, 2] - ub[:, 0]) * (ub[:, 3] - ub[:, 1])
+    kept_u = batched_nms(ub, area, us, iou_threshold)
+    # Assign every unique box to its best-overlapping kept box of the same sample.
+    order = torch.argsort(us[kept_u], stable=True)
+    kept_sorted = kept_u[order]
+    ks = us[kept_sorted]
+    lo = torch.searchsorted(ks, us, right=False)
+    hi = torch.searchsorted(ks, us, right=True)
+    width = int((hi - lo).max().item()) if lo.numel() else 1
+    cand = lo[:, None] + torch.arange(width, device=device)[None]
+    ok = cand < hi[:, None]
+    cand = cand.clamp(max=kept_sorted.numel() - 1)
+    cand_boxes = ub[kept_sorted[cand]]  # [Nu, width, 4]
+    ious = _paired_iou(ub[:, None, :].expand_as(cand_boxes), cand_boxes)
+    ious = torch.where(ok, ious, torch.full_like(ious, -1.0))
+    best = cand.gather(1, ious.argmax(dim=1, keepdim=True)).squeeze(1)  # position in kept_sorted
+    keep = first[kept_sorted]
+    return keep, best[inverse]
+
+
+def _paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes ``a[..., 4]`` and ``b[..., 4]`` element by element."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp_min(0).prod(dim=-1)
+    area_a = (a[..., 2:] - a[..., :2]).prod(dim=-1)
+    area_b = (b[..., 2:] - b[..., :2]).prod(dim=-1)
+    return inter / (area_a + area_b - inter).clamp_min(1e-9)
+
+
+def box_iou_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Pairwise IoU ``[len(a), len(b)]`` of ``(x0, y0, x1, y1)`` boxes (for tests and evaluation)."""
+    return box_iou(a.float(), b.float())
+
+
+def crop_images(images: Tensor, sample_index: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Cut boxes out of images and resize them (bilinear, area-averaged when shrinking).
+
+    Args:
+        images: ``[N, C, H, W]``; ``uint8`` (0-255) or float (0-1).
+        sample_index: int64 ``[K]`` image of each box.
+        boxes: ``[K, 4]`` ``(x0, y0, x1, y1)`` in pixels, end exclusive.
+        size: Output side (or ``(h, w)``).
+
+    Returns:
+        float32 ``[K, C, size, size]`` in ``[0, 1]``, on the images' device.
+
+    Example:
+        >>> crop_images(torch.rand(2, 3, 32, 32), torch.tensor([1]), torch.tensor([[0, 0, 16, 16]]), 8).shape
+        torch.Size([1, 3, 8, 8])
+    """
+    out_hw = (size, size) if isinstance(size, int) else tuple(size)
+    if boxes.shape[0] == 0:
+        return torch.empty(0, images.shape[1], *out_hw, device=images.device)
+    used, local = torch.unique(sample_index.to(images.device), return_inverse=True)
+    src = images[used].float()
+    if images.dtype == torch.uint8:
+        src = src / 255.0
+    rois = torch.cat([local[:, None].to(src.dtype), boxes.to(src.device, src.dtype)], dim=1)
+    crops = roi_align(src, rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return crops.clamp(0.0, 1.0)
+
+
+def crop_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], size: int) -> Tensor:
+    """Cut each pair's box out of its own whole-image mask and resize it.
+
+    Args:
+        masks: bool ``[P, mh, mw]`` (working resolution, covering the whole image).
+        boxes: ``[P, 4]`` in input pixels.
+        image_size: ``(H, W)`` of the input.
+        size: Output side.
+
+    Returns:
+        bool ``[P, size, size]``.
+    """
+    if masks.shape[0] == 0:
+        return torch.zeros(0, size, size, dtype=torch.bool, device=masks.device)
+    mh, mw = masks.shape[1:]
+    scale = torch.tensor([mw / image_size[1], mh / image_size[0]] * 2, device=masks.device)
+    scaled = boxes.to(masks.device).float() * scale
+    idx = torch.arange(masks.shape[0], device=masks.device, dtype=torch.float32)
+    rois = torch.cat([idx[:, None], scaled], dim=1)
+    out = roi_align(masks[:, None].float(), rois, output_size=(size, size), sampling_ratio=-1, aligned=True)
+    return out[:, 0] >= 0.5
+
+
+def preview_images(
+    crops: Tensor, masks: Tensor | None = None, dim: float = 0.35, color: tuple[int, int, int] = (255, 220, 0)
+) -> Tensor:
+    """``uint8`` previews: the crop dimmed outside the region and the region outlined.
+
+    Args:
+        crops: float ``[n, 3, s, s]`` in ``[0, 1]``.
+        masks: bool ``[n, s, s]``; ``None`` leaves the crops as they are.
+        dim: Brightness kept outside the region.
+        color: Outline colour.
+
+    Returns:
+        uint8 ``[n, 3, s, s]``.
+
+    Example:
+        >>> m = torch.zeros(1, 8, 8, dtype=torch.bool); m[:, 2:6, 2:6] = True
+        >>> p = preview_images(torch.ones(1, 3, 8, 8), m)
+        >>> p.dtype, p[0, :, 0, 0].tolist(), p[0, :, 2, 2].tolist(), p[0, :, 4, 4].tolist()
+        (torch.uint8, [89, 89, 89], [255, 220, 0], [255, 255, 255])
+    """
+    img = crops.float().clamp(0, 1)
+    if masks is not None:
+        m = masks[:, None].to(img.dtype)
+        img = img * (m + (1 - m) * dim)
+        eroded = -F.max_pool2d(-m, 3, stride=1, padding=1)
+        edge = (m - eroded) > 0
+        col = torch.tensor(color, dtype=img.dtype, device=img.device).reshape(1, 3, 1, 1) / 255.0
+        img = torch.where(edge, col.expand_as(img), img)
+    return (img * 255).round().to(torch.uint8)
+
+
+def random_boxes(
+    count: int, image_size: tuple[int, int], side_fractions: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Random square-ish boxes whose sides are drawn from ``side_fractions`` (fractions of each image side).
+
+    Used for control crops whose scale matches the scale of the units' top crops.
+
+    Args:
+        count: Number of boxes.
+        image_size: ``(H, W)``.
+        side_fractions: ``[M, 2]`` ``(width/W, height/H)`` fractions to draw from (with replacement).
+        generator: CPU random generator for reproducibility.
+
+    Returns:
+        int64 ``[count, 4]`` on the CPU.
+    """
+    height, width = image_size
+    if side_fractions.numel() == 0:
+        side_fractions = torch.full((1, 2), 0.5)
+    fr = side_fractions.cpu().float()
+    pick = torch.randint(0, fr.shape[0], (count,), generator=generator)
+    bw = (fr[pick, 0] * width).clamp(1, width)
+    bh = (fr[pick, 1] * height).clamp(1, height)
+    x0 = torch.rand(count, generator=generator) * (width - bw)
+    y0 = torch.rand(count, generator=generator) * (height - bh)
+    return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1).round().long()
+
+
+def box_area_fraction(boxes: Tensor, image_size: tuple[int, int]) -> float:
+    """Mean area of boxes as a fraction of the image (a summary statistic for ``meta``)."""
+    if boxes.numel() == 0:
+        return math.nan
+    b = boxes.float()
+    return float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).mean() / (image_size[0] * image_size[1]))
+
+
+__all__ = [
+    "box_area_fraction",
+    "box_iou_matrix",
+    "crop_images",
+    "crop_masks",
+    "dedupe_boxes",
+    "images_from_inputs",
+    "mask_boxes",
+    "pad_boxes",
+    "peak_component",
+    "preview_images",
+    "quantile_from_sorted",
+    "random_boxes",
+    "region_boxes",
+    "region_masks",
+    "unit_thresholds",
+    "working_size",
+]
