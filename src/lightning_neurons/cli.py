@@ -108,8 +108,10 @@ def _fit(argv: list[str]) -> int:
         save_config_kwargs={"overwrite": True},
     )
     explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]
+    from lightning_neurons.logging.tensorboard import TENSORBOARD_SAMPLES_FLAG
+
     if cli.trainer.log_dir:
-        print(f"\nTensorBoard logs:  tensorboard --logdir {cli.trainer.log_dir} --samples_per_plugin=text=0,images=0")
+        print(f"\nTensorBoard logs:  tensorboard --logdir {cli.trainer.log_dir} {TENSORBOARD_SAMPLES_FLAG}")
     for explainer in explainers:
         for label, path in explainer.outputs().items():
             print(f"{label + ':':<18} {path}")

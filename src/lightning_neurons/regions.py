@@ -6,8 +6,8 @@ device-agnostic (everything stays on the device of its inputs):
 1. :func:`unit_thresholds`: per unit, the top ``quantile`` (Network Dissection: 0.995) of its activations
    over the control (reservoir) maps and its own top maps.
 2. :func:`region_boxes`: each pair's map is upsampled (bilinear) to a working resolution of the input,
-   thresholded (quantile threshold; a relative ``min + r * (peak - min)`` fallback when the quantile threshold
-   leaves nothing), reduced to the connected component that contains the peak, and its box is padded, grown
+   thresholded (quantile threshold, or the relative ``min + r * (peak - min)`` threshold where that is lower:
+   always when the quantile threshold leaves nothing, and when it would leave only a sliver), reduced to the connected component that contains the peak, and its box is padded, grown
    to a minimum size and made square (so that resizing the crop does not distort it).
 3. :func:`dedupe_boxes`: boxes of the same sample that overlap with IoU above ``0.8`` become one crop.
 4. :func:`crop_images` / :func:`crop_masks`: crops and masks resized to a fixed size (``roi_align``).
@@ -159,8 +159,8 @@ def region_masks(
         maps: ``[P, h, w]`` unit maps, one per ``(unit, sample)`` pair.
         thresholds: ``[P]`` the unit's quantile threshold for each pair.
         mask_hw: Output resolution (the input image's aspect ratio).
-        relative_threshold: Fallback ``min + r * (peak - min)`` of the upsampled map, used where the quantile
-            threshold leaves no pixel.
+        relative_threshold: ``min + r * (peak - min)`` of the upsampled map; used where it is below the quantile
+            threshold (always where the quantile threshold leaves nothing).
         component: ``"peak"`` keeps the 8-connected component that contains the peak; ``"all"`` the whole mask.
 
     Returns:
@@ -172,9 +172,12 @@ def region_masks(
     peak_val, peak_idx = flat.max(dim=1)
     low = flat.min(dim=1).values
     thr = thresholds.to(up.device, torch.float32)
-    fallback = low + relative_threshold * (peak_val - low)
-    thr = torch.where(peak_val >= thr, thr, fallback)
-    mask = flat >= thr[:, None]
+    relative = low + relative_threshold * (peak_val - low)
+    # The relative threshold is a floor on the region, not only a fallback for maps that never reach the
+    # quantile: a map that barely reaches it (or a saturated plateau that *is* the quantile) would otherwise
+    # give an arbitrary sliver around the peak. Where the quantile selects more, Network Dissection's rule holds.
+    thr = torch.minimum(thr, relative)
+    mask = flat >= (thr - 1e-6 * thr.abs())[:, None]
     mask[torch.arange(num, device=mask.device), peak_idx] = True
     mask = mask.reshape(num, *mask_hw)
     if component == "peak":

@@ -261,6 +261,32 @@ class RunHistory:
                     out.append(summarize_layer(layer, ep, timelines[layer], self.stable_rounds))
         return out
 
+    def format_summary(self) -> list[str]:
+        """Terminal lines of the drift summary.
+
+        One line per layer and epoch (units, changes, mean score and similarity, stable units), then the units whose
+        meaning changed.
+
+        Example:
+            >>> RunHistory().format_summary()
+            ['(empty history)']
+        """
+        if not self._records:
+            return ["(empty history)"]
+        lines = [f"{'layer':<24} {'epoch':>5} {'units':>5} {'changed':>9} {'mean score':>10} {'mean sim':>8} "
+                 f"{'stable':>6}"]
+        for s in self.summary():
+            changed = f"{s.n_changed}/{s.n_compared}" if s.n_compared else "-"
+            sim = "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}"
+            lines.append(f"{s.layer:<24} {s.epoch:>5} {s.n_units:>5} {changed:>9} {s.mean_score:>10.3f} {sim:>8} "
+                         f"{s.n_stable:>6}")
+        changes = [d for d in self.drift() if d.changed]
+        if changes:
+            lines.append("meaning changes:")
+            lines += [f"  {d.layer}[{d.unit}] epoch {d.epoch}: {d.previous_description!r} -> {d.description!r} "
+                      f"(similarity {d.similarity:.2f})" for d in changes]
+        return lines
+
     # ------------------------------------------------------------------ updates
     def add_round(self, round: ExplanationRound, embed: EmbedFn, epoch: int | None = None) -> list[UnitDrift]:
         """Add one explanation round, compute its drift, and append it to the JSON Lines file.
@@ -466,6 +492,10 @@ def find_history_file(path_or_run_dir: str | Path) -> Path:
         listing = ", ".join(str(p.parent) for p in found)
         raise ValueError(f"{path} holds {len(found)} run histories; pass one of: {listing}")
     return found[0]
+
+
+#: Alias of :func:`find_history_file` (used by the CLI).
+resolve_history_path = find_history_file
 
 
 def load_history(path_or_run_dir: str | Path) -> RunHistory:

@@ -1,1 +1,59 @@
-"""evaluation."""
+"""Explanation quality: the metrics the published methods report, with baselines that show what they are worth.
+
+- Final-layer protocol (CLIP-Dissect): :func:`final_layer_accuracy`, :func:`final_layer_similarity`.
+- Simulation (Linear Explanations): :func:`simulation_scores`.
+- Contrast (CoSy's AUC and MAD, concept images retrieved from a held-out probe): :func:`contrast_scores`.
+- Ablation check (the paper's): :func:`ablation_drops`, :func:`ablation_agreement`.
+- Baselines: :func:`random_baseline`, :func:`constant_baseline`, :func:`label_baseline`.
+- All of it on one round: :func:`evaluate_round`; TensorBoard: :func:`log_evaluation`; the offline benchmark
+  behind ``lightning-neurons evaluate`` and ``benchmarks/quality.py``: :func:`run_benchmark`.
+
+Example:
+    >>> from lightning_neurons.evaluation import evaluate_round, log_evaluation
+    >>> metrics = evaluate_round(model, rnd, (images, labels), backend, class_names=names)  # doctest: +SKIP
+    >>> log_evaluation(trainer.logger.experiment, {"embedded": metrics}, epoch=trainer.current_epoch)  # doctest: +SKIP
+"""
+
+from lightning_neurons.evaluation.ablation_check import AblationAgreement, ablation_agreement, ablation_drops
+from lightning_neurons.evaluation.baselines import (
+    constant_baseline,
+    generic_concepts,
+    label_baseline,
+    random_baseline,
+)
+from lightning_neurons.evaluation.benchmark import HEADLINE_METRICS, BenchmarkConfig, run_benchmark
+from lightning_neurons.evaluation.contrast import ContrastResult, contrast_scores
+from lightning_neurons.evaluation.final_layer import final_layer_accuracy, final_layer_similarity, text_similarity
+from lightning_neurons.evaluation.harness import EvaluationConfig, evaluate_round, flatten_metrics, log_evaluation
+from lightning_neurons.evaluation.probe import Probe, build_probe, layer_activations
+from lightning_neurons.evaluation.simulation import simulation_scores
+from lightning_neurons.evaluation.stats import auc, mad, pearson
+
+__all__ = [
+    "HEADLINE_METRICS",
+    "AblationAgreement",
+    "BenchmarkConfig",
+    "ContrastResult",
+    "EvaluationConfig",
+    "Probe",
+    "ablation_agreement",
+    "ablation_drops",
+    "auc",
+    "build_probe",
+    "constant_baseline",
+    "contrast_scores",
+    "evaluate_round",
+    "final_layer_accuracy",
+    "final_layer_similarity",
+    "flatten_metrics",
+    "generic_concepts",
+    "label_baseline",
+    "layer_activations",
+    "log_evaluation",
+    "mad",
+    "pearson",
+    "random_baseline",
+    "run_benchmark",
+    "simulation_scores",
+    "text_similarity",
+]

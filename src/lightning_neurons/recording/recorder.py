@@ -247,7 +247,9 @@ class ActivationRecorder:
         if name in batch.seen:
             if name not in self._warned_reuse:
                 self._warned_reuse.add(name)
-                warnings.warn(f"layer {name!r} ran more than once per batch; only its first call is recorded")
+                warnings.warn(
+                    f"layer {name!r} ran more than once per batch; only its first call is recorded", stacklevel=2
+                )
             return
         batch.seen.add(name)
 
@@ -482,14 +484,15 @@ def collect_top_k(
         model.to(device)
     else:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    recorder = ActivationRecorder(
-        model, layers, top_k, reduction, token_mode, output_selector, reservoir_size, seed
-    )
+    recorder = ActivationRecorder(model, layers, top_k, reduction, token_mode, output_selector, reservoir_size, seed)
     was_training = model.training
     model.eval()
     try:
         recorder.attach()
-        total = len(dataloader) if hasattr(dataloader, "__len__") else None  # type: ignore[arg-type]
+        try:
+            total: int | None = len(dataloader)  # type: ignore[arg-type]
+        except TypeError:  # an iterable dataset without __len__
+            total = None
         with torch.no_grad():
             for batch in tqdm(dataloader, total=total, disable=not show_progress, desc="recording"):
                 inputs = batch_inputs(batch, input_key).to(device, non_blocking=True)

@@ -110,9 +110,7 @@ class DataLoaderSampleSource:
             batch_sampler = getattr(dataloader, "batch_sampler", None)
             if batch_sampler is not None and hasattr(batch_sampler, "sampler"):
                 sampler = batch_sampler.sampler
-            if isinstance(sampler, RandomSampler) or (
-                isinstance(sampler, DistributedSampler) and sampler.shuffle
-            ):
+            if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
                 raise ValueError(
                     "the probe dataloader shuffles its samples, so recorded sample ids cannot be mapped back to "
                     "the data; use shuffle=False for the validation dataloader"

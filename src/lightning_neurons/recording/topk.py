@@ -84,9 +84,7 @@ class TopKBuffer:
         torch.Size([3, 4])
     """
 
-    def __init__(
-        self, num_units: int, k: int, device: torch.device | str | None = None, merge_rows: int = 512
-    ) -> None:
+    def __init__(self, num_units: int, k: int, device: torch.device | str | None = None, merge_rows: int = 512) -> None:
         if num_units < 1 or k < 1:
             raise ValueError(f"num_units and k must be >= 1, got {num_units} and {k}")
         self.num_units = num_units

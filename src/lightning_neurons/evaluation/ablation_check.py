@@ -1,0 +1,161 @@
+"""Ablation check (the paper's): do the classes hurt most by zeroing a unit agree with its description?
+
+The drops depend only on the unit, not on its description, so they are measured once per layer
+(:func:`ablation_drops`, with :func:`lightning_neurons.explain.ablation.ablate_units`) and every method and
+baseline is judged against the same hurt classes (:func:`ablation_agreement`). A description "names" a hurt
+class when it equals it (case-insensitive) or when their sentence-embedding similarity reaches a threshold.
+
+Example:
+    >>> import torch
+    >>> table = {"fur": [0.8, 0.6], "cat": [1.0, 0.0], "sky": [0.0, 1.0]}
+    >>> embed = lambda texts: torch.tensor([table[t] for t in texts])
+    >>> res = ablation_agreement(["fur", "sky", "cat"], [["cat"], ["cat"], []], embed, threshold=0.7)
+    >>> res.hit.tolist(), res.evaluated.tolist()
+    ([True, False, False], [True, True, False])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_neurons.evaluation.final_layer import EmbedFn, normalize_text
+from lightning_neurons.explain.ablation import ablate_units
+from lightning_neurons.recording.types import UnitKind
+from lightning_neurons.recording.units import infer_kind, select_output
+
+Hurt = list[tuple[str, float]]
+
+
+@dataclass
+class AblationAgreement:
+    """Per-unit agreement of descriptions with the classes their ablation hurts.
+
+    Args:
+        hit: ``[U]`` bool, the description names one of the unit's hurt classes.
+        similarity: ``[U]`` the best sentence-embedding similarity of the description with a hurt class
+            (0 where no class is hurt).
+        evaluated: ``[U]`` bool, the unit hurts at least one class (only those count in the means).
+    """
+
+    hit: Tensor
+    similarity: Tensor
+    evaluated: Tensor
+
+    def summary(self) -> dict[str, float]:
+        """``ablation_hit_rate``, ``ablation_similarity`` (means over evaluated units) and ``ablation_units``."""
+        n = int(self.evaluated.sum())
+        if n == 0:
+            return {"ablation_hit_rate": float("nan"), "ablation_similarity": float("nan"), "ablation_units": 0}
+        return {
+            "ablation_hit_rate": float(self.hit[self.evaluated].float().mean()),
+            "ablation_similarity": float(self.similarity[self.evaluated].mean()),
+            "ablation_units": n,
+        }
+
+
+def layer_kind(model: nn.Module, layer: str, sample: Tensor) -> UnitKind:
+    """The unit kind (``conv``/``token``/``linear``) of a layer, from one forward pass of one sample."""
+    module = dict(model.named_modules())[layer]
+    found: list[UnitKind] = []
+
+    def hook(_m: nn.Module, _a: Any, output: Any) -> None:
+        found.append(infer_kind(select_output(output, None, layer), layer))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(sample[:1].to(next((p.device for p in model.parameters()), sample.device)))
+    finally:
+        handle.remove()
+    return found[0]
+
+
+def ablation_drops(
+    model: nn.Module,
+    layer: str,
+    units: Sequence[int],
+    inputs: Tensor,
+    labels: Tensor,
+    class_names: Sequence[str],
+    *,
+    top: int = 3,
+) -> dict[int, Hurt]:
+    """Per unit, the classes whose probe accuracy drops most when the unit is zeroed.
+
+    Args:
+        model: The network (run in ``eval()`` mode here; its mode is restored afterwards).
+        layer: Name of the layer holding the units.
+        units: Units to ablate.
+        inputs: ``[N, ...]`` held-out probe inputs.
+        labels: ``[N]`` their class labels.
+        class_names: Class names, indexed by class.
+        top: Hurt classes kept per unit (only positive drops).
+
+    Returns:
+        ``{unit: [(class name, accuracy drop), ...]}``, largest drop first.
+
+    Raises:
+        KeyError: If the layer is not in the model.
+        ValueError: If the probe has no labels.
+    """
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise KeyError(f"layer {layer!r} is not in the model")
+    if bool((labels < 0).any()):
+        raise ValueError("the ablation check needs class labels for every probe sample")
+    was_training = model.training
+    try:
+        model.eval()
+        kind = layer_kind(model, layer, inputs)
+        return ablate_units(
+            model, modules[layer], kind, list(units), inputs, labels,
+            class_names=list(class_names), top=top, layer_name=layer,
+        )
+    finally:
+        model.train(was_training)
+
+
+def ablation_agreement(
+    descriptions: Sequence[str], hurt: Sequence[Sequence[str]], embed: EmbedFn, *, threshold: float = 0.5
+) -> AblationAgreement:
+    """Whether each description names one of the classes its unit's ablation hurts most.
+
+    Args:
+        descriptions: One description per unit.
+        hurt: Per unit, the names of its hurt classes (may be empty).
+        embed: Sentence embedder (MiniLM in the embedded backend).
+        threshold: Similarity from which a description counts as naming a class.
+
+    Returns:
+        The :class:`AblationAgreement`.
+
+    Raises:
+        ValueError: If the two lists differ in length.
+    """
+    if len(descriptions) != len(hurt):
+        raise ValueError(f"need one hurt-class list per description, got {len(hurt)} for {len(descriptions)}")
+    classes = sorted({c for names in hurt for c in names})
+    u = len(descriptions)
+    similarity = torch.zeros(u)
+    exact = torch.zeros(u, dtype=torch.bool)
+    if classes:
+        texts = list(dict.fromkeys([*descriptions, *classes]))
+        emb = torch.nn.functional.normalize(embed(texts).float(), dim=-1)
+        index = {t: i for i, t in enumerate(texts)}
+        sims = emb[[index[d] for d in descriptions]] @ emb[[index[c] for c in classes]].T  # [U, classes]
+        col = {c: j for j, c in enumerate(classes)}
+        for i, names in enumerate(hurt):
+            if names:
+                similarity[i] = sims[i, [col[c] for c in names]].max()
+                exact[i] = normalize_text(descriptions[i]) in {normalize_text(c) for c in names}
+    evaluated = torch.tensor([len(names) > 0 for names in hurt], dtype=torch.bool)
+    hit = evaluated & (exact | (similarity >= threshold))
+    return AblationAgreement(hit=hit, similarity=similarity, evaluated=evaluated)
+
+
+__all__ = ["AblationAgreement", "Hurt", "ablation_agreement", "ablation_drops", "layer_kind"]

@@ -1,0 +1,319 @@
+"""The offline quality benchmark: train a small classifier, explain it, score the method against baselines.
+
+Everything runs on data and models shipped with the installed packages (no network):
+
+1. A :class:`~lightning_neurons.demo.SmallCNN` is trained on :class:`~lightning_neurons.demo.PhotoPatches`
+   (random crops of 12 real photos). Three disjoint splits come from three crop seeds: training, the
+   explaining probe (top-k samples and control crops) and the held-out evaluation probe (every metric).
+2. The embedded backend explains the output layer twice (class names as vocabulary, for top-1/top-5; the
+   general vocabulary, for the class-name similarity) and a conv block with the general vocabulary.
+3. The same rounds are re-described by the three baselines (random, constant, label) and every round is
+   scored with :func:`~lightning_neurons.evaluation.evaluate_round` on the held-out probe.
+
+Example:
+    >>> result = run_benchmark()  # doctest: +SKIP
+    >>> result["embedded"]["simulation"] > result["random"]["simulation"]  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_neurons.backends.base import Backend, ImageTextEncoder
+from lightning_neurons.evaluation.baselines import (
+    constant_baseline,
+    generic_concepts,
+    label_baseline,
+    random_baseline,
+)
+from lightning_neurons.evaluation.final_layer import final_layer_accuracy
+from lightning_neurons.evaluation.harness import EvaluationConfig, evaluate_round
+from lightning_neurons.evaluation.probe import build_probe
+from lightning_neurons.results import ExplanationRound
+
+#: Metrics on which the method must beat the random and constant baselines (higher is better for all).
+HEADLINE_METRICS = (
+    "final_top1",
+    "final_top5",
+    "final_class_similarity",
+    "simulation",
+    "contrast_auc",
+    "contrast_mad",
+    "ablation_hit_rate",
+    "ablation_similarity",
+)
+
+
+@dataclass
+class BenchmarkConfig:
+    """Settings of :func:`run_benchmark` (defaults keep the whole run to a few CPU minutes).
+
+    Args:
+        classes: PhotoPatches classes (default: all 12).
+        train_per_class: Training crops per class.
+        probe_per_class: Explaining-probe crops per class (where the top-k samples come from).
+        eval_per_class: Held-out evaluation crops per class (where every metric is measured).
+        image_size: Side of the images.
+        width: SmallCNN width (channels of the first block).
+        epochs: Training epochs.
+        lr: Adam learning rate.
+        top_k: Top samples per unit.
+        conv_layer: The conv block explained for simulation, contrast and ablation.
+        final_layer: The classifier's output layer.
+        correction: Concept-score correction of the explanation stage (``"control"`` or ``"soft_wpmi"``).
+        crop_size: Side of the crops given to the encoder.
+        reservoir_size: Random control samples of the recording.
+        seed: Seed of the crops, the weights and the baselines.
+        backend_kwargs: Keyword arguments of ``load_backend("embedded", ...)``.
+    """
+
+    classes: list[str] | None = None
+    train_per_class: int = 64
+    probe_per_class: int = 16
+    eval_per_class: int = 16
+    image_size: int = 64
+    width: int = 8
+    epochs: int = 6
+    lr: float = 3e-3
+    top_k: int = 8
+    conv_layer: str = "features.block3"
+    final_layer: str = "head"
+    correction: str = "control"
+    crop_size: int = 96
+    reservoir_size: int = 48
+    seed: int = 0
+    backend_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class MemoEncoder:
+    """Wraps an image-text encoder and embeds each distinct image (and text) only once.
+
+    The benchmark explains the output layer with two vocabularies: the crops are the same both times, and
+    the encoder is by far the slowest part on a CPU.
+
+    Args:
+        encoder: The wrapped encoder.
+    """
+
+    def __init__(self, encoder: ImageTextEncoder) -> None:
+        self.encoder = encoder
+        self.name = encoder.name
+        self._images: dict[bytes, Tensor] = {}
+        self._texts: dict[str, Tensor] = {}
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Embed images, reusing the embedding of any image seen before."""
+        keys = [hashlib.blake2b(img.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+                for img in images]
+        todo = [i for i, k in enumerate(keys) if k not in self._images]
+        if todo:
+            new = self.encoder.encode_images(images[todo])
+            for i, emb in zip(todo, new):
+                self._images[keys[i]] = emb
+        return torch.stack([self._images[k] for k in keys])
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Embed texts, reusing the embedding of any text seen before."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._texts))
+        if todo:
+            for t, emb in zip(todo, self.encoder.encode_texts(todo)):
+                self._texts[t] = emb
+        return torch.stack([self._texts[t] for t in texts])
+
+
+def train_classifier(cfg: BenchmarkConfig, train_set: Any) -> nn.Module:
+    """Train a SmallCNN with a plain loop (quiet and deterministic on the CPU); returns it in eval mode."""
+    from lightning_neurons.demo import SmallCNN
+
+    torch.manual_seed(cfg.seed)
+    model = SmallCNN(num_classes=len(train_set.classes), width=cfg.width, lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loader = DataLoader(train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    for _ in range(cfg.epochs):
+        for images, labels in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, inputs: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy of ``model`` on ``(inputs, labels)``."""
+    return float((model(inputs).argmax(dim=1) == labels).float().mean())
+
+
+def run_benchmark(
+    run_dir: str | Path | None = None, *, config: BenchmarkConfig | None = None, backend: Backend | None = None
+) -> dict[str, Any]:
+    """Run the whole offline harness and return one JSON-able dictionary with an entry per method.
+
+    Args:
+        run_dir: Reserved for evaluating a saved run; only the built-in benchmark (``None``) is supported yet.
+        config: Benchmark settings (default :class:`BenchmarkConfig`).
+        backend: A loaded backend to use instead of ``load_backend("embedded")``.
+
+    Returns:
+        ``{"embedded": {...}, "random": {...}, "constant": {...}, "label": {...}, "checks": {...},
+        "setup": {...}}``: per method the metrics of :data:`HEADLINE_METRICS` plus per-layer details;
+        ``checks`` says, per metric, whether the method beats the random and the constant baseline.
+
+    Raises:
+        ValueError: If ``run_dir`` is given.
+
+    Example:
+        >>> out = run_benchmark(config=BenchmarkConfig(epochs=1))  # doctest: +SKIP
+        >>> sorted(out)  # doctest: +SKIP
+        ['checks', 'constant', 'embedded', 'label', 'random', 'setup']
+    """
+    if run_dir is not None:
+        raise ValueError(
+            "evaluating a saved run directory is not supported yet; run `lightning-neurons evaluate` without a "
+            "run directory for the built-in benchmark, or call lightning_neurons.evaluation.evaluate_round("
+            "model, round, probe, backend, ...) in Python"
+        )
+    from lightning_neurons.backends import load_backend
+    from lightning_neurons.concepts.vocabulary import Vocabulary
+    from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD, PhotoPatches
+    from lightning_neurons.explain.pipeline import ExplainConfig, explain_recording
+    from lightning_neurons.recording.recorder import collect_top_k
+    from lightning_neurons.recording.samples import DataLoaderSampleSource
+
+    cfg = config or BenchmarkConfig()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal start
+        now = time.perf_counter()
+        timings[name] = round(now - start, 1)
+        start = now
+
+    def split(per_class: int, offset: int) -> PhotoPatches:
+        return PhotoPatches(cfg.classes, per_class, cfg.image_size, seed=cfg.seed + offset)
+
+    train_set, probe_set, eval_set = split(cfg.train_per_class, 0), split(cfg.probe_per_class, 1), split(
+        cfg.eval_per_class, 2
+    )
+    class_names = list(train_set.classes)
+    model = train_classifier(cfg, train_set)
+    eval_inputs = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
+    eval_labels = torch.tensor([eval_set[i][1] for i in range(len(eval_set))])
+    lap("train")
+
+    loaded = backend or load_backend("embedded", device="cpu", **cfg.backend_kwargs)
+    backend = Backend(
+        name=loaded.name, encoder=MemoEncoder(loaded.encoder), captioner=loaded.captioner,
+        generator=loaded.generator, text_encoder=loaded.text_encoder,
+    )
+    general = Vocabulary.builtin() if hasattr(Vocabulary, "builtin") else Vocabulary()
+    lap("load_backend")
+
+    loader = DataLoader(probe_set, batch_size=64)
+    layers = [cfg.final_layer, cfg.conv_layer]
+    recording = collect_top_k(
+        model, loader, layers, cfg.top_k, reservoir_size=cfg.reservoir_size, seed=cfg.seed, show_progress=False
+    )
+    source = DataLoaderSampleSource(loader)
+    explain_cfg = ExplainConfig(
+        correction=cfg.correction,  # type: ignore[arg-type]
+        crop_size=cfg.crop_size,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        seed=cfg.seed,
+        show_progress=False,
+        preview_units={},
+    )
+    head_recording = type(recording)(**{**recording.__dict__, "layers": {cfg.final_layer: recording.layers[cfg.final_layer]}})
+    class_round = explain_recording(model, head_recording, source, backend, class_names, explain_cfg, class_names=class_names)
+    lap("explain_class_vocabulary")
+    general_round = explain_recording(model, recording, source, backend, general, explain_cfg, class_names=class_names)
+    lap("explain_general_vocabulary")
+
+    eval_cfg = EvaluationConfig(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, seed=cfg.seed)
+    probe = build_probe(
+        model, (eval_inputs, eval_labels), [cfg.conv_layer], backend.encoder,
+        image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+    )
+    lap("encode_probe")
+
+    general_texts = _texts(general)
+    generic_general = generic_concepts(backend.encoder, general_texts, probe.image_embeddings, n=5)
+    generic_classes = generic_concepts(backend.encoder, class_names, probe.image_embeddings, n=5)
+    rounds: dict[str, tuple[ExplanationRound, ExplanationRound]] = {
+        "embedded": (class_round, general_round),
+        "random": (
+            random_baseline(class_round, class_names, seed=cfg.seed),
+            random_baseline(general_round, general_texts, seed=cfg.seed),
+        ),
+        "constant": (
+            constant_baseline(class_round, generic_classes[0], generic_classes[1:]),
+            constant_baseline(general_round, generic_general[0], generic_general[1:]),
+        ),
+        "label": (
+            label_baseline(class_round, recording.labels, class_names),
+            label_baseline(general_round, recording.labels, class_names),
+        ),
+    }
+    result: dict[str, Any] = {}
+    for method, (by_class, by_general) in rounds.items():
+        metrics = evaluate_round(
+            model, by_general, probe, backend, [cfg.conv_layer], class_names,
+            final_layer=cfg.final_layer, config=eval_cfg,
+        )
+        metrics.update({f"final_{k}": v for k, v in final_layer_accuracy(by_class, cfg.final_layer, class_names).items()})
+        head = by_general.layer(cfg.final_layer)
+        metrics["examples"] = {
+            "head": {class_names[u.unit]: u.description for u in head[:6]},
+            cfg.conv_layer: [u.description for u in by_general.layer(cfg.conv_layer)[:6]],
+        }
+        result[method] = {k: metrics[k] for k in (*HEADLINE_METRICS, "layers", "examples") if k in metrics}
+    lap("evaluate")
+
+    result["checks"] = {
+        metric: {
+            base: _beats(result["embedded"].get(metric), result[base].get(metric)) for base in ("random", "constant")
+        }
+        for metric in HEADLINE_METRICS
+    }
+    result["setup"] = {
+        **{k: v for k, v in asdict(cfg).items() if k != "backend_kwargs"},
+        "classes": class_names,
+        "eval_accuracy": accuracy(model, eval_inputs, eval_labels),
+        "probe_samples": len(probe_set),
+        "eval_samples": len(eval_set),
+        "general_vocabulary": len(general_texts),
+        "constant_descriptions": {"class_vocabulary": generic_classes[0], "general_vocabulary": generic_general[0]},
+        "backend": loaded.name,
+        "timings_s": timings,
+    }
+    return result
+
+
+def _texts(vocabulary: Any) -> list[str]:
+    for attr in ("concepts", "texts", "terms"):
+        value = getattr(vocabulary, attr, None)
+        if value is not None and not callable(value):
+            return [str(t) for t in value]
+    return [str(t) for t in vocabulary]
+
+
+def _beats(method: float | None, baseline: float | None) -> bool | None:
+    if method is None or baseline is None:
+        return None
+    return bool(method > baseline)
+
+
+__all__ = ["HEADLINE_METRICS", "BenchmarkConfig", "MemoEncoder", "accuracy", "run_benchmark", "train_classifier"]

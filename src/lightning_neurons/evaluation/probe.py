@@ -1,0 +1,232 @@
+"""The evaluation probe: held-out images with labels, the units' activations on them and their embeddings.
+
+Simulation, contrast and ablation all look at the same held-out samples, so they are run through the model
+and the image encoder once (:func:`build_probe`) and every metric reads the resulting :class:`Probe`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    >>> acts = layer_activations(model, torch.randn(5, 3, 8, 8), ["1"])
+    >>> tuple(acts["1"].shape)
+    (5, 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_neurons.backends.base import ImageTextEncoder
+from lightning_neurons.recording.samples import InputKey, batch_inputs, batch_targets
+from lightning_neurons.recording.types import Reduction
+from lightning_neurons.recording.units import TokenMode, infer_kind, reduce_maps, select_output, unit_maps
+from lightning_neurons.regions import images_from_inputs
+
+ProbeData = Iterable[Any] | tuple[Tensor, Tensor]
+
+
+@dataclass
+class Probe:
+    """Held-out samples prepared for evaluation.
+
+    Args:
+        inputs: ``[N, ...]`` model inputs.
+        labels: ``[N]`` int64 class labels (``-1`` where unknown).
+        activations: Per layer, ``[N, U]`` per-sample unit values (spatial max or mean, as in recording).
+        image_embeddings: ``[N, D]`` L2-normalised encoder embeddings of the whole images.
+        ablation: Per layer, ``{unit: [(class, accuracy drop), ...]}`` once measured (it does not depend on the
+            descriptions, so every method evaluated on this probe shares it).
+    """
+
+    inputs: Tensor
+    labels: Tensor
+    activations: dict[str, Tensor] = field(default_factory=dict)
+    image_embeddings: Tensor | None = None
+    ablation: dict[str, dict[int, list[tuple[str, float]]]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def probe_tensors(probe: ProbeData, input_key: InputKey = None, target_key: InputKey = None) -> tuple[Tensor, Tensor]:
+    """Materialise a probe given as ``(inputs, labels)`` or as a dataloader into two CPU tensors.
+
+    Args:
+        probe: ``(inputs [N, ...], labels [N])`` or an iterable of batches (a ``DataLoader``).
+        input_key: Index/key of the inputs in a batch (``None``: guess).
+        target_key: Index/key of the labels in a batch (``None``: guess; missing labels become ``-1``).
+
+    Raises:
+        ValueError: If the probe is empty or inputs and labels disagree in length.
+
+    Example:
+        >>> import torch
+        >>> x, y = probe_tensors([(torch.zeros(2, 3, 4, 4), torch.tensor([0, 1]))])
+        >>> tuple(x.shape), y.tolist()
+        ((2, 3, 4, 4), [0, 1])
+    """
+    if isinstance(probe, tuple) and len(probe) == 2 and all(isinstance(t, Tensor) for t in probe):
+        inputs, labels = probe
+    else:
+        xs, ys = [], []
+        for batch in probe:
+            x = batch_inputs(batch, input_key)
+            y = batch_targets(batch, target_key)
+            xs.append(x.detach().cpu())
+            ys.append(y.detach().cpu().long() if y is not None else torch.full((x.shape[0],), -1, dtype=torch.long))
+        if not xs:
+            raise ValueError("the evaluation probe is empty")
+        inputs, labels = torch.cat(xs), torch.cat(ys)
+    if inputs.shape[0] == 0 or inputs.shape[0] != labels.shape[0]:
+        raise ValueError(f"probe needs N > 0 inputs with N labels, got {inputs.shape[0]} and {labels.shape[0]}")
+    return inputs, labels.long()
+
+
+@torch.no_grad()
+def layer_activations(
+    model: nn.Module,
+    inputs: Tensor,
+    layers: Sequence[str],
+    *,
+    reduction: Reduction = "max",
+    token_mode: TokenMode = "auto",
+    batch_size: int = 128,
+) -> dict[str, Tensor]:
+    """Per-sample unit values of ``layers``, reduced over each unit's map the way recording reduces them.
+
+    The model runs in ``eval()`` mode; its mode is restored and every hook removed afterwards, also on error.
+
+    Args:
+        model: The network.
+        inputs: ``[N, ...]`` model inputs (moved to the model's device batch by batch).
+        layers: Layer names in ``model.named_modules()``.
+        reduction: ``"max"`` or ``"mean"`` over a unit's spatial map.
+        token_mode: Class-token handling for ``[B, T, D]`` outputs.
+        batch_size: Forward batch size.
+
+    Returns:
+        Per layer, float32 ``[N, U]`` on the CPU.
+
+    Raises:
+        KeyError: If a layer is not in the model.
+    """
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise KeyError(f"layers {missing} are not in the model")
+    device = _model_device(model)
+    chunks: dict[str, list[Tensor]] = {name: [] for name in layers}
+
+    def hook(name: str) -> Any:
+        def record(_module: nn.Module, _args: Any, output: Any) -> None:
+            out = select_output(output, None, name).detach()
+            maps = unit_maps(out, infer_kind(out, name), token_mode, name)
+            chunks[name].append(reduce_maps(maps, reduction)[0].float().cpu())
+
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        for start in range(0, inputs.shape[0], batch_size):
+            model(inputs[start : start + batch_size].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in chunks.items()}
+
+
+@torch.no_grad()
+def encode_probe_images(
+    encoder: ImageTextEncoder,
+    inputs: Tensor,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    batch_size: int = 64,
+) -> Tensor:
+    """Embed the probe's whole images with the image-text encoder.
+
+    Args:
+        encoder: The backend's image-text encoder.
+        inputs: ``[N, C, H, W]`` model inputs.
+        image_mean: Normalisation mean of the inputs (``None`` with ``image_std=None``: per-image min-max).
+        image_std: Normalisation standard deviation of the inputs.
+        batch_size: Encoder batch size.
+
+    Returns:
+        float32 ``[N, D]`` L2-normalised embeddings.
+    """
+    parts = []
+    for start in range(0, inputs.shape[0], batch_size):
+        images = images_from_inputs(inputs[start : start + batch_size], image_mean, image_std)
+        parts.append(encoder.encode_images(images).float().cpu())
+    return torch.cat(parts)
+
+
+def build_probe(
+    model: nn.Module,
+    probe: ProbeData,
+    layers: Sequence[str],
+    encoder: ImageTextEncoder | None = None,
+    *,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    reduction: Reduction = "max",
+    token_mode: TokenMode = "auto",
+    input_key: InputKey = None,
+    target_key: InputKey = None,
+    exclude_ids: Iterable[int] | None = None,
+) -> Probe:
+    """Run the held-out probe through the model (activations) and the encoder (image embeddings) once.
+
+    Args:
+        model: The network whose units were explained.
+        probe: ``(inputs, labels)`` or a dataloader of held-out samples.
+        layers: Layers whose activations are needed.
+        encoder: Image-text encoder; ``None`` skips the embeddings (ablation-only evaluation).
+        image_mean: Input normalisation mean (to turn inputs back into ``[0, 1]`` images).
+        image_std: Input normalisation standard deviation.
+        reduction: Per-sample reduction of a unit's map.
+        token_mode: Class-token handling for token outputs.
+        input_key: Index/key of the inputs in a batch.
+        target_key: Index/key of the labels in a batch.
+        exclude_ids: Positions in the probe to leave out, e.g. the samples the explanations were made from
+            when the same loader is used for both (the metrics are only honest on held-out samples).
+
+    Returns:
+        The :class:`Probe`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> p = build_probe(model, (torch.randn(6, 3, 2, 2), torch.arange(6) % 3), ["1"], exclude_ids=[0])
+        >>> len(p), tuple(p.activations["1"].shape)
+        (5, (5, 3))
+    """
+    inputs, labels = probe_tensors(probe, input_key, target_key)
+    if exclude_ids is not None:
+        keep = torch.ones(inputs.shape[0], dtype=torch.bool)
+        drop = torch.tensor([i for i in exclude_ids if 0 <= int(i) < inputs.shape[0]], dtype=torch.long)
+        keep[drop] = False
+        if int(keep.sum()) < 2:
+            raise ValueError("fewer than two probe samples are left after exclude_ids")
+        inputs, labels = inputs[keep], labels[keep]
+    activations = layer_activations(model, inputs, layers, reduction=reduction, token_mode=token_mode)
+    embeddings = encode_probe_images(encoder, inputs, image_mean, image_std) if encoder is not None else None
+    return Probe(inputs=inputs, labels=labels, activations=activations, image_embeddings=embeddings)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+__all__ = ["Probe", "ProbeData", "build_probe", "encode_probe_images", "layer_activations", "probe_tensors"]

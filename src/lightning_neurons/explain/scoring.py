@@ -1,0 +1,230 @@
+"""Concept scoring: which concept best explains a unit, and how well it separates the unit's crops.
+
+Everything is batched over the units of a layer: the similarities of every unique crop with every concept
+come from one matrix product (:func:`similarity`), and the per-unit aggregation is a gather plus a weighted
+sum, never a loop over units.
+
+Two corrections for concepts that match everything (DESIGN.md, step 4):
+
+- ``"control"``: rank-weighted mean similarity over the unit's top crops minus the concept's mean similarity
+  over the control crops (random probe crops).
+- ``"soft_wpmi"``: CLIP-Dissect's soft weighted pointwise mutual information. Per crop a softmax over the
+  concepts gives ``p(c | crop)``; the unit's top crops are soft members of its top set (membership falling
+  linearly with rank from ``p_start`` to ``p_end``), so ``log p(c | unit) = sum_r log(1 - p_r (1 - p(c | crop_r)))``;
+  the score is ``log p(c | unit) - lam * log p(c)`` with ``p(c)`` the mean of ``p(c | unit)`` over the layer's
+  units. It needs several units per layer to mean anything.
+
+The explanation's ``score`` is the AUC (Mann-Whitney, ties count one half) of the chosen text's similarity
+over the unit's top crops against the control crops; its ``margin`` is the difference of the two means.
+
+Example:
+    >>> import torch
+    >>> crop_sims = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.5]])  # 3 unique crops x 2 concepts
+    >>> res = score_layer(crop_sims, torch.tensor([[0, 1]]), control_sims=crop_sims[2:], num_alternatives=1)
+    >>> res.top_indices.tolist(), res.auc.tolist()
+    ([[0, 1]], [1.0])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Correction = Literal["control", "soft_wpmi"]
+
+
+def similarity(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
+    """Cosine similarities ``[N, C]`` of L2-normalised embeddings (one matrix product).
+
+    Example:
+        >>> similarity(torch.eye(2), torch.eye(2)).tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+    return image_embeddings.float() @ text_embeddings.float().to(image_embeddings.device).T
+
+
+def rank_weights(valid: Tensor) -> Tensor:
+    """Activation-rank weights: linearly falling with rank (best first), zero where empty, rows sum to 1.
+
+    Args:
+        valid: bool ``[U, k]``, which top slots hold a crop.
+
+    Example:
+        >>> rank_weights(torch.tensor([[True, True, False]])).tolist()
+        [[0.6000000238418579, 0.4000000059604645, 0.0]]
+    """
+    k = valid.shape[1]
+    w = (k - torch.arange(k, device=valid.device, dtype=torch.float32))[None].expand(valid.shape[0], k)
+    w = torch.where(valid, w, torch.zeros_like(w))
+    return w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def concept_scores(
+    top_sims: Tensor,
+    valid: Tensor,
+    control_sims: Tensor,
+    correction: Correction = "control",
+    *,
+    temperature: float = 10.0,
+    lam: float = 1.0,
+    p_start: float = 0.998,
+    p_end: float = 0.97,
+    tie_break: float = 1e-3,
+) -> Tensor:
+    """Corrected concept scores of every unit of a layer.
+
+    Args:
+        top_sims: ``[U, k, C]`` similarity of each unit's top crops (best first) with each concept.
+        valid: bool ``[U, k]``, which top slots hold a crop.
+        control_sims: ``[M, C]`` similarity of the control crops with each concept.
+        correction: ``"control"`` or ``"soft_wpmi"`` (see the module docstring).
+        temperature: Softmax scale of the similarities for soft-WPMI (CLIP-Dissect uses 10).
+        lam: Weight of the ``log p(c)`` term of soft-WPMI.
+        p_start: Soft membership of the best crop in the top set (soft-WPMI).
+        p_end: Soft membership of the ``k``-th crop.
+        tie_break: Weight of the mean per-crop ``log p(c | unit)`` added to soft-WPMI to break ties of
+            saturated scores (WPMI is at most ``log U``).
+
+    Returns:
+        float32 ``[U, C]``.
+
+    Raises:
+        ValueError: For an unknown correction.
+    """
+    if correction == "control":
+        weights = rank_weights(valid)
+        agg = torch.einsum("uk,ukc->uc", weights, top_sims.float())
+        if control_sims.numel() == 0:
+            return agg
+        return agg - control_sims.float().mean(dim=0)[None]
+    if correction == "soft_wpmi":
+        k = top_sims.shape[1]
+        probs = torch.softmax(temperature * top_sims.float(), dim=2)
+        member = p_start - torch.arange(k, device=top_sims.device, dtype=torch.float32) / k * (p_start - p_end)
+        member = torch.where(valid, member[None].expand_as(valid), torch.zeros_like(valid, dtype=torch.float32))
+        log_given_unit = torch.log1p(-member[:, :, None] * (1 - probs) + 1e-7).sum(dim=1)
+        log_prior = torch.logsumexp(log_given_unit, dim=0, keepdim=True) - math.log(log_given_unit.shape[0])
+        # WPMI saturates at log U for every concept that only this unit's crops match (few units per layer):
+        # break those ties towards the concept with the larger p(c | unit).
+        per_crop = log_given_unit / valid.sum(dim=1, keepdim=True).clamp_min(1)
+        return log_given_unit - lam * log_prior + tie_break * per_crop
+    raise ValueError(f"correction must be 'control' or 'soft_wpmi', got {correction!r}")
+
+
+def mann_whitney_auc(positives: Tensor, negatives: Tensor) -> float:
+    """AUC of separating ``positives`` from ``negatives`` by value (ties count one half); NaN when one is empty.
+
+    Example:
+        >>> mann_whitney_auc(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 0.0]))
+        0.875
+    """
+    res = batched_auc(positives.reshape(1, -1), torch.ones(1, positives.numel(), dtype=torch.bool), negatives[None])
+    return float(res[0])
+
+
+def batched_auc(positives: Tensor, valid: Tensor, negatives: Tensor) -> Tensor:
+    """Per-row Mann-Whitney AUC of the valid ``positives`` against ``negatives``.
+
+    Args:
+        positives: ``[U, k]``.
+        valid: bool ``[U, k]``.
+        negatives: ``[U, M]`` (or ``[1, M]`` shared by every row).
+
+    Returns:
+        float32 ``[U]``; NaN for a row without positives or without negatives.
+    """
+    neg = torch.sort(negatives.float(), dim=1).values.expand(positives.shape[0], -1).contiguous()
+    pos = positives.float().contiguous()
+    below = torch.searchsorted(neg, pos, right=False).float()
+    upto = torch.searchsorted(neg, pos, right=True).float()
+    wins = torch.where(valid, below + 0.5 * (upto - below), torch.zeros_like(below)).sum(dim=1)
+    total = valid.sum(dim=1).float() * neg.shape[1]
+    return torch.where(total > 0, wins / total.clamp_min(1), torch.full_like(total, float("nan")))
+
+
+@dataclass
+class LayerScores:
+    """Scores of the units of one layer.
+
+    Args:
+        scores: ``[U, C]`` corrected concept scores.
+        top_indices: ``[U, 1 + num_alternatives]`` concept indices, best first (column 0 is the description).
+        top_values: The matching corrected scores.
+        auc: ``[U]`` AUC of the best concept's similarity over the top crops against the control crops.
+        margin: ``[U]`` mean top-crop similarity minus mean control similarity of the best concept.
+    """
+
+    scores: Tensor
+    top_indices: Tensor
+    top_values: Tensor
+    auc: Tensor
+    margin: Tensor
+
+
+def separation(top_sims: Tensor, valid: Tensor, control_sims: Tensor, concept: Tensor) -> tuple[Tensor, Tensor]:
+    """AUC and margin of one chosen concept per unit.
+
+    Args:
+        top_sims: ``[U, k, C]``.
+        valid: bool ``[U, k]``.
+        control_sims: ``[M, C]``.
+        concept: int64 ``[U]``, the concept of each unit.
+
+    Returns:
+        ``(auc [U], margin [U])``.
+    """
+    idx = concept.to(top_sims.device)
+    pos = top_sims.gather(2, idx[:, None, None].expand(-1, top_sims.shape[1], 1)).squeeze(2)
+    neg = control_sims.float().T[idx]  # [U, M]
+    auc = batched_auc(pos, valid, neg)
+    n_pos = valid.sum(dim=1).clamp_min(1)
+    mean_pos = torch.where(valid, pos, torch.zeros_like(pos)).sum(dim=1) / n_pos
+    mean_neg = neg.mean(dim=1) if neg.shape[1] else torch.zeros_like(mean_pos)
+    return auc, mean_pos - mean_neg
+
+
+def score_layer(
+    crop_sims: Tensor,
+    crop_index: Tensor,
+    control_sims: Tensor,
+    correction: Correction = "control",
+    num_alternatives: int = 4,
+    **correction_options: float,
+) -> LayerScores:
+    """Pick each unit's description and alternatives and score them.
+
+    Args:
+        crop_sims: ``[K, C]`` similarity of every unique crop with every concept.
+        crop_index: int64 ``[U, k]`` the unique crop of each unit's top slot, best first; ``-1`` where empty.
+        control_sims: ``[M, C]`` similarity of the control crops with every concept.
+        correction: ``"control"`` or ``"soft_wpmi"``.
+        num_alternatives: Runner-up concepts to keep.
+        **correction_options: Passed to :func:`concept_scores`.
+
+    Returns:
+        A :class:`LayerScores`.
+    """
+    valid = crop_index >= 0
+    top_sims = crop_sims[crop_index.clamp_min(0)]  # [U, k, C]
+    scores = concept_scores(top_sims, valid, control_sims, correction, **correction_options)
+    n = min(scores.shape[1], 1 + num_alternatives)
+    top_values, top_indices = torch.topk(scores, n, dim=1)
+    auc, margin = separation(top_sims, valid, control_sims, top_indices[:, 0])
+    return LayerScores(scores, top_indices, top_values, auc, margin)
+
+
+__all__ = [
+    "Correction",
+    "LayerScores",
+    "batched_auc",
+    "concept_scores",
+    "mann_whitney_auc",
+    "rank_weights",
+    "score_layer",
+    "separation",
+    "similarity",
+]

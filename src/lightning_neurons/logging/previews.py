@@ -1,0 +1,118 @@
+"""Preview crops of units as image grids, and as PNG files beside the run for reports that need no TensorBoard.
+
+Files are laid out as ``<directory>/<layer>/<unit>/epoch_<epoch>.png`` (layer names sanitised for the file system).
+
+Example:
+    >>> import torch
+    >>> from lightning_neurons.results import ExplanationRound, UnitExplanation
+    >>> rnd = ExplanationRound(3, [UnitExplanation("fc", 0, epoch=3, description="dots", score=0.8)])
+    >>> rnd.previews[("fc", 0)] = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+    >>> [p.name for p in save_previews(rnd, "/tmp/ln_previews")]
+    ['epoch_3.png']
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from lightning_neurons.results import ExplanationRound
+
+#: Subdirectory of a run's log directory that holds the preview PNGs.
+PREVIEWS_DIRNAME = "previews"
+
+_EPOCH_FILE = re.compile(r"^epoch_(-?\d+)\.png$")
+
+
+def preview_grid(previews: Tensor, nrow: int = 8, padding: int = 2) -> Tensor:
+    """Tile a unit's preview crops into one image.
+
+    Args:
+        previews: ``uint8`` ``[n, 3, h, w]`` (float in ``[0, 1]`` and a single ``[3, h, w]`` image are accepted).
+        nrow: Crops per row.
+        padding: Pixels between crops.
+
+    Returns:
+        ``uint8`` ``[3, H, W]``.
+
+    Raises:
+        ValueError: If the tensor is not a batch of RGB images or is empty.
+
+    Example:
+        >>> preview_grid(torch.zeros(3, 3, 10, 10, dtype=torch.uint8), padding=0).shape
+        torch.Size([3, 10, 30])
+    """
+    x = previews.detach().cpu()
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+        raise ValueError(f"previews must be [n, 3, h, w] with n > 0, got {tuple(previews.shape)}")
+    if x.is_floating_point():
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return make_grid(x, nrow=min(nrow, x.shape[0]), padding=padding)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
+def preview_path(directory: str | Path, layer: str, unit: int, epoch: int) -> Path:
+    """Where :func:`save_previews` puts a unit's grid for one epoch."""
+    return Path(directory) / _safe(layer) / str(unit) / f"epoch_{epoch}.png"
+
+
+def save_previews(
+    round: ExplanationRound, directory: str | Path, epoch: int | None = None, nrow: int = 8
+) -> list[Path]:
+    """Write one PNG grid per unit that has previews in the round.
+
+    Args:
+        round: The round; units without an entry in ``round.previews`` are skipped.
+        directory: Root folder, normally ``<run log dir>/previews`` (:data:`PREVIEWS_DIRNAME`).
+        epoch: Overrides ``round.epoch`` in the file names (required when it is ``None``).
+        nrow: Crops per row of the grid.
+
+    Returns:
+        The written paths.
+
+    Raises:
+        ValueError: If no epoch is known.
+    """
+    ep = round.epoch if epoch is None else epoch
+    if ep is None:
+        raise ValueError("the round has no epoch; pass epoch= to save_previews")
+    written = []
+    for (layer, unit), previews in round.previews.items():
+        grid = preview_grid(previews, nrow=nrow)
+        path = preview_path(directory, layer, unit, int(ep))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy())).save(path)
+        written.append(path)
+    return written
+
+
+def latest_preview(directory: str | Path, layer: str, unit: int, up_to_epoch: int | None = None) -> Path | None:
+    """The grid of the latest epoch (at most ``up_to_epoch``) saved for a unit, or ``None``.
+
+    Example:
+        >>> latest_preview("/nonexistent", "fc", 0) is None
+        True
+    """
+    folder = Path(directory) / _safe(layer) / str(unit)
+    if not folder.is_dir():
+        return None
+    best: tuple[int, Path] | None = None
+    for p in folder.iterdir():
+        m = _EPOCH_FILE.match(p.name)
+        if m is None:
+            continue
+        ep = int(m.group(1))
+        if (up_to_epoch is None or ep <= up_to_epoch) and (best is None or ep > best[0]):
+            best = (ep, p)
+    return None if best is None else best[1]

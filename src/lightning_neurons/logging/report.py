@@ -1,0 +1,213 @@
+"""A static, self-contained HTML report of a run's neuron explanations and their drift.
+
+One file, no external assets and no JavaScript: inline CSS, preview crops embedded as base64 PNG, drift plots as
+inline SVG. Per layer: plots of the fraction of units whose meaning changed and of the mean score per epoch, then
+per unit its latest crops and a timeline of its descriptions across epochs (changes highlighted).
+
+Example:
+    >>> write_report("lightning_logs/version_0", "report.html")  # doctest: +SKIP
+    PosixPath('report.html')
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_neurons.drift.history import RunHistory, find_history_file, load_history
+from lightning_neurons.drift.metrics import LayerDriftSummary
+from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
+h1{font-size:1.5em;margin-bottom:4px}h2{margin-top:36px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+.meta{color:#57606a;font-size:.9em}
+.plots{display:flex;gap:24px;flex-wrap:wrap;margin:12px 0}
+.plot{border:1px solid #d0d7de;border-radius:6px;padding:6px}
+table.units{border-collapse:collapse;width:100%}
+table.units td,table.units th{border-top:1px solid #eaeef2;padding:6px;vertical-align:top;text-align:left}
+.crops img{max-width:360px;max-height:120px;image-rendering:pixelated;border-radius:3px}
+.timeline{display:flex;gap:6px;overflow-x:auto;max-width:900px}
+.ep{flex:0 0 auto;min-width:90px;max-width:160px;border:1px solid #d0d7de;border-radius:6px;padding:4px 6px;
+font-size:.85em;background:#f6f8fa}
+.ep.changed{background:#fff1e5;border-color:#fb8f44}
+.ep .e{color:#57606a;font-size:.8em}.ep .d{font-weight:600;overflow-wrap:anywhere}.ep .s{color:#57606a}
+.none{color:#8c959f;font-size:.85em}
+"""
+
+
+def _esc(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def line_plot_svg(
+    points: Sequence[tuple[float, float]],
+    title: str,
+    y_range: tuple[float, float] = (0.0, 1.0),
+    colour: str = "#0969da",
+    width: int = 360,
+    height: int = 180,
+) -> str:
+    """An inline SVG line plot of ``(x, y)`` points (NaN ``y`` values are skipped).
+
+    Example:
+        >>> line_plot_svg([(0, 0.5), (1, 0.7)], "mean score").startswith("<svg")
+        True
+    """
+    pad_l, pad_r, pad_t, pad_b = 40, 12, 24, 28
+    pts = [(float(x), float(y)) for x, y in points if y is not None and not math.isnan(y)]
+    xs = [x for x, _ in pts] or [0.0]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    y0, y1 = y_range
+
+    def sx(x: float) -> float:
+        return pad_l + (x - x0) / (x1 - x0) * (width - pad_l - pad_r)
+
+    def sy(y: float) -> float:
+        y = min(max(y, y0), y1)
+        return height - pad_b - (y - y0) / (y1 - y0) * (height - pad_t - pad_b)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{_esc(title)}">',
+             f'<text x="{pad_l}" y="15" font-size="12" font-weight="600">{_esc(title)}</text>']
+    for frac in (0.0, 0.5, 1.0):
+        y = y0 + frac * (y1 - y0)
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eaeef2"/>')
+        parts.append(f'<text x="{pad_l - 4}" y="{sy(y) + 4:.1f}" font-size="10" text-anchor="end">{y:g}</text>')
+    ticks = sorted({x for x, _ in pts})
+    step = max(1, math.ceil(len(ticks) / 10))
+    for x in ticks[::step]:
+        parts.append(f'<text x="{sx(x):.1f}" y="{height - pad_b + 14}" font-size="10" text-anchor="middle">'
+                     f"{x:g}</text>")
+    parts.append(f'<text x="{(width + pad_l) / 2:.0f}" y="{height - 2}" font-size="10" text-anchor="middle">'
+                 "epoch</text>")
+    if len(pts) > 1:
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
+    for x, y in pts:
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}">'
+                     f"<title>epoch {x:g}: {y:.3f}</title></circle>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _img(path: Path | None) -> str:
+    if path is None:
+        return '<span class="none">no crops saved</span>'
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="top crops ({_esc(path.stem)})" src="data:image/png;base64,{data}">'
+
+
+def _layer_section(history: RunHistory, layer: str, summaries: list[LayerDriftSummary], previews: Path | None) -> str:
+    changed = [(s.epoch, s.fraction_changed if s.n_compared else float("nan")) for s in summaries]
+    scores = [(s.epoch, s.mean_score) for s in summaries]
+    last = summaries[-1]
+    out = [f'<section id="layer-{_esc(layer)}"><h2>{_esc(layer)}</h2>',
+           f'<p class="meta">{last.n_units} units at epoch {last.epoch} · mean score {_num(last.mean_score)} · '
+           f"stable for the last {last.stable_rounds} comparisons: {last.n_stable}</p>",
+           '<div class="plots">',
+           f'<div class="plot">{line_plot_svg(changed, "fraction of units changed", colour="#cf222e")}</div>',
+           f'<div class="plot">{line_plot_svg(scores, "mean score", colour="#0969da")}</div>',
+           "</div>",
+           '<table class="units"><tr><th>unit</th><th>latest crops</th><th>descriptions by epoch</th>'
+           "<th>stable since</th></tr>"]
+    for unit in history.units(layer):
+        timeline = history.timeline(layer, unit)
+        cells = []
+        for r in timeline:
+            d = r.drift
+            cls = "ep changed" if d.changed else "ep"
+            sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
+            tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
+            cells.append(f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
+                         f'<div class="d">{_esc(d.description)}</div>'
+                         f'<div class="s">score {_num(d.score, 2)}{sim}</div></div>')
+        crop = latest_preview(previews, layer, unit) if previews is not None else None
+        stable = last.first_stable_epoch.get(unit)
+        out.append(f'<tr><td>{unit}</td><td class="crops">{_img(crop)}</td>'
+                   f'<td><div class="timeline">{"".join(cells)}</div></td>'
+                   f'<td>{"–" if stable is None else f"epoch {stable}"}</td></tr>')
+    out.append("</table></section>")
+    return "\n".join(out)
+
+
+def render_report(
+    history: RunHistory, previews_dir: str | Path | None = None, title: str = "Neuron explanations"
+) -> str:
+    """The report's HTML text.
+
+    Args:
+        history: The run history.
+        previews_dir: Folder written by ``save_previews`` (``None``: no crops).
+        title: Page title.
+
+    Example:
+        >>> "<html" in render_report(RunHistory())
+        True
+    """
+    previews = Path(previews_dir) if previews_dir is not None and Path(previews_dir).is_dir() else None
+    by_layer: dict[str, list[LayerDriftSummary]] = {}
+    for s in history.summary():
+        by_layer.setdefault(s.layer, []).append(s)
+    epochs = history.epochs
+    meta = (f"{len(history.layers)} layers · {len(epochs)} explained epochs"
+            + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
+            + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}")
+    body = [_layer_section(history, layer, by_layer[layer], previews) for layer in history.layers]
+    if not body:
+        body = ['<p class="none">The history is empty.</p>']
+    nav = " · ".join(f'<a href="#layer-{_esc(x)}">{_esc(x)}</a>' for x in history.layers)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>\n'
+            f'<body><h1>{_esc(title)}</h1><p class="meta">{meta}</p><p>{nav}</p>\n'
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(
+    run_dir_or_history: str | Path | RunHistory,
+    output_path: str | Path,
+    previews_dir: str | Path | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write the self-contained HTML report of a run.
+
+    Args:
+        run_dir_or_history: A run's log directory (or its ``history.jsonl``), or a :class:`RunHistory`.
+        output_path: The HTML file to write (parent folders are created).
+        previews_dir: Folder of preview PNGs; default ``<folder of history.jsonl>/previews`` (for a
+            ``RunHistory``: beside its attached file, if any).
+        title: Page title (default: names the run).
+
+    Returns:
+        ``output_path`` as a ``Path``.
+
+    Raises:
+        FileNotFoundError: If a run directory holds no history.
+
+    Example:
+        >>> write_report("lightning_logs/version_0", "report.html")  # doctest: +SKIP
+    """
+    if isinstance(run_dir_or_history, RunHistory):
+        history = run_dir_or_history
+        run_dir = history.path.parent if history.path is not None else None
+    else:
+        history_file = find_history_file(run_dir_or_history)
+        history = load_history(history_file)
+        run_dir = history_file.parent
+    if previews_dir is None and run_dir is not None:
+        previews_dir = run_dir / PREVIEWS_DIRNAME
+    if title is None:
+        title = f"Neuron explanations: {run_dir.name}" if run_dir is not None else "Neuron explanations"
+    output = Path(output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render_report(history, previews_dir, title), encoding="utf-8")
+    return output

@@ -1,0 +1,276 @@
+"""TensorBoard logging of explanation rounds: tables, texts, image grids, scalars and one custom-scalars layout.
+
+Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
+
+- ``<prefix>/<layer>/table`` (text): Markdown table of all units of the layer: unit, description, score,
+  previous description, similarity to it (changed descriptions in bold).
+- ``<prefix>/<layer>/<unit>/description`` (text): description, score, alternatives, and the change if any.
+- ``<prefix>/<layer>/<unit>/top_k`` (image): grid of the unit's preview crops (region outlined).
+- ``<prefix>/<layer>/<unit>/score`` (scalar): the description's AUC.
+- ``<prefix>/<layer>/<unit>/drift`` (scalar): ``1 - similarity`` to the previous description (from the unit's
+  second explained epoch on).
+- ``<prefix>/<layer>/mean_score``, ``<prefix>/<layer>/fraction_changed``, ``<prefix>/<layer>/mean_similarity``
+  (scalars; the last two from the second explained epoch on).
+
+Per-unit tags are written for the ``log_units`` selection only, so that big layers do not flood the dashboard; the
+table always lists every unit. TensorBoard's text plugin stores text tags with a ``/text_summary`` suffix.
+
+Start TensorBoard with :data:`TENSORBOARD_SAMPLES_FLAG`, else it shows only 10 epochs of text and images. Do not use
+``text=0,images=0``: TensorBoard 2.21's text and image plugins then return no samples at all (checked by
+tests/test_browser.py).
+
+Example:
+    >>> from torch.utils.tensorboard import SummaryWriter  # doctest: +SKIP
+    >>> tb = NeuronTensorBoardLogger(SummaryWriter("runs/x"), log_units=8)  # doctest: +SKIP
+    >>> drift = history.add_round(rnd, backend.encode_descriptions)  # doctest: +SKIP
+    >>> tb.log_round(rnd, drift, history.summary(rnd.epoch), epoch=rnd.epoch)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift
+from lightning_neurons.logging.previews import preview_grid
+from lightning_neurons.logging.previews import save_previews as _save_previews
+from lightning_neurons.results import ExplanationRound, UnitExplanation
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    from torch.utils.tensorboard import SummaryWriter
+
+#: Which units get per-unit tags: ``None`` all, an int the first N units of each layer, a list of unit ids for
+#: every layer, or a mapping layer -> unit ids (layers missing from it get none).
+LogUnits = int | Sequence[int] | Mapping[str, Sequence[int]] | None
+
+#: ``tensorboard --logdir ... --samples_per_plugin=...`` value that keeps every epoch's text and images.
+TENSORBOARD_SAMPLES_FLAG = "--samples_per_plugin=text=100000,images=100000"
+
+_WRITER_METHODS = ("add_text", "add_image", "add_scalar", "add_custom_scalars", "flush")
+
+
+def find_tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
+    """The ``SummaryWriter`` of the trainer's first TensorBoard logger, or ``None`` when it has none.
+
+    Call it on global rank 0 (other ranks get Lightning's dummy experiment).
+
+    Example:
+        >>> writer = find_tensorboard_writer(trainer)  # doctest: +SKIP
+        >>> tb = NeuronTensorBoardLogger(writer) if writer is not None else None  # doctest: +SKIP
+    """
+    from lightning.fabric.loggers.tensorboard import TensorBoardLogger
+
+    for logger in getattr(trainer, "loggers", []) or []:
+        if isinstance(logger, TensorBoardLogger):
+            writer = logger.experiment
+            # Lightning falls back to tensorboardX's writer, which has the same methods.
+            if all(callable(getattr(writer, m, None)) for m in _WRITER_METHODS):
+                return writer
+    return None
+
+
+def _cell(text: Any) -> str:
+    # Markdown table cells: no pipes or line breaks.
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None or x != x else f"{x:.{digits}f}"
+
+
+class NeuronTensorBoardLogger:
+    """Writes explanation rounds and their drift to a TensorBoard ``SummaryWriter``.
+
+    Args:
+        writer: A ``torch.utils.tensorboard.SummaryWriter`` (or tensorboardX's); e.g.
+            ``trainer.logger.experiment`` of a ``TensorBoardLogger`` (see :func:`find_tensorboard_writer`).
+        log_units: Units that get per-unit tags (description, top_k, score, drift): ``None`` for all, an int
+            for the first N units of each layer, a list of unit ids, or a mapping layer -> unit ids.
+        prefix: First component of every tag.
+        preview_nrow: Crops per row of the ``top_k`` grid.
+
+    Example:
+        >>> from torch.utils.tensorboard import SummaryWriter  # doctest: +SKIP
+        >>> tb = NeuronTensorBoardLogger(SummaryWriter("runs/x"), log_units=[0, 3])  # doctest: +SKIP
+        >>> tb.log_round(rnd, drift, summaries, epoch=2)  # doctest: +SKIP
+    """
+
+    def __init__(self, writer: SummaryWriter, log_units: LogUnits = None, prefix: str = "neurons",
+                 preview_nrow: int = 8) -> None:
+        if isinstance(log_units, bool) or (isinstance(log_units, int) and log_units < 0):
+            raise ValueError(f"log_units must be None, an int >= 0, unit ids or a layer mapping; got {log_units!r}")
+        if not prefix or "/" in prefix.strip("/"):
+            raise ValueError(f"prefix must be one non-empty tag component, got {prefix!r}")
+        self.writer = writer
+        self.log_units = log_units
+        self.prefix = prefix.strip("/")
+        self.preview_nrow = preview_nrow
+        self._layout_written = False
+
+    # ------------------------------------------------------------------ selection
+    def selected_units(self, layer: str, units: Sequence[int]) -> list[int]:
+        """The units of ``layer`` (among ``units``) that get per-unit tags.
+
+        Example:
+            >>> NeuronTensorBoardLogger(writer=None, log_units=2).selected_units("fc", [5, 1, 3])
+            [1, 3]
+        """
+        ordered = sorted(units)
+        sel = self.log_units
+        if sel is None:
+            return ordered
+        if isinstance(sel, int):
+            return ordered[:sel]
+        if isinstance(sel, Mapping):
+            wanted = set(sel.get(layer, []))
+        else:
+            wanted = set(sel)
+        return [u for u in ordered if u in wanted]
+
+    # ------------------------------------------------------------------ logging
+    def log_round(
+        self,
+        round: ExplanationRound,
+        drift: Sequence[UnitDrift],
+        summaries: Sequence[LayerDriftSummary],
+        epoch: int | None = None,
+    ) -> None:
+        """Log one explanation round at ``global_step = epoch`` and flush.
+
+        Args:
+            round: The round (its ``previews`` feed the ``top_k`` grids).
+            drift: The round's drift, as returned by ``RunHistory.add_round``.
+            summaries: The round's per-layer summaries, ``RunHistory.summary(epoch)``.
+            epoch: The step (default ``round.epoch``).
+
+        Raises:
+            ValueError: If no epoch is known.
+        """
+        step = round.epoch if epoch is None else epoch
+        if step is None:
+            raise ValueError("the round has no epoch; pass epoch= to log_round")
+        step = int(step)
+        if not self._layout_written:
+            self.write_layout(round.layers)
+        by_key = {(d.layer, d.unit): d for d in drift}
+        by_layer = {s.layer: s for s in summaries}
+        for layer in round.layers:
+            units = round.layer(layer)
+            summary = by_layer.get(layer)
+            self.writer.add_text(self._tag(layer, "table"), self.table(units, by_key, summary), step)
+            if summary is not None:
+                self._scalar(self._tag(layer, "mean_score"), summary.mean_score, step)
+                if summary.n_compared:
+                    self._scalar(self._tag(layer, "fraction_changed"), summary.fraction_changed, step)
+                    self._scalar(self._tag(layer, "mean_similarity"), summary.mean_similarity, step)
+            selected = set(self.selected_units(layer, [u.unit for u in units]))
+            for u in units:
+                if u.unit in selected:
+                    self._log_unit(round, u, by_key.get(u.key), step)
+        self.writer.flush()
+
+    def _log_unit(self, round: ExplanationRound, u: UnitExplanation, d: UnitDrift | None, step: int) -> None:
+        self.writer.add_text(self._tag(u.layer, u.unit, "description"), self.unit_text(u, d), step)
+        self._scalar(self._tag(u.layer, u.unit, "score"), u.score, step)
+        if d is not None and d.drift is not None:
+            self._scalar(self._tag(u.layer, u.unit, "drift"), d.drift, step)
+        previews = round.previews.get(u.key)
+        if previews is not None and previews.numel() > 0:
+            grid = preview_grid(previews, nrow=self.preview_nrow)
+            self.writer.add_image(self._tag(u.layer, u.unit, "top_k"), grid, step, dataformats="CHW")
+
+    def _scalar(self, tag: str, value: float | None, step: int) -> None:
+        if value is not None and value == value:
+            self.writer.add_scalar(tag, float(value), step)
+
+    def _tag(self, layer: str, *parts: object) -> str:
+        return "/".join([self.prefix, layer, *map(str, parts)])
+
+    @staticmethod
+    def table(
+        units: Sequence[UnitExplanation],
+        drift: Mapping[tuple[str, int], UnitDrift],
+        summary: LayerDriftSummary | None = None,
+    ) -> str:
+        """The Markdown table of one layer (a one-line summary above it when ``summary`` is given).
+
+        Example:
+            >>> u = UnitExplanation("fc", 0, epoch=0, description="dots", score=0.8)
+            >>> print(NeuronTensorBoardLogger.table([u], {}))
+            | unit | description | score | previous description | similarity |
+            |---:|---|---:|---|---:|
+            | 0 | dots | 0.800 | – | – |
+        """
+        lines = []
+        if summary is not None:
+            head = f"epoch {summary.epoch} · {summary.n_units} units · mean score {_fmt(summary.mean_score)}"
+            if summary.n_compared:
+                head += (f" · {summary.n_changed}/{summary.n_compared} changed"
+                         f" · mean similarity {_fmt(summary.mean_similarity)}"
+                         f" · stable for {summary.stable_rounds} rounds: {summary.n_stable}")
+            lines += [head, ""]
+        lines += ["| unit | description | score | previous description | similarity |", "|---:|---|---:|---|---:|"]
+        for u in units:
+            d = drift.get(u.key)
+            desc = _cell(u.description)
+            if d is not None and d.changed:
+                desc = f"**{desc}**"
+            prev = _cell(d.previous_description) if d is not None and d.previous_description is not None else "–"
+            sim = _fmt(d.similarity) if d is not None else "–"
+            lines.append(f"| {u.unit} | {desc} | {_fmt(u.score)} | {prev} | {sim} |")
+        return "\n".join(lines)
+
+    @staticmethod
+    def unit_text(u: UnitExplanation, d: UnitDrift | None = None) -> str:
+        """The Markdown description text of one unit.
+
+        Example:
+            >>> print(NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "dots", 0.8)))
+            **dots** (score 0.800)
+        """
+        text = f"**{u.description}** (score {_fmt(u.score)})"
+        if u.alternatives:
+            text += "\n\nalternatives: " + ", ".join(f"{a.text} ({_fmt(a.score)})" for a in u.alternatives)
+        if d is not None and d.compared:
+            verb = "changed from" if d.changed else "previously"
+            text += (f"\n\n{verb} *{d.previous_description}* at epoch {d.previous_epoch} "
+                     f"(similarity {_fmt(d.similarity)}, top-k Jaccard {_fmt(d.jaccard)})")
+        return text
+
+    def write_layout(self, layers: Sequence[str]) -> None:
+        """Write the custom-scalars layout (once per logger; :meth:`log_round` calls it at the first round).
+
+        Layer-agnostic regex charts cover layers that appear only later; per-layer categories are added for
+        ``layers``.
+        """
+        p = re.escape(self.prefix)
+        layout: dict[str, dict[str, list[Any]]] = {
+            f"{self.prefix}: overview": {
+                "mean score per layer": ["Multiline", [rf"^{p}/[^/]+/mean_score$"]],
+                "fraction changed per layer": ["Multiline", [rf"^{p}/[^/]+/fraction_changed$"]],
+                "mean similarity per layer": ["Multiline", [rf"^{p}/[^/]+/mean_similarity$"]],
+            }
+        }
+        for layer in layers:
+            lp = f"{p}/{re.escape(layer)}"
+            layout[f"{self.prefix}: {layer}"] = {
+                "layer": ["Multiline", [rf"^{lp}/(mean_score|fraction_changed|mean_similarity)$"]],
+                "unit scores": ["Multiline", [rf"^{lp}/\d+/score$"]],
+                "unit drift": ["Multiline", [rf"^{lp}/\d+/drift$"]],
+            }
+        self.writer.add_custom_scalars(layout)
+        self._layout_written = True
+
+    @staticmethod
+    def save_previews(round: ExplanationRound, directory: str | Path, epoch: int | None = None) -> list[Path]:
+        """Write PNG grids per unit (``<directory>/<layer>/<unit>/epoch_<epoch>.png``) for the HTML report.
+
+        See :func:`lightning_neurons.logging.previews.save_previews`.
+        """
+        return _save_previews(round, directory, epoch=epoch)
+
+
+save_previews = _save_previews

@@ -1,0 +1,358 @@
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lightning_neurons import NeuronExplainer
+from lightning_neurons.recording.recorder import ActivationRecorder, collect_top_k
+from lightning_neurons.recording.types import Recording
+from lightning_neurons.results import ExplanationRound
+
+
+class FakeSession:
+    """Stands in for the explanation half: records what the callback hands over."""
+
+    instances: list["FakeSession"] = []
+    fail_run = False
+    fail_setup = False
+
+    def __init__(self, explainer):
+        self.explainer = explainer
+        self.epochs: list[int | None] = []
+        self.fetched = None
+        self.loaded = None
+        FakeSession.instances.append(self)
+
+    def setup(self, trainer, pl_module):
+        if FakeSession.fail_setup:
+            raise RuntimeError("cannot load the backend")
+
+    def run(self, trainer, pl_module, recording, source):
+        assert isinstance(recording, Recording) and trainer.is_global_zero
+        assert not pl_module.training
+        if FakeSession.fail_run:
+            raise RuntimeError("explanation exploded")
+        ids = recording.unique_sample_ids()[:3].tolist()
+        self.fetched = (ids, source.fetch(ids))
+        self.epochs.append(recording.epoch)
+        return ExplanationRound(epoch=recording.epoch)
+
+    def state_dict(self):
+        return {"epochs": list(self.epochs)}
+
+    def load_state_dict(self, state):
+        self.loaded = state
+        self.epochs = list(state.get("epochs", []))
+
+    def teardown(self):
+        pass
+
+
+class Explainer(NeuronExplainer):
+    session_class = FakeSession
+
+
+@pytest.fixture(autouse=True)
+def _reset_fake():
+    FakeSession.instances.clear()
+    FakeSession.fail_run = FakeSession.fail_setup = False
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, crash: bool = False) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2))
+        self.head = nn.Linear(8, 3)
+        self.crash = crash
+        self.train_steps = 0
+
+    def forward(self, x):
+        return self.head(self.features(x).amax(dim=(2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        self.train_steps += 1
+        if self.crash:
+            raise RuntimeError("boom in training_step")
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def dataset(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 10, 10, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def loaders(n_val=20):
+    return DataLoader(dataset(24), batch_size=8), DataLoader(dataset(n_val, seed=1), batch_size=6)
+
+
+def trainer(callbacks, max_epochs=1, tmp_path=None, **kw):
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+LAYERS = ["features.0", "features.2", "head"]
+
+
+def test_fit_records_same_topk_as_collect_and_removes_hooks():
+    torch.manual_seed(0)
+    model = Tiny()
+    cb = Explainer(layers=LAYERS, top_k=5, reservoir_size=6)
+    train, val = loaders()
+    trainer(cb, max_epochs=2).fit(model, train, val)
+    assert hook_count(model) == 0 and cb.num_hooks == 0
+    assert [r.epoch for r in cb.rounds] == [0, 1]
+    rec = cb.last_recording
+    assert rec.epoch == 1 and rec.num_samples == 20 and rec.reservoir_ids.numel() == 6
+    ref = collect_top_k(model, val, LAYERS, top_k=5, reservoir_size=6, show_progress=False)
+    for name in LAYERS:
+        assert torch.equal(rec.layers[name].sample_ids, ref.layers[name].sample_ids)
+        torch.testing.assert_close(rec.layers[name].values, ref.layers[name].values)
+    assert torch.equal(rec.reservoir_ids, ref.reservoir_ids)
+    labels = dataset(20, seed=1).tensors[1]
+    assert rec.labels and all(labels[i] == lab for i, lab in rec.labels.items())
+    # the session got a sample source that gives the recorded samples back
+    ids, (inputs, got_labels) = FakeSession.instances[0].fetched
+    assert torch.equal(inputs, dataset(20, seed=1).tensors[0][ids])
+
+
+def test_glob_and_predicate_layers_and_unknown_layer_fails_in_setup():
+    model = Tiny()
+    cb = Explainer(layers="features.*", top_k=2)
+    trainer(cb).validate(model, loaders()[1], verbose=False)
+    assert sorted(cb.last_recording.layers) == ["features.0", "features.1", "features.2"]
+    cb = Explainer(layers=lambda name, m: isinstance(m, nn.Linear), top_k=2)
+    trainer(cb).validate(model, loaders()[1], verbose=False)
+    assert list(cb.last_recording.layers) == ["head"]
+    model = Tiny()
+    with pytest.raises(ValueError, match="features.2"):
+        trainer(Explainer(layers=["features.3"])).fit(model, *loaders())
+    assert model.train_steps == 0 and hook_count(model) == 0
+
+
+def test_validate_only_run_and_hooks_removed():
+    model = Tiny()
+    cb = Explainer(layers=LAYERS, top_k=3)
+    trainer(cb).validate(model, loaders()[1], verbose=False)
+    assert hook_count(model) == 0
+    assert [r.epoch for r in cb.rounds] == [0]
+    assert cb.last_recording.num_samples == 20
+
+
+def test_crash_in_training_step_leaves_no_hook():
+    model = Tiny(crash=True)
+    cb = Explainer(layers=LAYERS, top_k=3)
+    # the sanity check passes through validation; then training_step raises
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(cb, num_sanity_val_steps=2).fit(model, *loaders())
+    assert hook_count(model) == 0
+
+
+def test_crash_inside_validation_leaves_no_hook():
+    class Bad(Tiny):
+        def validation_step(self, batch, batch_idx):
+            assert hook_count(self) == 3  # hooks are on during a recorded pass
+            raise ValueError("bad validation")
+
+    model = Bad()
+    with pytest.raises(ValueError, match="bad validation"):
+        trainer(Explainer(layers=LAYERS)).validate(model, loaders()[1], verbose=False)
+    assert hook_count(model) == 0
+
+
+def test_sanity_check_is_skipped(monkeypatch):
+    attached = []
+    original = ActivationRecorder.attach
+    monkeypatch.setattr(ActivationRecorder, "attach", lambda self: attached.append(1) or original(self))
+    cb = Explainer(layers=LAYERS)
+    trainer(cb, num_sanity_val_steps=2).fit(Tiny(), *loaders())
+    assert len(attached) == 1  # the one real validation pass, not the sanity check
+    assert cb.last_recording.num_samples == 20
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "max_epochs", "expected"),
+    [
+        ({"every_n_epochs": 2, "explain_on_fit_end": False}, 4, [1, 3]),
+        ({"every_n_epochs": None, "epochs": [0, 2], "explain_on_fit_end": False}, 3, [0, 2]),
+        ({"every_n_epochs": None, "explain_on_fit_end": True}, 3, [2]),
+        ({"every_n_epochs": 2, "explain_on_fit_end": True}, 3, [1, 2]),
+        ({"every_n_epochs": 2, "explain_on_fit_end": True}, 2, [1]),  # fit end: already explained
+    ],
+)
+def test_schedule(kwargs, max_epochs, expected):
+    cb = Explainer(layers="head", top_k=2, **kwargs)
+    train, val = loaders()
+    trainer(cb, max_epochs=max_epochs, limit_train_batches=1).fit(Tiny(), train, val)
+    assert [r.epoch for r in cb.rounds] == expected
+    assert cb.last_recording.epoch == max_epochs - 1 or not kwargs.get("explain_on_fit_end", True)
+
+
+def test_not_scheduled_epochs_are_not_recorded():
+    attached = []
+    cb = Explainer(layers="head", every_n_epochs=2, explain_on_fit_end=False)
+    model = Tiny()
+
+    class Spy(pl.Callback):
+        def on_validation_batch_end(self, trainer, pl_module, *args, **kwargs):
+            attached.append((trainer.current_epoch, hook_count(pl_module)))
+
+    trainer([cb, Spy()], max_epochs=2, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0).fit(
+        model, *loaders()
+    )
+    assert attached == [(0, 0), (1, 1)]
+
+
+def test_no_validation_loop_warns_and_skips():
+    cb = Explainer(layers=LAYERS)
+    with pytest.warns(UserWarning, match="no validation loop"):
+        trainer(cb, limit_val_batches=0).fit(Tiny(), loaders()[0])
+    assert cb.rounds == [] and cb.last_recording is None
+
+
+def test_top_k_larger_than_validation_set():
+    cb = Explainer(layers=LAYERS, top_k=10, reservoir_size=100)
+    trainer(cb).validate(Tiny(), DataLoader(dataset(4), batch_size=3), verbose=False)
+    lt = cb.last_recording.layers["features.2"]
+    assert lt.values.shape == (8, 10)
+    assert (lt.sample_ids[:, :4] >= 0).all() and (lt.sample_ids[:, 4:] == -1).all()
+    assert sorted(cb.last_recording.reservoir_ids.tolist()) == [0, 1, 2, 3]
+
+
+def test_iterable_validation_dataset():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            ds = dataset(20, seed=1)
+            return iter(ds[i] for i in range(20))
+
+    model = Tiny()
+    cb = Explainer(layers=LAYERS, top_k=4)
+    loader = DataLoader(Stream(), batch_size=6)
+    trainer(cb).validate(model, loader, verbose=False)
+    ref = collect_top_k(model, loaders()[1], LAYERS, top_k=4, show_progress=False)
+    for name in LAYERS:
+        assert torch.equal(cb.last_recording.layers[name].sample_ids, ref.layers[name].sample_ids)
+    ids, (inputs, _) = FakeSession.instances[0].fetched
+    assert torch.equal(inputs, dataset(20, seed=1).tensors[0][ids])
+
+
+def test_explanation_failure_warns_or_raises():
+    FakeSession.fail_run = True
+    cb = Explainer(layers=LAYERS)
+    model = Tiny()
+    with pytest.warns(UserWarning, match="explaining epoch 0 failed"):
+        trainer(cb, max_epochs=2, limit_train_batches=1).fit(model, *loaders())
+    assert model.train_steps == 2 and cb.rounds == []  # training went on
+    model = Tiny()
+    with pytest.raises(RuntimeError, match="exploded"):
+        trainer(Explainer(layers=LAYERS, on_error="raise"), max_epochs=2, limit_train_batches=1).fit(model, *loaders())
+    assert model.train_steps == 1 and hook_count(model) == 0
+
+
+def test_session_setup_failure_raises_before_training():
+    FakeSession.fail_setup = True
+    model = Tiny()
+    with pytest.raises(RuntimeError, match="backend"):
+        trainer(Explainer(layers=LAYERS)).fit(model, *loaders())
+    assert model.train_steps == 0
+
+
+def test_resume_from_checkpoint_keeps_state(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    cb = Explainer(layers=LAYERS, top_k=3)
+    trainer([cb, ckpt], max_epochs=2, limit_train_batches=1, tmp_path=tmp_path).fit(Tiny(), *loaders())
+    first = FakeSession.instances[0]
+    assert first.epochs == [0, 1]
+
+    cb2 = Explainer(layers=LAYERS, top_k=3)
+    t2 = trainer([cb2, ModelCheckpoint(dirpath=tmp_path)], max_epochs=3, limit_train_batches=1, tmp_path=tmp_path)
+    t2.fit(Tiny(), *loaders(), ckpt_path=str(tmp_path / "last.ckpt"))
+    session = FakeSession.instances[1]
+    assert session.loaded == {"epochs": [0, 1]}
+    assert session.epochs == [0, 1, 2]  # history continued
+    assert [r.epoch for r in cb2.rounds] == [2]
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    own = next(v for k, v in state.items() if k.startswith("Explainer"))
+    assert own["layers"] == LAYERS and own["last_explained_epoch"] == 1
+    restored = Recording.from_state(own["last_recording"])
+    assert restored.epoch == 1 and set(restored.layers) == set(LAYERS)
+
+    cb3 = Explainer(layers=LAYERS[:2], top_k=3)
+    cb3.setup(trainer([cb3]), Tiny(), "fit")
+    with pytest.warns(UserWarning, match="layers changed"):
+        cb3.load_state_dict(own)
+    assert cb3.last_recording.epoch == 1 and cb3.last_explained_epoch == 1
+
+
+def test_bf16_mixed_precision_channels_last_matches_fp32():
+    torch.manual_seed(0)
+    model = Tiny()
+    val = DataLoader(dataset(48, seed=2), batch_size=16)
+    cb32 = Explainer(layers=LAYERS, top_k=6)
+    trainer(cb32).validate(model, val, verbose=False)
+    model = model.to(memory_format=torch.channels_last)
+    cb16 = Explainer(layers=LAYERS, top_k=6)
+    trainer(cb16, precision="bf16-mixed").validate(model, val, verbose=False)
+    for name in LAYERS:
+        a, b = cb32.last_recording.layers[name], cb16.last_recording.layers[name]
+        torch.testing.assert_close(b.values, a.values, rtol=0.05, atol=0.05)
+        overlap = [len(set(x.tolist()) & set(y.tolist())) / 6 for x, y in zip(a.sample_ids, b.sample_ids)]
+        assert sum(overlap) / len(overlap) > 0.8
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"layers": []}, "layers"),
+        ({"layers": "x", "top_k": 0}, "top_k"),
+        ({"layers": "x", "reduction": "median"}, "reduction"),
+        ({"layers": "x", "token_mode": "cls"}, "token_mode"),
+        ({"layers": "x", "every_n_epochs": 0}, "every_n_epochs"),
+        ({"layers": "x", "epochs": [-1]}, "epochs"),
+        ({"layers": "x", "on_error": "ignore"}, "on_error"),
+        ({"layers": "x", "correction": "none"}, "correction"),
+        ({"layers": "x", "reservoir_size": -1}, "reservoir_size"),
+        ({"layers": "x", "vocabulary": ["general", "/no/such/file.txt"]}, "vocabulary"),
+        ({"layers": "x", "image_mean": [0.5, 0.5, 0.5]}, "image_std"),
+        ({"layers": "x", "image_mean": [0.5] * 3, "image_std": [0.0] * 3}, "image_std"),
+        ({"layers": "x", "log_units": -2}, "log_units"),
+        ({"layers": "x", "output_selector": {"x": 1.5}}, "output_selector"),
+    ],
+)
+def test_bad_arguments_fail_in_init(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NeuronExplainer(**kwargs)
+
+
+def test_arguments_are_stored_under_their_names():
+    import inspect
+
+    cb = NeuronExplainer(layers=["a"], vocabulary=["general", "llm"], class_names=["cat"], log_units=[1, 2])
+    for name in inspect.signature(NeuronExplainer.__init__).parameters:
+        if name != "self":
+            assert hasattr(cb, name), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cb.vocabulary == ["general", "llm"] and cb.layers == ["a"]

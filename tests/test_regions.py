@@ -1,0 +1,150 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from lightning_neurons.regions import (
+    box_iou_matrix,
+    crop_images,
+    crop_masks,
+    dedupe_boxes,
+    images_from_inputs,
+    pad_boxes,
+    preview_images,
+    random_boxes,
+    region_boxes,
+    unit_thresholds,
+)
+
+
+def test_images_from_inputs_mean_std_and_minmax():
+    x = torch.rand(2, 3, 8, 8)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.4)
+    norm = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.allclose(images_from_inputs(norm, mean, std), x, atol=1e-5)
+    mm = images_from_inputs(norm)
+    assert mm.amin(dim=(1, 2, 3)).tolist() == [0.0, 0.0] and mm.amax(dim=(1, 2, 3)).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="image inputs"):
+        images_from_inputs(torch.zeros(2, 5))
+
+
+def test_unit_thresholds_match_torch_quantile_and_ignore_invalid():
+    g = torch.Generator().manual_seed(0)
+    top = torch.rand(3, 4, 5, 5, generator=g)
+    control = torch.rand(3, 50, generator=g)
+    valid = torch.tensor([[True] * 4, [True, True, False, False], [False] * 4])
+    thr = unit_thresholds(top, control, 0.9, valid)
+    for u in range(3):
+        vals = torch.cat([top[u][valid[u]].flatten(), control[u]])
+        assert thr[u].item() == pytest.approx(torch.quantile(vals, 0.9).item(), abs=1e-6)
+    # NaN / inf activations are ignored, a unit without data gets inf
+    top[0, 0, 0, 0] = float("nan")
+    assert torch.isfinite(unit_thresholds(top, control, 0.9)).all()
+    assert unit_thresholds(torch.full((1, 2, 3, 3), float("nan")), None, 0.9).item() == float("inf")
+
+
+def test_region_box_follows_peak_component_and_fallback():
+    maps = torch.zeros(3, 8, 8)
+    maps[0, 1:3, 1:3] = 2.0  # strongest blob, top-left
+    maps[0, 5:7, 5:7] = 1.5  # second blob, also above threshold
+    maps[1] = maps[0]
+    maps[2, 4, 4] = 0.3  # below the quantile threshold -> relative fallback
+    thr = torch.tensor([1.0, 1.0, 1.0])
+    peak, _ = region_boxes(maps, thr, (64, 64), padding=0.0, min_size=0.0, square=False, mask_size=64)
+    whole, _ = region_boxes(
+        maps, thr, (64, 64), padding=0.0, min_size=0.0, square=False, mask_size=64, component="all"
+    )
+    # blob rows/cols 1:3 of an 8x8 map over 64 px -> pixels 8..24 (bilinear half-way crossing)
+    assert torch.allclose(peak[0].float(), torch.tensor([10.0, 10.0, 22.0, 22.0]), atol=3)
+    assert whole[0, 2] > 50 and whole[0, 0] < 14  # the whole mask spans both blobs
+    cx, cy = (peak[2, 0] + peak[2, 2]) / 2, (peak[2, 1] + peak[2, 3]) / 2
+    assert abs(cx.item() - 36) <= 4 and abs(cy.item() - 36) <= 4  # fallback region around the lone peak
+
+
+def test_pad_boxes_square_min_size_and_inside_image():
+    boxes = torch.tensor([[0, 0, 10, 4], [90, 90, 100, 100], [40, 40, 41, 41]])
+    out = pad_boxes(boxes, (100, 100), padding=0.1, min_size=0.2, square=True)
+    w, h = out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]
+    assert (w == h).all() and (w >= 20).all()
+    assert (out >= 0).all() and (out <= 100).all()
+    assert out[1].tolist() == [80, 80, 100, 100]
+
+
+def test_linear_maps_use_whole_image():
+    boxes, masks = region_boxes(torch.ones(4, 1, 1), torch.zeros(4), (30, 40), return_masks=True)
+    assert boxes.tolist() == [[0, 0, 40, 30]] * 4 and masks.all()
+
+
+def test_dedupe_boxes_merges_overlaps_of_same_sample_only():
+    samples = torch.tensor([0, 0, 0, 0, 1, 1])
+    boxes = torch.tensor(
+        [
+            [0, 0, 100, 100],
+            [0, 0, 100, 100],  # exact duplicate
+            [0, 0, 95, 100],  # IoU 0.95 -> merged
+            [50, 50, 100, 100],  # IoU 0.25 -> own crop
+            [0, 0, 100, 100],  # same box, other sample -> own crop
+            [1, 1, 100, 100],
+        ]
+    )
+    keep, assign = dedupe_boxes(samples, boxes, 0.8)
+    assert keep.numel() == 3
+    assert assign[0] == assign[1] == assign[2] != assign[3]
+    assert assign[4] == assign[5] and assign[4] != assign[0]
+    # every box maps to a kept box of the same sample with IoU > 0.8 (or itself)
+    rep = keep[assign]
+    assert (samples[rep] == samples).all()
+    ious = box_iou_matrix(boxes, boxes)[torch.arange(6), rep]
+    assert (ious > 0.8).all() | (rep == torch.arange(6)).all()
+
+
+def test_dedupe_many_random_boxes_is_consistent():
+    g = torch.Generator().manual_seed(1)
+    n = 400
+    samples = torch.randint(0, 20, (n,), generator=g)
+    xy = torch.randint(0, 40, (n, 2), generator=g)
+    side = torch.randint(8, 24, (n, 1), generator=g)
+    boxes = torch.cat([xy, xy + side], dim=1)
+    keep, assign = dedupe_boxes(samples, boxes, 0.8)
+    rep = keep[assign]
+    assert (samples[rep] == samples).all()
+    iou = box_iou_matrix(boxes, boxes)[torch.arange(n), rep]
+    assert (iou > 0.8).all()
+    # kept boxes of one sample do not overlap above the threshold
+    kb, ks = boxes[keep], samples[keep]
+    m = box_iou_matrix(kb, kb)
+    same = (ks[:, None] == ks[None]) & ~torch.eye(keep.numel(), dtype=torch.bool)
+    assert (m[same] <= 0.8).all()
+
+
+def test_crop_images_and_masks():
+    img = torch.zeros(1, 3, 20, 20, dtype=torch.uint8)
+    img[0, 0, 5:15, 5:15] = 255
+    crops = crop_images(img, torch.tensor([0]), torch.tensor([[5, 5, 15, 15]]), 8)
+    assert crops.shape == (1, 3, 8, 8) and torch.allclose(crops[0, 0, 1:-1, 1:-1], torch.ones(6, 6))
+    assert crops[0, 0].min() > 0.75  # bilinear sampling blends only the outermost ring
+    assert crops[0, 1:].abs().max() == 0
+    masks = torch.zeros(1, 20, 20, dtype=torch.bool)
+    masks[0, 5:10] = True
+    cut = crop_masks(masks, torch.tensor([[0, 0, 20, 20]]), (20, 20), 10)
+    assert cut[0, 3:5].all() and not cut[0, 6:].any()
+
+
+def test_preview_images_outline_and_dim():
+    crops = torch.ones(2, 3, 16, 16)
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[:, 4:12, 4:12] = True
+    prev = preview_images(crops, masks)
+    assert prev.dtype == torch.uint8 and prev.shape == (2, 3, 16, 16)
+    assert prev[0, :, 8, 8].tolist() == [255, 255, 255]
+    assert prev[0, :, 4, 8].tolist() == [255, 220, 0]
+    assert prev[0, 0, 0, 0] < 100
+
+
+def test_random_boxes_inside_image():
+    g = torch.Generator().manual_seed(0)
+    b = random_boxes(50, (32, 48), torch.tensor([[0.5, 0.5], [1.0, 1.0]]), g)
+    assert (b[:, 0] >= 0).all() and (b[:, 2] <= 48).all() and (b[:, 3] <= 32).all()
+    assert ((b[:, 2] - b[:, 0]) >= 23).all()

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import re
+
+from _rounds import bow_embed, make_round
+from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
+from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, save_previews
+from lightning_neurons.logging.report import render_report, write_report
+from lightning_neurons.results import UnitExplanation
+
+
+def test_report_from_run_dir(tmp_path):
+    run = tmp_path / "version_0"
+    history = RunHistory()
+    history.attach(run / HISTORY_FILENAME)
+    for epoch in range(4):
+        rnd = make_round(epoch)
+        history.add_round(rnd, bow_embed)
+        if epoch != 3:  # the latest crops shown are those of the last epoch that saved some
+            save_previews(rnd, run / PREVIEWS_DIRNAME)
+    out = write_report(tmp_path, tmp_path / "out" / "report.html")
+    text = out.read_text()
+
+    # Self-contained: no external URLs, scripts or stylesheets.
+    assert not re.search(r"""(src|href)=["'](https?:)?//""", text)
+    assert "<script" not in text and "<link" not in text
+    assert text.count("data:image/png;base64,") == 5  # one latest grid per unit
+    assert "Neuron explanations: version_0" in text
+
+    for layer in ("features.3", "head.fc"):
+        assert f'<section id="layer-{layer}">' in text
+    assert text.count("<svg") == 4  # two drift plots per layer
+    assert "fraction of units changed" in text and "mean score" in text
+    # Unit 0's timeline: red dots, then vertical stripes highlighted as a change at epoch 2.
+    section = text.split('<section id="layer-features.3">')[1].split("</section>")[0]
+    row0 = section.split("<tr><td>0</td>")[1].split("</tr>")[0]
+    assert re.findall(r'<div class="d">([^<]+)</div>', row0) == ["red dots"] * 2 + ["vertical stripes"] * 2
+    assert row0.count('class="ep changed"') == 1 and 'title="previously: red dots"' in row0
+    assert "<td>epoch 2</td>" in row0  # first stable epoch
+
+
+def test_report_from_history_escapes_and_handles_empty(tmp_path):
+    history = RunHistory()
+    history.add_round(make_round(0, previews=False).__class__(
+        epoch=0, units=[UnitExplanation("fc", 0, 0, "<b>x</b> & y", 0.5)]), bow_embed)
+    html = render_report(history)
+    assert "&lt;b&gt;x&lt;/b&gt; &amp; y" in html and "no crops saved" in html
+    assert "The history is empty" in render_report(RunHistory())
+    assert write_report(history, tmp_path / "r.html").is_file()
