@@ -50,7 +50,7 @@ def build(device: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=32)
     args = parser.parse_args()
     cfg = build(args.device)
@@ -77,55 +77,66 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def plain() -> None:
-        with torch.no_grad(), autocast():
-            for x, _ in batches:
-                model(x)
-        sync()
-
     recorder = ActivationRecorder(model, cfg["layers"], top_k=args.top_k, reservoir_size=64)
-
-    def record() -> None:
-        recorder.reset()
-        with recorder, torch.no_grad(), autocast():
-            for x, y in batches:
-                recorder.begin_batch(x.shape[0], y)
-                model(x)
-            recorder.sync(lambda t: t)
-        recorder.result(epoch=0)
-        sync()
-
     stored: dict[str, list[torch.Tensor]] = {}
 
-    def store_all() -> None:
+    def store_hook(name: str):
         # What the published tools do: keep the [N, C] matrix of per-sample maxima, sort at the end.
-        stored.clear()
-        handles = [
-            modules[name].register_forward_hook(
-                lambda m, a, out, name=name: stored.setdefault(name, []).append(out.detach().flatten(2).amax(2).float())
-            )
-            for name in cfg["layers"]
-        ]
+        return lambda m, a, out: stored.setdefault(name, []).append(out.detach().flatten(2).amax(2).float())
+
+    def forward_plain(x, y) -> None:
+        model(x)
+
+    def forward_recorded(x, y) -> None:
+        with recorder:  # attach/detach cost (microseconds) is included, as the callback pays it per pass
+            recorder.begin_batch(x.shape[0], y)
+            model(x)
+
+    def forward_store_all(x, y) -> None:
+        handles = [modules[name].register_forward_hook(store_hook(name)) for name in cfg["layers"]]
         try:
-            with torch.no_grad(), autocast():
-                for x, _ in batches:
-                    model(x)
-            for name in cfg["layers"]:
-                torch.cat(stored[name]).sort(dim=0, descending=True)
-            sync()
+            model(x)
         finally:
             for h in handles:
                 h.remove()
 
-    fns = {"plain": plain, "recorder": record, "store_all": store_all}
-    for fn in fns.values():  # warm-up (and torch.compile on CUDA)
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.runs):
-        for name, fn in fns.items():  # interleaved so that drift in machine speed hits all three alike
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    def finish_recorder() -> None:
+        recorder.sync(lambda t: t)
+        recorder.result(epoch=0)
+
+    def finish_store_all() -> None:
+        for name in cfg["layers"]:
+            torch.cat(stored[name]).sort(dim=0, descending=True)
+
+    steps = {"plain": forward_plain, "recorder": forward_recorded, "store_all": forward_store_all}
+    finish = {"plain": lambda: None, "recorder": finish_recorder, "store_all": finish_store_all}
+
+    def one_run(order: list[str], limit: int | None = None) -> dict[str, float]:
+        # Interleaved batch by batch: machine-load drift hits the three variants alike.
+        recorder.reset()
+        stored.clear()
+        spent = dict.fromkeys(order, 0.0)
+        with torch.no_grad(), autocast():
+            for x, y in batches[:limit]:
+                for name in order:
+                    sync()
+                    start = time.perf_counter()
+                    steps[name](x, y)
+                    sync()
+                    spent[name] += time.perf_counter() - start
+            for name in order:
+                start = time.perf_counter()
+                finish[name]()
+                sync()
+                spent[name] += time.perf_counter() - start
+        return spent
+
+    one_run(list(steps), limit=2)  # warm-up (and torch.compile on CUDA)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for run in range(args.runs):
+        order = list(steps)[run % 3 :] + list(steps)[: run % 3]  # rotate to cancel order effects
+        for name, spent in one_run(order).items():
+            times[name].append(spent)
     ratios = [r / p for r, p in zip(times["recorder"], times["plain"])]
     store_ratios = [s / p for s, p in zip(times["store_all"], times["plain"])]
     n = len(batches) * cfg["batch"]

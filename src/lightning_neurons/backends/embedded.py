@@ -154,8 +154,8 @@ class ConSEEncoder:
         text_encoder: The text embedder.
         class_names: The classifier's class names, in logit order.
         top_t: Number of classes combined per image (ConSE's T).
-        template_weight: Weight of the ``"a photo of a <class>"`` embedding mixed into each class embedding
-            (0 uses the bare class name).
+        template_weight: Weight of the ``"a photo of a <text>"`` embedding mixed into every text and class
+            embedding (0, the default, uses bare texts: on skimage photos the template did not help).
         batch_size: Images per forward pass.
         resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
 
@@ -171,7 +171,7 @@ class ConSEEncoder:
         text_encoder: MiniLMTextEncoder,
         class_names: Sequence[str],
         top_t: int = 10,
-        template_weight: float = 0.5,
+        template_weight: float = 0.0,
         batch_size: int = 64,
         resize_mode: str = "shortest",
     ) -> None:
@@ -183,14 +183,7 @@ class ConSEEncoder:
         self.batch_size = batch_size
         self.resize_mode = resize_mode
         self.name = f"embedded:mobilenet_v2-conse{top_t}-t{template_weight:g}+all-MiniLM-L6-v2"
-        self.class_embeddings = self._class_embeddings()
-
-    def _class_embeddings(self) -> Tensor:
-        bare = self.text_encoder.encode_texts(self.class_names)
-        if self.template_weight <= 0:
-            return bare
-        photo = self.text_encoder.encode_texts([f"a photo of a {name}" for name in self.class_names])
-        return F.normalize((1 - self.template_weight) * bare + self.template_weight * photo, dim=-1)
+        self.class_embeddings = self.encode_texts(self.class_names)
 
     @property
     def device(self) -> torch.device:
@@ -219,8 +212,16 @@ class ConSEEncoder:
         return self.embed_probabilities(self.class_probabilities(images))
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
-        """Embed texts with MiniLM; returns L2-normalised float32 ``[len(texts), 384]`` on the CPU."""
-        return self.text_encoder.encode_texts(texts)
+        """Embed texts with MiniLM; returns L2-normalised float32 ``[len(texts), 384]`` on the CPU.
+
+        With ``template_weight > 0`` each embedding is mixed with that of ``"a photo of a <text>"``; class
+        names get the same treatment, so both sides of the similarity stay comparable.
+        """
+        bare = self.text_encoder.encode_texts(texts)
+        if self.template_weight <= 0:
+            return bare
+        photo = self.text_encoder.encode_texts([f"a photo of a {text}" for text in texts])
+        return F.normalize((1 - self.template_weight) * bare + self.template_weight * photo, dim=-1)
 
 
 class ClassifierCaptioner:
@@ -320,7 +321,7 @@ def load_conse_encoder(
     device: str | torch.device | None = None,
     *,
     top_t: int = 10,
-    template_weight: float = 0.5,
+    template_weight: float = 0.0,
     batch_size: int = 64,
     resize_mode: str = "shortest",
 ) -> ConSEEncoder:
@@ -368,7 +369,7 @@ def load_embedded_backend(
     device: str | torch.device | None = None,
     *,
     top_t: int = 10,
-    template_weight: float = 0.5,
+    template_weight: float = 0.0,
     generator: bool = True,
     lazy_generator: bool = True,
     batch_size: int = 64,
@@ -379,7 +380,7 @@ def load_embedded_backend(
     Args:
         device: Target device; ``None`` picks the best available.
         top_t: ConSE's number of classes combined per image.
-        template_weight: Weight of ``"a photo of a <class>"`` in each class embedding.
+        template_weight: Weight of ``"a photo of a <text>"`` mixed into text and class embeddings.
         generator: Whether to include the SmolLM2 text generator.
         lazy_generator: Load SmolLM2 on its first use instead of now (its file is still checked now).
         batch_size: Images per classifier forward pass.
@@ -390,7 +391,8 @@ def load_embedded_backend(
 
     Example:
         >>> backend = load_embedded_backend(device="cpu")  # doctest: +SKIP
-        >>> sims = backend.encoder.encode_images(images) @ backend.encoder.encode_texts(["cat", "car"]).T  # doctest: +SKIP
+        >>> texts = backend.encoder.encode_texts(["cat", "car"])  # doctest: +SKIP
+        >>> sims = backend.encoder.encode_images(images) @ texts.T  # doctest: +SKIP
     """
     encoder = load_conse_encoder(
         device, top_t=top_t, template_weight=template_weight, batch_size=batch_size, resize_mode=resize_mode

@@ -24,7 +24,13 @@ from lightning_neurons.evaluation.baselines import (
 from lightning_neurons.evaluation.benchmark import HEADLINE_METRICS, BenchmarkConfig, run_benchmark
 from lightning_neurons.evaluation.contrast import ContrastResult, contrast_scores
 from lightning_neurons.evaluation.final_layer import final_layer_accuracy, final_layer_similarity, text_similarity
-from lightning_neurons.evaluation.harness import EvaluationConfig, evaluate_round, flatten_metrics, log_evaluation
+from lightning_neurons.evaluation.harness import (
+    EvaluationConfig,
+    evaluate_round,
+    explained_sample_ids,
+    flatten_metrics,
+    log_evaluation,
+)
 from lightning_neurons.evaluation.probe import Probe, build_probe, layer_activations
 from lightning_neurons.evaluation.simulation import simulation_scores
 from lightning_neurons.evaluation.stats import auc, mad, pearson
@@ -43,6 +49,7 @@ __all__ = [
     "constant_baseline",
     "contrast_scores",
     "evaluate_round",
+    "explained_sample_ids",
     "final_layer_accuracy",
     "final_layer_similarity",
     "flatten_metrics",

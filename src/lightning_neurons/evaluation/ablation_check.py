@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neurons.evaluation.final_layer import EmbedFn, normalize_text
+from lightning_neurons.evaluation.stats import auc
 from lightning_neurons.explain.ablation import ablate_units
 from lightning_neurons.recording.types import UnitKind
 from lightning_neurons.recording.units import infer_kind, select_output
@@ -40,22 +41,33 @@ class AblationAgreement:
         similarity: ``[U]`` the best sentence-embedding similarity of the description with a hurt class
             (0 where no class is hurt).
         evaluated: ``[U]`` bool, the unit hurts at least one class (only those count in the means).
+        rank: ``[U]`` AUC of the description's similarity with the hurt classes against the other classes
+            (0.5 = chance; ``nan`` where no class list was given or every class is hurt). Unlike ``similarity``
+            it cannot be raised by a generic description that is close to every class name.
     """
 
     hit: Tensor
     similarity: Tensor
     evaluated: Tensor
+    rank: Tensor | None = None
 
     def summary(self) -> dict[str, float]:
         """``ablation_hit_rate``, ``ablation_similarity`` (means over evaluated units) and ``ablation_units``."""
         n = int(self.evaluated.sum())
+        nan = float("nan")
         if n == 0:
-            return {"ablation_hit_rate": float("nan"), "ablation_similarity": float("nan"), "ablation_units": 0}
-        return {
+            return {"ablation_hit_rate": nan, "ablation_similarity": nan, "ablation_rank": nan, "ablation_units": 0}
+        out = {
             "ablation_hit_rate": float(self.hit[self.evaluated].float().mean()),
             "ablation_similarity": float(self.similarity[self.evaluated].mean()),
+            "ablation_rank": nan,
             "ablation_units": n,
         }
+        if self.rank is not None:
+            ranks = self.rank[self.evaluated]
+            ranks = ranks[torch.isfinite(ranks)]
+            out["ablation_rank"] = float(ranks.mean()) if ranks.numel() else nan
+        return out
 
 
 def layer_kind(model: nn.Module, layer: str, sample: Tensor) -> UnitKind:
@@ -113,15 +125,27 @@ def ablation_drops(
         model.eval()
         kind = layer_kind(model, layer, inputs)
         return ablate_units(
-            model, modules[layer], kind, list(units), inputs, labels,
-            class_names=list(class_names), top=top, layer_name=layer,
+            model,
+            modules[layer],
+            kind,
+            list(units),
+            inputs,
+            labels,
+            class_names=list(class_names),
+            top=top,
+            layer_name=layer,
         )
     finally:
         model.train(was_training)
 
 
 def ablation_agreement(
-    descriptions: Sequence[str], hurt: Sequence[Sequence[str]], embed: EmbedFn, *, threshold: float = 0.5
+    descriptions: Sequence[str],
+    hurt: Sequence[Sequence[str]],
+    embed: EmbedFn,
+    *,
+    threshold: float = 0.5,
+    class_names: Sequence[str] | None = None,
 ) -> AblationAgreement:
     """Whether each description names one of the classes its unit's ablation hurts most.
 
@@ -130,6 +154,8 @@ def ablation_agreement(
         hurt: Per unit, the names of its hurt classes (may be empty).
         embed: Sentence embedder (MiniLM in the embedded backend).
         threshold: Similarity from which a description counts as naming a class.
+        class_names: All class names; when given, ``rank`` says whether the description is closer to the hurt
+            classes than to the others.
 
     Returns:
         The :class:`AblationAgreement`.
@@ -139,7 +165,7 @@ def ablation_agreement(
     """
     if len(descriptions) != len(hurt):
         raise ValueError(f"need one hurt-class list per description, got {len(hurt)} for {len(descriptions)}")
-    classes = sorted({c for names in hurt for c in names})
+    classes = sorted({c for names in hurt for c in names} | set(class_names or ()))
     u = len(descriptions)
     similarity = torch.zeros(u)
     exact = torch.zeros(u, dtype=torch.bool)
@@ -155,7 +181,16 @@ def ablation_agreement(
                 exact[i] = normalize_text(descriptions[i]) in {normalize_text(c) for c in names}
     evaluated = torch.tensor([len(names) > 0 for names in hurt], dtype=torch.bool)
     hit = evaluated & (exact | (similarity >= threshold))
-    return AblationAgreement(hit=hit, similarity=similarity, evaluated=evaluated)
+    rank = None
+    if class_names:
+        rank = torch.full((u,), float("nan"))
+        all_cols = [col[c] for c in dict.fromkeys(class_names)]
+        for i, names in enumerate(hurt):
+            pos = [col[c] for c in dict.fromkeys(names)]
+            neg = [j for j in all_cols if j not in pos]
+            if pos and neg:
+                rank[i] = auc(sims[i, pos][None], sims[i, neg][None])[0]
+    return AblationAgreement(hit=hit, similarity=similarity, evaluated=evaluated, rank=rank)
 
 
 __all__ = ["AblationAgreement", "Hurt", "ablation_agreement", "ablation_drops", "layer_kind"]

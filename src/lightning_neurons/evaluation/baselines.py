@@ -36,8 +36,14 @@ _NO_SCORE = float("nan")
 def _replace(unit: UnitExplanation, texts: Sequence[str]) -> UnitExplanation:
     alternatives = [Alternative(text=t, score=_NO_SCORE) for t in texts[1:]]
     return dataclasses.replace(
-        unit, description=texts[0], score=_NO_SCORE, margin=0.0, concept_score=0.0,
-        alternatives=alternatives, source="baseline", ablation=None,
+        unit,
+        description=texts[0],
+        score=_NO_SCORE,
+        margin=0.0,
+        concept_score=0.0,
+        alternatives=alternatives,
+        source="baseline",
+        ablation=None,
     )
 
 
@@ -71,7 +77,9 @@ def random_baseline(
         raise ValueError("random_baseline needs a non-empty vocabulary")
     n = min(len(concepts), 1 + num_alternatives)
     generator = torch.Generator().manual_seed(seed)
-    units = [_replace(u, [concepts[int(i)] for i in torch.randperm(len(concepts), generator=generator)[:n]]) for u in round]
+    units = [
+        _replace(u, [concepts[int(i)] for i in torch.randperm(len(concepts), generator=generator)[:n]]) for u in round
+    ]
     return _round(round, units, "random", seed=seed)
 
 

@@ -51,6 +51,7 @@ HEADLINE_METRICS = (
     "contrast_auc",
     "contrast_mad",
     "ablation_hit_rate",
+    "ablation_rank",
     "ablation_similarity",
 )
 
@@ -79,7 +80,7 @@ class BenchmarkConfig:
     """
 
     classes: list[str] | None = None
-    train_per_class: int = 64
+    train_per_class: int = 48
     probe_per_class: int = 16
     eval_per_class: int = 16
     image_size: int = 64
@@ -109,13 +110,16 @@ class MemoEncoder:
     def __init__(self, encoder: ImageTextEncoder) -> None:
         self.encoder = encoder
         self.name = encoder.name
+        self.cacheable = bool(getattr(encoder, "cacheable", True))
         self._images: dict[bytes, Tensor] = {}
         self._texts: dict[str, Tensor] = {}
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Embed images, reusing the embedding of any image seen before."""
-        keys = [hashlib.blake2b(img.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
-                for img in images]
+        keys = [
+            hashlib.blake2b(img.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+            for img in images
+        ]
         todo = [i for i, k in enumerate(keys) if k not in self._images]
         if todo:
             new = self.encoder.encode_images(images[todo])
@@ -204,8 +208,10 @@ def run_benchmark(
     def split(per_class: int, offset: int) -> PhotoPatches:
         return PhotoPatches(cfg.classes, per_class, cfg.image_size, seed=cfg.seed + offset)
 
-    train_set, probe_set, eval_set = split(cfg.train_per_class, 0), split(cfg.probe_per_class, 1), split(
-        cfg.eval_per_class, 2
+    train_set, probe_set, eval_set = (
+        split(cfg.train_per_class, 0),
+        split(cfg.probe_per_class, 1),
+        split(cfg.eval_per_class, 2),
     )
     class_names = list(train_set.classes)
     model = train_classifier(cfg, train_set)
@@ -213,12 +219,16 @@ def run_benchmark(
     eval_labels = torch.tensor([eval_set[i][1] for i in range(len(eval_set))])
     lap("train")
 
-    loaded = backend or load_backend("embedded", device="cpu", **cfg.backend_kwargs)
+    loaded = backend or load_backend("embedded", device="cpu", **{"generator": False, **cfg.backend_kwargs})
     backend = Backend(
-        name=loaded.name, encoder=MemoEncoder(loaded.encoder), captioner=loaded.captioner,
-        generator=loaded.generator, text_encoder=loaded.text_encoder,
+        name=loaded.name,
+        encoder=MemoEncoder(loaded.encoder),
+        captioner=loaded.captioner,
+        generator=loaded.generator,
+        text_encoder=loaded.text_encoder,
     )
-    general = Vocabulary.builtin() if hasattr(Vocabulary, "builtin") else Vocabulary()
+    # The general vocabulary alone: the final-layer similarity asks for class names that are not handed over.
+    general = Vocabulary(["general"], show_progress=False)
     lap("load_backend")
 
     loader = DataLoader(probe_set, batch_size=64)
@@ -236,20 +246,28 @@ def run_benchmark(
         show_progress=False,
         preview_units={},
     )
-    head_recording = type(recording)(**{**recording.__dict__, "layers": {cfg.final_layer: recording.layers[cfg.final_layer]}})
-    class_round = explain_recording(model, head_recording, source, backend, class_names, explain_cfg, class_names=class_names)
+    head_recording = type(recording)(
+        **{**recording.__dict__, "layers": {cfg.final_layer: recording.layers[cfg.final_layer]}}
+    )
+    class_round = explain_recording(
+        model, head_recording, source, backend, class_names, explain_cfg, class_names=class_names
+    )
     lap("explain_class_vocabulary")
     general_round = explain_recording(model, recording, source, backend, general, explain_cfg, class_names=class_names)
     lap("explain_general_vocabulary")
 
     eval_cfg = EvaluationConfig(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, seed=cfg.seed)
     probe = build_probe(
-        model, (eval_inputs, eval_labels), [cfg.conv_layer], backend.encoder,
-        image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
+        model,
+        (eval_inputs, eval_labels),
+        [cfg.conv_layer],
+        backend.encoder,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
     )
     lap("encode_probe")
 
-    general_texts = _texts(general)
+    general_texts = list(general.concepts)
     generic_general = generic_concepts(backend.encoder, general_texts, probe.image_embeddings, n=5)
     generic_classes = generic_concepts(backend.encoder, class_names, probe.image_embeddings, n=5)
     rounds: dict[str, tuple[ExplanationRound, ExplanationRound]] = {
@@ -270,10 +288,18 @@ def run_benchmark(
     result: dict[str, Any] = {}
     for method, (by_class, by_general) in rounds.items():
         metrics = evaluate_round(
-            model, by_general, probe, backend, [cfg.conv_layer], class_names,
-            final_layer=cfg.final_layer, config=eval_cfg,
+            model,
+            by_general,
+            probe,
+            backend,
+            [cfg.conv_layer],
+            class_names,
+            final_layer=cfg.final_layer,
+            config=eval_cfg,
         )
-        metrics.update({f"final_{k}": v for k, v in final_layer_accuracy(by_class, cfg.final_layer, class_names).items()})
+        metrics.update(
+            {f"final_{k}": v for k, v in final_layer_accuracy(by_class, cfg.final_layer, class_names).items()}
+        )
         head = by_general.layer(cfg.final_layer)
         metrics["examples"] = {
             "head": {class_names[u.unit]: u.description for u in head[:6]},
@@ -299,15 +325,18 @@ def run_benchmark(
         "backend": loaded.name,
         "timings_s": timings,
     }
-    return result
+    return _rounded(result)
 
 
-def _texts(vocabulary: Any) -> list[str]:
-    for attr in ("concepts", "texts", "terms"):
-        value = getattr(vocabulary, attr, None)
-        if value is not None and not callable(value):
-            return [str(t) for t in value]
-    return [str(t) for t in vocabulary]
+def _rounded(obj: Any, digits: int = 4) -> Any:
+    """Round floats for a readable JSON (metrics are averages over a few hundred samples at most)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_rounded(v, digits) for v in obj]
+    return obj
 
 
 def _beats(method: float | None, baseline: float | None) -> bool | None:

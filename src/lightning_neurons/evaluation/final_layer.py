@@ -48,7 +48,9 @@ def ranked_texts(unit: UnitExplanation) -> list[str]:
     return [unit.description, *(alt.text for alt in unit.alternatives)]
 
 
-def _unit_classes(units: list[UnitExplanation], class_names: Sequence[str], unit_classes: Sequence[int] | None) -> list[int]:
+def _unit_classes(
+    units: list[UnitExplanation], class_names: Sequence[str], unit_classes: Sequence[int] | None
+) -> list[int]:
     classes = [u.unit for u in units] if unit_classes is None else [int(unit_classes[u.unit]) for u in units]
     bad = [c for c in classes if not 0 <= c < len(class_names)]
     if bad:

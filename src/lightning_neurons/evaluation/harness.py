@@ -5,8 +5,8 @@
 
 - ``simulation``: mean Pearson correlation between activation and description-image similarity.
 - ``contrast_auc`` / ``contrast_mad``: CoSy-style separation of the description's images from control images.
-- ``ablation_hit_rate`` / ``ablation_similarity``: agreement of the description with the classes the unit's
-  ablation hurts most (when labels and class names are known).
+- ``ablation_hit_rate`` / ``ablation_rank`` / ``ablation_similarity``: agreement of the description with the
+  classes the unit's ablation hurts most (when labels and class names are known).
 
 and, for the output layer of a classifier (``final_layer``), ``final_top1`` / ``final_top5`` and
 ``final_class_similarity`` (CLIP-Dissect's final-layer protocol). Top-level metrics are the means of the
@@ -38,7 +38,14 @@ from lightning_neurons.recording.types import Reduction
 from lightning_neurons.recording.units import TokenMode
 from lightning_neurons.results import ExplanationRound
 
-_LAYER_METRICS = ("simulation", "contrast_auc", "contrast_mad", "ablation_hit_rate", "ablation_similarity")
+_LAYER_METRICS = (
+    "simulation",
+    "contrast_auc",
+    "contrast_mad",
+    "ablation_hit_rate",
+    "ablation_rank",
+    "ablation_similarity",
+)
 
 
 @dataclass
@@ -115,9 +122,9 @@ def evaluate_round(
 
     Returns:
         ``{"simulation": ..., "contrast_auc": ..., "contrast_mad": ..., "ablation_hit_rate": ...,
-        "ablation_similarity": ..., "final_top1": ..., "final_top5": ..., "final_class_similarity": ...,
-        "probe_samples": N, "layers": {layer: {...per-layer means and "units"...}}}``; keys whose inputs are
-        missing (no final layer, no labels) are left out.
+        "ablation_rank": ..., "ablation_similarity": ..., "final_top1": ..., "final_top5": ...,
+        "final_class_similarity": ..., "probe_samples": N, "layers": {layer: {...per-layer means, "units"}}}``;
+        keys whose inputs are missing (no final layer, no labels) are left out.
 
     Raises:
         ValueError: If a requested layer has no explanations in the round.
@@ -130,9 +137,10 @@ def evaluate_round(
         >>> class Enc:  # a toy encoder: image embedding = mean colour, text embedding = a fixed colour
         ...     name = "toy"
         ...     def encode_images(self, x): return nn.functional.normalize(x.mean((2, 3)), dim=1)
-        ...     def encode_texts(self, t): return torch.eye(3)[[["red", "green", "blue"].index(s) for s in t]]
+        ...     def encode_texts(self, t): return torch.eye(3)[[colours.index(s) for s in t]]
         >>> model = nn.Sequential(nn.Identity())  # unit c = intensity of channel c
-        >>> rnd = ExplanationRound(0, [UnitExplanation("0", c, 0, d, 1.0) for c, d in enumerate(["red", "green", "blue"])])
+        >>> colours = ["red", "green", "blue"]
+        >>> rnd = ExplanationRound(0, [UnitExplanation("0", c, 0, d, 1.0) for c, d in enumerate(colours)])
         >>> images = torch.rand(40, 3, 1, 1).expand(-1, -1, 4, 4)  # flat colours of random intensity
         >>> out = evaluate_round(model, rnd, (images, torch.zeros(40).long()), Backend("toy", Enc()),
         ...                      config=EvaluationConfig(ablation=False))
@@ -146,9 +154,17 @@ def evaluate_round(
             raise ValueError(f"layer {name!r} has no explanations in this round (layers: {round.layers})")
     if not isinstance(probe, Probe):
         probe = build_probe(
-            model, probe, layers, backend.encoder, image_mean=cfg.image_mean, image_std=cfg.image_std,
-            reduction=cfg.reduction, token_mode=cfg.token_mode, input_key=cfg.input_key,
-            target_key=cfg.target_key, exclude_ids=exclude_ids,
+            model,
+            probe,
+            layers,
+            backend.encoder,
+            image_mean=cfg.image_mean,
+            image_std=cfg.image_std,
+            reduction=cfg.reduction,
+            token_mode=cfg.token_mode,
+            input_key=cfg.input_key,
+            target_key=cfg.target_key,
+            exclude_ids=exclude_ids,
         )
     _complete_probe(model, probe, layers, backend, cfg)
 
@@ -170,7 +186,9 @@ def evaluate_round(
     return result
 
 
-def _complete_probe(model: nn.Module, probe: Probe, layers: Sequence[str], backend: Backend, cfg: EvaluationConfig) -> None:
+def _complete_probe(
+    model: nn.Module, probe: Probe, layers: Sequence[str], backend: Backend, cfg: EvaluationConfig
+) -> None:
     """Add what a reused probe lacks (activations of new layers, image embeddings)."""
     missing = [name for name in layers if name not in probe.activations]
     if missing:
@@ -216,7 +234,7 @@ def _layer_metrics(
             )
         hurt = [[name for name, _ in drops[u.unit]] for u in units]
         agreement = ablation_agreement(
-            descriptions, hurt, backend.encode_descriptions, threshold=cfg.ablation_threshold
+            descriptions, hurt, backend.encode_descriptions, threshold=cfg.ablation_threshold, class_names=class_names
         )
         out.update(agreement.summary())
     return out
@@ -228,6 +246,21 @@ def _encode_unique(backend: Backend, texts: Sequence[str]) -> torch.Tensor:
     emb = backend.encoder.encode_texts(unique).float()
     position = {t: i for i, t in enumerate(unique)}
     return emb[[position[t] for t in texts]]
+
+
+def explained_sample_ids(round: ExplanationRound) -> set[int]:
+    """Every probe-sample id in any unit's top-k set of ``round``.
+
+    Pass it as ``exclude_ids`` when the explanations and the evaluation use the same probe loader, so that
+    the metrics are measured on samples the explanations were not made from.
+
+    Example:
+        >>> from lightning_neurons.results import UnitExplanation
+        >>> rnd = ExplanationRound(0, [UnitExplanation("l", 0, 0, "x", 1.0, top_sample_ids=[4, 2, -1])])
+        >>> sorted(explained_sample_ids(rnd))
+        [2, 4]
+    """
+    return {int(i) for u in round for i in u.top_sample_ids if int(i) >= 0}
 
 
 class ScalarWriter(Protocol):
@@ -279,4 +312,11 @@ def log_evaluation(writer: ScalarWriter, metrics: Mapping[str, Any], epoch: int,
     return len(flat)
 
 
-__all__ = ["EvaluationConfig", "ScalarWriter", "evaluate_round", "flatten_metrics", "log_evaluation"]
+__all__ = [
+    "EvaluationConfig",
+    "ScalarWriter",
+    "evaluate_round",
+    "explained_sample_ids",
+    "flatten_metrics",
+    "log_evaluation",
+]
