@@ -117,7 +117,9 @@ def clip_encoder(device: str, batch_size: int) -> Any:
     try:
         from lightning_neurons.backends.clip import load_clip_encoder
 
-        return load_clip_encoder("ViT-B-16", pretrained=None, device=device, batch_size=batch_size, resize_mode="squash")
+        return load_clip_encoder(
+            "ViT-B-16", pretrained=None, device=device, batch_size=batch_size, resize_mode="squash"
+        )
     except ImportError:
         return _OpenClipWrapper(device)
 
@@ -137,8 +139,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(name: str, encoder: Any, model: Any, rec: Any, probe: Tensor, vocab: list[str], cfg: ExplainConfig,
-            device: str, baseline_batch: int) -> dict[str, Any]:
+def run_one(
+    name: str,
+    encoder: Any,
+    model: Any,
+    rec: Any,
+    probe: Tensor,
+    vocab: list[str],
+    cfg: ExplainConfig,
+    device: str,
+    baseline_batch: int,
+) -> dict[str, Any]:
     # warm-up (kernels, autotuning, text embeddings cache of the encoder are not reused by the timed run)
     with torch.no_grad():
         encoder.encode_images(torch.rand(2, 3, 64, 64, device=device))
@@ -191,8 +202,8 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     arch = args.arch or ("resnet50" if cuda else "resnet18")
-    layers = (args.layers or ("conv1,layer1,layer2,layer3,layer4" if cuda else "layer3,layer4")).split(",")
-    probe_n = args.probe or (5000 if cuda else 300)
+    layers = (args.layers or ("conv1,layer1,layer2,layer3,layer4" if cuda else "conv1,layer1")).split(",")
+    probe_n = args.probe or (5000 if cuda else 200)
     top_k = args.top_k or (20 if cuda else 10)
     enc_batch = args.encoder_batch or (1024 if cuda else 64)
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ from lightning_neurons.evaluation import (
     contrast_scores,
     evaluate_round,
     final_layer_accuracy,
+    final_layer_class_rank,
     final_layer_similarity,
     label_baseline,
     log_evaluation,
@@ -215,6 +216,9 @@ def test_final_layer_similarity_uses_the_text_embedder() -> None:
 
     rnd = make_round("head", ["fur", "cat"])
     assert final_layer_similarity(rnd, "head", ["cat", "dog"], embed).tolist() == pytest.approx([0.6, 0.0])
+    # Unit 0 (cat): "fur" is closer to "dog" (0.8) than to "cat" (0.6); unit 1 (dog): "cat" is closer to "cat".
+    assert final_layer_class_rank(rnd, "head", ["cat", "dog"], embed).tolist() == [0.0, 0.0]
+    assert final_layer_class_rank(rnd, "head", ["dog", "cat"], embed).tolist() == [1.0, 1.0]
 
 
 # ---- ablation -------------------------------------------------------------------------------------------------
@@ -307,6 +311,7 @@ def test_evaluate_round_ranks_right_shuffled_and_constant_descriptions() -> None
     assert good["ablation_rank"] == 1.0 and bad["ablation_rank"] == 0.25 and const["ablation_rank"] == 0.5
     assert good["final_top1"] == 1.0 and bad["final_top1"] == 0.0
     assert good["final_class_similarity"] == pytest.approx(1.0) and bad["final_class_similarity"] < 0.5
+    assert good["final_class_rank"] == 1.0 and bad["final_class_rank"] == 0.25 and const["final_class_rank"] == 0.5
     assert good["probe_samples"] == 90 and good["layers"]["feat"]["units"] == 3
     assert set(probe.ablation["feat"]) == {0, 1, 2}  # measured once, shared by every method
 

@@ -207,7 +207,11 @@ def test_planted_units_are_named_and_cropped(data, correction):
     rec = record(model, ["pool"], images, top_k=8)
     encoder = PlantedEncoder()
     rnd = explain_recording(
-        model, rec, ListSource(images, labels), Backend("planted", encoder), VOCAB,
+        model,
+        rec,
+        ListSource(images, labels),
+        Backend("planted", encoder),
+        VOCAB,
         ExplainConfig(correction=correction, **CFG),
     )
     assert model.training  # training mode restored
@@ -238,7 +242,11 @@ def test_token_and_linear_layers(data):
     rec = record(model, ["tokens", "pooled"], images, top_k=6)
     assert rec.layers["tokens"].kind == "token" and rec.layers["pooled"].kind == "linear"
     rnd = explain_recording(
-        model, rec, ListSource(images), PlantedEncoder(), VOCAB,
+        model,
+        rec,
+        ListSource(images),
+        PlantedEncoder(),
+        VOCAB,
         ExplainConfig(preview_units={"tokens": [0]}, **CFG),
     )
     assert not model.training
@@ -326,8 +334,15 @@ def test_describe_stage_keeps_better_phrase_and_ablation(data):
     gen = Generator()
     backend = Backend("fake", PhraseEncoder(), captioner=Captioner(), generator=gen)
     cfg = ExplainConfig(describe=True, ablation=True, ablation_units={"pool": [0, 1]}, **CFG)
-    rnd = explain_recording(model, rec, ListSource(images, labels), backend, [c for c in VOCAB if c != "red"], cfg,
-                            class_names=["r", "g", "b", "s"])
+    rnd = explain_recording(
+        model,
+        rec,
+        ListSource(images, labels),
+        backend,
+        [c for c in VOCAB if c != "red"],
+        cfg,
+        class_names=["r", "g", "b", "s"],
+    )
     red = rnd.get("pool", 0)
     assert red.source == "describe" and red.description == "red patch"
     assert red.score > 0.9

@@ -7,8 +7,9 @@ device-agnostic (everything stays on the device of its inputs):
    over the control (reservoir) maps and its own top maps.
 2. :func:`region_boxes`: each pair's map is upsampled (bilinear) to a working resolution of the input,
    thresholded (quantile threshold, or the relative ``min + r * (peak - min)`` threshold where that is lower:
-   always when the quantile threshold leaves nothing, and when it would leave only a sliver), reduced to the connected component that contains the peak, and its box is padded, grown
-   to a minimum size and made square (so that resizing the crop does not distort it).
+   always when the quantile threshold leaves nothing, and when it would leave only a sliver), reduced to the
+   connected component that contains the peak, and its box is padded, grown to a minimum size and made
+   square (so that resizing the crop does not distort it).
 3. :func:`dedupe_boxes`: boxes of the same sample that overlap with IoU above ``0.8`` become one crop.
 4. :func:`crop_images` / :func:`crop_masks`: crops and masks resized to a fixed size (``roi_align``).
 5. :func:`preview_images`: ``uint8`` crops, dimmed outside the region and with the region outlined.

@@ -98,7 +98,12 @@ class ExplanationSession:
             sources.append("llm")
         if "classes" in sources and not self.class_names:
             sources.remove("classes")
-        vocabulary = Vocabulary(sources, class_names=self.class_names, generator=self.backend.generator)
+        vocabulary = Vocabulary(
+            sources,
+            class_names=self.class_names,
+            generator=self.backend.generator,
+            show_progress=explainer.show_progress,
+        )
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
         embeddings = vocabulary.embed(self.backend.encoder)
         self.concepts = (list(vocabulary.concepts), embeddings)

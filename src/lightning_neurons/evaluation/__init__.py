@@ -1,6 +1,7 @@
 """Explanation quality: the metrics the published methods report, with baselines that show what they are worth.
 
-- Final-layer protocol (CLIP-Dissect): :func:`final_layer_accuracy`, :func:`final_layer_similarity`.
+- Final-layer protocol (CLIP-Dissect): :func:`final_layer_accuracy`, :func:`final_layer_similarity`,
+  :func:`final_layer_class_rank`.
 - Simulation (Linear Explanations): :func:`simulation_scores`.
 - Contrast (CoSy's AUC and MAD, concept images retrieved from a held-out probe): :func:`contrast_scores`.
 - Ablation check (the paper's): :func:`ablation_drops`, :func:`ablation_agreement`.
@@ -23,7 +24,12 @@ from lightning_neurons.evaluation.baselines import (
 )
 from lightning_neurons.evaluation.benchmark import HEADLINE_METRICS, BenchmarkConfig, run_benchmark
 from lightning_neurons.evaluation.contrast import ContrastResult, contrast_scores
-from lightning_neurons.evaluation.final_layer import final_layer_accuracy, final_layer_similarity, text_similarity
+from lightning_neurons.evaluation.final_layer import (
+    final_layer_accuracy,
+    final_layer_class_rank,
+    final_layer_similarity,
+    text_similarity,
+)
 from lightning_neurons.evaluation.harness import (
     EvaluationConfig,
     evaluate_round,
@@ -51,6 +57,7 @@ __all__ = [
     "evaluate_round",
     "explained_sample_ids",
     "final_layer_accuracy",
+    "final_layer_class_rank",
     "final_layer_similarity",
     "flatten_metrics",
     "generic_concepts",

@@ -47,6 +47,7 @@ HEADLINE_METRICS = (
     "final_top1",
     "final_top5",
     "final_class_similarity",
+    "final_class_rank",
     "simulation",
     "contrast_auc",
     "contrast_mad",

@@ -5,7 +5,9 @@ Output unit ``j`` of a trained classifier is known to mean class ``j``. Two numb
 - With the class names as the vocabulary: top-1 / top-5 accuracy, i.e. whether the unit's own class is its
   description (top-1) or among the description and its first alternatives (top-5).
 - With a general vocabulary (the class names may not be in it): the mean cosine similarity, in a sentence
-  embedding space (MiniLM here, mpnet in CLIP-Dissect), between each unit's description and its class name.
+  embedding space (MiniLM here, mpnet in CLIP-Dissect), between each unit's description and its class name,
+  and (:func:`final_layer_class_rank`) how that class name ranks among all class names, which a generic
+  description close to every class name cannot inflate.
 
 Example:
     >>> from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
@@ -150,4 +152,66 @@ def final_layer_similarity(
     return text_similarity([u.description for u in units], [class_names[c] for c in classes], embed)
 
 
-__all__ = ["final_layer_accuracy", "final_layer_similarity", "normalize_text", "ranked_texts", "text_similarity"]
+def final_layer_class_rank(
+    round: ExplanationRound,
+    layer: str,
+    class_names: Sequence[str],
+    embed: EmbedFn,
+    *,
+    unit_classes: Sequence[int] | None = None,
+) -> Tensor:
+    """Per output unit, how its own class name ranks among all class names by similarity to its description.
+
+    The raw similarity of :func:`final_layer_similarity` rewards descriptions that are close to every class
+    name (a generic word such as "bird" or "object" scores about 0.35 with MiniLM against any class). This is
+    the AUC of the own class's similarity against the other classes' similarities: 1 when the description is
+    closer to its class than to any other, 0.5 for a description that says nothing about which class it is.
+
+    Args:
+        round: Explanations of the output layer.
+        layer: Name of the output layer.
+        class_names: Class names, indexed by class (at least two).
+        embed: Sentence embedder.
+        unit_classes: Class of each unit (default: unit ``j`` is class ``j``).
+
+    Returns:
+        ``[U]`` AUCs in ``[0, 1]``, ordered by unit.
+
+    Example:
+        >>> import torch
+        >>> from lightning_neurons.results import ExplanationRound, UnitExplanation
+        >>> table = {"fur": [0.8, 0.6], "cat": [1.0, 0.0], "car": [0.0, 1.0]}
+        >>> embed = lambda texts: torch.tensor([table[t] for t in texts])
+        >>> rnd = ExplanationRound(0, [UnitExplanation("head", u, 0, "fur", 1.0) for u in range(2)])
+        >>> final_layer_class_rank(rnd, "head", ["cat", "car"], embed).tolist()
+        [1.0, 0.0]
+    """
+    from lightning_neurons.evaluation.stats import auc
+
+    units = round.layer(layer)
+    if not units:
+        raise ValueError(f"layer {layer!r} has no explanations in this round (layers: {round.layers})")
+    if len(class_names) < 2:
+        raise ValueError("the class-name rank needs at least two classes")
+    classes = _unit_classes(units, class_names, unit_classes)
+    descriptions = [u.description for u in units]
+    unique = list(dict.fromkeys([*descriptions, *class_names]))
+    emb = torch.nn.functional.normalize(embed(unique).float(), dim=-1)
+    index = {t: i for i, t in enumerate(unique)}
+    sims = emb[[index[d] for d in descriptions]] @ emb[[index[c] for c in class_names]].T  # [U, classes]
+    own = torch.tensor(classes)
+    positive = sims.gather(1, own[:, None])
+    others = torch.ones_like(sims, dtype=torch.bool)
+    others[torch.arange(len(units)), own] = False
+    negative = sims[others].reshape(len(units), -1)
+    return auc(positive, negative)
+
+
+__all__ = [
+    "final_layer_accuracy",
+    "final_layer_class_rank",
+    "final_layer_similarity",
+    "normalize_text",
+    "ranked_texts",
+    "text_similarity",
+]

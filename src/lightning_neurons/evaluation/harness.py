@@ -9,8 +9,8 @@
   classes the unit's ablation hurts most (when labels and class names are known).
 
 and, for the output layer of a classifier (``final_layer``), ``final_top1`` / ``final_top5`` and
-``final_class_similarity`` (CLIP-Dissect's final-layer protocol). Top-level metrics are the means of the
-per-layer means. :func:`log_evaluation` writes such dictionaries to TensorBoard.
+``final_class_similarity`` (CLIP-Dissect's final-layer protocol), plus ``final_class_rank``. Top-level
+metrics are the means of the per-layer means. :func:`log_evaluation` writes such dictionaries to TensorBoard.
 
 Example:
     >>> metrics = evaluate_round(model, rnd, (images, labels), backend, class_names=names)  # doctest: +SKIP
@@ -30,7 +30,11 @@ from torch import nn
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.evaluation.ablation_check import ablation_agreement, ablation_drops
 from lightning_neurons.evaluation.contrast import contrast_scores
-from lightning_neurons.evaluation.final_layer import final_layer_accuracy, final_layer_similarity
+from lightning_neurons.evaluation.final_layer import (
+    final_layer_accuracy,
+    final_layer_class_rank,
+    final_layer_similarity,
+)
 from lightning_neurons.evaluation.probe import Probe, ProbeData, build_probe, encode_probe_images, layer_activations
 from lightning_neurons.evaluation.simulation import simulation_scores
 from lightning_neurons.recording.samples import InputKey
@@ -123,8 +127,9 @@ def evaluate_round(
     Returns:
         ``{"simulation": ..., "contrast_auc": ..., "contrast_mad": ..., "ablation_hit_rate": ...,
         "ablation_rank": ..., "ablation_similarity": ..., "final_top1": ..., "final_top5": ...,
-        "final_class_similarity": ..., "probe_samples": N, "layers": {layer: {...per-layer means, "units"}}}``;
-        keys whose inputs are missing (no final layer, no labels) are left out.
+        "final_class_similarity": ..., "final_class_rank": ..., "probe_samples": N,
+        "layers": {layer: {...per-layer means, "units"}}}``; keys whose inputs are missing
+        (no final layer, no labels) are left out.
 
     Raises:
         ValueError: If a requested layer has no explanations in the round.
@@ -181,6 +186,10 @@ def evaluate_round(
             round, final_layer, class_names, backend.encode_descriptions, unit_classes=unit_classes
         )
         result["final_class_similarity"] = float(sims.mean())
+        ranks = final_layer_class_rank(
+            round, final_layer, class_names, backend.encode_descriptions, unit_classes=unit_classes
+        )
+        result["final_class_rank"] = float(ranks.mean())
     result["probe_samples"] = len(probe)
     result["layers"] = per_layer
     return result

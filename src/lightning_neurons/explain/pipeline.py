@@ -1,4 +1,4 @@
-"""The explanation stage: a :class:`~lightning_neurons.Recording` in, an :class:`~lightning_neurons.ExplanationRound` out.
+"""The explanation stage: a :class:`~lightning_neurons.Recording` in, an ``ExplanationRound`` out.
 
 Stages (docs/ARCHITECTURE.md, "Recording -> explanation"), each timed in ``round.meta["timings"]``:
 
@@ -15,7 +15,8 @@ Stages (docs/ARCHITECTURE.md, "Recording -> explanation"), each timed in ``round
 5. optional ``describe`` and ``ablation``; ``previews`` for logging.
 
 Example:
-    >>> round_ = explain_recording(model, recording, source, load_backend("embedded"), ["red", "stripes"])  # doctest: +SKIP
+    >>> backend = load_backend("embedded")  # doctest: +SKIP
+    >>> round_ = explain_recording(model, recording, source, backend, ["red", "stripes"])  # doctest: +SKIP
     >>> round_.get("layer4", 3).description  # doctest: +SKIP
     'stripes'
 """
@@ -36,7 +37,14 @@ from tqdm.auto import tqdm
 from lightning_neurons.backends.base import Backend, ImageTextEncoder
 from lightning_neurons.explain.ablation import ablate_units
 from lightning_neurons.explain.describe import describe_units
-from lightning_neurons.explain.scoring import Correction, LayerScores, concept_scores, score_layer, separation, similarity
+from lightning_neurons.explain.scoring import (
+    Correction,
+    LayerScores,
+    concept_scores,
+    score_layer,
+    separation,
+    similarity,
+)
 from lightning_neurons.recording.samples import SampleSource
 from lightning_neurons.recording.types import LayerTopK, Recording
 from lightning_neurons.recording.units import OutputSelector, TokenMode, select_output, unit_maps
@@ -306,8 +314,23 @@ def explain_recording(
     # 5. optional stages
     if cfg.describe:
         t0 = time.perf_counter()
-        _describe(backend, encoder, units, states, crop_index, scores, embeddings, num_unique, text_emb, texts,
-                  bank, crop_bank, crop_boxes, cfg, device)
+        _describe(
+            backend,
+            encoder,
+            units,
+            states,
+            crop_index,
+            scores,
+            embeddings,
+            num_unique,
+            text_emb,
+            texts,
+            bank,
+            crop_bank,
+            crop_boxes,
+            cfg,
+            device,
+        )
         timings["describe"] = time.perf_counter() - t0
     if cfg.ablation:
         t0 = time.perf_counter()
@@ -403,9 +426,7 @@ def _forward_pass(
     return bank, labels, states
 
 
-def _consume(
-    st: _LayerState, maps: Tensor, current: _Pass, name: str, per_sample: int, gen: torch.Generator
-) -> None:
+def _consume(st: _LayerState, maps: Tensor, current: _Pass, name: str, per_sample: int, gen: torch.Generator) -> None:
     """Keep a chunk's maps of each unit's top samples, and a subsample of the reservoir samples' values."""
     num_units, k = st.sample_ids.shape
     if maps.shape[1] != num_units or tuple(maps.shape[2:]) != tuple(st.top_maps.shape[2:]):
@@ -619,7 +640,7 @@ def _describe(
         raise ValueError("describe=True needs a backend with a captioner and a text generator (e.g. 'embedded')")
     by_key = {u.key: u for u in units}
     emb = embeddings.to(device)
-    for name, st in states.items():
+    for name in states:
         index = crop_index[name].cpu()
         sc = scores[name]
         unit_ids = [u for u in range(index.shape[0]) if bool((index[u] >= 0).any())]

@@ -58,7 +58,7 @@ def _reduce(maps: Tensor, reduction: Reduction) -> tuple[Tensor, Tensor]:
     if reduction == "max" and maps.is_cuda and not _compile_failed:
         try:
             if _compiled_max_argmax is None:
-                _compiled_max_argmax = torch.compile(_max_argmax, dynamic=False)
+                _compiled_max_argmax = torch.compile(_max_argmax)  # shapes differ per layer: auto-dynamic
             return _compiled_max_argmax(maps)
         except Exception as err:  # noqa: BLE001 - any backend failure: use the eager path
             _compile_failed = True
