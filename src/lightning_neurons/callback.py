@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -215,6 +216,7 @@ class NeuronExplainer(Callback):
         self._warned_no_validation = False
         self._checkpoint_layers: list[str] | None = None
         self._session_state: dict[str, Any] | None = None
+        self._outputs: dict[str, Path] = {}
 
     # ------------------------------------------------------------------ identity
     @property
@@ -227,6 +229,16 @@ class NeuronExplainer(Callback):
     def num_hooks(self) -> int:
         """Forward hooks this callback currently has on the model (0 outside a recorded validation pass)."""
         return self._recorder.num_hooks if self._recorder is not None else 0
+
+    def outputs(self) -> dict[str, Path]:
+        """Where the explanations of the last run were written (history, HTML report, crops); empty before."""
+        return dict(self.session.outputs()) if self.session is not None else dict(self._outputs)
+
+    def ensure_session(self) -> ExplanationSession:
+        """The explanation session, created if needed (the post-hoc path uses it without a Trainer)."""
+        if self.session is None:
+            self.session = self.session_class(self)
+        return self.session
 
     # ------------------------------------------------------------------ set-up / tear-down
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -267,6 +279,7 @@ class NeuronExplainer(Callback):
         if self.session is not None:
             try:
                 self._session_state = self.session.state_dict()
+                self._outputs = self.session.outputs()
             finally:
                 self.session.teardown()
                 self.session = None

@@ -83,7 +83,8 @@ def explain(
         )
     if device is not None:
         model = model.to(device)
-    explainer.session.setup_standalone(model, dataloader, output_dir)
+    session = explainer.ensure_session()
+    session.setup_standalone(model, dataloader, output_dir)
     recording = collect_top_k(
         model,
         dataloader,
@@ -100,7 +101,7 @@ def explain(
     )
     recording.epoch = epoch
     source = DataLoaderSampleSource(dataloader, input_key=explainer.input_key, target_key=explainer.target_key)
-    return explainer.session.explain(model, recording, source)
+    return session.explain(model, recording, source)
 
 
 def explain_checkpoints(

@@ -145,7 +145,7 @@ class CausalLMGenerator:
         model: Any,
         tokenizer: Any,
         name: str,
-        repetition_penalty: float = 1.2,
+        repetition_penalty: float = 1.1,
         system_prompt: str | None = None,
     ) -> None:
         self.model = model
@@ -253,7 +253,7 @@ def load_text_generator(
     *,
     gguf_file: str | None = None,
     dtype: torch.dtype | None = None,
-    repetition_penalty: float = 1.2,
+    repetition_penalty: float = 1.1,
     system_prompt: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     name: str | None = None,

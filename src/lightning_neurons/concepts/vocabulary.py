@@ -32,10 +32,9 @@ from lightning_neurons.backends.base import ImageTextEncoder, TextGenerator
 
 BUILTIN_SOURCES = ("general", "classes", "llm")
 
+# Phrased for very small models too: SmolLM2-135M answers this one with parseable "Part: tail" lines.
 LLM_PROMPT = (
-    "A photo dataset has these classes: {classes}.\n"
-    "List {count} visual concepts that help recognise them in photos: object parts, shapes, colours, textures, "
-    "materials and typical scenes. Answer with one short noun phrase per line and nothing else."
+    "List {count} visual concepts, parts, textures and scenes involved in these classes: {classes}. One per line."
 )
 
 _MAX_WORDS = 4
@@ -43,6 +42,12 @@ _MAX_CHARS = 40
 _BULLET = re.compile(r"^\s*(?:[-*\u2022>#]+|\(?\d+[.)\]:]?|\(?[a-zA-Z][.)]\s)\s*")
 _ALLOWED = re.compile(r"^[a-z][a-z' -]*[a-z]$")
 _STOP_PHRASES = ("here are", "here is", "sure", "visual concepts", "the classes", "i hope", "note", "list of")
+# The prompt's own category words, which small models echo back.
+_CATEGORY_WORDS = {
+    "part", "parts", "object parts", "shape", "shapes", "colour", "colours", "color", "colors", "texture",
+    "textures", "material", "materials", "scene", "scenes", "typical scenes", "concept", "concepts", "class",
+    "classes", "object", "objects",
+}
 
 
 def default_cache_dir() -> Path:
@@ -131,11 +136,12 @@ def parse_llm_concepts(answer: str, max_words: int = _MAX_WORDS) -> list[str]:
             piece = _BULLET.sub("", piece.strip())
             if ":" in piece:  # "Texture: fur" -> "fur"; "Cat:" -> ""
                 piece = piece.split(":", 1)[1]
+            piece = re.sub(r"\(.*?\)|\[.*?\]", " ", piece)  # drop parentheticals: "Fur (soft)" -> "Fur"
             piece = normalize_concept(piece.strip(" \t\"'`*.()[]"))
             piece = re.sub(r"^(?:a|an|the)\s+", "", piece)
             if not piece or len(piece) > _MAX_CHARS or len(piece.split()) > max_words:
                 continue
-            if not _ALLOWED.match(piece) or piece.startswith(_STOP_PHRASES):
+            if not _ALLOWED.match(piece) or piece.startswith(_STOP_PHRASES) or piece in _CATEGORY_WORDS:
                 continue
             concepts.append(piece)
     return dedupe(concepts)
@@ -172,7 +178,7 @@ def llm_concepts(
         classes_per_prompt: Classes per prompt.
         concepts_per_prompt: How many concepts each prompt asks for.
         max_new_tokens: Generation limit per prompt.
-        prompt: Template with ``{classes}`` and ``{count}`` fields.
+        prompt: Template with ``{classes}`` and ``{count}`` fields; default :data:`LLM_PROMPT`.
         cache_dir: Cache root; default :func:`default_cache_dir`.
         show_progress: Show a progress bar over prompts.
 

@@ -146,6 +146,11 @@ class PhotoPatchesDataModule(pl.LightningDataModule):
         batch_size: Batch size of both loaders.
         num_workers: DataLoader workers.
         seed: Base seed.
+        shuffle: Shuffle the training loader.
+        swap: ``{class: other class}``: from epoch ``swap_from_epoch`` on, a class's *training* crops come from
+            another photo (validation stays as it is), so the units tied to it change meaning on purpose. Needs
+            ``Trainer(reload_dataloaders_every_n_epochs=1)``.
+        swap_from_epoch: First epoch of the swap.
     """
 
     def __init__(
@@ -157,6 +162,9 @@ class PhotoPatchesDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
+        shuffle: bool = True,
+        swap: dict[str, str] | None = None,
+        swap_from_epoch: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -168,8 +176,12 @@ class PhotoPatchesDataModule(pl.LightningDataModule):
         self.val_set = PhotoPatches(self.classes, hp.val_per_class, hp.image_size, seed=hp.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True,
-                          num_workers=self.hparams.num_workers)
+        hp = self.hparams
+        dataset = self.train_set
+        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        if hp.swap and epoch >= hp.swap_from_epoch:
+            dataset = PhotoPatches(self.classes, hp.train_per_class, hp.image_size, seed=hp.seed, swap=hp.swap)
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=hp.shuffle, num_workers=hp.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
