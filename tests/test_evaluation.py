@@ -399,3 +399,28 @@ def test_end_to_end_tiny_trained_model_beats_baselines() -> None:
     assert method["final_top1"] == 1.0 and label["final_top1"] == 1.0
     for metric in ("final_top1", "final_class_similarity", "simulation", "contrast_auc"):
         assert method[metric] > random[metric] and method[metric] > constant[metric], metric
+
+
+def test_memo_encoder_embeds_each_image_once() -> None:
+    from lightning_neurons.evaluation.benchmark import MemoEncoder
+
+    class Counting(ColourEncoder):
+        calls = 0
+
+        def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+            Counting.calls += len(images)
+            return super().encode_images(images)
+
+    memo = MemoEncoder(Counting())
+    images, _ = colour_images(4)
+    first = memo.encode_images(images)
+    again = memo.encode_images(torch.cat([images[2:], images[:2]]))
+    assert Counting.calls == 4 and torch.equal(again, torch.cat([first[2:], first[:2]]))
+    assert torch.equal(memo.encode_texts(["red", "blue"]), ColourEncoder().encode_texts(["red", "blue"]))
+
+
+def test_run_benchmark_rejects_run_dir_with_a_clear_error() -> None:
+    from lightning_neurons.evaluation import run_benchmark
+
+    with pytest.raises(ValueError, match="evaluate_round"):
+        run_benchmark(run_dir="some/run")

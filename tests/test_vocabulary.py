@@ -151,6 +151,6 @@ def test_llm_vocabulary_with_real_smollm2(tmp_path: Path) -> None:
     from lightning_neurons.backends.embedded import smollm_generator
 
     generator = smollm_generator("cpu")
-    concepts = llm_concepts(generator, ["cat", "car"], max_new_tokens=60, cache_dir=tmp_path, show_progress=False)
+    concepts = llm_concepts(generator, ["cat", "car"], max_new_tokens=40, cache_dir=tmp_path, show_progress=False)
     assert concepts and all(c == c.lower() and len(c.split()) <= 4 for c in concepts)
     assert list((tmp_path / "llm_vocabulary").glob("smollm2-135m-instruct-q4_1-*.json"))

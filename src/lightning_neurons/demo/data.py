@@ -178,7 +178,7 @@ class PhotoPatchesDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         dataset = self.train_set
-        epoch = self.trainer.current_epoch if self._trainer is not None else 0
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if hp.swap and epoch >= hp.swap_from_epoch:
             dataset = PhotoPatches(self.classes, hp.train_per_class, hp.image_size, seed=hp.seed, swap=hp.swap)
         return DataLoader(dataset, batch_size=hp.batch_size, shuffle=hp.shuffle, num_workers=hp.num_workers)

@@ -1,0 +1,160 @@
+"""Whole-product tests: real Lightning training, the embedded offline backend, history and TensorBoard files.
+
+The "must show" tests of the drift and post-hoc issues: units change meaning when the training data switches
+concept, a resumed run reproduces the uninterrupted history, and a checkpoint explained post hoc gives the
+descriptions the callback logged for that epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_neurons import NeuronExplainer, explain, load_history
+from lightning_neurons.demo import PhotoPatchesDataModule, SmallCNN
+from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD
+
+CLASSES = ["cat", "brick wall", "grass", "coffee cup"]
+SWAP = {"cat": "brick wall", "brick wall": "cat"}
+
+
+def _datamodule(swap_from_epoch: int | None = None) -> PhotoPatchesDataModule:
+    return PhotoPatchesDataModule(
+        classes=CLASSES,
+        train_per_class=40,
+        val_per_class=8,
+        image_size=32,
+        batch_size=32,
+        shuffle=False,  # the resumed and uninterrupted runs must see the same batches
+        swap=SWAP if swap_from_epoch is not None else None,
+        swap_from_epoch=swap_from_epoch or 0,
+    )
+
+
+def _explainer(**kwargs) -> NeuronExplainer:
+    settings = dict(
+        layers=["head"],  # the output units: their meaning is their class, so the truth is known
+        top_k=6,
+        vocabulary=["classes"],
+        reservoir_size=8,
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+        log_units=4,
+        show_progress=False,
+        on_error="raise",
+    )
+    settings.update(kwargs)
+    return NeuronExplainer(**settings)
+
+
+def _trainer(root: Path, callbacks: list, max_epochs: int, name: str = "run") -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=TensorBoardLogger(str(root), name=name, version=0),
+        callbacks=callbacks,
+        reload_dataloaders_every_n_epochs=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+    )
+
+
+def _descriptions(history, layer: str = "head") -> dict[tuple[int, int], str]:
+    return {(r.key[1], r.key[2]): r.explanation.description for r in history.records if r.key[0] == layer}
+
+
+@pytest.fixture(scope="module")
+def drift_run(tmp_path_factory):
+    """Five epochs; from epoch 2 on the "cat" class is trained on brick-wall crops and vice versa."""
+    root = tmp_path_factory.mktemp("drift")
+    pl.seed_everything(0)
+    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, filename="{epoch}")
+    explainer = _explainer()
+    trainer = _trainer(root, [explainer, checkpoints], max_epochs=5)
+    trainer.fit(SmallCNN(num_classes=len(CLASSES), width=8, lr=1e-2), _datamodule(swap_from_epoch=2))
+    return root, explainer, trainer
+
+
+def test_units_acquire_and_change_meaning_at_the_right_epoch(drift_run):
+    root, explainer, trainer = drift_run
+    assert explainer.num_hooks == 0
+    history = load_history(Path(trainer.log_dir) / "neurons")
+    assert history.epochs == [0, 1, 2, 3, 4]
+    described = _descriptions(history)
+    cat, brick = CLASSES.index("cat"), CLASSES.index("brick wall")
+    # Before the swap each class unit is named after its own class, afterwards after the swapped photo.
+    assert described[(cat, 1)] == "cat" and described[(brick, 1)] == "brick wall"
+    assert described[(cat, 4)] == "brick wall" and described[(brick, 4)] == "cat"
+    # The untouched classes keep their meaning throughout.
+    for unit in (CLASSES.index("grass"), CLASSES.index("coffee cup")):
+        assert {described[(unit, e)] for e in range(1, 5)} == {CLASSES[unit]}
+    changed = {(d.unit, d.epoch) for d in history.drift() if d.changed}
+    first_change = {unit: min(e for u, e in changed if u == unit) for unit in (cat, brick)}
+    assert first_change[cat] in (2, 3) and first_change[brick] in (2, 3)
+    assert not any(u in (2, 3) for u, e in changed if e >= 2)  # grass / coffee cup never change after learning
+
+    # TensorBoard shows the same: the per-layer table and the per-unit description at global_step = epoch.
+    events = EventAccumulator(trainer.log_dir, size_guidance={"tensors": 0, "images": 0, "scalars": 0}).Reload()
+    text_tags = events.Tags()["tensors"]
+    assert "neurons/head/table/text_summary" in text_tags
+    steps = [e.step for e in events.Tensors(f"neurons/head/{cat}/description/text_summary")]
+    assert steps == [0, 1, 2, 3, 4]
+    last = events.Tensors(f"neurons/head/{cat}/description/text_summary")[-1]
+    assert "brick wall" in last.tensor_proto.string_val[0].decode()
+    fraction = {e.step: e.value for e in events.Scalars("neurons/head/fraction_changed")}
+    assert fraction[first_change[cat]] >= 0.5 - 1e-6  # cat and brick wall: half of the 4 units
+    assert any(tag.endswith("/top_k") for tag in events.Tags()["images"])
+    assert (Path(trainer.log_dir) / "neurons" / "report.html").stat().st_size > 1000
+
+
+def test_resume_from_mid_run_checkpoint_reproduces_history(drift_run, tmp_path):
+    root, _, trainer = drift_run
+    uninterrupted = load_history(Path(trainer.log_dir) / "neurons")
+    pl.seed_everything(0)
+    explainer = _explainer()
+    resumed_trainer = _trainer(tmp_path, [explainer], max_epochs=5, name="resumed")
+    resumed_trainer.fit(
+        SmallCNN(num_classes=len(CLASSES), width=8, lr=1e-2),
+        _datamodule(swap_from_epoch=2),
+        ckpt_path=str(root / "ckpt" / "epoch=1.ckpt"),
+    )
+    resumed = load_history(Path(resumed_trainer.log_dir) / "neurons")
+    assert resumed.epochs == [0, 1, 2, 3, 4]  # no gap, no duplicate
+    assert _descriptions(resumed) == _descriptions(uninterrupted)
+    lines = (Path(resumed_trainer.log_dir) / "neurons" / "history.jsonl").read_text().splitlines()
+    keys = [(r["unit"], r["epoch"]) for r in map(json.loads, lines)]
+    assert len(keys) == len(set(keys))
+
+
+def test_posthoc_checkpoint_reproduces_logged_descriptions(drift_run, tmp_path):
+    root, explainer, trainer = drift_run
+    logged = explainer.rounds[3]
+    assert logged.epoch == 3
+    model = SmallCNN.load_from_checkpoint(str(root / "ckpt" / "epoch=3.ckpt"))
+    datamodule = _datamodule()
+    datamodule.setup("validate")
+    rnd = explain(
+        model,
+        datamodule.val_dataloader(),
+        ["head"],
+        top_k=6,
+        epoch=3,
+        output_dir=tmp_path / "posthoc",
+        vocabulary=["classes"],
+        class_names=CLASSES,
+        reservoir_size=8,
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+        show_progress=False,
+    )
+    assert [u.description for u in rnd.units] == [u.description for u in logged.units]
+    assert [u.top_sample_ids for u in rnd.units] == [u.top_sample_ids for u in logged.units]
+    assert load_history(tmp_path / "posthoc").epochs == [3]
