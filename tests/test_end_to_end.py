@@ -12,9 +12,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, Subset
 
 from lightning_neurons import NeuronExplainer, explain, load_history
 from lightning_neurons.demo import PhotoPatchesDataModule, SmallCNN
@@ -24,14 +26,23 @@ CLASSES = ["cat", "brick wall", "grass", "coffee cup"]
 SWAP = {"cat": "brick wall", "brick wall": "cat"}
 
 
+class _FixedOrderData(PhotoPatchesDataModule):
+    """Training batches mix the classes in one fixed order, the same in every run (resume must replay it)."""
+
+    def train_dataloader(self) -> DataLoader:
+        loader = super().train_dataloader()
+        order = torch.randperm(len(loader.dataset), generator=torch.Generator().manual_seed(0)).tolist()
+        return DataLoader(Subset(loader.dataset, order), batch_size=loader.batch_size, shuffle=False)
+
+
 def _datamodule(swap_from_epoch: int | None = None) -> PhotoPatchesDataModule:
-    return PhotoPatchesDataModule(
+    return _FixedOrderData(
         classes=CLASSES,
         train_per_class=40,
         val_per_class=8,
         image_size=32,
         batch_size=32,
-        shuffle=False,  # the resumed and uninterrupted runs must see the same batches
+        shuffle=False,
         swap=SWAP if swap_from_epoch is not None else None,
         swap_from_epoch=swap_from_epoch or 0,
     )
