@@ -108,9 +108,10 @@ def test_units_acquire_and_change_meaning_at_the_right_epoch(drift_run):
     for unit in (CLASSES.index("grass"), CLASSES.index("coffee cup")):
         assert {described[(unit, e)] for e in range(1, 5)} == {CLASSES[unit]}
     changed = {(d.unit, d.epoch) for d in history.drift() if d.changed}
+    assert all(epoch >= 2 for _, epoch in changed)  # nothing changes before the data switch ...
     first_change = {unit: min(e for u, e in changed if u == unit) for unit in (cat, brick)}
-    assert first_change[cat] in (2, 3) and first_change[brick] in (2, 3)
-    assert not any(u in (2, 3) for u, e in changed if e >= 2)  # grass / coffee cup never change after learning
+    assert min(first_change.values()) == 2  # ... the first swapped unit flips in the epoch of the switch ...
+    assert {u for u, _ in changed} == {cat, brick}  # ... and only the swapped units ever change
 
     # TensorBoard shows the same: the per-layer table and the per-unit description at global_step = epoch.
     events = EventAccumulator(trainer.log_dir, size_guidance={"tensors": 0, "images": 0, "scalars": 0}).Reload()
@@ -121,7 +122,7 @@ def test_units_acquire_and_change_meaning_at_the_right_epoch(drift_run):
     last = events.Tensors(f"neurons/head/{cat}/description/text_summary")[-1]
     assert "brick wall" in last.tensor_proto.string_val[0].decode()
     fraction = {e.step: e.value for e in events.Scalars("neurons/head/fraction_changed")}
-    assert fraction[first_change[cat]] >= 0.5 - 1e-6  # cat and brick wall: half of the 4 units
+    assert fraction[1] == 0.0 and fraction[2] >= 0.25
     assert any(tag.endswith("/top_k") for tag in events.Tags()["images"])
     assert (Path(trainer.log_dir) / "neurons" / "report.html").stat().st_size > 1000
 

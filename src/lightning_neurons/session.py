@@ -157,10 +157,33 @@ class ExplanationSession:
         )
 
     def _evaluate(self, model: nn.Module, rnd: ExplanationRound, recording: Recording, source: SampleSource) -> Any:
-        from lightning_neurons.evaluation import evaluate_round
+        """Quality metrics of the round on the probe samples it was not explained from (``evaluate=True``)."""
+        from lightning_neurons.evaluation import EvaluationConfig, evaluate_round, explained_sample_ids
 
         assert self.backend is not None
-        return evaluate_round(model, rnd, recording, source, self.backend, class_names=self.class_names)
+        loader = getattr(source, "dataloader", None)
+        if loader is None:
+            raise ValueError("evaluate=True needs a dataloader-backed probe source")
+        explainer = self.explainer
+        config = EvaluationConfig(
+            image_mean=tuple(explainer.image_mean) if explainer.image_mean else None,
+            image_std=tuple(explainer.image_std) if explainer.image_std else None,
+            reduction=explainer.reduction,
+            token_mode=explainer.token_mode,
+            input_key=explainer.input_key,
+            target_key=explainer.target_key,
+            seed=explainer.seed,
+        )
+        return evaluate_round(
+            model,
+            rnd,
+            loader,
+            self.backend,
+            list(recording.layers),
+            class_names=self.class_names,
+            config=config,
+            exclude_ids=explained_sample_ids(rnd),
+        )
 
     def _write(self, rnd: ExplanationRound) -> None:
         epoch = rnd.epoch if rnd.epoch is not None else 0
@@ -173,7 +196,7 @@ class ExplanationSession:
             if rnd.meta.get("evaluation"):
                 from lightning_neurons.evaluation import log_evaluation
 
-                log_evaluation(self.tensorboard.writer, rnd.meta["evaluation"], epoch)
+                log_evaluation(self.tensorboard.writer, {self.backend.name: rnd.meta["evaluation"]}, epoch)
         NeuronTensorBoardLogger.save_previews(rnd, self.output_dir / PREVIEWS_DIRNAME)
         rnd.to_json(self.output_dir / f"round_epoch={epoch}.json")
         from lightning_neurons.logging.report import write_report

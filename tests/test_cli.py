@@ -1,0 +1,134 @@
+"""The `lightning-neurons` command: shipped configs parse, the quickstart runs, user errors are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_neurons
+from lightning_neurons import NeuronExplainer
+from lightning_neurons.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# Overrides that make every config instantiable on a CPU-only machine (ddp.yaml asks for 2 GPUs).
+CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto"]
+
+
+def test_all_configs_are_shipped():
+    assert {p.stem for p in CONFIGS} >= {"quickstart", "clip", "vit", "ddp"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses_and_instantiates(config, tmp_path):
+    import lightning.pytorch as pl
+
+    cli = LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=["--config", str(config), *CPU, f"--trainer.default_root_dir={tmp_path}"],
+    )
+    explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]
+    assert len(explainers) == 1
+    explainer = explainers[0]
+    assert explainer.top_k > 0 and explainer.layers
+    # The configured layers exist in the configured model (resolved as the callback does in setup).
+    from lightning_neurons.recording.layers import resolve_layers
+
+    assert resolve_layers(cli.model, explainer.layers)
+
+
+def test_fit_help_lists_callback_arguments_with_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.callbacks.help", "NeuronExplainer"])
+    out = capsys.readouterr().out
+    for arg in ("layers", "top_k", "backend", "on_error", "every_n_epochs", "describe"):
+        assert f"--trainer.callbacks.{arg}" in out
+    assert "Show progress bars while explaining" in out  # Google-style Args docstrings become the help
+
+
+def test_quickstart_command_runs_end_to_end(tmp_path):
+    """The README's main job, reduced through a config override, in a fresh process."""
+    override = tmp_path / "small.yaml"
+    override.write_text(
+        f"""
+trainer:
+  max_epochs: 2
+  enable_progress_bar: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {tmp_path / "runs"}, name: quickstart}}
+  callbacks:
+    - class_path: lightning_neurons.NeuronExplainer
+      init_args:
+        layers: [features.block4]
+        top_k: 4
+        reservoir_size: 8
+        vocabulary: [classes]
+        image_mean: [0.485, 0.456, 0.406]
+        image_std: [0.229, 0.224, 0.225]
+        log_units: 2
+        show_progress: false
+        on_error: raise
+model:
+  init_args: {{width: 4}}
+data:
+  init_args: {{train_per_class: 8, val_per_class: 3, image_size: 32, classes: [cat, grass, rocket, coins]}}
+"""
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "lightning_neurons.cli", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
+               "--config", str(override), "--model.init_args.num_classes=4"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    assert "tensorboard --logdir" in result.stdout and str(run_dir / "neurons" / "report.html") in result.stdout
+    history = lightning_neurons.load_history(run_dir)
+    assert history.epochs == [0, 1] and len(history.units("features.block4")) == 32
+    assert (run_dir / "neurons" / "report.html").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+
+    # `history` and `report` subcommands on that run.
+    assert main(["history", str(run_dir), "--csv", str(tmp_path / "h.csv"), "--json", str(tmp_path / "h.json")]) == 0
+    assert (tmp_path / "h.csv").read_text().count("\n") >= 64
+    assert json.loads((tmp_path / "h.json").read_text())
+    assert main(["report", str(run_dir), "-o", str(tmp_path / "r.html")]) == 0
+    assert "features.block4" in (tmp_path / "r.html").read_text()
+
+    # Post hoc on the saved checkpoint directory: one round per checkpoint, in epoch order.
+    checkpoints = run_dir / "checkpoints"
+    code = main(["explain", "--checkpoint", str(checkpoints), "--model-class", "lightning_neurons.demo.SmallCNN",
+                 "--data", "lightning_neurons.demo.PhotoPatchesDataModule", "--data-args",
+                 json.dumps({"train_per_class": 8, "val_per_class": 3, "image_size": 32,
+                             "classes": ["cat", "grass", "rocket", "coins"]}),
+                 "--layers", "features.block4", "--top-k", "4", "--vocabulary", "classes",
+                 "-o", str(tmp_path / "posthoc")])
+    assert code == 0
+    assert lightning_neurons.load_history(tmp_path / "posthoc").epochs == [1]
+
+
+def test_user_errors_are_one_line(capsys, tmp_path):
+    assert main(["history", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "history.jsonl" in err[0]
+    assert main(["explain", "--checkpoint", str(tmp_path / "missing.ckpt"), "--model-class", "x.Y",
+                 "--data", "lightning_neurons.demo.PhotoPatchesDataModule", "--layers", "a"]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+
+
+def test_unknown_layer_fails_before_training_with_close_matches(tmp_path, capsys):
+    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *CPU,
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                 "--trainer.callbacks.init_args.layers=[features.blok4]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "features.block4" in err
