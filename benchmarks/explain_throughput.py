@@ -28,7 +28,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from lightning_neurons.explain.pipeline import ExplainConfig, explain_recording
+from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neurons.backends.base import Backend
-from lightning_neurons.explain.pipeline import ExplainConfig, explain_recording
+from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
 from lightning_neurons.recording.types import LayerTopK, Recording
 
 skdata = pytest.importorskip("skimage.data")

@@ -348,7 +348,7 @@ def test_log_evaluation_writes_scalar_tags() -> None:
 
 
 def test_end_to_end_tiny_trained_model_beats_baselines() -> None:
-    from lightning_neurons.explain.pipeline import ExplainConfig, explain_recording
+    from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
     from lightning_neurons.recording.recorder import collect_top_k
     from lightning_neurons.recording.samples import DataLoaderSampleSource
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neurons.backends.base import Backend
-from lightning_neurons.explain.pipeline import ExplainConfig, explain_recording
+from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
 from lightning_neurons.recording.types import LayerTopK, Recording
 from lightning_neurons.recording.units import infer_kind, reduce_maps, unit_maps
 from lightning_neurons.regions import box_iou_matrix

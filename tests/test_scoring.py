@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from lightning_neurons.explain.scoring import (
+from lightning_neurons.explanation.scoring import (
     batched_auc,
     concept_scores,
     mann_whitney_auc,

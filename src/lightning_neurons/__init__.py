@@ -23,8 +23,8 @@ _EXPORTS = {
     "LayerTopK": "lightning_neurons.recording.types",
     "explain": "lightning_neurons.posthoc",
     "explain_checkpoints": "lightning_neurons.posthoc",
-    "ExplainConfig": "lightning_neurons.explain.pipeline",
-    "explain_recording": "lightning_neurons.explain.pipeline",
+    "ExplainConfig": "lightning_neurons.explanation.pipeline",
+    "explain_recording": "lightning_neurons.explanation.pipeline",
     "UnitExplanation": "lightning_neurons.results",
     "ExplanationRound": "lightning_neurons.results",
     "Alternative": "lightning_neurons.results",
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from lightning_neurons.callback import NeuronExplainer
     from lightning_neurons.concepts.vocabulary import Vocabulary
     from lightning_neurons.drift.history import RunHistory, load_history
-    from lightning_neurons.explain.pipeline import ExplainConfig, explain_recording
+    from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
     from lightning_neurons.posthoc import explain, explain_checkpoints
     from lightning_neurons.recording.recorder import ActivationRecorder, collect_top_k
     from lightning_neurons.recording.types import LayerTopK, Recording

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
-from lightning_neurons.explain.pipeline import ExplainConfig, explain_recording
+from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, find_tensorboard_writer
 from lightning_neurons.recording.samples import SampleSource

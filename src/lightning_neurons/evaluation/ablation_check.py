@@ -1,7 +1,7 @@
 """Ablation check (the paper's): do the classes hurt most by zeroing a unit agree with its description?
 
 The drops depend only on the unit, not on its description, so they are measured once per layer
-(:func:`ablation_drops`, with :func:`lightning_neurons.explain.ablation.ablate_units`) and every method and
+(:func:`ablation_drops`, with :func:`lightning_neurons.explanation.ablation.ablate_units`) and every method and
 baseline is judged against the same hurt classes (:func:`ablation_agreement`). A description "names" a hurt
 class when it equals it (case-insensitive) or when their sentence-embedding similarity reaches a threshold.
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lightning_neurons.evaluation.final_layer import EmbedFn, normalize_text
 from lightning_neurons.evaluation.stats import auc
-from lightning_neurons.explain.ablation import ablate_units
+from lightning_neurons.explanation.ablation import ablate_units
 from lightning_neurons.recording.types import UnitKind
 from lightning_neurons.recording.units import infer_kind, select_output
 

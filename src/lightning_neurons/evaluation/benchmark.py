@@ -192,7 +192,7 @@ def run_benchmark(
     from lightning_neurons.backends import load_backend
     from lightning_neurons.concepts.vocabulary import Vocabulary
     from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD, PhotoPatches
-    from lightning_neurons.explain.pipeline import ExplainConfig, explain_recording
+    from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
     from lightning_neurons.recording.recorder import collect_top_k
     from lightning_neurons.recording.samples import DataLoaderSampleSource
 

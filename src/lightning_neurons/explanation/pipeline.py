@@ -35,9 +35,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_neurons.backends.base import Backend, ImageTextEncoder
-from lightning_neurons.explain.ablation import ablate_units
-from lightning_neurons.explain.describe import describe_units
-from lightning_neurons.explain.scoring import (
+from lightning_neurons.explanation.ablation import ablate_units
+from lightning_neurons.explanation.describe import describe_units
+from lightning_neurons.explanation.scoring import (
     Correction,
     LayerScores,
     concept_scores,
