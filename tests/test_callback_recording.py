@@ -11,9 +11,10 @@ from lightning_neurons import NeuronExplainer
 from lightning_neurons.recording.recorder import ActivationRecorder, collect_top_k
 from lightning_neurons.recording.types import Recording
 from lightning_neurons.results import ExplanationRound
+from lightning_neurons.session import ExplanationSession
 
 
-class FakeSession:
+class FakeSession(ExplanationSession):
     """Stands in for the explanation half: records what the callback hands over."""
 
     instances: list["FakeSession"] = []
@@ -21,7 +22,7 @@ class FakeSession:
     fail_setup = False
 
     def __init__(self, explainer):
-        self.explainer = explainer
+        super().__init__(explainer)
         self.epochs: list[int | None] = []
         self.fetched = None
         self.loaded = None

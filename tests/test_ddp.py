@@ -12,16 +12,17 @@ from lightning_neurons import NeuronExplainer
 from lightning_neurons.recording.recorder import collect_top_k
 from lightning_neurons.recording.types import Recording
 from lightning_neurons.results import ExplanationRound
+from lightning_neurons.session import ExplanationSession
 
 LAYERS = ["features.0", "features.2", "head"]
 N_VAL = 37  # odd: the DistributedSampler pads rank 1 with a duplicate that must not count
 
 
-class FileSession:
+class FileSession(ExplanationSession):
     """Rank 0's explanation half: writes the recording it is given to the history dir."""
 
     def __init__(self, explainer):
-        self.explainer = explainer
+        super().__init__(explainer)
 
     def setup(self, trainer, pl_module):
         assert trainer.is_global_zero
