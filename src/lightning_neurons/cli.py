@@ -39,9 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _guard(run: Any) -> int:
     from lightning_neurons.backends.base import ModelLoadError
 
+    handled: tuple[type[BaseException], ...] = (*_USER_ERRORS, ModelLoadError)
     try:
         return int(run() or 0)
-    except (*_USER_ERRORS, ModelLoadError) as err:
+    except handled as err:
         if os.environ.get("LIGHTNING_NEURONS_TRACEBACK"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -107,7 +108,7 @@ def _fit(argv: list[str]) -> int:
         args=["fit", *argv],
         save_config_kwargs={"overwrite": True},
     )
-    explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]
+    explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]  # type: ignore[attr-defined]
     from lightning_neurons.logging.tensorboard import TENSORBOARD_SAMPLES_FLAG
 
     if cli.trainer.log_dir:

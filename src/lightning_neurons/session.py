@@ -150,7 +150,7 @@ class ExplanationSession:
             image_mean=tuple(explainer.image_mean) if explainer.image_mean else None,
             image_std=tuple(explainer.image_std) if explainer.image_std else None,
             token_mode=explainer.token_mode,
-            output_selector=explainer.output_selector,
+            output_selector=dict(explainer.output_selector) if explainer.output_selector else None,
             preview_units=preview_units,
             seed=explainer.seed,
             show_progress=explainer.show_progress,

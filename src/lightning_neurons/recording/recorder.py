@@ -328,7 +328,7 @@ class ActivationRecorder:
         counts = torch.tensor([self._position], dtype=torch.long, device=device)
         meta_all = _stacked(gather(meta), meta).amax(dim=0).tolist()
         total = int(_stacked(gather(counts), counts).sum())
-        kinds_by_code = {v: k for k, v in codes.items()}
+        kinds_by_code: dict[int, UnitKind] = {v: k for k, v in codes.items()}  # type: ignore[misc]
         for name, (units, h, w, code) in zip(names, meta_all):
             if units < 0:
                 continue  # no rank ran this layer: nothing to merge
