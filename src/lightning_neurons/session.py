@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_neurons.backends.cache import CachedImageEncoder
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
 from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME
@@ -91,7 +93,11 @@ class ExplanationSession:
         from lightning_neurons.concepts.vocabulary import Vocabulary
 
         explainer = self.explainer
-        self.backend = load_backend(explainer.backend, **(explainer.backend_kwargs or {}))
+        backend = load_backend(explainer.backend, **(explainer.backend_kwargs or {}))
+        if not torch.cuda.is_available():
+            # On a CPU, embedding crops dominates a round, and consecutive rounds share many crops.
+            backend = dataclasses.replace(backend, encoder=CachedImageEncoder(backend.encoder))
+        self.backend = backend
         self.class_names = list(class_names) if class_names else None
         sources = list(explainer.vocabulary or ["general", "classes"])
         if explainer.llm_vocabulary and "llm" not in sources:
