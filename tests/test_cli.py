@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.cli import LightningCLI
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_neurons
 from lightning_neurons import NeuronExplainer
@@ -72,7 +73,7 @@ trainer:
     - class_path: lightning_neurons.NeuronExplainer
       init_args:
         layers: [features.block4]
-        top_k: 4
+        top_k: 2
         reservoir_size: 8
         vocabulary: [classes]
         image_mean: [0.485, 0.456, 0.406]
@@ -80,10 +81,11 @@ trainer:
         log_units: 2
         show_progress: false
         on_error: raise
+        evaluate: true
 model:
   init_args: {{width: 4}}
 data:
-  init_args: {{train_per_class: 8, val_per_class: 3, image_size: 32, classes: [cat, grass, rocket, coins]}}
+  init_args: {{train_per_class: 8, val_per_class: 12, image_size: 32, classes: [cat, grass, rocket, coins]}}
 """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -96,7 +98,10 @@ data:
     history = lightning_neurons.load_history(run_dir)
     assert history.epochs == [0, 1] and len(history.units("features.block4")) == 32
     assert (run_dir / "neurons" / "report.html").is_file()
-    assert list(run_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    assert "evaluation/embedded/simulation" in scalars  # evaluate=True logs quality metrics each round
+    assert [e.step for e in events.Scalars("neurons/features.block4/mean_score")] == [0, 1]
 
     # `history` and `report` subcommands on that run.
     assert main(["history", str(run_dir), "--csv", str(tmp_path / "h.csv"), "--json", str(tmp_path / "h.json")]) == 0
@@ -109,7 +114,7 @@ data:
     checkpoints = run_dir / "checkpoints"
     code = main(["explain", "--checkpoint", str(checkpoints), "--model-class", "lightning_neurons.demo.SmallCNN",
                  "--data", "lightning_neurons.demo.PhotoPatchesDataModule", "--data-args",
-                 json.dumps({"train_per_class": 8, "val_per_class": 3, "image_size": 32,
+                 json.dumps({"train_per_class": 8, "val_per_class": 12, "image_size": 32,
                              "classes": ["cat", "grass", "rocket", "coins"]}),
                  "--layers", "features.block4", "--top-k", "4", "--vocabulary", "classes",
                  "-o", str(tmp_path / "posthoc")])

@@ -141,7 +141,9 @@ class ExplanationSession:
             class_names=self.class_names,
         )
         if self.explainer.evaluate:
-            rnd.meta["evaluation"] = self._evaluate(model, rnd, recording, source)
+            evaluation = self._evaluate(model, rnd, recording, source)
+            if evaluation is not None:
+                rnd.meta["evaluation"] = evaluation
         rnd.meta.setdefault("timings", {})["total_s"] = round(time.perf_counter() - start, 3)
         self._write(rnd)
         return rnd
@@ -180,6 +182,13 @@ class ExplanationSession:
             target_key=explainer.target_key,
             seed=explainer.seed,
         )
+        held_out = len(loader.dataset) - len(explained_sample_ids(rnd)) if hasattr(loader.dataset, "__len__") else 2
+        if held_out < 2:
+            rank_zero_warn(
+                f"NeuronExplainer(evaluate=True): epoch {rnd.epoch} is not evaluated: the explanations use all "
+                "probe samples, none is left to evaluate them on (use a larger validation set or a smaller top_k)"
+            )
+            return None
         return evaluate_round(
             model,
             rnd,
