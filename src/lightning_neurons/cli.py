@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,14 +101,17 @@ def _fit(argv: list[str]) -> int:
     import lightning_neurons.callback  # noqa: F401  (registers NeuronExplainer for --trainer.callbacks+=)
     from lightning_neurons.callback import NeuronExplainer
 
-    cli = LightningCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=["fit", *argv],
-        save_config_kwargs={"overwrite": True},
-    )
+    with warnings.catch_warnings():
+        # We hand LightningCLI the arguments after `fit` ourselves; its warning about sys.argv is moot here.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = LightningCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=["fit", *argv],
+            save_config_kwargs={"overwrite": True},
+        )
     explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]  # type: ignore[attr-defined]
     from lightning_neurons.logging.tensorboard import TENSORBOARD_SAMPLES_FLAG
 
