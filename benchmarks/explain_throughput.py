@@ -1,13 +1,21 @@
 """Throughput of the explanation stage: units/s and crops/s, against a CLIP-Dissect-style whole-probe baseline.
 
-Prints one JSON object. CPU default (about 2-3 minutes on 2 cores): random-weight ResNet-18, 2 layers,
-a few hundred synthetic probe images, top_k=10, for the embedded backend and a random-weight open_clip
-ViT-B-16 (speed does not depend on the weights). GPU target (one command):
+Each backend's result is printed to stderr as soon as it finishes; the final output is ONE JSON object on stdout
+(also when ``--max-seconds`` runs out: then with ``"aborted"`` set and the backends finished so far).
+
+CPU default (about 3 minutes on 2 slow cores): random-weight ResNet-18 ``conv1`` (64 units), 48 synthetic probe
+images, the embedded backend (all units, top_k=4, 512 concepts) and a random-weight open_clip ViT-B-16 (speed does
+not depend on the weights; a ViT-B/16 embeds ~1 image/s on such a CPU, so it explains 16 units at top_k=2 with 32
+concepts). Layers after the last explained one are cut from the CPU model (their outputs are never used). Every
+entry reports its own configuration.
+
+GPU target (one command, model and encoder loading excluded from the timings, < 4 minutes in all):
 
     python benchmarks/explain_throughput.py --device cuda
 
-ResNet-50 conv1 + layer1-4 (3,904 units), top_k=20, 5,000 synthetic probe images generated on the GPU, bf16
-model and half-precision encoder; model and encoder loading are excluded from the timings.
+ResNet-50 conv1 + layer1-4 (3,904 units), top_k=20, 5,000 synthetic 224 px probe images generated on the GPU,
+bf16 model, open_clip ViT-B-16 with random weights under autocast, the general concept vocabulary. The embedded
+backend is skipped on CUDA unless named in ``--encoders`` (it needs the offline pack).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -26,12 +35,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torchvision
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
+from lightning_neurons.recording.types import LayerTopK, Recording
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RESNET_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
+
+# Per-backend CPU defaults (None = everything); CUDA uses the full job for every backend.
+CPU_DEFAULTS: dict[str, dict[str, Any]] = {
+    "embedded": {"units": None, "top_k": 4, "concepts": 512, "baseline_images": 48, "reservoir": 16},
+    "clip": {"units": 16, "top_k": 2, "concepts": 32, "baseline_images": 8, "reservoir": 4},
+}
+
+
+def log(message: str) -> None:
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 class TensorSource:
@@ -67,71 +89,68 @@ def synthetic_probe(n: int, size: int, device: torch.device, seed: int = 0) -> T
     return out
 
 
-def record(model: torch.nn.Module, inputs: Tensor, layers: list[str], top_k: int, batch: int) -> Any:
+def truncate_resnet(model: nn.Module, layers: Sequence[str]) -> nn.Module:
+    """Replace the ResNet stages after the last explained one by identities (their outputs are never used)."""
+    if not all(hasattr(model, s) for s in RESNET_STAGES):
+        return model
+    last = max(RESNET_STAGES.index(name) for name in layers if name in RESNET_STAGES)
+    for stage in RESNET_STAGES[last + 1 :]:
+        setattr(model, stage, nn.Identity())
+    if last < len(RESNET_STAGES) - 1:
+        model.fc = nn.Identity()
+    return model
+
+
+def record(model: nn.Module, inputs: Tensor, layers: list[str], top_k: int, batch: int, reservoir: int) -> Recording:
     from lightning_neurons.recording.recorder import collect_top_k
 
     loader = [inputs[i : i + batch] for i in range(0, inputs.shape[0], batch)]
-    return collect_top_k(model, loader, layers, top_k, reservoir_size=256, show_progress=False)
+    return collect_top_k(model, loader, layers, top_k, reservoir_size=reservoir, show_progress=False)
 
 
-def embedded_encoder(device: str) -> Any:
-    try:
-        from lightning_neurons.backends import load_backend
-
-        return load_backend("embedded", device=device).encoder
-    except (ImportError, AttributeError, TypeError):
-        from lightning_neurons.backends.embedded import load_conse_encoder
-
-        return load_conse_encoder(device=device)
-
-
-class _OpenClipWrapper:
-    """Fallback ImageTextEncoder straight on open_clip (used only if backends/clip.py is missing)."""
-
-    name = "open_clip:ViT-B-16:random"
-
-    def __init__(self, device: str) -> None:
-        import open_clip
-
-        self.model = open_clip.create_model("ViT-B-16", pretrained=None).to(device).eval()
-        if device.startswith("cuda"):
-            self.model = self.model.half()
-        self.tokenizer = open_clip.get_tokenizer("ViT-B-16")
-        self.device = device
-        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=device)[:, None, None]
-        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=device)[:, None, None]
-
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        x = torch.nn.functional.interpolate(images.to(self.device), size=(224, 224), mode="bilinear")
-        x = ((x - self.mean) / self.std).to(next(self.model.parameters()).dtype)
-        return torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1).cpu()
-
-    @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
-
-
-def clip_encoder(device: str, batch_size: int) -> Any:
-    try:
-        from lightning_neurons.backends.clip import load_clip_encoder
-
-        return load_clip_encoder(
-            "ViT-B-16", pretrained=None, device=device, batch_size=batch_size, resize_mode="squash"
+def subset_recording(rec: Recording, units: int | None, top_k: int | None, reservoir: int | None) -> Recording:
+    """Explain only the first ``units`` units of every layer (the others get no samples: the pipeline leaves them
+    empty), with their first ``top_k`` samples, and ``reservoir`` control samples."""
+    layers = {}
+    for name, lt in rec.layers.items():
+        k = lt.sample_ids.shape[1] if top_k is None else min(top_k, lt.sample_ids.shape[1])
+        ids = lt.sample_ids[:, :k].clone()
+        if units is not None:
+            ids[units:] = -1
+        layers[name] = LayerTopK(
+            name=lt.name,
+            kind=lt.kind,
+            num_units=lt.num_units,
+            map_size=lt.map_size,
+            values=lt.values[:, :k],
+            sample_ids=ids,
+            peaks=lt.peaks[:, :k],
         )
-    except ImportError:
-        return _OpenClipWrapper(device)
+    res = rec.reservoir_ids[rec.reservoir_ids >= 0]
+    if reservoir is not None:
+        res = res[:reservoir]
+    k_all = max((lt.sample_ids.shape[1] for lt in layers.values()), default=rec.top_k)
+    return Recording(layers=layers, reservoir_ids=res, num_samples=rec.num_samples, top_k=k_all)
+
+
+def explained_units(rec: Recording) -> int:
+    return int(sum(int((lt.sample_ids >= 0).any(dim=1).sum()) for lt in rec.layers.values()))
+
+
+def load_encoder(name: str, device: str, batch_size: int) -> Any:
+    from lightning_neurons.backends import load_backend
+
+    if name == "clip":
+        return load_backend("clip", device=device, pretrained=None, batch_size=batch_size, resize_mode="squash").encoder
+    if name == "embedded":  # imported only when asked: needs the offline pack
+        return load_backend("embedded", device=device, generator=False).encoder
+    raise ValueError(f"unknown encoder {name!r}; choose embedded or clip")
 
 
 def concepts() -> list[str]:
-    try:
-        from lightning_neurons.backends.embedded import imagenet_class_names
+    from lightning_neurons.concepts.vocabulary import general_concepts
 
-        names = imagenet_class_names()
-    except Exception:  # noqa: BLE001 - any vocabulary will do for timing
-        names = [f"concept {i}" for i in range(1000)]
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(general_concepts()))
 
 
 def sync(device: str) -> None:
@@ -142,119 +161,213 @@ def sync(device: str) -> None:
 def run_one(
     name: str,
     encoder: Any,
-    model: Any,
-    rec: Any,
+    model: nn.Module,
+    rec: Recording,
     probe: Tensor,
     vocab: list[str],
     cfg: ExplainConfig,
     device: str,
+    baseline_images: int,
     baseline_batch: int,
 ) -> dict[str, Any]:
-    # warm-up (kernels, autotuning, text embeddings cache of the encoder are not reused by the timed run)
+    # warm-up (kernels, autocast, allocator); nothing of it is reused by the timed run
     with torch.no_grad():
-        encoder.encode_images(torch.rand(2, 3, 64, 64, device=device))
+        encoder.encode_images(torch.rand(8 if device.startswith("cuda") else 1, 3, 224, 224, device=device))
+        encoder.encode_texts(vocab[:2])
     sync(device)
     t0 = time.perf_counter()
     rnd = explain_recording(model, rec, TensorSource(probe), encoder, vocab, cfg)
     sync(device)
     seconds = time.perf_counter() - t0
     meta = rnd.meta
-    # CLIP-Dissect-style baseline: embed every probe image once (whole images, encoder time only).
-    images = probe[:, :, :, :]
+    # CLIP-Dissect-style baseline: embed whole probe images once (encoder time only, images already in memory).
+    images = probe[:baseline_images]
     mean = torch.tensor(IMAGENET_MEAN, device=probe.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=probe.device)[:, None, None]
     sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, images.shape[0], baseline_batch):
-            encoder.encode_images((images[s : s + baseline_batch] * std + mean).clamp(0, 1))
+            encoder.encode_images((images[s : s + baseline_batch].float() * std + mean).clamp(0, 1))
     sync(device)
     baseline = time.perf_counter() - t0
     embedded = meta["unique_crops"] + meta["control_crops"]
+    n_base = int(images.shape[0])
+    units = explained_units(rec)
     return {
         "encoder": getattr(encoder, "name", name),
-        "units": meta["units"],
+        "config": {
+            "units": units,
+            "top_k": rec.top_k,
+            "layers": list(rec.layers),
+            "concepts": meta["concepts"],
+            "control_images": int(rec.reservoir_ids.numel()),
+            "samples_forwarded": meta["samples"],
+        },
+        "units": units,
         "crops": meta["crops"],
         "unique_crops": meta["unique_crops"],
         "control_crops": meta["control_crops"],
         "concepts": meta["concepts"],
         "explain_s": round(seconds, 3),
-        "units_per_s": round(meta["units"] / seconds, 2),
+        "units_per_s": round(units / seconds, 2),
         "crops_per_s": round(meta["crops"] / seconds, 2),
         "embedded_crops_per_s": round(embedded / max(meta["timings"]["embed_crops"], 1e-9), 2),
         "timings_s": {k: round(v, 3) for k, v in meta["timings"].items()},
+        "regions_ms_per_pair": round(1e3 * meta["timings"]["regions"] / max(meta["crops"], 1), 4),
         "baseline_whole_probe_s": round(baseline, 3),
-        "baseline_images": int(images.shape[0]),
-        "baseline_images_per_s": round(images.shape[0] / baseline, 2),
+        "baseline_images": n_base,
+        "baseline_images_per_s": round(n_base / max(baseline, 1e-9), 2),
+        "baseline_full_probe_s_estimate": round(baseline * probe.shape[0] / max(n_base, 1), 3),
     }
 
 
+class Output:
+    """The one JSON object; printed once, by the main thread at the end or by the watchdog on time-out."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self.result = result
+        self.lock = threading.Lock()
+        self.done = False
+
+    def emit(self, aborted: str | None = None) -> bool:
+        with self.lock:
+            if self.done:
+                return False
+            self.done = True
+            if aborted:
+                self.result["aborted"] = aborted
+            self.result["wall_s"] = round(time.perf_counter() - START, 3)
+            sys.stdout.write(json.dumps(self.result, indent=1) + "\n")
+            sys.stdout.flush()
+            return True
+
+
+START = time.perf_counter()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--arch", default=None, help="torchvision model (default resnet18 on cpu, resnet50 on cuda)")
     parser.add_argument("--layers", default=None, help="comma-separated layers")
     parser.add_argument("--probe", type=int, default=None, help="probe images")
-    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=None, help="top_k for every backend")
+    parser.add_argument("--units", type=int, default=None, help="units per layer for every backend")
+    parser.add_argument("--concepts", type=int, default=None, help="concepts for every backend")
+    parser.add_argument("--baseline-images", type=int, default=None, help="whole images embedded by the baseline")
+    parser.add_argument("--reservoir", type=int, default=None, help="control (reservoir) images")
     parser.add_argument("--size", type=int, default=224, help="input side")
-    parser.add_argument("--encoders", default="embedded,clip")
+    parser.add_argument("--encoders", default=None, help="comma-separated: embedded,clip (cuda default: clip)")
     parser.add_argument("--encoder-batch", type=int, default=None)
+    parser.add_argument("--dtype", default=None, help="model dtype: float32 | bfloat16 | float16 (cuda: bfloat16)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="print what is done and exit after this")
+    parser.add_argument("--no-truncate", action="store_true", help="keep the layers after the last explained one")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     arch = args.arch or ("resnet50" if cuda else "resnet18")
-    layers = (args.layers or ("conv1,layer1,layer2,layer3,layer4" if cuda else "conv1,layer1")).split(",")
-    probe_n = args.probe or (5000 if cuda else 200)
-    top_k = args.top_k or (20 if cuda else 10)
-    enc_batch = args.encoder_batch or (1024 if cuda else 64)
+    layers = (args.layers or (",".join(RESNET_STAGES) if cuda else "conv1")).split(",")
+    probe_n = args.probe or (5000 if cuda else 48)
+    full_k = args.top_k or (20 if cuda else max(v["top_k"] for v in CPU_DEFAULTS.values()))
+    enc_batch = args.encoder_batch or (1024 if cuda else 32)
+    reservoir_n = args.reservoir or (256 if cuda else max(v["reservoir"] for v in CPU_DEFAULTS.values()))
+    encoders = (args.encoders or ("clip" if cuda else "embedded,clip")).split(",")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    max_seconds = args.max_seconds if args.max_seconds is not None else (230.0 if cuda else 600.0)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
-    model = getattr(torchvision.models, arch)(weights=None).eval().to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last, dtype=torch.bfloat16)
-    probe = synthetic_probe(probe_n, args.size, device)
-    t0 = time.perf_counter()
-    rec = record(model, probe.to(torch.bfloat16) if cuda else probe, layers, top_k, 256 if cuda else 64)
-    sync(args.device)
-    record_s = time.perf_counter() - t0
-    if cuda:
-        probe = probe.to(torch.bfloat16)
-    cfg = ExplainConfig(
-        crop_size=224,
-        batch_size=256 if cuda else 64,
-        encoder_batch_size=enc_batch,
-        region_chunk=2048 if cuda else 512,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
-        device=args.device,
-        show_progress=False,
-        preview_units={},
-    )
-    vocab = concepts()
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
         "model": arch,
+        "model_dtype": str(dtype).removeprefix("torch."),
         "layers": layers,
         "probe_images": probe_n,
-        "top_k": top_k,
-        "record_s": round(record_s, 3),
+        "input_size": args.size,
+        "max_seconds": max_seconds,
         "backends": {},
     }
-    loaders = {"embedded": lambda: embedded_encoder(args.device), "clip": lambda: clip_encoder(args.device, enc_batch)}
-    for name in args.encoders.split(","):
+    out = Output(result)
+
+    def on_timeout() -> None:
+        if out.emit(aborted=f"--max-seconds {max_seconds} reached"):
+            log(f"[explain_throughput] --max-seconds {max_seconds} reached; partial JSON printed")
+            os._exit(3)
+
+    watchdog = threading.Timer(max_seconds, on_timeout)
+    watchdog.daemon = True
+    watchdog.start()
+
+    t0 = time.perf_counter()
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    truncated = not cuda and not args.no_truncate
+    if truncated:
+        model = truncate_resnet(model, layers)
+    model = model.to(device=device, dtype=dtype)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    probe = synthetic_probe(probe_n, args.size, device).to(dtype)
+    sync(args.device)
+    result["setup_s_excluded"] = round(time.perf_counter() - t0, 3)
+    result["cut_after_last_layer"] = truncated
+    log(f"[explain_throughput] {arch} on {result['device']}: model and {probe_n} probe images ready")
+
+    t0 = time.perf_counter()
+    rec = record(model, probe, layers, full_k, 256 if cuda else 16, reservoir_n)
+    sync(args.device)
+    result["record_s_excluded"] = round(time.perf_counter() - t0, 3)
+    result["units_total"] = sum(lt.num_units for lt in rec.layers.values())
+    log(f"[explain_throughput] recorded {result['units_total']} units in {result['record_s_excluded']} s")
+
+    vocab_all = concepts()
+    for name in encoders:
+        opts = dict(CPU_DEFAULTS.get(name, {})) if not cuda else {}
+        for key, value in (
+            ("units", args.units),
+            ("top_k", args.top_k),
+            ("concepts", args.concepts),
+            ("baseline_images", args.baseline_images),
+            ("reservoir", args.reservoir),
+        ):
+            if value is not None:
+                opts[key] = value
         try:
             t0 = time.perf_counter()
-            encoder = loaders[name]()
+            encoder = load_encoder(name, args.device, enc_batch)
             load_s = time.perf_counter() - t0
-            entry = run_one(name, encoder, model, rec, probe, vocab, cfg, args.device, enc_batch)
+            sub = subset_recording(rec, opts.get("units"), opts.get("top_k"), opts.get("reservoir"))
+            vocab = vocab_all[: opts["concepts"]] if opts.get("concepts") else vocab_all
+            cfg = ExplainConfig(
+                crop_size=224,
+                batch_size=256 if cuda else 16,
+                encoder_batch_size=enc_batch,
+                region_chunk=4096 if cuda else 1024,
+                image_mean=IMAGENET_MEAN,
+                image_std=IMAGENET_STD,
+                device=args.device,
+                show_progress=False,
+                preview_units={},
+                truncate_forward=True,
+            )
+            baseline_n = min(probe_n, opts.get("baseline_images") or probe_n)
+            entry = run_one(name, encoder, model, sub, probe, vocab, cfg, args.device, baseline_n, enc_batch)
             entry["load_s_excluded"] = round(load_s, 3)
-            result["backends"][name] = entry
+            del encoder
         except Exception as err:  # noqa: BLE001 - report and go on with the other backend
-            result["backends"][name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-800:]}
-    json.dump(result, sys.stdout, indent=1)
-    sys.stdout.write("\n")
+            entry = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-1500:]}
+        result["backends"][name] = entry
+        log(f"[explain_throughput] {name}: {json.dumps(entry)}")
+        if cuda:
+            torch.cuda.empty_cache()
+    watchdog.cancel()
+    out.emit()
 
 
 if __name__ == "__main__":

@@ -375,3 +375,23 @@ def test_vocabulary_object_is_used_for_embeddings(data):
     assert vocab.calls == 1 and rnd.get("pool", 2).description == "blue"
     rt = type(rnd).from_json(rnd.to_json())
     assert rt.get("pool", 2).boxes == rnd.get("pool", 2).boxes
+
+
+def test_truncate_forward_gives_same_round_and_skips_the_rest(data):
+    images, _, _ = data
+    model = PlantedNet()
+    rec = record(model, ["pool"], images, top_k=4)
+    calls = []
+    handle = model.head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        full = explain_recording(model, rec, ListSource(images), PlantedEncoder(), VOCAB, ExplainConfig(**CFG))
+        n_full = len(calls)
+        cut = explain_recording(
+            model, rec, ListSource(images), PlantedEncoder(), VOCAB, ExplainConfig(truncate_forward=True, **CFG)
+        )
+    finally:
+        handle.remove()
+    assert n_full > 0 and len(calls) == n_full  # the head never ran in the truncated pass
+    assert [u.description for u in cut.units] == [u.description for u in full.units]
+    assert [u.boxes for u in cut.units] == [u.boxes for u in full.units]
+    assert all(not m._forward_hooks for m in model.modules())

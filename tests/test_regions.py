@@ -148,3 +148,70 @@ def test_random_boxes_inside_image():
     b = random_boxes(50, (32, 48), torch.tensor([[0.5, 0.5], [1.0, 1.0]]), g)
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= 48).all() and (b[:, 3] <= 32).all()
     assert ((b[:, 2] - b[:, 0]) >= 23).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_peak_component_scipy_and_torch_agree(seed):
+    from lightning_neurons.regions import peak_component
+
+    g = torch.Generator().manual_seed(seed)
+    num, height, width = 48, 5 + 7 * seed, 31 - 6 * seed
+    mask = torch.rand(num, height, width, generator=g) < torch.rand(num, 1, 1, generator=g)
+    peak = torch.randint(0, height * width, (num,), generator=g)
+    mask.view(num, -1)[torch.arange(num), peak] = True
+    # a long snake in the first map: many steps for a one-pixel flood fill
+    mask[0] = False
+    mask[0, ::2] = True
+    mask[0, 1::4, -1] = True
+    mask[0, 3::4, 0] = True
+    peak[0] = 0
+    a = peak_component(mask, peak, method="scipy")
+    b = peak_component(mask, peak, method="torch")
+    assert torch.equal(a, b)
+    assert a.view(num, -1)[torch.arange(num), peak].all() and not (a & ~mask).any()
+    assert a[0].sum() == mask[0].sum()  # the snake is one component
+    with pytest.raises(ValueError, match="method"):
+        peak_component(mask, peak, method="nope")
+
+
+def test_region_boxes_same_on_torch_path(monkeypatch):
+    import lightning_neurons.regions as regions
+
+    g = torch.Generator().manual_seed(3)
+    maps = torch.nn.functional.interpolate(torch.randn(40, 1, 7, 7, generator=g), size=(14, 14), mode="bilinear")
+    maps = maps[:, 0]
+    thr = maps.flatten(1).quantile(0.9, dim=1)
+    ref, ref_masks = region_boxes(maps, thr, (224, 224), return_masks=True)
+    monkeypatch.setattr(regions, "_have_scipy", lambda: False)
+    out, out_masks = region_boxes(maps, thr, (224, 224), return_masks=True)
+    assert torch.equal(ref, out) and torch.equal(ref_masks, out_masks)
+
+
+def test_unit_thresholds_partial_selection_matches_sort():
+    g = torch.Generator().manual_seed(4)
+    top = torch.randn(6, 5, 9, 9, generator=g)
+    control = torch.randn(6, 400, generator=g)
+    control[1, :7] = float("inf")
+    valid = torch.rand(6, 5, generator=g) > 0.4
+    valid[2] = False
+    for q in (0.995, 0.9, 0.3, 1.0, 0.0):
+        thr = unit_thresholds(top, control, q, valid)
+        for u in range(6):
+            vals = torch.cat([top[u][valid[u]].flatten(), control[u]])
+            vals = vals[torch.isfinite(vals)]
+            assert thr[u].item() == pytest.approx(torch.quantile(vals, q).item(), abs=1e-5), (q, u)
+
+
+def test_region_step_is_fast_at_resnet_scale():
+    import time
+
+    g = torch.Generator().manual_seed(5)
+    maps = torch.nn.functional.interpolate(torch.randn(512, 1, 28, 28, generator=g), size=(56, 56), mode="bilinear")
+    maps = maps[:, 0] + 0.05 * torch.randn(512, 56, 56, generator=g)
+    thr = maps.flatten(1).quantile(0.995, dim=1)
+    region_boxes(maps[:4], thr[:4], (224, 224))
+    t0 = time.perf_counter()
+    boxes, _ = region_boxes(maps, thr, (224, 224))
+    seconds = time.perf_counter() - t0
+    assert boxes.shape == (512, 4)
+    assert seconds < 5.0, f"region step took {seconds:.2f} s for 512 pairs (was ~20 s with the iterated flood fill)"
