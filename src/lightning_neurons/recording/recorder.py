@@ -43,14 +43,13 @@ log = logging.getLogger(__name__)
 
 
 def _max_argmax(maps: Tensor) -> tuple[Tensor, Tensor]:
-    flat = maps.flatten(2)
-    return flat.amax(dim=2), flat.argmax(dim=2)
+    return reduce_maps(maps, "max")
 
 
-# Fused single-pass max+argmax in the native dtype on CUDA (torch.compile / Inductor). Guarded: any compile or
-# runtime failure falls back to plain torch for the rest of the process. Disable with LIGHTNING_NEURONS_COMPILE=0.
+# reduce_maps is already one fused max+argmax pass over the native layout. LIGHTNING_NEURONS_COMPILE=1 puts it
+# through torch.compile on CUDA instead (guarded: any failure falls back to eager torch for the process).
 _compiled_max_argmax: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
-_compile_failed = os.environ.get("LIGHTNING_NEURONS_COMPILE", "1") == "0"
+_compile_failed = os.environ.get("LIGHTNING_NEURONS_COMPILE", "0") != "1"
 
 
 def _reduce(maps: Tensor, reduction: Reduction) -> tuple[Tensor, Tensor]:
@@ -128,7 +127,7 @@ class ActivationRecorder:
         *,
         world_size: int = 1,
         rank: int = 0,
-        merge_rows: int = 512,
+        merge_rows: int = 2048,
     ) -> None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -280,7 +279,7 @@ class ActivationRecorder:
             buffer = self._buffers[name] = TopKBuffer(units, self.top_k, device=device, merge_rows=self.merge_rows)
         elif units != buffer.num_units:
             raise ValueError(f"layer {name!r} changed from {buffer.num_units} to {units} units between batches")
-        buffer.add(values.float(), ids, None if kind == "linear" else peaks, labels)
+        buffer.add(values, ids, None if kind == "linear" else peaks, labels)
 
         if len(batch.seen) == 1:  # first recorded layer of this batch offers the samples to the reservoir
             if self._reservoir is None:

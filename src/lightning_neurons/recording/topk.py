@@ -47,8 +47,19 @@ def random_keys(ids: Tensor, seed: int) -> Tensor:
     Counter-based (splitmix64 mixing in int64 torch ops, on the ids' device), so every rank and every run
     draws the same key for the same sample without a per-sample generator or a host round trip.
     """
-    x = _splitmix(ids.to(torch.int64) + _splitmix(torch.tensor(seed, dtype=torch.int64, device=ids.device)))
+    # The seed is mixed in Python: a device tensor made from it would be a host-to-device copy (a sync) per batch.
+    x = _splitmix(ids.to(torch.int64) + _seed_offset(seed))
     return ((x >> 40) & 0xFFFFFF).to(torch.float32) / float(1 << 24)  # 24 bits: exact in float32
+
+
+def _seed_offset(seed: int) -> int:
+    """``_splitmix`` of the seed as a signed 64-bit Python int (same arithmetic, modulo 2**64)."""
+    mask = (1 << 64) - 1
+    x = (seed + 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return x - (1 << 64) if x >= 1 << 63 else x
 
 
 def _splitmix(x: Tensor) -> Tensor:
@@ -84,7 +95,9 @@ class TopKBuffer:
         torch.Size([3, 4])
     """
 
-    def __init__(self, num_units: int, k: int, device: torch.device | str | None = None, merge_rows: int = 512) -> None:
+    def __init__(
+        self, num_units: int, k: int, device: torch.device | str | None = None, merge_rows: int = 2048
+    ) -> None:
         if num_units < 1 or k < 1:
             raise ValueError(f"num_units and k must be >= 1, got {num_units} and {k}")
         self.num_units = num_units
@@ -104,7 +117,8 @@ class TopKBuffer:
         """Append one batch of candidates.
 
         Args:
-            values: ``[B, U]`` per-sample unit values (cast to float32). NaN/Inf are excluded and counted.
+            values: ``[B, U]`` per-sample unit values, any float dtype (merged as float32). NaN/Inf are excluded
+                and counted.
             ids: ``[B]`` int64 sample ids, unique across the whole probe set.
             peaks: ``[B, U]`` int64 peak positions, or ``None`` (stored as ``-1``).
             labels: ``[B]`` int64 class labels, or ``None`` (stored as ``-1``).
@@ -113,10 +127,8 @@ class TopKBuffer:
             raise ValueError(
                 f"expected values [B, {self.num_units}] and ids [B], got {tuple(values.shape)} and {tuple(ids.shape)}"
             )
-        values = values.to(self.device, torch.float32)
-        finite = torch.isfinite(values)
-        self.nonfinite += (~finite).sum()
-        values = torch.where(finite, values, torch.full_like(values, float("-inf")))
+        # Only appended here: the cast and the NaN/Inf handling run once per merge on the stacked chunks, so that
+        # a batch costs no extra kernel launches beyond the reduction itself.
         self._pending.append((values, ids.to(self.device), peaks, labels))
         self._pending_rows += values.shape[0]
         if self._pending_rows >= self.merge_rows:
@@ -126,7 +138,10 @@ class TopKBuffer:
         """Merge the pending candidate chunks into the buffer."""
         if not self._pending:
             return
-        vals = torch.cat([v for v, _, _, _ in self._pending])  # [n, U]
+        vals = torch.cat([v.to(self.device, torch.float32) for v, _, _, _ in self._pending])  # [n, U]
+        finite = torch.isfinite(vals)
+        self.nonfinite += (~finite).sum()
+        vals = vals.masked_fill(~finite, float("-inf"))
         ids = torch.cat([i for _, i, _, _ in self._pending])  # [n]
         n = ids.shape[0]
         peaks = torch.cat(

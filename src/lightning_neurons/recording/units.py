@@ -107,15 +107,23 @@ def unit_maps(output: Tensor, kind: UnitKind, token_mode: TokenMode = "auto", la
 
 
 def reduce_maps(maps: Tensor, reduction: Literal["max", "mean"] = "max") -> tuple[Tensor, Tensor]:
-    """Reduce ``[B, U, h, w]`` maps to per-unit values and peak positions, in the maps' own dtype.
+    """Reduce ``[B, U, h, w]`` maps to per-unit values and peak positions, in one pass in the maps' own dtype.
+
+    The reduction runs over the maps' memory layout as it is: a channels-last conv output (or a token output,
+    whose unit maps are channels-last views) is reduced as ``[B, h*w, U]`` and a contiguous one as
+    ``[B, U, h*w]``, so that neither is copied first. ``max`` returns values and positions from one kernel.
 
     Returns:
         ``values [B, U]`` and ``peaks [B, U]`` (flat index of the maximum inside ``h x w``).
     """
-    flat = maps.flatten(2)
-    values, peaks = flat.max(dim=2)
+    batch, units, height, width = maps.shape
+    if maps.stride(1) == 1 and units > 1:
+        flat, dim = maps.permute(0, 2, 3, 1).reshape(batch, height * width, units), 1
+    else:
+        flat, dim = maps.reshape(batch, units, height * width), 2
+    values, peaks = flat.max(dim=dim)
     if reduction == "mean":
-        values = flat.mean(dim=2)
+        values = flat.mean(dim=dim)
     return values, peaks
 
 
