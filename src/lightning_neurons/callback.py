@@ -234,6 +234,17 @@ class NeuronExplainer(Callback):
         """Where the explanations of the last run were written (history, HTML report, crops); empty before."""
         return dict(self.session.outputs()) if self.session is not None else dict(self._outputs)
 
+    def recorder_settings(self) -> dict[str, Any]:
+        """The recording arguments shared by the callback and :func:`~lightning_neurons.collect_top_k`."""
+        return {
+            "top_k": self.top_k,
+            "reduction": self.reduction,
+            "token_mode": self.token_mode,
+            "output_selector": self.output_selector,
+            "reservoir_size": self.reservoir_size,
+            "seed": self.seed,
+        }
+
     def ensure_session(self) -> ExplanationSession:
         """The explanation session, created if needed (the post-hoc path uses it without a Trainer)."""
         if self.session is None:
@@ -247,16 +258,7 @@ class NeuronExplainer(Callback):
             self._recorder.detach()
         layers = resolve_layers(pl_module, self.layers)
         self._recorder = ActivationRecorder(
-            pl_module,
-            layers,
-            top_k=self.top_k,
-            reduction=self.reduction,
-            token_mode=self.token_mode,
-            output_selector=self.output_selector,
-            reservoir_size=self.reservoir_size,
-            seed=self.seed,
-            world_size=trainer.world_size,
-            rank=trainer.global_rank,
+            pl_module, layers, world_size=trainer.world_size, rank=trainer.global_rank, **self.recorder_settings()
         )
         self.layer_names = list(layers)
         if self._checkpoint_layers is not None:

@@ -89,15 +89,10 @@ def explain(
         model,
         dataloader,
         explainer.layers,
-        explainer.top_k,
         input_key=explainer.input_key,
         target_key=explainer.target_key,
-        reduction=explainer.reduction,
-        token_mode=explainer.token_mode,
-        output_selector=explainer.output_selector,
-        reservoir_size=explainer.reservoir_size,
-        seed=explainer.seed,
         show_progress=explainer.show_progress,
+        **explainer.recorder_settings(),
     )
     recording.epoch = epoch
     source = DataLoaderSampleSource(dataloader, input_key=explainer.input_key, target_key=explainer.target_key)

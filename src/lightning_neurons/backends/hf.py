@@ -230,9 +230,7 @@ def load_blip_captioner(
     def build() -> tuple[Any, Any]:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        if is_local_source(source) and not Path(source).expanduser().exists():
-            raise FileNotFoundError(f"no such directory: {source}")
-        path = str(Path(source).expanduser()) if is_local_source(source) else source
+        path = _checked_path(source)
         processor = BlipProcessor.from_pretrained(path, cache_dir=cache_dir)
         model = BlipForConditionalGeneration.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
         return model.to(dev).eval(), processor
@@ -285,9 +283,7 @@ def load_text_generator(
     def build() -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if is_local_source(source) and not Path(source).expanduser().exists():
-            raise FileNotFoundError(f"no such directory: {source}")
-        path = str(Path(source).expanduser()) if is_local_source(source) else source
+        path = _checked_path(source)
         extra: dict[str, Any] = {"cache_dir": cache_dir}
         if gguf_file is not None:
             extra["gguf_file"] = gguf_file
@@ -308,3 +304,13 @@ def load_text_generator(
     return CausalLMGenerator(
         model, tokenizer, name=name, repetition_penalty=repetition_penalty, system_prompt=system_prompt
     )
+
+
+def _checked_path(source: str) -> str:
+    """A hub id as it is, or a local path expanded and checked to exist."""
+    if not is_local_source(source):
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no such directory: {source}")
+    return str(path)
