@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--correction", choices=["control", "soft_wpmi"], default=None, help="concept correction")
     parser.add_argument("--conv-layer", default=None, help="conv block for simulation/contrast/ablation")
     parser.add_argument("--seed", type=int, default=None, help="seed of data, weights and baselines")
+    parser.add_argument(
+        "--conse-temperature", type=float, default=None, help="ConSE softmax temperature of the embedded backend"
+    )
     parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
     }
     config = BenchmarkConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if args.conse_temperature is not None:
+        config.backend_kwargs["temperature"] = args.conse_temperature
     start = time.perf_counter()
     result = run_benchmark(config=config)
     result["setup"]["total_s"] = round(time.perf_counter() - start, 1)

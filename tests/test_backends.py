@@ -62,6 +62,23 @@ def test_embedded_encoder_matches_photos_to_text(embedded: Backend) -> None:
     assert encoder.encode_images(torch.empty(0, 3, 32, 32)).shape == (0, 384)
 
 
+def test_conse_temperature_flattens_the_mixture(embedded: Backend) -> None:
+    from lightning_neurons.backends.embedded import load_conse_encoder
+
+    encoder = load_conse_encoder("cpu", temperature=1.0)
+    warm = load_conse_encoder("cpu", temperature=4.0)
+    assert embedded.encoder.name == warm.name and "T4" in warm.name and "-T" not in encoder.name
+    probs = encoder.class_probabilities(_photo("chelsea")[None])
+    sharp, flat = encoder.embed_probabilities(probs), warm.embed_probabilities(probs)
+    top = encoder.class_embeddings[probs.argmax()]
+    assert torch.allclose(flat.norm(dim=-1), torch.ones(1), atol=1e-5)
+    assert float(sharp @ top) > float(flat @ top)  # T > 1 leans less on the single most probable class name
+    texts = encoder.encode_texts(["cat", "car"])
+    assert float(flat @ texts[0]) > float(flat @ texts[1])
+    with pytest.raises(ValueError, match="temperature"):
+        load_conse_encoder("cpu", temperature=0.0)
+
+
 def test_embedded_captioner_names_the_cat(embedded: Backend) -> None:
     assert embedded.captioner is not None
     (caption,) = embedded.captioner.caption(_photo("chelsea")[None])

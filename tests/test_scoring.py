@@ -80,3 +80,14 @@ def test_score_layer_handles_empty_slots_and_bad_correction():
     assert res.top_indices[0, 0] == 0
     with pytest.raises(ValueError, match="correction"):
         concept_scores(crop_sims[crop_index.clamp_min(0)], crop_index >= 0, control_sims, "nope")
+
+
+def test_control_z_score_option_keeps_own_concepts_and_validates():
+    crop_sims, crop_index, control_sims = _everything_setup()
+    res = score_layer(crop_sims, crop_index, control_sims, "control", num_alternatives=3, control_scale="std")
+    assert res.top_indices[:, 0].tolist() == list(range(8))
+    plain = concept_scores(crop_sims[crop_index], crop_index >= 0, control_sims, "control")
+    z = concept_scores(crop_sims[crop_index], crop_index >= 0, control_sims, "control", control_scale="std")
+    assert torch.allclose(z * control_sims.std(dim=0).clamp_min(1e-4)[None], plain, atol=1e-5)
+    with pytest.raises(ValueError, match="control_scale"):
+        concept_scores(crop_sims[crop_index], crop_index >= 0, control_sims, "control", control_scale="mad")

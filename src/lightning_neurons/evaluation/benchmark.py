@@ -6,9 +6,15 @@ Everything runs on data and models shipped with the installed packages (no netwo
    (random crops of 12 real photos). Three disjoint splits come from three crop seeds: training, the
    explaining probe (top-k samples and control crops) and the held-out evaluation probe (every metric).
 2. The embedded backend explains the output layer twice (class names as vocabulary, for top-1/top-5; the
-   general vocabulary, for the class-name similarity) and a conv block with the general vocabulary.
+   general vocabulary alone, for the class-name similarity: CLIP-Dissect's protocol does not hand the class
+   names over) and a conv block with what users get by default (the callback's ``["general", "classes"]``).
 3. The same rounds are re-described by the three baselines (random, constant, label) and every round is
-   scored with :func:`~lightning_neurons.evaluation.evaluate_round` on the held-out probe.
+   scored with :func:`~lightning_neurons.evaluation.evaluate_round` on the held-out probe. The random and
+   constant baselines draw from the same vocabulary as the method on each round. The constant description is
+   the concept with the highest mean image-text similarity over the held-out probe images
+   (:func:`~lightning_neurons.evaluation.generic_concepts`): it is chosen without looking at any unit, and it
+   is the strongest single description in the encoder's space (on the held-out images, which no method sees),
+   so it errs in the baseline's favour.
 
 Example:
     >>> result = run_benchmark()  # doctest: +SKIP
@@ -228,8 +234,10 @@ def run_benchmark(
         generator=loaded.generator,
         text_encoder=loaded.text_encoder,
     )
-    # The general vocabulary alone: the final-layer similarity asks for class names that are not handed over.
+    # The general vocabulary alone for the output layer: the final-layer similarity asks for class names that are
+    # not handed over. Hidden layers get the product default (the callback's ["general", "classes"]).
     general = Vocabulary(["general"], show_progress=False)
+    default = Vocabulary(["general", "classes"], class_names=class_names, show_progress=False)
     lap("load_backend")
 
     loader = DataLoader(probe_set, batch_size=64)
@@ -254,8 +262,17 @@ def run_benchmark(
         model, head_recording, source, backend, class_names, explain_cfg, class_names=class_names
     )
     lap("explain_class_vocabulary")
-    general_round = explain_recording(model, recording, source, backend, general, explain_cfg, class_names=class_names)
+    general_round = explain_recording(
+        model, head_recording, source, backend, general, explain_cfg, class_names=class_names
+    )
     lap("explain_general_vocabulary")
+    conv_recording = type(recording)(
+        **{**recording.__dict__, "layers": {cfg.conv_layer: recording.layers[cfg.conv_layer]}}
+    )
+    conv_round = explain_recording(
+        model, conv_recording, source, backend, default, explain_cfg, class_names=class_names
+    )
+    lap("explain_default_vocabulary")
 
     eval_cfg = EvaluationConfig(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, seed=cfg.seed)
     probe = build_probe(
@@ -269,21 +286,37 @@ def run_benchmark(
     lap("encode_probe")
 
     general_texts = list(general.concepts)
+    default_texts = list(default.concepts)
     generic_general = generic_concepts(backend.encoder, general_texts, probe.image_embeddings, n=5)
+    generic_default = generic_concepts(backend.encoder, default_texts, probe.image_embeddings, n=5)
     generic_classes = generic_concepts(backend.encoder, class_names, probe.image_embeddings, n=5)
+
+    def merged(head: ExplanationRound, conv: ExplanationRound) -> ExplanationRound:
+        units = [*head.layer(cfg.final_layer), *conv.layer(cfg.conv_layer)]
+        return ExplanationRound(epoch=head.epoch, units=units, meta=dict(head.meta))
+
     rounds: dict[str, tuple[ExplanationRound, ExplanationRound]] = {
-        "embedded": (class_round, general_round),
+        "embedded": (class_round, merged(general_round, conv_round)),
         "random": (
             random_baseline(class_round, class_names, seed=cfg.seed),
-            random_baseline(general_round, general_texts, seed=cfg.seed),
+            merged(
+                random_baseline(general_round, general_texts, seed=cfg.seed),
+                random_baseline(conv_round, default_texts, seed=cfg.seed),
+            ),
         ),
         "constant": (
             constant_baseline(class_round, generic_classes[0], generic_classes[1:]),
-            constant_baseline(general_round, generic_general[0], generic_general[1:]),
+            merged(
+                constant_baseline(general_round, generic_general[0], generic_general[1:]),
+                constant_baseline(conv_round, generic_default[0], generic_default[1:]),
+            ),
         ),
         "label": (
             label_baseline(class_round, recording.labels, class_names),
-            label_baseline(general_round, recording.labels, class_names),
+            merged(
+                label_baseline(general_round, recording.labels, class_names),
+                label_baseline(conv_round, recording.labels, class_names),
+            ),
         ),
     }
     result: dict[str, Any] = {}
@@ -322,7 +355,12 @@ def run_benchmark(
         "probe_samples": len(probe_set),
         "eval_samples": len(eval_set),
         "general_vocabulary": len(general_texts),
-        "constant_descriptions": {"class_vocabulary": generic_classes[0], "general_vocabulary": generic_general[0]},
+        "default_vocabulary": len(default_texts),
+        "constant_descriptions": {
+            "class_vocabulary": generic_classes[0],
+            "general_vocabulary": generic_general[0],
+            "default_vocabulary": generic_default[0],
+        },
         "backend": loaded.name,
         "timings_s": timings,
     }
