@@ -95,7 +95,7 @@ def load_backend(
         device: Target device; ``None`` picks CUDA, then MPS, then CPU.
         **kwargs: Backend options.
             ``embedded``: ``top_t``, ``template_weight``, ``generator`` (bool), ``lazy_generator``, ``batch_size``,
-            ``resize_mode``.
+            ``resize_mode``, ``temperature``, ``image_size``.
             ``clip``: ``model_name`` (default ``"ViT-B-16"``), ``pretrained`` (tag, checkpoint path, or ``None`` for
             random weights; default ``"laion2b_s34b_b88k"``), ``cache_dir``, ``batch_size``, ``resize_mode``,
             ``captioner`` / ``generator`` (hub id or local path, default ``None``).

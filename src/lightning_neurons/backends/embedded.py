@@ -165,6 +165,8 @@ class ConSEEncoder:
             embedding (0, the default, uses bare texts: on skimage photos the template did not help).
         batch_size: Images per forward pass.
         resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
+        image_size: Side the classifier sees. 224 is MobileNetV2's training size; small probe images (e.g. 64 px
+            crops) lose nothing at 128 and embed about three times faster on a CPU.
 
     Example:
         >>> encoder = load_embedded_backend(device="cpu").encoder  # doctest: +SKIP
@@ -182,6 +184,7 @@ class ConSEEncoder:
         batch_size: int = 64,
         resize_mode: str = "shortest",
         temperature: float = 4.0,
+        image_size: int = 224,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -193,6 +196,7 @@ class ConSEEncoder:
         self.template_weight = template_weight
         self.batch_size = batch_size
         self.resize_mode = resize_mode
+        self.image_size = image_size
         suffix = "" if temperature == 1.0 else f"-T{temperature:g}"
         self.name = f"embedded:mobilenet_v2-conse{top_t}{suffix}-t{template_weight:g}+all-MiniLM-L6-v2"
         self.class_embeddings = self.encode_texts(self.class_names)
@@ -208,7 +212,7 @@ class ConSEEncoder:
         outs = [torch.empty(0, len(self.class_names))]
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size].to(self.device, non_blocking=True)
-            pixels = prepare_images(chunk, 224, _IMAGENET_MEAN, _IMAGENET_STD, self.resize_mode)
+            pixels = prepare_images(chunk, self.image_size, _IMAGENET_MEAN, _IMAGENET_STD, self.resize_mode)
             outs.append(self.classifier(pixels).float().softmax(-1).cpu())
         return torch.cat(outs)
 
@@ -339,6 +343,7 @@ def load_conse_encoder(
     batch_size: int = 64,
     resize_mode: str = "shortest",
     temperature: float = 4.0,
+    image_size: int = 224,
 ) -> ConSEEncoder:
     """The offline ConSE image-text encoder (MobileNetV2 + MiniLM), built once per process and settings.
 
@@ -356,6 +361,7 @@ def load_conse_encoder(
     encoder = cached_model(("conse", str(dev), top_t, template_weight, temperature), build)
     encoder.batch_size = batch_size
     encoder.resize_mode = resize_mode
+    encoder.image_size = image_size
     return encoder
 
 
@@ -390,6 +396,7 @@ def load_embedded_backend(
     batch_size: int = 64,
     resize_mode: str = "shortest",
     temperature: float = 4.0,
+    image_size: int = 224,
 ) -> Backend:
     """Load the offline pack as a :class:`Backend` (no network needed).
 
@@ -402,6 +409,7 @@ def load_embedded_backend(
         batch_size: Images per classifier forward pass.
         resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
         temperature: ConSE's softmax temperature (see :class:`ConSEEncoder`).
+        image_size: Side the classifier sees (see :class:`ConSEEncoder`).
 
     Raises:
         ModelLoadError: If a packaged weight file is missing (the message says which package to install).
@@ -418,6 +426,7 @@ def load_embedded_backend(
         batch_size=batch_size,
         resize_mode=resize_mode,
         temperature=temperature,
+        image_size=image_size,
     )
     return Backend(
         name="embedded",
