@@ -5,7 +5,8 @@ Trains a SmallCNN on PhotoPatches (12 classes of crops of real photos) on the CP
 with the embedded backend (MobileNetV2 ConSE + MiniLM), re-describes the same units with the three baselines,
 scores everything on a held-out probe split and prints one JSON object.
 
-    HF_HUB_OFFLINE=1 python benchmarks/quality.py [--epochs 6] [--correction control|soft_wpmi] [-o out.json]
+    HF_HUB_OFFLINE=1 python benchmarks/quality.py [--epochs 6] [--correction control|soft_wpmi]
+        [--ablation-measure probability|accuracy] [-o out.json]
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: BenchmarkConfig)")
     parser.add_argument("--correction", choices=["control", "soft_wpmi"], default=None, help="concept correction")
     parser.add_argument("--conv-layer", default=None, help="conv block for simulation/contrast/ablation")
+    parser.add_argument(
+        "--ablation-measure",
+        choices=["probability", "accuracy"],
+        default=None,
+        help="hurt measure of the ablation check (default probability: drop of mean true-class probability)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of data, weights and baselines")
     parser.add_argument(
         "--conse-temperature", type=float, default=None, help="ConSE softmax temperature of the embedded backend"
@@ -42,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         "correction": args.correction,
         "conv_layer": args.conv_layer,
         "seed": args.seed,
+        "ablation_measure": args.ablation_measure,
     }
     config = BenchmarkConfig(**{k: v for k, v in overrides.items() if v is not None})
     if args.conse_temperature is not None:

@@ -226,9 +226,65 @@ def test_final_layer_similarity_uses_the_text_embedder() -> None:
 
 def test_ablation_drops_name_the_unit_class() -> None:
     images, labels = colour_images(30)
-    drops = ablation_drops(colour_model(), "feat", [0, 1, 2], images, labels, COLOURS)
+    drops = ablation_drops(colour_model(), "feat", [0, 1, 2], images, labels, COLOURS, measure="accuracy")
     assert {u: hurt[0][0] for u, hurt in drops.items()} == {0: "red", 1: "green", 2: "blue"}
     assert all(hurt[0][1] == pytest.approx(1.0) for hurt in drops.values())
+    # The default measure (drop of the mean true-class probability) finds the same classes.
+    prob = ablation_drops(colour_model(), "feat", [0, 1, 2], images, labels, COLOURS)
+    assert {u: hurt[0][0] for u, hurt in prob.items()} == {0: "red", 1: "green", 2: "blue"}
+    assert all(0 < hurt[0][1] <= 1 for hurt in prob.values())
+
+
+def supporting_unit_model() -> nn.Sequential:
+    """The colour model plus a planted unit 3 (a copy of the blue channel) that adds half a blue vote.
+
+    Zeroing unit 3 lowers the "blue" logit of every blue image but never below the other colours, so no
+    prediction flips: the unit supports "blue" without its ablation changing any class's accuracy.
+    """
+    model = nn.Sequential(
+        OrderedDict(
+            feat=nn.Conv2d(3, 4, 1, bias=False),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            head=nn.Linear(4, 3),
+        )
+    )
+    with torch.no_grad():
+        model.feat.weight.copy_(torch.cat([torch.eye(3), torch.eye(3)[2:]])[:, :, None, None])
+        model.head.weight.copy_(torch.cat([torch.eye(3), torch.tensor([[0.0], [0.0], [0.5]])], dim=1))
+        model.head.bias.zero_()
+    return model.eval()
+
+
+def test_probability_hurt_finds_the_class_a_planted_unit_supports() -> None:
+    images, labels = colour_images(60)
+    model = supporting_unit_model()
+    assert bool((model(images).argmax(1) == labels).all())
+    prob = ablation_drops(model, "feat", [3], images, labels, COLOURS, measure="probability")[3]
+    assert [name for name, _ in prob] == ["blue"]  # the only class whose true-class probability drops
+    assert prob[0][1] > 0.05
+    # The accuracy drop cannot see it: zeroing the unit flips no prediction.
+    assert ablation_drops(model, "feat", [3], images, labels, COLOURS, measure="accuracy")[3] == []
+    with pytest.raises(ValueError, match="measure"):
+        ablation_drops(model, "feat", [3], images, labels, COLOURS, measure="loss")  # type: ignore[arg-type]
+
+
+def test_evaluate_round_uses_the_probability_hurt_and_recomputes_on_another_measure() -> None:
+    images, labels = colour_images(60)
+    model, backend = supporting_unit_model(), colour_backend()
+    probe = build_probe(model, (images, labels), ["feat"], backend.encoder)
+    rnd = ExplanationRound(0, [UnitExplanation("feat", 3, 0, "blue", 0.9)])
+    cfg = EvaluationConfig(ablation_threshold=0.9)
+    out = evaluate_round(model, rnd, probe, backend, ["feat"], COLOURS, config=cfg)
+    assert cfg.ablation_measure == "probability" and probe.ablation_measure == "probability"
+    assert out["ablation_hit_rate"] == 1.0 and out["ablation_rank"] == 1.0
+    assert out["layers"]["feat"]["ablation_units"] == 1
+    acc_cfg = EvaluationConfig(ablation_threshold=0.9, ablation_measure="accuracy")
+    acc = evaluate_round(model, rnd, probe, backend, ["feat"], COLOURS, config=acc_cfg)
+    assert probe.ablation_measure == "accuracy" and probe.ablation["feat"][3] == []
+    assert "ablation_hit_rate" not in acc  # no class loses accuracy, so no unit is evaluated
+    with pytest.raises(ValueError, match="ablation_measure"):
+        EvaluationConfig(ablation_measure="loss")  # type: ignore[arg-type]
 
 
 def test_ablation_agreement_exact_and_similar() -> None:

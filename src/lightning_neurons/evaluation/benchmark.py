@@ -83,6 +83,8 @@ class BenchmarkConfig:
         crop_size: Side of the crops given to the encoder.
         reservoir_size: Random control samples of the recording.
         seed: Seed of the crops, the weights and the baselines.
+        ablation_measure: Hurt measure of the ablation check (``"probability"``: drop of the mean true-class
+            probability, the default; ``"accuracy"``: drop of per-class accuracy, steps of ``1/eval_per_class``).
         backend_kwargs: Keyword arguments of ``load_backend("embedded", ...)``.
     """
 
@@ -101,6 +103,7 @@ class BenchmarkConfig:
     crop_size: int = 96
     reservoir_size: int = 48
     seed: int = 0
+    ablation_measure: str = "probability"
     backend_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -274,7 +277,12 @@ def run_benchmark(
     )
     lap("explain_default_vocabulary")
 
-    eval_cfg = EvaluationConfig(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, seed=cfg.seed)
+    eval_cfg = EvaluationConfig(
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+        seed=cfg.seed,
+        ablation_measure=cfg.ablation_measure,  # type: ignore[arg-type]
+    )
     probe = build_probe(
         model,
         (eval_inputs, eval_labels),

@@ -37,6 +37,7 @@ from lightning_neurons.evaluation.final_layer import (
 )
 from lightning_neurons.evaluation.probe import Probe, ProbeData, build_probe, encode_probe_images, layer_activations
 from lightning_neurons.evaluation.simulation import simulation_scores
+from lightning_neurons.explanation.ablation import HurtMeasure
 from lightning_neurons.recording.samples import InputKey
 from lightning_neurons.recording.types import Reduction
 from lightning_neurons.recording.units import TokenMode
@@ -67,6 +68,9 @@ class EvaluationConfig:
         num_control: Control images per unit (contrast); ``None`` = every other probe image.
         ablation: Run the ablation check (needs labels and class names).
         ablation_top: Hurt classes kept per unit.
+        ablation_measure: How a class's hurt is measured: ``"probability"`` (default), the drop of its mean
+            true-class softmax probability, continuous and stable on small probes; ``"accuracy"``, the drop of its
+            top-1 accuracy, which moves in steps of one image per class and is mostly noise on a small probe.
         ablation_threshold: MiniLM similarity from which a description names a hurt class.
         ks: Top-k accuracies of the final-layer protocol.
         seed: Seed of the control draw.
@@ -82,6 +86,7 @@ class EvaluationConfig:
     num_control: int | None = None
     ablation: bool = True
     ablation_top: int = 3
+    ablation_measure: HurtMeasure = "probability"
     ablation_threshold: float = 0.5
     ks: tuple[int, ...] = (1, 5)
     seed: int = 0
@@ -91,6 +96,8 @@ class EvaluationConfig:
             raise ValueError(f"concept_fraction must be in (0, 1), got {self.concept_fraction}")
         if self.ablation_top < 1 or not self.ks or min(self.ks) < 1:
             raise ValueError("ablation_top and every k in ks must be >= 1")
+        if self.ablation_measure not in ("probability", "accuracy"):
+            raise ValueError(f"ablation_measure must be 'probability' or 'accuracy', got {self.ablation_measure!r}")
 
 
 def evaluate_round(
@@ -235,11 +242,23 @@ def _layer_metrics(
     }
     labelled = bool((probe.labels >= 0).all())
     if cfg.ablation and class_names is not None and labelled:
+        if probe.ablation_measure != cfg.ablation_measure:  # drops cached under another measure are not reusable
+            probe.ablation.clear()
+            probe.ablation_measure = cfg.ablation_measure
         drops = probe.ablation.setdefault(layer, {})
         todo = [u.unit for u in units if u.unit not in drops]
         if todo:
             drops.update(
-                ablation_drops(model, layer, todo, probe.inputs, probe.labels, class_names, top=cfg.ablation_top)
+                ablation_drops(
+                    model,
+                    layer,
+                    todo,
+                    probe.inputs,
+                    probe.labels,
+                    class_names,
+                    top=cfg.ablation_top,
+                    measure=cfg.ablation_measure,
+                )
             )
         hurt = [[name for name, _ in drops[u.unit]] for u in units]
         agreement = ablation_agreement(

@@ -39,8 +39,10 @@ class Probe:
         labels: ``[N]`` int64 class labels (``-1`` where unknown).
         activations: Per layer, ``[N, U]`` per-sample unit values (spatial max or mean, as in recording).
         image_embeddings: ``[N, D]`` L2-normalised encoder embeddings of the whole images.
-        ablation: Per layer, ``{unit: [(class, accuracy drop), ...]}`` once measured (it does not depend on the
+        ablation: Per layer, ``{unit: [(class, drop), ...]}`` once measured (it does not depend on the
             descriptions, so every method evaluated on this probe shares it).
+        ablation_measure: The hurt measure ``ablation`` was computed with (``"probability"`` or ``"accuracy"``;
+            ``None`` before any); evaluating with another measure recomputes it.
     """
 
     inputs: Tensor
@@ -48,6 +50,7 @@ class Probe:
     activations: dict[str, Tensor] = field(default_factory=dict)
     image_embeddings: Tensor | None = None
     ablation: dict[str, dict[int, list[tuple[str, float]]]] = field(default_factory=dict)
+    ablation_measure: str | None = None
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])

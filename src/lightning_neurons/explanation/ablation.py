@@ -1,5 +1,12 @@
 """Optional ablation check (the paper's): zero a unit and see which classes lose accuracy.
 
+The hurt of a class is measured either as the drop of its top-1 accuracy (``measure="accuracy"``, the default
+here and what the explanation pipeline reports) or as the drop of the mean softmax probability of the true
+class over its samples (``measure="probability"``). The accuracy drop moves in steps of ``1 / n_c`` (one flipped
+image on a small probe) and is zero for every class whose predictions survive the ablation, so it is coarse and
+noisy on small probes; the probability drop is continuous and says which classes the unit *supports* even where
+no prediction flips.
+
 Several units are ablated in one forward pass: the batch is repeated once per unit and a forward hook zeroes
 unit ``u_i`` in the ``i``-th copy only, so the cost is one large batch instead of a Python loop of forwards.
 
@@ -17,13 +24,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_neurons.recording.types import UnitKind
 from lightning_neurons.recording.units import OutputSelector, select_output
+
+#: How the hurt of a class is measured: top-1 accuracy drop or drop of the mean true-class probability.
+HurtMeasure = Literal["accuracy", "probability"]
 
 
 def _logits(output: Any) -> Tensor:
@@ -54,6 +64,15 @@ def _zero_hook(kind: UnitKind, units: Tensor, copies: int, selector: OutputSelec
     return hook
 
 
+def _class_scores(logits: Tensor, labels: Tensor, num_classes: int, measure: HurtMeasure) -> Tensor:
+    """Per class, the sum over its samples of "correct" (0/1) or of the softmax probability of the true class."""
+    if measure == "probability":
+        score = torch.softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    else:
+        score = (logits.argmax(dim=-1) == labels).float()
+    return torch.zeros(num_classes).index_add_(0, labels, score)
+
+
 @torch.no_grad()
 def ablate_units(
     model: nn.Module,
@@ -69,8 +88,9 @@ def ablate_units(
     units_per_pass: int = 8,
     output_selector: OutputSelector | None = None,
     layer_name: str = "?",
+    measure: HurtMeasure = "accuracy",
 ) -> dict[int, list[tuple[str, float]]]:
-    """Per unit, the classes whose accuracy on the probe samples drops most when the unit is zeroed.
+    """Per unit, the classes whose accuracy (or true-class probability) drops most when the unit is zeroed.
 
     Args:
         model: The network (its training mode is left as it is; call ``eval()`` first).
@@ -85,22 +105,28 @@ def ablate_units(
         units_per_pass: Units ablated together in one pass (the batch is repeated that many times).
         output_selector: Which part of the layer output holds the units.
         layer_name: For error messages.
+        measure: ``"accuracy"``: per-class drop of top-1 accuracy; ``"probability"``: per-class drop of the mean
+            softmax probability of the true class (continuous, far less noisy on small probes).
 
     Returns:
-        ``{unit: [(class, accuracy drop), ...]}``, largest drop first, only positive drops.
+        ``{unit: [(class, drop), ...]}``, largest drop first, only positive drops.
+
+    Raises:
+        ValueError: If ``measure`` is unknown.
     """
+    if measure not in ("accuracy", "probability"):
+        raise ValueError(f"measure must be 'accuracy' or 'probability', got {measure!r}")
     device = next((p.device for p in model.parameters()), inputs.device)
     labels = labels.long().cpu()
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
-    base_correct = torch.zeros(num_classes)
+    base_score = torch.zeros(num_classes)
     counts = torch.bincount(labels, minlength=num_classes).float()
     unit_list = [int(u) for u in units]
     drops: dict[int, Tensor] = {u: torch.zeros(num_classes) for u in unit_list}
     for start in range(0, inputs.shape[0], batch_size):
         x = inputs[start : start + batch_size].to(device)
         y = labels[start : start + batch_size]
-        pred = _logits(model(x)).argmax(dim=-1).cpu()
-        base_correct += torch.bincount(y[pred == y], minlength=num_classes).float()
+        base_score += _class_scores(_logits(model(x)).float().cpu(), y, num_classes, measure)
         for g in range(0, len(unit_list), units_per_pass):
             group = unit_list[g : g + units_per_pass]
             reps = len(group)
@@ -111,16 +137,16 @@ def ablate_units(
                 out = _logits(model(x.repeat(reps, *([1] * (x.dim() - 1)))))
             finally:
                 handle.remove()
-            pred_ab = out.argmax(dim=-1).cpu().reshape(reps, -1)
+            out = out.float().cpu().reshape(reps, -1, out.shape[-1])
             for i, u in enumerate(group):
-                drops[u] += torch.bincount(y[pred_ab[i] == y], minlength=num_classes).float()
+                drops[u] += _class_scores(out[i], y, num_classes, measure)
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     result: dict[int, list[tuple[str, float]]] = {}
     for u in unit_list:
-        drop = (base_correct - drops[u]) / counts.clamp_min(1)
+        drop = (base_score - drops[u]) / counts.clamp_min(1)
         order = torch.argsort(drop, descending=True)[:top]
         result[u] = [(names[int(c)], round(float(drop[c]), 4)) for c in order if drop[c] > 0]
     return result
 
 
-__all__ = ["ablate_units"]
+__all__ = ["HurtMeasure", "ablate_units"]
