@@ -44,23 +44,12 @@ from lightning_neurons.evaluation.baselines import (
     random_baseline,
 )
 from lightning_neurons.evaluation.final_layer import final_layer_accuracy
-from lightning_neurons.evaluation.harness import EvaluationConfig, evaluate_round
+from lightning_neurons.evaluation.harness import LAYER_METRICS, EvaluationConfig, evaluate_round
 from lightning_neurons.evaluation.probe import build_probe
 from lightning_neurons.results import ExplanationRound
 
 #: Metrics on which the method must beat the random and constant baselines (higher is better for all).
-HEADLINE_METRICS = (
-    "final_top1",
-    "final_top5",
-    "final_class_similarity",
-    "final_class_rank",
-    "simulation",
-    "contrast_auc",
-    "contrast_mad",
-    "ablation_hit_rate",
-    "ablation_rank",
-    "ablation_similarity",
-)
+HEADLINE_METRICS = ("final_top1", "final_top5", "final_class_similarity", "final_class_rank", *LAYER_METRICS)
 
 
 @dataclass

@@ -43,7 +43,8 @@ from lightning_neurons.recording.types import Reduction
 from lightning_neurons.recording.units import TokenMode
 from lightning_neurons.results import ExplanationRound
 
-_LAYER_METRICS = (
+#: Metrics averaged over the units of each explained layer.
+LAYER_METRICS = (
     "simulation",
     "contrast_auc",
     "contrast_mad",
@@ -182,7 +183,7 @@ def evaluate_round(
 
     per_layer = {name: _layer_metrics(model, round, probe, backend, name, class_names, cfg) for name in layers}
     result: dict[str, Any] = {}
-    for metric in _LAYER_METRICS:
+    for metric in LAYER_METRICS:
         values = [m[metric] for m in per_layer.values() if metric in m and math.isfinite(m[metric])]
         if values:
             result[metric] = sum(values) / len(values)
