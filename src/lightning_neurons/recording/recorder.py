@@ -424,8 +424,10 @@ def _stacked(gathered: Tensor, local: Tensor) -> Tensor:
 
 def _collect_labels(out: dict[int, int], ids: Tensor, labels: Tensor) -> None:
     mask = (ids >= 0) & (labels >= 0)
-    for i, lab in zip(ids[mask].tolist(), labels[mask].tolist()):
-        out[i] = lab
+    # U * k entries name far fewer distinct samples: deduplicate in torch before the Python loop.
+    unique, inverse = torch.unique(ids[mask], return_inverse=True)
+    unique_labels = torch.empty_like(unique).scatter_(0, inverse, labels[mask])  # one label per sample id
+    out.update(zip(unique.tolist(), unique_labels.tolist()))
 
 
 def collect_top_k(
