@@ -116,10 +116,12 @@ data:
                  "--data", "lightning_neurons.demo.PhotoPatchesDataModule", "--data-args",
                  json.dumps({"train_per_class": 8, "val_per_class": 12, "image_size": 32,
                              "classes": ["cat", "grass", "rocket", "coins"]}),
-                 "--layers", "features.block4", "--top-k", "4", "--vocabulary", "classes",
+                 "--layers", "features.block4", "--top-k", "2", "--vocabulary", "classes", "--evaluate",
                  "-o", str(tmp_path / "posthoc")])
     assert code == 0
     assert lightning_neurons.load_history(tmp_path / "posthoc").epochs == [1]
+    rnd = lightning_neurons.ExplanationRound.from_json(tmp_path / "posthoc" / "round_epoch=1.json")
+    assert -1.0 <= rnd.meta["evaluation"]["simulation"] <= 1.0  # --evaluate measured the checkpoint's round
 
 
 def test_user_errors_are_one_line(capsys, tmp_path):

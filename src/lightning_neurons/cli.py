@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--image-mean", type=float, nargs=3, default=None, help="input normalisation mean")
     explain.add_argument("--image-std", type=float, nargs=3, default=None, help="input normalisation std")
     explain.add_argument("--describe", action="store_true", help="caption crops and summarise them with the LLM")
+    explain.add_argument(
+        "--evaluate", action="store_true", help="also measure explanation quality on held-out probe samples"
+    )
     explain.add_argument("-o", "--output-dir", default="neurons_posthoc", help="where history/TensorBoard/report go")
     explain.set_defaults(handler=_explain)
 
@@ -87,8 +90,12 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
     report.set_defaults(handler=_report)
 
-    evaluate = sub.add_parser("evaluate", help="measure explanation quality against baselines")
-    evaluate.add_argument("run_dir", nargs="?", help="optional run directory (default: the built-in benchmark)")
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="measure explanation quality against baselines (built-in benchmark)",
+        epilog="To evaluate your own checkpoint: lightning-neurons explain --checkpoint ... --evaluate",
+    )
+    evaluate.add_argument("run_dir", nargs="?", help="not supported yet: use `explain --checkpoint ... --evaluate`")
     evaluate.add_argument("-o", "--output", default=None, help="write the JSON result here")
     evaluate.set_defaults(handler=_evaluate)
     return parser
@@ -150,11 +157,15 @@ def _explain(args: argparse.Namespace) -> int:
         image_mean=args.image_mean,
         image_std=args.image_std,
         describe=args.describe,
+        evaluate=args.evaluate,
     )
     for rnd in rounds:
         print(f"epoch {rnd.epoch}: {len(rnd)} units explained")
         for unit in rnd.units[:5]:
             print(f"  {unit.layer}[{unit.unit}] {unit.description!r} (score {unit.score:.2f})")
+        if rnd.meta.get("evaluation"):
+            metrics = {k: v for k, v in rnd.meta["evaluation"].items() if isinstance(v, (int, float))}
+            print("  evaluation: " + json.dumps(metrics))
     print(f"outputs: {Path(args.output_dir).resolve()}")
     return 0
 

@@ -183,7 +183,8 @@ def run_benchmark(
     """
     if run_dir is not None:
         raise ValueError(
-            "evaluating a saved run directory is not supported yet; run `lightning-neurons evaluate` without a "
+            "evaluating a saved run directory is not supported yet; evaluate its checkpoints with "
+            "`lightning-neurons explain --checkpoint CKPT ... --evaluate`, run `lightning-neurons evaluate` without a "
             "run directory for the built-in benchmark, or call lightning_neurons.evaluation.evaluate_round("
             "model, round, probe, backend, ...) in Python"
         )
