@@ -139,3 +139,14 @@ def test_unknown_layer_fails_before_training_with_close_matches(tmp_path, capsys
                  "--trainer.callbacks.init_args.layers=[features.blok4]"])
     err = capsys.readouterr().err
     assert code == 2 and "features.block4" in err
+
+
+def test_missing_model_fails_in_setup_with_the_whole_fix(tmp_path, capsys):
+    """No download possible: the run stops before training with what was looked for and how to fix it."""
+    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *CPU,
+                 f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                 "--trainer.callbacks.init_args.backend=clip", "--trainer.callbacks.init_args.backend_kwargs={}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("error: Could not load the open_clip model ViT-B-16")
+    assert "pretrained" in err and 'backend="embedded"' in err and "Looked for it in" in err
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing was trained

@@ -46,7 +46,9 @@ def _guard(run: Any) -> int:
     except handled as err:
         if os.environ.get("LIGHTNING_NEURONS_TRACEBACK"):
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip() or type(err).__name__
+        # A model-load error is a short paragraph (which model, where it was looked for, what to do): keep it whole.
+        message = " ".join(text.split()) if isinstance(err, ModelLoadError) else text.splitlines()[0]
         print(f"error: {message}", file=sys.stderr)
         return 2 if isinstance(err, _USER_ERRORS) else 1
 
