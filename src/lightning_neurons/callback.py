@@ -269,10 +269,10 @@ class NeuronExplainer(Callback):
             self._warn_no_validation()
         if trainer.is_global_zero and self.session is None:
             session = self.session_class(self)
-            session.setup(trainer, pl_module)  # may raise: a bad config must fail before training starts
-            if self._session_state is not None:
+            if self._session_state is not None:  # a later fit/validate of this callback continues its history
                 session.load_state_dict(self._session_state)
                 self._session_state = None
+            session.setup(trainer, pl_module)  # may raise: a bad config must fail before training starts
             self.session = session
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
