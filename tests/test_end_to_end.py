@@ -170,3 +170,22 @@ def test_posthoc_checkpoint_reproduces_logged_descriptions(drift_run, tmp_path):
     assert [u.description for u in rnd.units] == [u.description for u in logged.units]
     assert [u.top_sample_ids for u in rnd.units] == [u.top_sample_ids for u in logged.units]
     assert load_history(tmp_path / "posthoc").epochs == [3]
+
+
+def test_validate_after_fit_continues_the_same_history(tmp_path):
+    """A callback reused for trainer.validate keeps its history and file in line (no rewrite, no warning)."""
+    import warnings
+
+    pl.seed_everything(0)
+    explainer = _explainer(layers=["head"], top_k=3)
+    trainer = _trainer(tmp_path, [explainer], max_epochs=1)
+    model = SmallCNN(num_classes=len(CLASSES), width=4)
+    data = _datamodule()
+    trainer.fit(model, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "history.jsonl already holds history records"
+        warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec|log_every_n_steps).*")
+        trainer.validate(model, data)
+    history = load_history(Path(trainer.log_dir) / "neurons")
+    assert history.epochs == [0, 1] and explainer.num_hooks == 0
+    assert [r.epoch for r in explainer.rounds] == [0, 1]
