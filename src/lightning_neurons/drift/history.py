@@ -273,13 +273,14 @@ class RunHistory:
         """
         if not self._records:
             return ["(empty history)"]
-        lines = [f"{'layer':<24} {'epoch':>5} {'units':>5} {'changed':>9} {'mean score':>10} {'mean sim':>8} "
+        width = max([24, *(len(layer) for layer in self.layers)])
+        lines = [f"{'layer':<{width}} {'epoch':>5} {'units':>5} {'changed':>9} {'mean score':>10} {'mean sim':>8} "
                  f"{'stable':>6}"]
         for s in self.summary():
             changed = f"{s.n_changed}/{s.n_compared}" if s.n_compared else "-"
             sim = "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}"
-            lines.append(f"{s.layer:<24} {s.epoch:>5} {s.n_units:>5} {changed:>9} {s.mean_score:>10.3f} {sim:>8} "
-                         f"{s.n_stable:>6}")
+            lines.append(f"{s.layer:<{width}} {s.epoch:>5} {s.n_units:>5} {changed:>9} {s.mean_score:>10.3f} "
+                         f"{sim:>8} {s.n_stable:>6}")
         changes = [d for d in self.drift() if d.changed]
         if changes:
             lines.append("meaning changes:")
