@@ -43,6 +43,9 @@ def _guard(run: Any) -> int:
     handled: tuple[type[BaseException], ...] = (*_USER_ERRORS, ModelLoadError)
     try:
         return int(run() or 0)
+    except BrokenPipeError:  # output piped into `head` & co.: stop quietly, like other command-line tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except handled as err:
         if os.environ.get("LIGHTNING_NEURONS_TRACEBACK"):
             raise
