@@ -110,6 +110,11 @@ data:
     assert main(["report", str(run_dir), "-o", str(tmp_path / "r.html")]) == 0
     assert "features.block4" in (tmp_path / "r.html").read_text()
 
+    # `evaluate RUN_DIR`: the run's own config and newest checkpoint, metrics on held-out validation samples.
+    assert main(["evaluate", str(run_dir), "-o", str(tmp_path / "evaluation.json")]) == 0
+    evaluated = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluated["epoch"] == 1 and -1.0 <= evaluated["evaluation"]["simulation"] <= 1.0
+
     # Post hoc on the saved checkpoint directory: one round per checkpoint, in epoch order.
     checkpoints = run_dir / "checkpoints"
     code = main(["explain", "--checkpoint", str(checkpoints), "--model-class", "lightning_neurons.demo.SmallCNN",

@@ -98,9 +98,12 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="measure explanation quality against baselines (built-in benchmark)",
-        epilog="To evaluate your own checkpoint: lightning-neurons explain --checkpoint ... --evaluate",
+        epilog="Without RUN_DIR: the built-in benchmark against baselines. Any checkpoint: explain ... --evaluate",
     )
-    evaluate.add_argument("run_dir", nargs="?", help="not supported yet: use `explain --checkpoint ... --evaluate`")
+    evaluate.add_argument(
+        "run_dir", nargs="?", help="a `lightning-neurons fit` run: evaluate its newest checkpoint with its settings"
+    )
+    evaluate.add_argument("--checkpoint", default=None, help="evaluate this checkpoint of the run instead")
     evaluate.add_argument("-o", "--output", default=None, help="write the JSON result here")
     evaluate.set_defaults(handler=_evaluate)
     return parser
@@ -199,9 +202,17 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from lightning_neurons.evaluation import run_benchmark
+    if args.run_dir is not None:
+        from lightning_neurons.posthoc import evaluate_run
 
-    result = run_benchmark(run_dir=args.run_dir)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            rnd = evaluate_run(args.run_dir, checkpoint=args.checkpoint)
+        result = {"epoch": rnd.epoch, "evaluation": rnd.meta.get("evaluation", {})}
+    else:
+        from lightning_neurons.evaluation import run_benchmark
+
+        result = run_benchmark()
     text = json.dumps(result, indent=1)
     if args.output:
         Path(args.output).write_text(text)

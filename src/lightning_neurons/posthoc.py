@@ -174,3 +174,65 @@ def _load_model(model_class: type[nn.Module], path: Path) -> nn.Module:
         model = model_class()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
     return model.eval()
+
+
+def evaluate_run(
+    run_dir: str | Path, checkpoint: str | Path | None = None, output_dir: str | Path | None = None
+) -> ExplanationRound:
+    """Explain and evaluate the latest checkpoint of a ``lightning-neurons fit`` run with the run's own settings.
+
+    The run's ``config.yaml`` (written by LightningCLI) rebuilds the model, the data module and the
+    :class:`~lightning_neurons.NeuronExplainer` settings; the checkpoint's weights are loaded and the round is
+    explained with ``evaluate=True``, so ``round.meta["evaluation"]`` holds the quality metrics.
+
+    Args:
+        run_dir: The run's log directory (holding ``config.yaml`` and ``checkpoints/``).
+        checkpoint: A checkpoint to use instead of the newest one under ``run_dir``.
+        output_dir: Where to write the round's history/report (default ``RUN_DIR/evaluation``).
+
+    Raises:
+        FileNotFoundError: If the config or a checkpoint is missing.
+        ValueError: If the config has no NeuronExplainer callback.
+
+    Example:
+        >>> rnd = evaluate_run("runs/quickstart/version_0")  # doctest: +SKIP
+        >>> rnd.meta["evaluation"]["simulation"]  # doctest: +SKIP
+        0.31
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningCLI
+
+    run = Path(run_dir)
+    config = run / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: evaluate_run needs a run written by `lightning-neurons fit`")
+    import yaml
+
+    saved = yaml.safe_load(config.read_text())
+    # Only what builds the objects: `fit` options such as ckpt_path and weights_only are not settings here.
+    keep = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler")
+    settings = {key: value for key, value in saved.items() if key in keep}
+    settings.setdefault("trainer", {})["logger"] = False
+    cli = LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        run=False,
+        args=settings,
+    )
+    explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]  # type: ignore[attr-defined]
+    if not explainers:
+        raise ValueError(f"{config} configures no lightning_neurons.NeuronExplainer callback")
+    paths = _checkpoint_paths(checkpoint if checkpoint is not None else run)
+    epoch, path = paths[-1]
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cli.model.load_state_dict(state["state_dict"])
+    cli.datamodule.setup("validate")
+    explainer = explainers[0]
+    explainer.evaluate = True
+    explainer.history_dir = str(output_dir if output_dir is not None else run / "evaluation")
+    return explain(
+        cli.model.eval(), cli.datamodule.val_dataloader(), explainer.layers, epoch=epoch,
+        output_dir=explainer.history_dir, explainer=explainer,
+    )
