@@ -27,7 +27,7 @@ from lightning_neurons.backends.cache import CachedImageEncoder
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
 from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME
-from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, find_tensorboard_writer
+from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, find_tensorboard_writer, select_units
 from lightning_neurons.recording.samples import SampleSource
 from lightning_neurons.recording.types import Recording
 from lightning_neurons.results import ExplanationRound
@@ -256,15 +256,9 @@ class ExplanationSession:
 
 def _preview_units(recording: Recording, log_units: int | list[int] | None) -> dict[str, list[int]]:
     """The units that get crop previews: the ones logged per unit to TensorBoard."""
-    out = {}
-    for name, layer in recording.layers.items():
-        if log_units is None:
-            out[name] = list(range(layer.num_units))
-        elif isinstance(log_units, int):
-            out[name] = list(range(min(log_units, layer.num_units)))
-        else:
-            out[name] = [u for u in log_units if 0 <= u < layer.num_units]
-    return out
+    return {
+        name: select_units(log_units, name, range(layer.num_units)) for name, layer in recording.layers.items()
+    }
 
 
 def _dataset_class_names(dataset: Any) -> list[str] | None:

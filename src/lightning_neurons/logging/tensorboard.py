@@ -52,6 +52,27 @@ TENSORBOARD_SAMPLES_FLAG = "--samples_per_plugin=text=100000,images=100000"
 _WRITER_METHODS = ("add_text", "add_image", "add_scalar", "add_custom_scalars", "flush")
 
 
+def select_units(log_units: LogUnits, layer: str, units: Sequence[int]) -> list[int]:
+    """The units of ``layer`` (among ``units``) that ``log_units`` selects for per-unit logging and previews.
+
+    Args:
+        log_units: ``None`` (all), a count (the first units), unit indices, or ``{layer: unit indices}``.
+        layer: The layer's name.
+        units: The layer's units.
+
+    Example:
+        >>> select_units(2, "fc", [5, 1, 3])
+        [1, 3]
+    """
+    ordered = sorted(units)
+    if log_units is None:
+        return ordered
+    if isinstance(log_units, int):
+        return ordered[:log_units]
+    wanted = set(log_units.get(layer, [])) if isinstance(log_units, Mapping) else set(log_units)
+    return [u for u in ordered if u in wanted]
+
+
 def find_tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
     """The ``SummaryWriter`` of the trainer's first TensorBoard logger, or ``None`` when it has none.
 
@@ -118,17 +139,7 @@ class NeuronTensorBoardLogger:
             >>> NeuronTensorBoardLogger(writer=None, log_units=2).selected_units("fc", [5, 1, 3])
             [1, 3]
         """
-        ordered = sorted(units)
-        sel = self.log_units
-        if sel is None:
-            return ordered
-        if isinstance(sel, int):
-            return ordered[:sel]
-        if isinstance(sel, Mapping):
-            wanted = set(sel.get(layer, []))
-        else:
-            wanted = set(sel)
-        return [u for u in ordered if u in wanted]
+        return select_units(self.log_units, layer, units)
 
     # ------------------------------------------------------------------ logging
     def log_round(
