@@ -31,8 +31,10 @@ def main() -> None:
     print(f"\nHow the first units of features.block4 changed from epoch {first} to epoch {last}:")
     for unit in history.units("features.block4")[:8]:
         before, after = history.get("features.block4", unit, first), history.get("features.block4", unit, last)
-        print(f"  unit {unit:3d}: {before.explanation.description!r:>24} -> {after.explanation.description!r} "
-              f"(score {after.explanation.score:.2f})")
+        print(
+            f"  unit {unit:3d}: {before.explanation.description!r:>24} -> {after.explanation.description!r} "
+            f"(score {after.explanation.score:.2f})"
+        )
     for summary in history.summary(last):
         print(f"{summary.layer}: mean score {summary.mean_score:.2f}, {summary.fraction_changed:.0%} changed meaning")
     print(f"\ntensorboard --logdir {trainer.log_dir} {TENSORBOARD_SAMPLES_FLAG}")

@@ -47,16 +47,23 @@ def make_round(epoch: int, previews: bool = True, k: int = 4, size: int = 24) ->
     rnd = ExplanationRound(epoch=epoch, meta={"backend": "toy"})
     for idx, ((layer, unit), texts) in enumerate(PLAN.items()):
         ids = [epoch + unit + j for j in range(k)]  # top-k set slides by one id per epoch
-        units.append(UnitExplanation(
-            layer=layer, unit=unit, epoch=epoch, description=texts[epoch], score=0.6 + 0.05 * epoch + 0.01 * unit,
-            alternatives=[Alternative("zigzag", 0.1), Alternative("mesh", 0.05)], top_sample_ids=ids,
-            activations=[1.0 - 0.1 * j for j in range(k)],
-        ))
+        units.append(
+            UnitExplanation(
+                layer=layer,
+                unit=unit,
+                epoch=epoch,
+                description=texts[epoch],
+                score=0.6 + 0.05 * epoch + 0.01 * unit,
+                alternatives=[Alternative("zigzag", 0.1), Alternative("mesh", 0.05)],
+                top_sample_ids=ids,
+                activations=[1.0 - 0.1 * j for j in range(k)],
+            )
+        )
         if previews:
             img = torch.zeros(k, 3, size, size, dtype=torch.uint8)
             for c in range(3):
                 img[:, c] = COLOURS[idx % len(COLOURS)][c]
-            img[:, :, size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+            img[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
             rnd.previews[(layer, unit)] = img
     rnd.units = units
     return rnd
@@ -70,8 +77,13 @@ REAL_PLAN = {
     ("layer4", 0): ["coins", "metal disc", "coins", "coins", "coins"],
     ("layer4", 1): ["rocket", "rocket", "rocket", "rocket", "rocket"],
 }
-REAL_IMAGES = {("layer3", 0): "chelsea", ("layer3", 1): "brick", ("layer3", 2): "grass", ("layer4", 0): "coins",
-               ("layer4", 1): "rocket"}
+REAL_IMAGES = {
+    ("layer3", 0): "chelsea",
+    ("layer3", 1): "brick",
+    ("layer3", 2): "grass",
+    ("layer4", 0): "coins",
+    ("layer4", 1): "rocket",
+}
 
 
 def _photo_crops(name: str, k: int, size: int, epoch: int) -> torch.Tensor:
@@ -87,14 +99,14 @@ def _photo_crops(name: str, k: int, size: int, epoch: int) -> torch.Tensor:
         side = min(h, w) // 2
         y = (j * 37 + epoch * 11) % max(1, h - side)
         x = (j * 53 + epoch * 17) % max(1, w - side)
-        crop = img[:, y:y + side, x:x + side].unsqueeze(0).float()
+        crop = img[:, y : y + side, x : x + side].unsqueeze(0).float()
         crop = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
         crop = crop.round().clamp(0, 255).to(torch.uint8)
         b = size // 5  # activated-region outline, as the pipeline draws it
-        crop[:, b:size - b, b:b + 2] = crop[:, b:size - b, size - b - 2:size - b] = 0
-        crop[:, b:b + 2, b:size - b] = crop[:, size - b - 2:size - b, b:size - b] = 0
-        crop[0, b:size - b, b:b + 2] = crop[0, b:size - b, size - b - 2:size - b] = 255
-        crop[0, b:b + 2, b:size - b] = crop[0, size - b - 2:size - b, b:size - b] = 255
+        crop[:, b : size - b, b : b + 2] = crop[:, b : size - b, size - b - 2 : size - b] = 0
+        crop[:, b : b + 2, b : size - b] = crop[:, size - b - 2 : size - b, b : size - b] = 0
+        crop[0, b : size - b, b : b + 2] = crop[0, b : size - b, size - b - 2 : size - b] = 255
+        crop[0, b : b + 2, b : size - b] = crop[0, size - b - 2 : size - b, b : size - b] = 255
         crops.append(crop)
     return torch.stack(crops)
 
@@ -102,11 +114,16 @@ def _photo_crops(name: str, k: int, size: int, epoch: int) -> torch.Tensor:
 def make_real_round(epoch: int, k: int = 6, size: int = 64) -> ExplanationRound:
     rnd = ExplanationRound(epoch=epoch, meta={"backend": "embedded"})
     for (layer, unit), texts in REAL_PLAN.items():
-        rnd.units.append(UnitExplanation(
-            layer=layer, unit=unit, epoch=epoch, description=texts[epoch],
-            score=round(0.55 + 0.08 * epoch * (1 + unit) / 3 + 0.02 * unit, 3),
-            alternatives=[Alternative("texture", 0.12), Alternative("pattern", 0.08)],
-            top_sample_ids=[(epoch + unit * 7 + j) % 50 for j in range(k)],
-        ))
+        rnd.units.append(
+            UnitExplanation(
+                layer=layer,
+                unit=unit,
+                epoch=epoch,
+                description=texts[epoch],
+                score=round(0.55 + 0.08 * epoch * (1 + unit) / 3 + 0.02 * unit, 3),
+                alternatives=[Alternative("texture", 0.12), Alternative("pattern", 0.08)],
+                top_sample_ids=[(epoch + unit * 7 + j) % 50 for j in range(k)],
+            )
+        )
         rnd.previews[(layer, unit)] = _photo_crops(REAL_IMAGES[(layer, unit)], k, size, epoch)
     return rnd

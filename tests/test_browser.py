@@ -82,10 +82,23 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 30.0) -> None
 
 
 def _screenshot(url: str, path: Path, profile: Path, size: str = "1400,1000") -> None:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", f"--window-size={size}", "--hide-scrollbars",
-           "--virtual-time-budget=10000", f"--screenshot={path}", url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--window-size={size}",
+        "--hide-scrollbars",
+        "--virtual-time-budget=10000",
+        f"--screenshot={path}",
+        url,
+    ]
     subprocess.run(cmd, check=True, timeout=60, capture_output=True)
     assert path.is_file()
 
@@ -95,8 +108,18 @@ def test_tensorboard_dashboards_show_neuron_tags(tmp_path):
     _write_run(logdir / "version_0")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--port", str(port),
-           "--host", "127.0.0.1", SAMPLES]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(logdir),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        SAMPLES,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_ready(proc, f"{base}/data/plugin/scalars/tags")
@@ -105,8 +128,12 @@ def test_tensorboard_dashboards_show_neuron_tags(tmp_path):
         scalar_tags = _get_json(f"{base}/data/plugin/scalars/tags")["version_0"]
         assert {"neurons/layer3/table/text_summary", "neurons/layer3/0/description/text_summary"} <= set(text_tags)
         assert {"neurons/layer3/0/top_k", "neurons/layer4/1/top_k"} <= set(image_tags)
-        assert {"neurons/layer3/mean_score", "neurons/layer3/fraction_changed", "neurons/layer3/0/score",
-                "neurons/layer3/0/drift"} <= set(scalar_tags)
+        assert {
+            "neurons/layer3/mean_score",
+            "neurons/layer3/fraction_changed",
+            "neurons/layer3/0/score",
+            "neurons/layer3/0/drift",
+        } <= set(scalar_tags)
 
         table = _get_json(f"{base}/data/plugin/text/text?run=version_0&tag=neurons/layer3/table/text_summary")
         assert [e["step"] for e in table] == [0, 1, 2, 3, 4]
@@ -119,8 +146,11 @@ def test_tensorboard_dashboards_show_neuron_tags(tmp_path):
         assert "neurons: layer3" in {c["title"] for c in layout["category"]}
 
         shots = {}
-        for name, fragment in [("text", "#text&tagFilter=layer3%2Ftable"), ("images", "#images&tagFilter=layer3"),
-                               ("scalars", "#scalars&tagFilter=fraction_changed")]:
+        for name, fragment in [
+            ("text", "#text&tagFilter=layer3%2Ftable"),
+            ("images", "#images&tagFilter=layer3"),
+            ("scalars", "#scalars&tagFilter=fraction_changed"),
+        ]:
             shots[name] = tmp_path / f"{name}.png"
             _screenshot(f"{base}/{fragment}", shots[name], tmp_path / "profile")
             img = Image.open(shots[name]).convert("L")

@@ -89,8 +89,17 @@ data:
 """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "lightning_neurons.cli", "fit", "--config", str(ROOT / "configs/quickstart.yaml"),
-               "--config", str(override), "--model.init_args.num_classes=4"]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_neurons.cli",
+        "fit",
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        "--config",
+        str(override),
+        "--model.init_args.num_classes=4",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "quickstart" / "version_0"
@@ -101,6 +110,9 @@ data:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     scalars = events.Tags()["scalars"]
     assert "evaluation/embedded/simulation" in scalars  # evaluate=True logs quality metrics each round
+    for baseline in ("random", "constant", "label"):  # ... next to its baselines on the same held-out samples
+        steps = [e.step for e in events.Scalars(f"evaluation/{baseline}/simulation")]
+        assert steps == [e.step for e in events.Scalars("evaluation/embedded/simulation")]
     assert [e.step for e in events.Scalars("neurons/features.block4/mean_score")] == [0, 1]
 
     # `history` and `report` subcommands on that run.
@@ -114,15 +126,42 @@ data:
     assert main(["evaluate", str(run_dir), "-o", str(tmp_path / "evaluation.json")]) == 0
     evaluated = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluated["epoch"] == 1 and -1.0 <= evaluated["evaluation"]["simulation"] <= 1.0
+    assert sorted(evaluated["baselines"]) == ["constant", "label", "random"]
+    for metrics in evaluated["baselines"].values():  # measured on the same held-out samples as the explanations
+        assert metrics["probe_samples"] == evaluated["evaluation"]["probe_samples"]
+        assert metrics["layers"].keys() == evaluated["evaluation"]["layers"].keys()
 
     # Post hoc on the saved checkpoint directory: one round per checkpoint, in epoch order.
     checkpoints = run_dir / "checkpoints"
-    code = main(["explain", "--checkpoint", str(checkpoints), "--model-class", "lightning_neurons.demo.SmallCNN",
-                 "--data", "lightning_neurons.demo.PhotoPatchesDataModule", "--data-args",
-                 json.dumps({"train_per_class": 8, "val_per_class": 12, "image_size": 32,
-                             "classes": ["cat", "grass", "rocket", "coins"]}),
-                 "--layers", "features.block4", "--top-k", "2", "--vocabulary", "classes", "--evaluate",
-                 "-o", str(tmp_path / "posthoc")])
+    code = main(
+        [
+            "explain",
+            "--checkpoint",
+            str(checkpoints),
+            "--model-class",
+            "lightning_neurons.demo.SmallCNN",
+            "--data",
+            "lightning_neurons.demo.PhotoPatchesDataModule",
+            "--data-args",
+            json.dumps(
+                {
+                    "train_per_class": 8,
+                    "val_per_class": 12,
+                    "image_size": 32,
+                    "classes": ["cat", "grass", "rocket", "coins"],
+                }
+            ),
+            "--layers",
+            "features.block4",
+            "--top-k",
+            "2",
+            "--vocabulary",
+            "classes",
+            "--evaluate",
+            "-o",
+            str(tmp_path / "posthoc"),
+        ]
+    )
     assert code == 0
     assert lightning_neurons.load_history(tmp_path / "posthoc").epochs == [1]
     rnd = lightning_neurons.ExplanationRound.from_json(tmp_path / "posthoc" / "round_epoch=1.json")
@@ -133,24 +172,55 @@ def test_user_errors_are_one_line(capsys, tmp_path):
     assert main(["history", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "history.jsonl" in err[0]
-    assert main(["explain", "--checkpoint", str(tmp_path / "missing.ckpt"), "--model-class", "x.Y",
-                 "--data", "lightning_neurons.demo.PhotoPatchesDataModule", "--layers", "a"]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                "--checkpoint",
+                str(tmp_path / "missing.ckpt"),
+                "--model-class",
+                "x.Y",
+                "--data",
+                "lightning_neurons.demo.PhotoPatchesDataModule",
+                "--layers",
+                "a",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("error:")
 
 
 def test_unknown_layer_fails_before_training_with_close_matches(tmp_path, capsys):
-    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *CPU,
-                 f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
-                 "--trainer.callbacks.init_args.layers=[features.blok4]"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            *CPU,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--trainer.callbacks.init_args.layers=[features.blok4]",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "features.block4" in err
 
 
 def test_missing_model_fails_in_setup_with_the_whole_fix(tmp_path, capsys):
     """No download possible: the run stops before training with what was looked for and how to fix it."""
-    code = main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *CPU,
-                 f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
-                 "--trainer.callbacks.init_args.backend=clip", "--trainer.callbacks.init_args.backend_kwargs={}"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/quickstart.yaml"),
+            *CPU,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=false",
+            "--trainer.callbacks.init_args.backend=clip",
+            "--trainer.callbacks.init_args.backend_kwargs={}",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and err.startswith("error: Could not load the open_clip model ViT-B-16")
     assert "pretrained" in err and 'backend="embedded"' in err and "Looked for it in" in err

@@ -53,8 +53,7 @@ def test_compare_units_fields():
 
 def test_jaccard_and_stability():
     assert jaccard([], []) == 1.0 and jaccard([1], [2]) == 0.0
-    t = [UnitDrift("fc", 0, e, "x", 0.5, previous_epoch=None if e == 0 else e - 1, changed=(e == 2))
-         for e in range(6)]
+    t = [UnitDrift("fc", 0, e, "x", 0.5, previous_epoch=None if e == 0 else e - 1, changed=(e == 2)) for e in range(6)]
     assert first_stable_epoch(t) == 2 and first_stable_epoch(t[:2]) == 0 and first_stable_epoch([]) is None
     assert is_stable(t, 3) and not is_stable(t[:5], 3) and is_stable(t[:2], 1) and not is_stable(t[:2], 2)
     s = summarize_layer("fc", 3, {0: t}, stable_rounds=2)
@@ -89,9 +88,23 @@ def test_unit0_changes_at_epoch_2_only(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / HISTORY_FILENAME).read_text().splitlines()]
     assert len(lines) == 25
     assert {(r["layer"], r["unit"], r["epoch"]) for r in lines if r["changed"]} == {("features.3", 0, 2)}
-    assert set(lines[0]) >= {"schema", "layer", "unit", "epoch", "description", "score", "alternatives",
-                             "top_sample_ids", "previous_epoch", "previous_description", "similarity", "changed",
-                             "jaccard", "score_delta", "threshold"}
+    assert set(lines[0]) >= {
+        "schema",
+        "layer",
+        "unit",
+        "epoch",
+        "description",
+        "score",
+        "alternatives",
+        "top_sample_ids",
+        "previous_epoch",
+        "previous_description",
+        "similarity",
+        "changed",
+        "jaccard",
+        "score_delta",
+        "threshold",
+    }
     loaded = load_history(tmp_path)
     assert [r.to_dict() for r in loaded.records] == [r.to_dict() for r in history.records]
 

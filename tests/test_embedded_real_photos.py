@@ -134,3 +134,29 @@ def test_oracle_units_get_semantically_close_descriptions(backend):
     # the description is also close to the target word in the text space (MiniLM)
     emb = backend.encode_descriptions([cat.description, "cat", "rocket"])
     assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2])
+
+
+def test_embedded_session_leaves_its_basis_names_out_of_the_general_vocabulary(backend):
+    """ConSE image embeddings mix the ImageNet names' embeddings, so the session's general vocabulary drops them
+    (class names that happen to be ImageNet names stay); ``keep_basis_concepts=True`` keeps them."""
+    from lightning_neurons import NeuronExplainer
+    from lightning_neurons.backends.embedded import imagenet_class_names
+    from lightning_neurons.session import ExplanationSession
+
+    assert len(backend.basis_concepts) == 1000 and "espresso" in backend.basis_concepts
+    explainer = NeuronExplainer(
+        layers=["head"], backend="embedded", backend_kwargs={"device": "cpu"}, class_names=["goldfish", "rocket"]
+    )
+    session = ExplanationSession(explainer)
+    session._load(["goldfish", "rocket"])
+    assert session.concepts is not None
+    texts = session.concepts[0]
+    assert "goldfish" in texts and "rocket" in texts and "cat" in texts
+    assert "espresso" not in texts and "egyptian cat" not in texts
+    assert session.concepts[1].shape[0] == len(texts)
+    names = {n.lower() for n in imagenet_class_names()}
+    assert [t for t in texts if t in names] == ["goldfish"]  # only the class name
+    from lightning_neurons.backends import load_backend
+
+    kept = load_backend("embedded", device="cpu", generator=False, keep_basis_concepts=True)
+    assert kept.basis_concepts == frozenset()

@@ -129,6 +129,15 @@ def test_auc_and_mad_known_values() -> None:
     assert math.isfinite(mad(torch.tensor([[2.0, 2.0]]), torch.tensor([[1.0, 1.0]])).item())
 
 
+def test_mad_of_a_unit_silent_on_its_controls_is_bounded() -> None:
+    """A unit at 0 on every control image used to divide by ~1e-6 (MAD ~ 1e6 that swamps a layer's mean)."""
+    silent = mad(torch.tensor([[2.0, 3.0]]), torch.zeros(1, 18)).item()
+    pooled = torch.tensor([2.0, 3.0] + [0.0] * 18).std(unbiased=False).item()
+    assert silent == pytest.approx(2.5 / (0.1 * pooled), rel=1e-5) and silent < 50
+    # an ordinary control set is untouched by the floor
+    assert mad(torch.tensor([[4.0, 4.0]]), torch.tensor([[1.0, 3.0]]), min_std_fraction=0.1).item() == 2.0
+
+
 # ---- simulation -----------------------------------------------------------------------------------------------
 
 
@@ -302,6 +311,34 @@ def test_ablation_agreement_exact_and_similar() -> None:
     assert ranked.rank.tolist() == [1.0, 0.0]
 
 
+def test_ablation_agreement_is_not_won_by_a_word_close_to_every_class() -> None:
+    """A hub word ("thing") is close to every class name: it passes any similarity threshold for every unit, but
+    with the class names known a description only names the class it is closest to, and the centred gap is 0."""
+    table = {
+        "cat": [1.0, 0.0, 0.0],
+        "dog": [0.0, 1.0, 0.0],
+        "car": [0.0, 0.0, 1.0],
+        "thing": [0.6, 0.57, 0.56],
+        "kitten": [0.9, 0.1, 0.0],
+    }
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([table[t] for t in texts])
+
+    hurt = [["cat"], ["dog"], ["car"]]
+    classes = ["cat", "dog", "car"]
+    hub = ablation_agreement(["thing"] * 3, hurt, embed, threshold=0.5)
+    assert hub.hit.all()  # uncentred: the hub "names" every class
+    hub = ablation_agreement(["thing"] * 3, hurt, embed, threshold=0.5, class_names=classes)
+    assert hub.hit.tolist() == [True, False, False]  # it is nearest to "cat" only
+    assert hub.gap is not None and hub.gap.mean().abs() < 0.02
+    specific = ablation_agreement(["kitten", "dog", "car"], hurt, embed, class_names=classes)
+    assert specific.hit.all() and bool((specific.gap > 0.4).all())
+    summary = specific.summary()
+    assert summary["ablation_hit_rate"] == 1.0 and summary["ablation_similarity_gap"] > 0.4
+    assert summary["ablation_similarity_gap"] > hub.summary()["ablation_similarity_gap"]
+
+
 # ---- baselines ------------------------------------------------------------------------------------------------
 
 
@@ -375,14 +412,15 @@ def test_evaluate_round_ranks_right_shuffled_and_constant_descriptions() -> None
 def test_evaluate_round_from_a_loader_with_excluded_ids() -> None:
     images, labels = colour_images(24)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=5)
-    out = evaluate_round(
-        colour_model(),
-        make_round("feat", COLOURS),
-        loader,
-        colour_backend(),
-        config=EvaluationConfig(ablation=False),
-        exclude_ids=range(4),
-    )
+    with pytest.warns(UserWarning, match="only 20 held-out probe samples"):
+        out = evaluate_round(
+            colour_model(),
+            make_round("feat", COLOURS),
+            loader,
+            colour_backend(),
+            config=EvaluationConfig(ablation=False),
+            exclude_ids=range(4),
+        )
     assert out["probe_samples"] == 20 and out["simulation"] > 0.8 and "ablation_hit_rate" not in out
 
 

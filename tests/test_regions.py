@@ -53,9 +53,7 @@ def test_region_box_follows_peak_component_and_fallback():
     maps[2, 4, 4] = 0.3  # below the quantile threshold -> relative fallback
     thr = torch.tensor([1.0, 1.0, 1.0])
     peak, _ = region_boxes(maps, thr, (64, 64), padding=0.0, min_size=0.0, square=False, mask_size=64)
-    whole, _ = region_boxes(
-        maps, thr, (64, 64), padding=0.0, min_size=0.0, square=False, mask_size=64, component="all"
-    )
+    whole, _ = region_boxes(maps, thr, (64, 64), padding=0.0, min_size=0.0, square=False, mask_size=64, component="all")
     # blob rows/cols 1:3 of an 8x8 map over 64 px -> pixels 8..24 (bilinear half-way crossing)
     assert torch.allclose(peak[0].float(), torch.tensor([10.0, 10.0, 22.0, 22.0]), atol=3)
     assert whole[0, 2] > 50 and whole[0, 0] < 14  # the whole mask spans both blobs

@@ -41,8 +41,10 @@ def test_report_from_run_dir(tmp_path):
 
 def test_report_from_history_escapes_and_handles_empty(tmp_path):
     history = RunHistory()
-    history.add_round(make_round(0, previews=False).__class__(
-        epoch=0, units=[UnitExplanation("fc", 0, 0, "<b>x</b> & y", 0.5)]), bow_embed)
+    history.add_round(
+        make_round(0, previews=False).__class__(epoch=0, units=[UnitExplanation("fc", 0, 0, "<b>x</b> & y", 0.5)]),
+        bow_embed,
+    )
     html = render_report(history)
     assert "&lt;b&gt;x&lt;/b&gt; &amp; y" in html and "no crops saved" in html
     assert "The history is empty" in render_report(RunHistory())

@@ -89,8 +89,12 @@ def test_event_files(tmp_path):
 
 @pytest.mark.parametrize(
     ("log_units", "expected"),
-    [(1, {("features.3", 0), ("head.fc", 0)}), ([1], {("features.3", 1), ("head.fc", 1)}),
-     ({"head.fc": [0]}, {("head.fc", 0)}), (0, set())],
+    [
+        (1, {("features.3", 0), ("head.fc", 0)}),
+        ([1], {("features.3", 1), ("head.fc", 1)}),
+        ({"head.fc": [0]}, {("head.fc", 0)}),
+        (0, set()),
+    ],
 )
 def test_log_units_selection(tmp_path, log_units, expected):
     write_run(tmp_path, epochs=range(2), log_units=log_units)

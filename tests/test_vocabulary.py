@@ -154,3 +154,13 @@ def test_llm_vocabulary_with_real_smollm2(tmp_path: Path) -> None:
     concepts = llm_concepts(generator, ["cat", "car"], max_new_tokens=40, cache_dir=tmp_path, show_progress=False)
     assert concepts and all(c == c.lower() and len(c.split()) <= 4 for c in concepts)
     assert list((tmp_path / "llm_vocabulary").glob("smollm2-135m-instruct-q4_1-*.json"))
+
+
+def test_exclude_general_filters_the_builtin_source_only() -> None:
+    """A backend's basis concepts leave the general vocabulary but stay when they are the dataset's classes."""
+    general = Vocabulary(["general"])
+    assert "espresso" in general and "golf ball" in general
+    vocab = Vocabulary(["general", "classes"], class_names=["golf ball"], exclude_general=["Espresso", "golf_ball"])
+    assert "espresso" not in vocab
+    assert "golf ball" in vocab and vocab.origin("golf ball") == "classes"
+    assert len(vocab) == len(general) - 1

@@ -104,6 +104,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "run_dir", nargs="?", help="a `lightning-neurons fit` run: evaluate its newest checkpoint with its settings"
     )
     evaluate.add_argument("--checkpoint", default=None, help="evaluate this checkpoint of the run instead")
+    evaluate.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="built-in benchmark: seeds to average (default 0 1 2)"
+    )
     evaluate.add_argument("-o", "--output", default=None, help="write the JSON result here")
     evaluate.set_defaults(handler=_evaluate)
     return parser
@@ -172,8 +175,10 @@ def _explain(args: argparse.Namespace) -> int:
         for unit in rnd.units[:5]:
             print(f"  {unit.layer}[{unit.unit}] {unit.description!r} (score {unit.score:.2f})")
         if rnd.meta.get("evaluation"):
-            metrics = {k: v for k, v in rnd.meta["evaluation"].items() if isinstance(v, (int, float))}
-            print("  evaluation: " + json.dumps(metrics))
+            methods = {"explanations": rnd.meta["evaluation"], **rnd.meta.get("evaluation_baselines", {})}
+            for name, values in methods.items():
+                metrics = {k: round(v, 4) for k, v in values.items() if isinstance(v, (int, float))}
+                print(f"  evaluation ({name}): " + json.dumps(metrics))
     print(f"outputs: {Path(args.output_dir).resolve()}")
     return 0
 
@@ -208,11 +213,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             rnd = evaluate_run(args.run_dir, checkpoint=args.checkpoint)
-        result = {"epoch": rnd.epoch, "evaluation": rnd.meta.get("evaluation", {})}
+        result = {
+            "epoch": rnd.epoch,
+            "evaluation": rnd.meta.get("evaluation", {}),
+            "baselines": rnd.meta.get("evaluation_baselines", {}),
+        }
     else:
-        from lightning_neurons.evaluation import run_benchmark
+        from lightning_neurons.evaluation import run_benchmark_seeds
 
-        result = run_benchmark()
+        result = run_benchmark_seeds(args.seeds)
     text = json.dumps(result, indent=1)
     if args.output:
         Path(args.output).write_text(text)

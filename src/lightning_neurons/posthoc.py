@@ -233,6 +233,10 @@ def evaluate_run(
     explainer.evaluate = True
     explainer.history_dir = str(output_dir if output_dir is not None else run / "evaluation")
     return explain(
-        cli.model.eval(), cli.datamodule.val_dataloader(), explainer.layers, epoch=epoch,
-        output_dir=explainer.history_dir, explainer=explainer,
+        cli.model.eval(),
+        cli.datamodule.val_dataloader(),
+        explainer.layers,
+        epoch=epoch,
+        output_dir=explainer.history_dir,
+        explainer=explainer,
     )

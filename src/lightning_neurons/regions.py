@@ -63,9 +63,7 @@ def images_from_inputs(
         torch.Size([2, 3, 4, 4])
     """
     if inputs.dim() != 4 or inputs.shape[1] not in (1, 3):
-        raise ValueError(
-            f"the explanation stage needs image inputs [N, 1 or 3, H, W], got shape {tuple(inputs.shape)}"
-        )
+        raise ValueError(f"the explanation stage needs image inputs [N, 1 or 3, H, W], got shape {tuple(inputs.shape)}")
     x = inputs.detach().float()
     if mean is not None or std is not None:
         m = torch.as_tensor(mean if mean is not None else 0.0, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
@@ -431,9 +429,7 @@ def region_boxes(
         return boxes, masks
     for start in range(0, num, chunk_size):
         sl = slice(start, min(num, start + chunk_size))
-        m = region_masks(
-            maps[sl], thresholds[sl], mask_hw, relative_threshold=relative_threshold, component=component
-        )
+        m = region_masks(maps[sl], thresholds[sl], mask_hw, relative_threshold=relative_threshold, component=component)
         boxes[sl] = pad_boxes(mask_boxes(m, image_size), image_size, padding, min_size, square)
         if masks is not None:
             masks[sl] = m

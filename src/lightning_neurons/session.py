@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,7 @@ class ExplanationSession:
             sources,
             class_names=self.class_names,
             generator=self.backend.generator,
+            exclude_general=self.backend.basis_concepts,
             show_progress=explainer.show_progress,
         )
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
@@ -143,7 +145,8 @@ class ExplanationSession:
         if self.explainer.evaluate:
             evaluation = self._evaluate(model, rnd, recording, source)
             if evaluation is not None:
-                rnd.meta["evaluation"] = evaluation
+                rnd.meta["evaluation"] = evaluation.pop(self.backend.name)
+                rnd.meta["evaluation_baselines"] = evaluation
         rnd.meta.setdefault("timings", {})["total_s"] = round(time.perf_counter() - start, 3)
         self._write(rnd)
         return rnd
@@ -164,11 +167,28 @@ class ExplanationSession:
             show_progress=explainer.show_progress,
         )
 
-    def _evaluate(self, model: nn.Module, rnd: ExplanationRound, recording: Recording, source: SampleSource) -> Any:
-        """Quality metrics of the round on the probe samples it was not explained from (``evaluate=True``)."""
-        from lightning_neurons.evaluation import EvaluationConfig, evaluate_round, explained_sample_ids
+    def _evaluate(
+        self, model: nn.Module, rnd: ExplanationRound, recording: Recording, source: SampleSource
+    ) -> dict[str, Any] | None:
+        """Quality metrics of the round and of its baselines (``evaluate=True``), on held-out probe samples.
 
-        assert self.backend is not None
+        Returns ``{method: metrics}``: the backend's name for the round itself, then ``"random"`` (a random
+        vocabulary concept per unit), ``"constant"`` (the vocabulary concept closest to the held-out images on
+        average, for every unit) and, with labels and class names, ``"label"`` (the most frequent class of each
+        unit's top samples), all measured on the same held-out samples; ``None`` when none is left.
+        """
+        from lightning_neurons.evaluation import (
+            EvaluationConfig,
+            build_probe,
+            constant_baseline,
+            evaluate_round,
+            explained_sample_ids,
+            generic_concepts,
+            label_baseline,
+            random_baseline,
+        )
+
+        assert self.backend is not None and self.concepts is not None
         loader = getattr(source, "dataloader", None)
         if loader is None:
             raise ValueError("evaluate=True needs a dataloader-backed probe source")
@@ -182,23 +202,52 @@ class ExplanationSession:
             target_key=explainer.target_key,
             seed=explainer.seed,
         )
-        held_out = len(loader.dataset) - len(explained_sample_ids(rnd)) if hasattr(loader.dataset, "__len__") else 2
+        explained = explained_sample_ids(rnd)
+        held_out = len(loader.dataset) - len(explained) if hasattr(loader.dataset, "__len__") else 2
         if held_out < 2:
             rank_zero_warn(
                 f"NeuronExplainer(evaluate=True): epoch {rnd.epoch} is not evaluated: the explanations use all "
                 "probe samples, none is left to evaluate them on (use a larger validation set or a smaller top_k)"
             )
             return None
-        return evaluate_round(
+        layers = list(recording.layers)
+        # One probe (activations, image embeddings, ablation drops) serves the round and every baseline.
+        probe = build_probe(
             model,
-            rnd,
             loader,
-            self.backend,
-            list(recording.layers),
-            class_names=self.class_names,
-            config=config,
-            exclude_ids=explained_sample_ids(rnd),
+            layers,
+            self.backend.encoder,
+            image_mean=config.image_mean,
+            image_std=config.image_std,
+            reduction=config.reduction,
+            token_mode=config.token_mode,
+            input_key=config.input_key,
+            target_key=config.target_key,
+            exclude_ids=explained,
         )
+        texts, embeddings = self.concepts
+        assert probe.image_embeddings is not None
+        constant = generic_concepts(None, texts, probe.image_embeddings, n=5, text_embeddings=embeddings)
+        rounds = {
+            self.backend.name: rnd,
+            "random": random_baseline(rnd, texts, seed=explainer.seed),
+            "constant": constant_baseline(rnd, constant[0], constant[1:]),
+        }
+        if self.class_names and recording.labels and all(i in recording.labels for i in explained):
+            rounds["label"] = label_baseline(rnd, recording.labels, self.class_names)
+        with warnings.catch_warnings():
+            if len(probe) < config.min_probe_samples:  # say it once, not once per method
+                warnings.warn(
+                    f"NeuronExplainer(evaluate=True): only {len(probe)} held-out validation samples; the quality "
+                    "metrics are noisy (use a validation set with many more samples than top_k times the units)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                warnings.simplefilter("ignore", UserWarning)
+            return {
+                name: evaluate_round(model, r, probe, self.backend, layers, self.class_names, config=config)
+                for name, r in rounds.items()
+            }
 
     def _write(self, rnd: ExplanationRound) -> None:
         epoch = rnd.epoch if rnd.epoch is not None else 0
@@ -211,7 +260,8 @@ class ExplanationSession:
             if rnd.meta.get("evaluation"):
                 from lightning_neurons.evaluation import log_evaluation
 
-                log_evaluation(self.tensorboard.writer, {self.backend.name: rnd.meta["evaluation"]}, epoch)
+                methods = {self.backend.name: rnd.meta["evaluation"], **rnd.meta.get("evaluation_baselines", {})}
+                log_evaluation(self.tensorboard.writer, methods, epoch)
         NeuronTensorBoardLogger.save_previews(rnd, self.output_dir / PREVIEWS_DIRNAME)
         rnd.to_json(self.output_dir / f"round_epoch={epoch}.json")
         from lightning_neurons.logging.report import write_report
@@ -256,9 +306,7 @@ class ExplanationSession:
 
 def _preview_units(recording: Recording, log_units: int | list[int] | None) -> dict[str, list[int]]:
     """The units that get crop previews: the ones logged per unit to TensorBoard."""
-    return {
-        name: select_units(log_units, name, range(layer.num_units)) for name, layer in recording.layers.items()
-    }
+    return {name: select_units(log_units, name, range(layer.num_units)) for name, layer in recording.layers.items()}
 
 
 def _dataset_class_names(dataset: Any) -> list[str] | None:

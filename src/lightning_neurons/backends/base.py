@@ -77,6 +77,9 @@ class Backend:
         captioner: Optional captioner for the describe stage.
         generator: Optional text generator for the LLM vocabulary and the describe stage.
         text_encoder: Encoder of descriptions for drift similarity; defaults to ``encoder``.
+        basis_concepts: Concepts the encoder builds its image embeddings from (the embedded backend's ImageNet
+            class names). They are left out of the built-in general vocabulary: an image embedding that mixes
+            them is closest to one of them by construction, so they would win whether or not they fit.
     """
 
     name: str
@@ -84,6 +87,7 @@ class Backend:
     captioner: Captioner | None = None
     generator: TextGenerator | None = None
     text_encoder: ImageTextEncoder | None = None
+    basis_concepts: frozenset[str] = frozenset()
 
     def encode_descriptions(self, texts: Sequence[str]) -> Tensor:
         """Embed descriptions for drift similarity (text-text)."""

@@ -181,7 +181,7 @@ def load_clip_encoder(
         close = difflib.get_close_matches(model_name, open_clip.list_models(), n=5)
         raise ModelLoadError(
             f"Unknown open_clip architecture {model_name!r}. Close matches: {close or 'none'}; "
-            "see open_clip.list_models(). backend=\"embedded\" needs no download and works offline."
+            'see open_clip.list_models(). backend="embedded" needs no download and works offline.'
         )
     if has_schema:
         looked_in = model_name

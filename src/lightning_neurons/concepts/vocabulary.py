@@ -44,9 +44,28 @@ _ALLOWED = re.compile(r"^[a-z][a-z' -]*[a-z]$")
 _STOP_PHRASES = ("here are", "here is", "sure", "visual concepts", "the classes", "i hope", "note", "list of")
 # The prompt's own category words, which small models echo back.
 _CATEGORY_WORDS = {
-    "part", "parts", "object parts", "shape", "shapes", "colour", "colours", "color", "colors", "texture",
-    "textures", "material", "materials", "scene", "scenes", "typical scenes", "concept", "concepts", "class",
-    "classes", "object", "objects",
+    "part",
+    "parts",
+    "object parts",
+    "shape",
+    "shapes",
+    "colour",
+    "colours",
+    "color",
+    "colors",
+    "texture",
+    "textures",
+    "material",
+    "materials",
+    "scene",
+    "scenes",
+    "typical scenes",
+    "concept",
+    "concepts",
+    "class",
+    "classes",
+    "object",
+    "objects",
 }
 
 
@@ -224,6 +243,8 @@ class Vocabulary:
         generator: Text generator for ``"llm"`` (e.g. ``load_backend("embedded").generator``).
         concepts: Extra concepts appended after the sources.
         exclude: Concepts to drop (e.g. words that match everything).
+        exclude_general: Concepts to drop from the built-in ``"general"`` source only (the same words from the
+            other sources stay): a backend's :attr:`~lightning_neurons.backends.Backend.basis_concepts`.
         cache_dir: Cache root for LLM answers and embeddings; default ``$LIGHTNING_NEURONS_CACHE`` or
             ``~/.cache/lightning_neurons``.
         llm_classes_per_prompt: Classes per LLM prompt.
@@ -248,6 +269,7 @@ class Vocabulary:
         generator: TextGenerator | None = None,
         concepts: Sequence[str] = (),
         exclude: Sequence[str] = (),
+        exclude_general: Iterable[str] = (),
         cache_dir: str | os.PathLike[str] | None = None,
         llm_classes_per_prompt: int = 8,
         llm_concepts_per_prompt: int = 20,
@@ -266,6 +288,7 @@ class Vocabulary:
         self.generator = generator
         self.extra = list(concepts)
         self.exclude = {normalize_concept(c) for c in exclude}
+        self.exclude_general = {normalize_concept(c) for c in exclude_general}
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.llm_classes_per_prompt = llm_classes_per_prompt
         self.llm_concepts_per_prompt = llm_concepts_per_prompt
@@ -296,8 +319,9 @@ class Vocabulary:
         if self._concepts is None:
             origins: dict[str, str] = {}
             for source in self.sources:
+                skip = self.exclude | self.exclude_general if source == "general" else self.exclude
                 for concept in self._source_concepts(source):
-                    if concept not in self.exclude:
+                    if concept not in skip:
                         origins.setdefault(concept, source)
             for concept in dedupe(self.extra):
                 if concept not in self.exclude:

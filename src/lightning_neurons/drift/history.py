@@ -156,9 +156,15 @@ class HistoryRecord:
 def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
     # The history keeps what drift and reports need; boxes/activations/ablation stay in the round itself.
     return UnitExplanation(
-        layer=u.layer, unit=int(u.unit), epoch=epoch, description=u.description, score=float(u.score),
-        margin=float(u.margin), concept_score=float(u.concept_score),
-        alternatives=[Alternative(a.text, float(a.score)) for a in u.alternatives], source=u.source,
+        layer=u.layer,
+        unit=int(u.unit),
+        epoch=epoch,
+        description=u.description,
+        score=float(u.score),
+        margin=float(u.margin),
+        concept_score=float(u.concept_score),
+        alternatives=[Alternative(a.text, float(a.score)) for a in u.alternatives],
+        source=u.source,
         top_sample_ids=[int(i) for i in u.top_sample_ids],
     )
 
@@ -232,8 +238,10 @@ class RunHistory:
         try:
             return self._records[(layer, unit, epoch)]
         except KeyError:
-            raise KeyError(f"no history for unit {unit} of layer {layer!r} at epoch {epoch} "
-                           f"(epochs: {self.epochs}, layers: {self.layers})") from None
+            raise KeyError(
+                f"no history for unit {unit} of layer {layer!r} at epoch {epoch} "
+                f"(epochs: {self.epochs}, layers: {self.layers})"
+            ) from None
 
     def timeline(self, layer: str, unit: int) -> list[HistoryRecord]:
         """One unit's records in epoch order."""
@@ -274,18 +282,25 @@ class RunHistory:
         if not self._records:
             return ["(empty history)"]
         width = max([24, *(len(layer) for layer in self.layers)])
-        lines = [f"{'layer':<{width}} {'epoch':>5} {'units':>5} {'changed':>9} {'mean score':>10} {'mean sim':>8} "
-                 f"{'stable':>6}"]
+        lines = [
+            f"{'layer':<{width}} {'epoch':>5} {'units':>5} {'changed':>9} {'mean score':>10} {'mean sim':>8} "
+            f"{'stable':>6}"
+        ]
         for s in self.summary():
             changed = f"{s.n_changed}/{s.n_compared}" if s.n_compared else "-"
             sim = "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}"
-            lines.append(f"{s.layer:<{width}} {s.epoch:>5} {s.n_units:>5} {changed:>9} {s.mean_score:>10.3f} "
-                         f"{sim:>8} {s.n_stable:>6}")
+            lines.append(
+                f"{s.layer:<{width}} {s.epoch:>5} {s.n_units:>5} {changed:>9} {s.mean_score:>10.3f} "
+                f"{sim:>8} {s.n_stable:>6}"
+            )
         changes = [d for d in self.drift() if d.changed]
         if changes:
             lines.append("meaning changes:")
-            lines += [f"  {d.layer}[{d.unit}] epoch {d.epoch}: {d.previous_description!r} -> {d.description!r} "
-                      f"(similarity {d.similarity:.2f})" for d in changes]
+            lines += [
+                f"  {d.layer}[{d.unit}] epoch {d.epoch}: {d.previous_description!r} -> {d.description!r} "
+                f"(similarity {d.similarity:.2f})"
+                for d in changes
+            ]
         return lines
 
     # ------------------------------------------------------------------ updates
@@ -313,8 +328,10 @@ class RunHistory:
         ep = int(ep)
         later = [e for e in self.epochs if e > ep]
         if later:
-            warnings.warn(f"adding epoch {ep} discards the later history epochs {later} (resumed from an earlier "
-                          "checkpoint?)", stacklevel=2)
+            warnings.warn(
+                f"adding epoch {ep} discards the later history epochs {later} (resumed from an earlier checkpoint?)",
+                stacklevel=2,
+            )
         self._records = {k: r for k, r in self._records.items() if k[2] < ep}
         previous: dict[tuple[str, int], UnitExplanation] = {}
         for r in sorted(self._records.values(), key=lambda r: r.key[2]):
@@ -341,8 +358,11 @@ class RunHistory:
         self.path = Path(path)
         if not self._records:
             if self.path.is_file() and self.path.stat().st_size > 0:
-                warnings.warn(f"{self.path} already holds history records; new rounds are appended and replace "
-                              "those of the same or later epochs when read", stacklevel=2)
+                warnings.warn(
+                    f"{self.path} already holds history records; new rounds are appended and replace "
+                    "those of the same or later epochs when read",
+                    stacklevel=2,
+                )
             return
         if self.path.is_file() and _dicts(_read_jsonl(self.path, warn=False)) == _dicts(self):
             return
@@ -384,16 +404,20 @@ class RunHistory:
         were computed with); a differing threshold is warned about.
         """
         if "threshold" in state and not math.isclose(float(state["threshold"]), self.threshold):
-            warnings.warn(f"the restored history used change threshold {state['threshold']}; new rounds use "
-                          f"{self.threshold}", stacklevel=2)
+            warnings.warn(
+                f"the restored history used change threshold {state['threshold']}; new rounds use {self.threshold}",
+                stacklevel=2,
+            )
         self._records = {}
         self._replay(HistoryRecord.from_dict(d) for d in state.get("records", []))
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> RunHistory:
         """A history restored from :meth:`state_dict` with the threshold it was written with."""
-        history = cls(threshold=float(state.get("threshold", DEFAULT_CHANGE_THRESHOLD)),
-                      stable_rounds=int(state.get("stable_rounds", DEFAULT_STABLE_ROUNDS)))
+        history = cls(
+            threshold=float(state.get("threshold", DEFAULT_CHANGE_THRESHOLD)),
+            stable_rounds=int(state.get("stable_rounds", DEFAULT_STABLE_ROUNDS)),
+        )
         history.load_state_dict(state)
         return history
 
@@ -401,8 +425,9 @@ class RunHistory:
         """Write all records to a new JSON Lines file (overwriting it); returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.records),
-                        encoding="utf-8")
+        path.write_text(
+            "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.records), encoding="utf-8"
+        )
         return path
 
     def to_json(self, path: str | Path) -> Path:
@@ -433,8 +458,10 @@ class RunHistory:
             writer.writeheader()
             for r in self.records:
                 row = r.to_dict()
-                row["alternatives"] = "; ".join(f"{a['text']}={a['score']:.4g}" if a["score"] is not None
-                                                else a["text"] for a in row["alternatives"])
+                row["alternatives"] = "; ".join(
+                    f"{a['text']}={a['score']:.4g}" if a["score"] is not None else a["text"]
+                    for a in row["alternatives"]
+                )
                 row["top_sample_ids"] = " ".join(str(i) for i in row["top_sample_ids"])
                 writer.writerow({c: "" if row[c] is None else row[c] for c in columns})
         return path
@@ -445,8 +472,22 @@ def _dicts(history: RunHistory) -> list[dict[str, Any]]:
 
 
 _CSV_COLUMNS = [
-    "layer", "unit", "epoch", "description", "score", "margin", "concept_score", "source", "previous_epoch",
-    "previous_description", "similarity", "changed", "jaccard", "score_delta", "threshold", "alternatives",
+    "layer",
+    "unit",
+    "epoch",
+    "description",
+    "score",
+    "margin",
+    "concept_score",
+    "source",
+    "previous_epoch",
+    "previous_description",
+    "similarity",
+    "changed",
+    "jaccard",
+    "score_delta",
+    "threshold",
+    "alternatives",
     "top_sample_ids",
 ]
 

@@ -234,8 +234,14 @@ def compare_units(
         ep = epoch if epoch is not None else u.epoch
         if ep is None:
             raise ValueError(f"unit {u.unit} of layer {u.layer!r} has no epoch; pass epoch=")
-        d = UnitDrift(layer=u.layer, unit=u.unit, epoch=int(ep), description=u.description, score=float(u.score),
-                      threshold=threshold)
+        d = UnitDrift(
+            layer=u.layer,
+            unit=u.unit,
+            epoch=int(ep),
+            description=u.description,
+            score=float(u.score),
+            threshold=threshold,
+        )
         if i in by_index:
             p, s = by_index[i]
             d.previous_epoch = p.epoch

@@ -7,7 +7,8 @@
 - Ablation check (the paper's): :func:`ablation_drops`, :func:`ablation_agreement`.
 - Baselines: :func:`random_baseline`, :func:`constant_baseline`, :func:`label_baseline`.
 - All of it on one round: :func:`evaluate_round`; TensorBoard: :func:`log_evaluation`; the offline benchmark
-  behind ``lightning-neurons evaluate`` and ``benchmarks/quality.py``: :func:`run_benchmark`.
+  behind ``lightning-neurons evaluate`` and ``benchmarks/quality.py``: :func:`run_benchmark` (one seed),
+  :func:`run_benchmark_seeds` (the mean over seeds).
 
 Example:
     >>> from lightning_neurons.evaluation import evaluate_round, log_evaluation
@@ -22,7 +23,7 @@ from lightning_neurons.evaluation.baselines import (
     label_baseline,
     random_baseline,
 )
-from lightning_neurons.evaluation.benchmark import HEADLINE_METRICS, BenchmarkConfig, run_benchmark
+from lightning_neurons.evaluation.benchmark import HEADLINE_METRICS, BenchmarkConfig, run_benchmark, run_benchmark_seeds
 from lightning_neurons.evaluation.contrast import ContrastResult, contrast_scores
 from lightning_neurons.evaluation.final_layer import (
     final_layer_accuracy,
@@ -68,6 +69,7 @@ __all__ = [
     "pearson",
     "random_baseline",
     "run_benchmark",
+    "run_benchmark_seeds",
     "simulation_scores",
     "text_similarity",
 ]

@@ -45,36 +45,49 @@ class AblationAgreement:
     """Per-unit agreement of descriptions with the classes their ablation hurts.
 
     Args:
-        hit: ``[U]`` bool, the description names one of the unit's hurt classes.
+        hit: ``[U]`` bool, the description names one of the unit's hurt classes: it equals one, or (with the
+            class names known) the class name closest to it is a hurt class, or (without them) its similarity
+            with a hurt class reaches the threshold.
         similarity: ``[U]`` the best sentence-embedding similarity of the description with a hurt class
-            (0 where no class is hurt).
+            (0 where no class is hurt). Uncentred: a generic word close to every class name scores high on it,
+            so it is a diagnostic, not a quality measure.
         evaluated: ``[U]`` bool, the unit hurts at least one class (only those count in the means).
         rank: ``[U]`` AUC of the description's similarity with the hurt classes against the other classes
-            (0.5 = chance; ``nan`` where no class list was given or every class is hurt). Unlike ``similarity``
-            it cannot be raised by a generic description that is close to every class name.
+            (0.5 = chance; ``nan`` where no class list was given or every class is hurt).
+        gap: ``[U]`` mean similarity of the description with the hurt classes minus its mean similarity with
+            the other classes (0 = chance, ``nan`` as for ``rank``): the similarity, centred per description.
     """
 
     hit: Tensor
     similarity: Tensor
     evaluated: Tensor
     rank: Tensor | None = None
+    gap: Tensor | None = None
 
     def summary(self) -> dict[str, float]:
-        """``ablation_hit_rate``, ``ablation_similarity`` (means over evaluated units) and ``ablation_units``."""
+        """Means over the evaluated units, ``nan`` where not measured.
+
+        Keys: ``ablation_hit_rate``, ``ablation_rank``, ``ablation_similarity_gap``, ``ablation_similarity``
+        (uncentred) and ``ablation_units``.
+        """
         n = int(self.evaluated.sum())
         nan = float("nan")
-        if n == 0:
-            return {"ablation_hit_rate": nan, "ablation_similarity": nan, "ablation_rank": nan, "ablation_units": 0}
-        out = {
-            "ablation_hit_rate": float(self.hit[self.evaluated].float().mean()),
-            "ablation_similarity": float(self.similarity[self.evaluated].mean()),
+        out: dict[str, float] = {
+            "ablation_hit_rate": nan,
             "ablation_rank": nan,
+            "ablation_similarity_gap": nan,
+            "ablation_similarity": nan,
             "ablation_units": n,
         }
-        if self.rank is not None:
-            ranks = self.rank[self.evaluated]
-            ranks = ranks[torch.isfinite(ranks)]
-            out["ablation_rank"] = float(ranks.mean()) if ranks.numel() else nan
+        if n == 0:
+            return out
+        out["ablation_hit_rate"] = float(self.hit[self.evaluated].float().mean())
+        out["ablation_similarity"] = float(self.similarity[self.evaluated].mean())
+        for key, values in (("ablation_rank", self.rank), ("ablation_similarity_gap", self.gap)):
+            if values is not None:
+                kept = values[self.evaluated]
+                kept = kept[torch.isfinite(kept)]
+                out[key] = float(kept.mean()) if kept.numel() else nan
         return out
 
 
@@ -179,8 +192,12 @@ def ablation_agreement(
         raise ValueError(f"need one hurt-class list per description, got {len(hurt)} for {len(descriptions)}")
     classes = sorted({c for names in hurt for c in names} | set(class_names or ()))
     u = len(descriptions)
+    nan = float("nan")
     similarity = torch.zeros(u)
     exact = torch.zeros(u, dtype=torch.bool)
+    nearest_hurt = torch.zeros(u, dtype=torch.bool)
+    rank = gap = None
+    evaluated = torch.tensor([len(names) > 0 for names in hurt], dtype=torch.bool)
     if classes:
         texts = list(dict.fromkeys([*descriptions, *classes]))
         emb = torch.nn.functional.normalize(embed(texts).float(), dim=-1)
@@ -191,18 +208,22 @@ def ablation_agreement(
             if names:
                 similarity[i] = sims[i, [col[c] for c in names]].max()
                 exact[i] = normalize_text(descriptions[i]) in {normalize_text(c) for c in names}
-    evaluated = torch.tensor([len(names) > 0 for names in hurt], dtype=torch.bool)
-    hit = evaluated & (exact | (similarity >= threshold))
-    rank = None
-    if class_names:
-        rank = torch.full((u,), float("nan"))
-        all_cols = [col[c] for c in dict.fromkeys(class_names)]
-        for i, names in enumerate(hurt):
-            pos = [col[c] for c in dict.fromkeys(names)]
-            neg = [j for j in all_cols if j not in pos]
-            if pos and neg:
-                rank[i] = auc(sims[i, pos][None], sims[i, neg][None])[0]
-    return AblationAgreement(hit=hit, similarity=similarity, evaluated=evaluated, rank=rank)
+        if class_names:
+            rank, gap = torch.full((u,), nan), torch.full((u,), nan)
+            all_cols = [col[c] for c in dict.fromkeys(class_names)]
+            nearest = torch.tensor(all_cols)[sims[:, all_cols].argmax(dim=1)]
+            for i, names in enumerate(hurt):
+                pos = [col[c] for c in dict.fromkeys(names)]
+                neg = [j for j in all_cols if j not in pos]
+                nearest_hurt[i] = int(nearest[i]) in pos
+                if pos and neg:
+                    rank[i] = auc(sims[i, pos][None], sims[i, neg][None])[0]
+                    gap[i] = sims[i, pos].mean() - sims[i, neg].mean()
+    # With every class name known, a description names the class it is closest to; without them, the classes
+    # it is similar enough to. The first cannot be won by a generic word that is close to every class name.
+    named = nearest_hurt if class_names else similarity >= threshold
+    hit = evaluated & (exact | named)
+    return AblationAgreement(hit=hit, similarity=similarity, evaluated=evaluated, rank=rank, gap=gap)
 
 
 __all__ = ["AblationAgreement", "Hurt", "ablation_agreement", "ablation_drops", "layer_kind"]

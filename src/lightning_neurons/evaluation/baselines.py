@@ -133,19 +133,40 @@ def label_baseline(
 
 
 def generic_concepts(
-    encoder: ImageTextEncoder, concepts: Sequence[str], image_embeddings: Tensor, n: int = 5
+    encoder: ImageTextEncoder | None,
+    concepts: Sequence[str],
+    image_embeddings: Tensor,
+    n: int = 5,
+    *,
+    text_embeddings: Tensor | None = None,
 ) -> list[str]:
     """The ``n`` concepts with the highest mean similarity over the probe images (they "match everything").
 
     Args:
-        encoder: Image-text encoder (for the concept embeddings).
+        encoder: Image-text encoder (for the concept embeddings); may be ``None`` when ``text_embeddings`` is given.
         concepts: The vocabulary.
         image_embeddings: ``[N, D]`` probe image embeddings from the same encoder.
         n: How many to return, most generic first.
+        text_embeddings: ``[len(concepts), D]`` embeddings of ``concepts`` by the same encoder, if already known.
+
+    Raises:
+        ValueError: If neither an encoder nor matching text embeddings are given.
+
+    Example:
+        >>> images = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+        >>> generic_concepts(None, ["red", "blue"], images, n=1, text_embeddings=torch.eye(2))
+        ['red']
     """
-    concepts = list(dict.fromkeys(concepts))
-    text = encoder.encode_texts(concepts).float()
-    mean_sim = (image_embeddings.float() @ text.T).mean(dim=0)
+    if text_embeddings is not None:
+        if text_embeddings.shape[0] != len(concepts):
+            raise ValueError(f"need one text embedding per concept, got {text_embeddings.shape[0]} for {len(concepts)}")
+        text, concepts = text_embeddings.float(), list(concepts)
+    elif encoder is not None:
+        concepts = list(dict.fromkeys(concepts))
+        text = encoder.encode_texts(concepts).float()
+    else:
+        raise ValueError("generic_concepts needs an encoder or the concepts' text_embeddings")
+    mean_sim = (image_embeddings.float().to(text.device) @ text.T).mean(dim=0)
     return [concepts[int(i)] for i in mean_sim.argsort(descending=True)[:n]]
 
 

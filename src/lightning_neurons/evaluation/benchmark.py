@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Sequence
@@ -44,12 +45,25 @@ from lightning_neurons.evaluation.baselines import (
     random_baseline,
 )
 from lightning_neurons.evaluation.final_layer import final_layer_accuracy
-from lightning_neurons.evaluation.harness import LAYER_METRICS, EvaluationConfig, evaluate_round
+from lightning_neurons.evaluation.harness import DIAGNOSTIC_METRICS, LAYER_METRICS, EvaluationConfig, evaluate_round
 from lightning_neurons.evaluation.probe import build_probe
 from lightning_neurons.results import ExplanationRound
 
 #: Metrics on which the method must beat the random and constant baselines (higher is better for all).
-HEADLINE_METRICS = ("final_top1", "final_top5", "final_class_similarity", "final_class_rank", *LAYER_METRICS)
+HEADLINE_METRICS = (
+    "final_top1",
+    "final_top5",
+    "final_class_similarity",
+    "final_class_rank",
+    *(m for m in LAYER_METRICS if m not in DIAGNOSTIC_METRICS),
+)
+
+
+#: Every method the benchmark scores, the explanation method first.
+METHODS = ("embedded", "random", "constant", "label")
+
+#: Baselines the method must beat on every headline metric (the label baseline is a reference, not a bar).
+BASELINES_TO_BEAT = ("random", "constant")
 
 
 @dataclass
@@ -220,17 +234,12 @@ def run_benchmark(
     lap("train")
 
     loaded = backend or load_backend("embedded", device="cpu", **{"generator": False, **cfg.backend_kwargs})
-    backend = Backend(
-        name=loaded.name,
-        encoder=MemoEncoder(loaded.encoder),
-        captioner=loaded.captioner,
-        generator=loaded.generator,
-        text_encoder=loaded.text_encoder,
-    )
+    backend = dataclasses.replace(loaded, encoder=MemoEncoder(loaded.encoder))
     # The general vocabulary alone for the output layer: the final-layer similarity asks for class names that are
     # not handed over. Hidden layers get the product default (the callback's ["general", "classes"]).
-    general = Vocabulary(["general"], show_progress=False)
-    default = Vocabulary(["general", "classes"], class_names=class_names, show_progress=False)
+    basis = loaded.basis_concepts
+    general = Vocabulary(["general"], exclude_general=basis, show_progress=False)
+    default = Vocabulary(["general", "classes"], class_names=class_names, exclude_general=basis, show_progress=False)
     lap("load_backend")
 
     loader = DataLoader(probe_set, batch_size=64)
@@ -337,15 +346,12 @@ def run_benchmark(
             "head": {class_names[u.unit]: u.description for u in head[:6]},
             cfg.conv_layer: [u.description for u in by_general.layer(cfg.conv_layer)[:6]],
         }
-        result[method] = {k: metrics[k] for k in (*HEADLINE_METRICS, "layers", "examples") if k in metrics}
+        result[method] = {
+            k: metrics[k] for k in (*HEADLINE_METRICS, *DIAGNOSTIC_METRICS, "layers", "examples") if k in metrics
+        }
     lap("evaluate")
 
-    result["checks"] = {
-        metric: {
-            base: _beats(result["embedded"].get(metric), result[base].get(metric)) for base in ("random", "constant")
-        }
-        for metric in HEADLINE_METRICS
-    }
+    result["checks"] = _checks(result)
     result["setup"] = {
         **{k: v for k, v in asdict(cfg).items() if k != "backend_kwargs"},
         "classes": class_names,
@@ -365,6 +371,75 @@ def run_benchmark(
     return _rounded(result)
 
 
+def run_benchmark_seeds(
+    seeds: Sequence[int] = (0, 1, 2), *, config: BenchmarkConfig | None = None, backend: Backend | None = None
+) -> dict[str, Any]:
+    """Run :func:`run_benchmark` once per seed (data, weights, baselines) and average the metrics.
+
+    One seed trains one small classifier on 12 photos and explains 12 output units: a few units decide a metric,
+    so single-seed comparisons are noisy. The checks say whether the method beats each baseline on the mean over
+    seeds (``checks``) and on every seed (``checks_every_seed``).
+
+    Args:
+        seeds: Seeds to run (each replaces ``config.seed``).
+        config: Settings shared by every seed (default :class:`BenchmarkConfig`).
+        backend: A loaded backend to use instead of ``load_backend("embedded")`` (loaded once otherwise).
+
+    Returns:
+        ``{"seeds", "embedded", "random", "constant", "label", "checks", "checks_every_seed", "per_seed",
+        "setup"}``: per method the mean of each metric of :data:`HEADLINE_METRICS` and
+        :data:`~lightning_neurons.evaluation.harness.DIAGNOSTIC_METRICS` over the seeds; ``per_seed`` holds each
+        seed's own :func:`run_benchmark` result.
+
+    Raises:
+        ValueError: If ``seeds`` is empty.
+
+    Example:
+        >>> out = run_benchmark_seeds([0, 1])  # doctest: +SKIP
+        >>> out["checks"]["simulation"]  # doctest: +SKIP
+        {'random': True, 'constant': True}
+    """
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise ValueError("run_benchmark_seeds needs at least one seed")
+    base = config or BenchmarkConfig()
+    if backend is None:
+        from lightning_neurons.backends import load_backend
+
+        backend = load_backend("embedded", device="cpu", **{"generator": False, **base.backend_kwargs})
+    per_seed = {
+        str(seed): run_benchmark(config=dataclasses.replace(base, seed=seed), backend=backend) for seed in seeds
+    }
+    runs = list(per_seed.values())
+    metrics = (*HEADLINE_METRICS, *DIAGNOSTIC_METRICS)
+    result: dict[str, Any] = {"seeds": seeds}
+    for method in METHODS:
+        result[method] = {
+            m: sum(run[method][m] for run in runs) / len(runs) for m in metrics if all(m in run[method] for run in runs)
+        }
+    result["checks"] = _checks(result)
+    result["checks_every_seed"] = {
+        metric: {base_: all(run["checks"][metric][base_] for run in runs) for base_ in BASELINES_TO_BEAT}
+        for metric in HEADLINE_METRICS
+    }
+    result["per_seed"] = per_seed
+    first = runs[0]["setup"]
+    result["setup"] = {
+        **{k: v for k, v in first.items() if k not in ("seed", "eval_accuracy", "timings_s")},
+        "eval_accuracy": [run["setup"]["eval_accuracy"] for run in runs],
+        "total_s_per_seed": [round(sum(run["setup"]["timings_s"].values()), 1) for run in runs],
+    }
+    return _rounded(result)
+
+
+def _checks(result: dict[str, Any]) -> dict[str, dict[str, bool | None]]:
+    """Per headline metric, whether the method beats each baseline (``None`` where a value is missing)."""
+    return {
+        metric: {base: _beats(result["embedded"].get(metric), result[base].get(metric)) for base in BASELINES_TO_BEAT}
+        for metric in HEADLINE_METRICS
+    }
+
+
 def _rounded(obj: Any, digits: int = 4) -> Any:
     """Round floats for a readable JSON (metrics are averages over a few hundred samples at most)."""
     if isinstance(obj, float):
@@ -382,4 +457,14 @@ def _beats(method: float | None, baseline: float | None) -> bool | None:
     return bool(method > baseline)
 
 
-__all__ = ["HEADLINE_METRICS", "BenchmarkConfig", "MemoEncoder", "accuracy", "run_benchmark", "train_classifier"]
+__all__ = [
+    "BASELINES_TO_BEAT",
+    "HEADLINE_METRICS",
+    "METHODS",
+    "BenchmarkConfig",
+    "MemoEncoder",
+    "accuracy",
+    "run_benchmark",
+    "run_benchmark_seeds",
+    "train_classifier",
+]

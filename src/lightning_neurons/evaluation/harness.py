@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,8 +51,13 @@ LAYER_METRICS = (
     "contrast_mad",
     "ablation_hit_rate",
     "ablation_rank",
+    "ablation_similarity_gap",
     "ablation_similarity",
 )
+
+#: Reported but not a quality measure: raw similarity to the hurt class names, which a generic word close to every
+#: class name wins (the constant baseline shows it); ``ablation_similarity_gap`` is its centred version.
+DIAGNOSTIC_METRICS = ("ablation_similarity",)
 
 
 @dataclass
@@ -75,6 +81,8 @@ class EvaluationConfig:
         ablation_threshold: MiniLM similarity from which a description names a hurt class.
         ks: Top-k accuracies of the final-layer protocol.
         seed: Seed of the control draw.
+        min_probe_samples: Below this many held-out samples :func:`evaluate_round` warns that its numbers are
+            noise-dominated (it still computes them).
     """
 
     image_mean: tuple[float, ...] | None = None
@@ -91,6 +99,7 @@ class EvaluationConfig:
     ablation_threshold: float = 0.5
     ks: tuple[int, ...] = (1, 5)
     seed: int = 0
+    min_probe_samples: int = 50
 
     def __post_init__(self) -> None:
         if not 0 < self.concept_fraction < 1:
@@ -154,8 +163,8 @@ def evaluate_round(
         >>> model = nn.Sequential(nn.Identity())  # unit c = intensity of channel c
         >>> colours = ["red", "green", "blue"]
         >>> rnd = ExplanationRound(0, [UnitExplanation("0", c, 0, d, 1.0) for c, d in enumerate(colours)])
-        >>> images = torch.rand(40, 3, 1, 1).expand(-1, -1, 4, 4)  # flat colours of random intensity
-        >>> out = evaluate_round(model, rnd, (images, torch.zeros(40).long()), Backend("toy", Enc()),
+        >>> images = torch.rand(60, 3, 1, 1).expand(-1, -1, 4, 4)  # flat colours of random intensity
+        >>> out = evaluate_round(model, rnd, (images, torch.zeros(60).long()), Backend("toy", Enc()),
         ...                      config=EvaluationConfig(ablation=False))
         >>> out["simulation"] > 0.5, out["layers"]["0"]["units"]
         (True, 3)
@@ -178,6 +187,14 @@ def evaluate_round(
             input_key=cfg.input_key,
             target_key=cfg.target_key,
             exclude_ids=exclude_ids,
+        )
+    if len(probe) < cfg.min_probe_samples:
+        warnings.warn(
+            f"evaluating on only {len(probe)} held-out probe samples (fewer than {cfg.min_probe_samples}): each "
+            "contrast concept set is a handful of images and every metric is noisy. Evaluate on a larger probe, "
+            "e.g. a validation set with many more samples than top_k times the explained units.",
+            UserWarning,
+            stacklevel=2,
         )
     _complete_probe(model, probe, layers, backend, cfg)
 

@@ -78,21 +78,28 @@ def auc(positive: Tensor, negative: Tensor) -> Tensor:
     return wins.mean(dim=(1, 2))
 
 
-def mad(positive: Tensor, negative: Tensor) -> Tensor:
+def mad(positive: Tensor, negative: Tensor, *, min_std_fraction: float = 0.1) -> Tensor:
     """CoSy's mean activation difference: ``(mean(positive) - mean(negative)) / std(negative)`` per row.
+
+    A control set that barely varies is no unit of measurement: a ReLU unit silent on every control image would
+    divide by ~0 and one such unit would dominate a layer's mean. The denominator is therefore floored at
+    ``min_std_fraction`` times the standard deviation of the row's values over both groups (the unit's own spread
+    on the probe), which bounds such a unit's MAD instead of letting it run to thousands.
 
     Args:
         positive: ``[U, P]`` activations on the concept images.
         negative: ``[U, Q]`` activations on the control images.
+        min_std_fraction: Floor of the control standard deviation, as a fraction of the pooled one.
 
     Returns:
-        ``[U]`` differences in units of the control standard deviation. A row whose control values are
-        constant gives 0 when the means are equal too, and otherwise divides by a small floor (``1e-6`` times
-        the value scale) so that the sign survives without producing infinities.
+        ``[U]`` differences in units of the (floored) control standard deviation; 0 where the two means are equal
+        or every value of the row is the same.
 
     Example:
         >>> mad(torch.tensor([[3.0, 3.0]]), torch.tensor([[0.0, 2.0]])).tolist()
         [2.0]
+        >>> mad(torch.tensor([[1.0]]), torch.tensor([[0.0] * 9])).tolist()  # silent controls: floored, not 1e6
+        [33.33333206176758]
     """
     positive = positive.float().reshape(-1, positive.shape[-1])
     negative = negative.float().reshape(-1, negative.shape[-1])
@@ -100,8 +107,9 @@ def mad(positive: Tensor, negative: Tensor) -> Tensor:
         return torch.zeros(positive.shape[0])
     diff = positive.mean(dim=1) - negative.mean(dim=1)
     std = negative.std(dim=1, unbiased=False)
+    pooled = torch.cat([positive, negative], dim=1).std(dim=1, unbiased=False)
     scale = torch.maximum(positive.abs().amax(dim=1), negative.abs().amax(dim=1)).clamp_min(1.0)
-    out = diff / torch.maximum(std, _EPS * scale)
+    out = diff / torch.maximum(std, torch.maximum(min_std_fraction * pooled, _EPS * scale))
     return torch.where(diff.abs() <= _EPS * scale, torch.zeros_like(out), out)
 
 

@@ -76,9 +76,11 @@ def line_plot_svg(
         y = min(max(y, y0), y1)
         return height - pad_b - (y - y0) / (y1 - y0) * (height - pad_t - pad_b)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="{_esc(title)}">',
-             f'<text x="{pad_l}" y="15" font-size="12" font-weight="600">{_esc(title)}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{_esc(title)}">',
+        f'<text x="{pad_l}" y="15" font-size="12" font-weight="600">{_esc(title)}</text>',
+    ]
     for frac in (0.0, 0.5, 1.0):
         y = y0 + frac * (y1 - y0)
         parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eaeef2"/>')
@@ -86,16 +88,20 @@ def line_plot_svg(
     ticks = sorted({x for x, _ in pts})
     step = max(1, math.ceil(len(ticks) / 10))
     for x in ticks[::step]:
-        parts.append(f'<text x="{sx(x):.1f}" y="{height - pad_b + 14}" font-size="10" text-anchor="middle">'
-                     f"{x:g}</text>")
-    parts.append(f'<text x="{(width + pad_l) / 2:.0f}" y="{height - 2}" font-size="10" text-anchor="middle">'
-                 "epoch</text>")
+        parts.append(
+            f'<text x="{sx(x):.1f}" y="{height - pad_b + 14}" font-size="10" text-anchor="middle">{x:g}</text>'
+        )
+    parts.append(
+        f'<text x="{(width + pad_l) / 2:.0f}" y="{height - 2}" font-size="10" text-anchor="middle">epoch</text>'
+    )
     if len(pts) > 1:
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
     for x, y in pts:
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}">'
-                     f"<title>epoch {x:g}: {y:.3f}</title></circle>")
+        parts.append(
+            f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}">'
+            f"<title>epoch {x:g}: {y:.3f}</title></circle>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -111,15 +117,17 @@ def _layer_section(history: RunHistory, layer: str, summaries: list[LayerDriftSu
     changed = [(s.epoch, s.fraction_changed if s.n_compared else float("nan")) for s in summaries]
     scores = [(s.epoch, s.mean_score) for s in summaries]
     last = summaries[-1]
-    out = [f'<section id="layer-{_esc(layer)}"><h2>{_esc(layer)}</h2>',
-           f'<p class="meta">{last.n_units} units at epoch {last.epoch} · mean score {_num(last.mean_score)} · '
-           f"stable for the last {last.stable_rounds} comparisons: {last.n_stable}</p>",
-           '<div class="plots">',
-           f'<div class="plot">{line_plot_svg(changed, "fraction of units changed", colour="#cf222e")}</div>',
-           f'<div class="plot">{line_plot_svg(scores, "mean score", colour="#0969da")}</div>',
-           "</div>",
-           '<table class="units"><tr><th>unit</th><th>latest crops</th><th>descriptions by epoch</th>'
-           "<th>stable since</th></tr>"]
+    out = [
+        f'<section id="layer-{_esc(layer)}"><h2>{_esc(layer)}</h2>',
+        f'<p class="meta">{last.n_units} units at epoch {last.epoch} · mean score {_num(last.mean_score)} · '
+        f"stable for the last {last.stable_rounds} comparisons: {last.n_stable}</p>",
+        '<div class="plots">',
+        f'<div class="plot">{line_plot_svg(changed, "fraction of units changed", colour="#cf222e")}</div>',
+        f'<div class="plot">{line_plot_svg(scores, "mean score", colour="#0969da")}</div>',
+        "</div>",
+        '<table class="units"><tr><th>unit</th><th>latest crops</th><th>descriptions by epoch</th>'
+        "<th>stable since</th></tr>",
+    ]
     for unit in history.units(layer):
         timeline = history.timeline(layer, unit)
         cells = []
@@ -128,14 +136,18 @@ def _layer_section(history: RunHistory, layer: str, summaries: list[LayerDriftSu
             cls = "ep changed" if d.changed else "ep"
             sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
             tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
-            cells.append(f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
-                         f'<div class="d">{_esc(d.description)}</div>'
-                         f'<div class="s">score {_num(d.score, 2)}{sim}</div></div>')
+            cells.append(
+                f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
+                f'<div class="d">{_esc(d.description)}</div>'
+                f'<div class="s">score {_num(d.score, 2)}{sim}</div></div>'
+            )
         crop = latest_preview(previews, layer, unit) if previews is not None else None
         stable = last.first_stable_epoch.get(unit)
-        out.append(f'<tr><td>{unit}</td><td class="crops">{_img(crop)}</td>'
-                   f'<td><div class="timeline">{"".join(cells)}</div></td>'
-                   f'<td>{"–" if stable is None else f"epoch {stable}"}</td></tr>')
+        out.append(
+            f'<tr><td>{unit}</td><td class="crops">{_img(crop)}</td>'
+            f'<td><div class="timeline">{"".join(cells)}</div></td>'
+            f"<td>{'–' if stable is None else f'epoch {stable}'}</td></tr>"
+        )
     out.append("</table></section>")
     return "\n".join(out)
 
@@ -159,17 +171,20 @@ def render_report(
     for s in history.summary():
         by_layer.setdefault(s.layer, []).append(s)
     epochs = history.epochs
-    meta = (f"{len(history.layers)} layers · {len(epochs)} explained epochs"
-            + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
-            + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}")
+    meta = (
+        f"{len(history.layers)} layers · {len(epochs)} explained epochs"
+        + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
+        + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}"
+    )
     body = [_layer_section(history, layer, by_layer[layer], previews) for layer in history.layers]
     if not body:
         body = ['<p class="none">The history is empty.</p>']
     nav = " · ".join(f'<a href="#layer-{_esc(x)}">{_esc(x)}</a>' for x in history.layers)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>\n'
-            f'<body><h1>{_esc(title)}</h1><p class="meta">{meta}</p><p>{nav}</p>\n'
-            + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>\n'
+        f'<body><h1>{_esc(title)}</h1><p class="meta">{meta}</p><p>{nav}</p>\n' + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_report(

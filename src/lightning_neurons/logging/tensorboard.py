@@ -119,8 +119,9 @@ class NeuronTensorBoardLogger:
         >>> tb.log_round(rnd, drift, summaries, epoch=2)  # doctest: +SKIP
     """
 
-    def __init__(self, writer: SummaryWriter, log_units: LogUnits = None, prefix: str = "neurons",
-                 preview_nrow: int = 8) -> None:
+    def __init__(
+        self, writer: SummaryWriter, log_units: LogUnits = None, prefix: str = "neurons", preview_nrow: int = 8
+    ) -> None:
         if isinstance(log_units, bool) or (isinstance(log_units, int) and log_units < 0):
             raise ValueError(f"log_units must be None, an int >= 0, unit ids or a layer mapping; got {log_units!r}")
         if not prefix or "/" in prefix.strip("/"):
@@ -219,9 +220,11 @@ class NeuronTensorBoardLogger:
         if summary is not None:
             head = f"epoch {summary.epoch} · {summary.n_units} units · mean score {_fmt(summary.mean_score)}"
             if summary.n_compared:
-                head += (f" · {summary.n_changed}/{summary.n_compared} changed"
-                         f" · mean similarity {_fmt(summary.mean_similarity)}"
-                         f" · stable for {summary.stable_rounds} rounds: {summary.n_stable}")
+                head += (
+                    f" · {summary.n_changed}/{summary.n_compared} changed"
+                    f" · mean similarity {_fmt(summary.mean_similarity)}"
+                    f" · stable for {summary.stable_rounds} rounds: {summary.n_stable}"
+                )
             lines += [head, ""]
         lines += ["| unit | description | score | previous description | similarity |", "|---:|---|---:|---|---:|"]
         for u in units:
@@ -247,8 +250,10 @@ class NeuronTensorBoardLogger:
             text += "\n\nalternatives: " + ", ".join(f"{a.text} ({_fmt(a.score)})" for a in u.alternatives)
         if d is not None and d.compared:
             verb = "changed from" if d.changed else "previously"
-            text += (f"\n\n{verb} *{d.previous_description}* at epoch {d.previous_epoch} "
-                     f"(similarity {_fmt(d.similarity)}, top-k Jaccard {_fmt(d.jaccard)})")
+            text += (
+                f"\n\n{verb} *{d.previous_description}* at epoch {d.previous_epoch} "
+                f"(similarity {_fmt(d.similarity)}, top-k Jaccard {_fmt(d.jaccard)})"
+            )
         return text
 
     def write_layout(self, layers: Sequence[str]) -> None:
