@@ -160,3 +160,13 @@ def test_embedded_session_leaves_its_basis_names_out_of_the_general_vocabulary(b
 
     kept = load_backend("embedded", device="cpu", generator=False, keep_basis_concepts=True)
     assert kept.basis_concepts == frozenset()
+
+
+def test_embedded_backends_with_different_settings_do_not_share_them():
+    from lightning_neurons.backends import load_backend
+
+    small = load_backend("embedded", device="cpu", generator=False, image_size=128, batch_size=8)
+    large = load_backend("embedded", device="cpu", generator=False, image_size=224)
+    assert small.encoder.image_size == 128 and small.encoder.batch_size == 8  # not overwritten by the second load
+    assert large.encoder.image_size == 224 and large.encoder.batch_size == 64
+    assert small.encoder.classifier is large.encoder.classifier  # the weights are loaded once

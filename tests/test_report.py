@@ -49,3 +49,31 @@ def test_report_from_history_escapes_and_handles_empty(tmp_path):
     assert "&lt;b&gt;x&lt;/b&gt; &amp; y" in html and "no crops saved" in html
     assert "The history is empty" in render_report(RunHistory())
     assert write_report(history, tmp_path / "r.html").is_file()
+
+
+def test_report_keeps_at_most_max_units_per_layer_watched_units_first(tmp_path):
+    run = tmp_path / "run"
+    history = RunHistory()
+    history.attach(run / HISTORY_FILENAME)
+    units = [UnitExplanation("conv", u, 0, f"concept {u}", 0.5) for u in range(40)]
+    rnd = make_round(0, previews=False).__class__(epoch=0, units=units)
+    rnd.previews[("conv", 37)] = make_round(0).previews[("features.3", 0)]  # only unit 37 was logged with crops
+    history.add_round(rnd, bow_embed)
+    save_previews(rnd, run / PREVIEWS_DIRNAME)
+    html = write_report(run, tmp_path / "r.html", max_units=5).read_text()
+    shown = [int(u) for u in re.findall(r"<tr><td>(\d+)</td>", html)]
+    assert shown == [0, 1, 2, 3, 37]  # the watched unit, then the first ones, in unit order
+    assert "35 more units are in the history file" in html
+    full = render_report(history, run / PREVIEWS_DIRNAME, max_units=None)
+    assert len(re.findall(r"<tr><td>(\d+)</td>", full)) == 40 and "more units" not in full
+
+
+def test_cli_report_help_states_the_library_default(capsys):
+    import pytest
+
+    from lightning_neurons.cli import main
+    from lightning_neurons.logging.report import DEFAULT_MAX_UNITS
+
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert f"default {DEFAULT_MAX_UNITS}" in " ".join(capsys.readouterr().out.split())

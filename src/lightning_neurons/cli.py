@@ -93,6 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write a self-contained HTML report of a run")
     report.add_argument("run_dir", help="a run's log directory (or its history.jsonl)")
     report.add_argument("-o", "--output", default="report.html", help="HTML file to write (default report.html)")
+    report.add_argument(
+        "--max-units", type=int, default=None, help="units shown per layer (default 256, watched units first; 0: all)"
+    )
     report.set_defaults(handler=_report)
 
     evaluate = sub.add_parser(
@@ -201,7 +204,8 @@ def _history(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lightning_neurons.logging.report import write_report
 
-    path = write_report(args.run_dir, args.output)
+    limit = {} if args.max_units is None else {"max_units": args.max_units or None}
+    path = write_report(args.run_dir, args.output, **limit)
     print(f"wrote {path}")
     return 0
 

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 from collections.abc import Sequence
@@ -358,7 +359,10 @@ def load_conse_encoder(
     def build() -> ConSEEncoder:
         return ConSEEncoder(classifier, text, imagenet_class_names(), top_t, template_weight, temperature=temperature)
 
-    encoder = cached_model(("conse", str(dev), top_t, template_weight, temperature), build)
+    shared = cached_model(("conse", str(dev), top_t, template_weight, temperature), build)
+    # A shallow copy shares the models and class embeddings but owns the per-call settings: another backend loaded
+    # in the same process with another image_size must not change this one.
+    encoder = copy.copy(shared)
     encoder.batch_size = batch_size
     encoder.resize_mode = resize_mode
     encoder.image_size = image_size

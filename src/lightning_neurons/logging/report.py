@@ -39,6 +39,10 @@ font-size:.85em;background:#f6f8fa}
 """
 
 
+#: Units per layer in the report by default (the history file always holds them all).
+DEFAULT_MAX_UNITS = 256
+
+
 def _esc(x: object) -> str:
     return html.escape(str(x), quote=True)
 
@@ -113,7 +117,13 @@ def _img(path: Path | None) -> str:
     return f'<img alt="top crops ({_esc(path.stem)})" src="data:image/png;base64,{data}">'
 
 
-def _layer_section(history: RunHistory, layer: str, summaries: list[LayerDriftSummary], previews: Path | None) -> str:
+def _layer_section(
+    history: RunHistory,
+    layer: str,
+    summaries: list[LayerDriftSummary],
+    previews: Path | None,
+    max_units: int | None,
+) -> str:
     changed = [(s.epoch, s.fraction_changed if s.n_compared else float("nan")) for s in summaries]
     scores = [(s.epoch, s.mean_score) for s in summaries]
     last = summaries[-1]
@@ -128,7 +138,12 @@ def _layer_section(history: RunHistory, layer: str, summaries: list[LayerDriftSu
         '<table class="units"><tr><th>unit</th><th>latest crops</th><th>descriptions by epoch</th>'
         "<th>stable since</th></tr>",
     ]
-    for unit in history.units(layer):
+    units = history.units(layer)
+    if max_units is not None and len(units) > max_units:
+        # Units with saved crops (the ones logged to TensorBoard) first: they are the ones the user chose to watch.
+        with_crops = [u for u in units if previews is not None and latest_preview(previews, layer, u) is not None]
+        units = sorted(dict.fromkeys([*with_crops, *units][:max_units]))
+    for unit in units:
         timeline = history.timeline(layer, unit)
         cells = []
         for r in timeline:
@@ -148,12 +163,23 @@ def _layer_section(history: RunHistory, layer: str, summaries: list[LayerDriftSu
             f'<td><div class="timeline">{"".join(cells)}</div></td>'
             f"<td>{'–' if stable is None else f'epoch {stable}'}</td></tr>"
         )
-    out.append("</table></section>")
+    out.append("</table>")
+    hidden = len(history.units(layer)) - len(units)
+    if hidden > 0:
+        out.append(
+            f'<p class="none">{hidden} more units are in the history file (not shown here: the report keeps at most '
+            f"{max_units} units per layer; <code>lightning-neurons history RUN_DIR --csv units.csv</code> exports them "
+            "all).</p>"
+        )
+    out.append("</section>")
     return "\n".join(out)
 
 
 def render_report(
-    history: RunHistory, previews_dir: str | Path | None = None, title: str = "Neuron explanations"
+    history: RunHistory,
+    previews_dir: str | Path | None = None,
+    title: str = "Neuron explanations",
+    max_units: int | None = DEFAULT_MAX_UNITS,
 ) -> str:
     """The report's HTML text.
 
@@ -161,6 +187,8 @@ def render_report(
         history: The run history.
         previews_dir: Folder written by ``save_previews`` (``None``: no crops).
         title: Page title.
+        max_units: Units shown per layer (those with saved crops first; ``None``: all). Every unit's timeline is
+            a row, so thousands of units would make a page of many megabytes that no browser scrolls well.
 
     Example:
         >>> "<html" in render_report(RunHistory())
@@ -176,7 +204,7 @@ def render_report(
         + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
         + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}"
     )
-    body = [_layer_section(history, layer, by_layer[layer], previews) for layer in history.layers]
+    body = [_layer_section(history, layer, by_layer[layer], previews, max_units) for layer in history.layers]
     if not body:
         body = ['<p class="none">The history is empty.</p>']
     nav = " · ".join(f'<a href="#layer-{_esc(x)}">{_esc(x)}</a>' for x in history.layers)
@@ -192,6 +220,7 @@ def write_report(
     output_path: str | Path,
     previews_dir: str | Path | None = None,
     title: str | None = None,
+    max_units: int | None = DEFAULT_MAX_UNITS,
 ) -> Path:
     """Write the self-contained HTML report of a run.
 
@@ -201,6 +230,7 @@ def write_report(
         previews_dir: Folder of preview PNGs; default ``<folder of history.jsonl>/previews`` (for a
             ``RunHistory``: beside its attached file, if any).
         title: Page title (default: names the run).
+        max_units: Units shown per layer (see :func:`render_report`).
 
     Returns:
         ``output_path`` as a ``Path``.
@@ -224,5 +254,5 @@ def write_report(
         title = f"Neuron explanations: {run_dir.name}" if run_dir is not None else "Neuron explanations"
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_report(history, previews_dir, title), encoding="utf-8")
+    output.write_text(render_report(history, previews_dir, title, max_units), encoding="utf-8")
     return output
