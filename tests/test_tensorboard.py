@@ -135,3 +135,13 @@ def test_find_tensorboard_writer(tmp_path):
     assert isinstance(find_tensorboard_writer(trainer), SummaryWriter)
     assert find_tensorboard_writer(Trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path), **kw)) is None
     assert find_tensorboard_writer(Trainer(default_root_dir=tmp_path, logger=False, **kw)) is None
+
+
+def test_unit_text_names_the_classes_its_ablation_hurts():
+    from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger
+    from lightning_neurons.results import UnitExplanation
+
+    unit = UnitExplanation("fc", 0, 1, "whiskers", 0.8, ablation=[("cat", 0.12), ("dog", 0.031)])
+    text = NeuronTensorBoardLogger.unit_text(unit)
+    assert "zeroing it hurts: cat (-0.120), dog (-0.031)" in text
+    assert "hurts" not in NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "whiskers", 0.8))

@@ -70,7 +70,8 @@ class NeuronExplainer(Callback):
         class_names: Names of the dataset's classes, by class index.
         llm_vocabulary: Also ask the text generator for domain concepts (same as adding ``"llm"``).
         describe: Run the describe stage (caption the crops, let the LLM summarise into one phrase).
-        ablation: Run the ablation check (zero a unit, per-class accuracy drop on the probe set).
+        ablation: Run the ablation check for the logged units: zero the unit and report the classes whose true-class
+            probability drops most on the reservoir samples (needs labels in the validation batches).
         correction: Correction for concepts that match everything: ``"control"`` (subtract the concept's mean
             similarity on control crops) or ``"soft_wpmi"`` (CLIP-Dissect's soft-WPMI).
         image_mean: Per-channel mean the inputs were normalised with (to show and embed them); ``None``:

@@ -54,7 +54,8 @@ class UnitExplanation:
         top_sample_ids: Probe-sample ids of the unit's top activations, best first.
         activations: The matching activation values.
         boxes: Region of each top sample the crop was cut from, ``(x0, y0, x1, y1)`` in input pixels.
-        ablation: Classes whose probe accuracy drops most when the unit is zeroed, as ``(class, drop)``.
+        ablation: Classes hurt most when the unit is zeroed, as ``(class, drop)``: the drop of the class's mean
+            true-class probability on the probe's reservoir samples (``ExplainConfig.ablation_measure``).
     """
 
     layer: str

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_neurons.backends.base import Backend, ImageTextEncoder
-from lightning_neurons.explanation.ablation import ablate_units
+from lightning_neurons.explanation.ablation import HurtMeasure, ablate_units
 from lightning_neurons.explanation.describe import describe_units
 from lightning_neurons.explanation.scoring import (
     Correction,
@@ -85,6 +85,9 @@ class ExplainConfig:
         ablation: Run the ablation check (needs labels in the recording source).
         ablation_units: Units to ablate per layer; ``None`` = the preview units.
         ablation_top: Classes reported per ablated unit.
+        ablation_measure: How much zeroing a unit hurts a class: ``"probability"`` (default), the drop of the
+            class's mean true-class softmax probability; ``"accuracy"``, the drop of its top-1 accuracy, which
+            moves in steps of one image per class and is mostly noise on a reservoir of a few hundred samples.
         batch_size: Probe samples per model forward.
         encoder_batch_size: Crops per image-encoder call.
         region_chunk: ``(unit, sample)`` pairs per vectorised region step.
@@ -125,6 +128,7 @@ class ExplainConfig:
     ablation: bool = False
     ablation_units: dict[str, list[int]] | None = None
     ablation_top: int = 3
+    ablation_measure: HurtMeasure = "probability"
     batch_size: int = 64
     encoder_batch_size: int = 256
     region_chunk: int = 1024
@@ -742,6 +746,7 @@ def _ablation(
                 batch_size=cfg.batch_size,
                 output_selector=cfg.selector_for(name),
                 layer_name=name,
+                measure=cfg.ablation_measure,
             )
             for u, hurt in result.items():
                 if (name, u) in by_key:

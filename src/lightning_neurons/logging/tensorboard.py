@@ -4,7 +4,8 @@ Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
 
 - ``<prefix>/<layer>/table`` (text): Markdown table of all units of the layer: unit, description, score,
   previous description, similarity to it (changed descriptions in bold).
-- ``<prefix>/<layer>/<unit>/description`` (text): description, score, alternatives, and the change if any.
+- ``<prefix>/<layer>/<unit>/description`` (text): description, score, alternatives, the classes its ablation hurts
+  (with ``ablation=True``), and the change if any.
 - ``<prefix>/<layer>/<unit>/top_k`` (image): grid of the unit's preview crops (region outlined).
 - ``<prefix>/<layer>/<unit>/score`` (scalar): the description's AUC.
 - ``<prefix>/<layer>/<unit>/drift`` (scalar): ``1 - similarity`` to the previous description (from the unit's
@@ -248,6 +249,8 @@ class NeuronTensorBoardLogger:
         text = f"**{u.description}** (score {_fmt(u.score)})"
         if u.alternatives:
             text += "\n\nalternatives: " + ", ".join(f"{a.text} ({_fmt(a.score)})" for a in u.alternatives)
+        if u.ablation:
+            text += "\n\nzeroing it hurts: " + ", ".join(f"{name} (-{_fmt(drop)})" for name, drop in u.ablation)
         if d is not None and d.compared:
             verb = "changed from" if d.changed else "previously"
             text += (
