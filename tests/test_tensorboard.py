@@ -120,6 +120,12 @@ def test_layout_and_validation():
     assert len(layouts) == 1
     assert set(layouts[0]) == {"neurons: overview", "neurons: features.3", "neurons: head.fc"}
     assert layouts[0]["neurons: features.3"]["unit scores"] == ["Multiline", [r"^neurons/features\.3/\d+/score$"]]
+    # evaluate=True: one chart per quality metric, the method and its baselines as its lines
+    evaluated = FakeWriter()
+    NeuronTensorBoardLogger(evaluated, evaluation_metrics=["simulation"]).log_round(make_round(0), [], [], epoch=0)
+    layout = next(a[0] for name, a, _ in evaluated.calls if name == "add_custom_scalars")
+    chart = layout["evaluation: explanations vs baselines"]["simulation"]
+    assert chart == ["Multiline", [r"^evaluation/[^/]+/simulation$"]]
     with pytest.raises(ValueError):
         NeuronTensorBoardLogger(writer, log_units=-1)
     with pytest.raises(ValueError, match="epoch"):

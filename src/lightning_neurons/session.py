@@ -75,7 +75,7 @@ class ExplanationSession:
                 f"{self.output_dir / REPORT_FILENAME}"
             )
         else:
-            self.tensorboard = NeuronTensorBoardLogger(writer, log_units=self.explainer.log_units)
+            self.tensorboard = self._tensorboard_logger(writer)
 
     def setup_standalone(self, model: nn.Module, dataloader: Any, output_dir: str | Path | None) -> None:
         """Set up outside a Trainer (post hoc): models once, and writers into ``output_dir`` when given."""
@@ -87,7 +87,16 @@ class ExplanationSession:
             self.output_dir = Path(output_dir)
             self.history.attach(self.output_dir / HISTORY_FILENAME)
             self._own_writer = SummaryWriter(str(self.output_dir))
-            self.tensorboard = NeuronTensorBoardLogger(self._own_writer, log_units=self.explainer.log_units)
+            self.tensorboard = self._tensorboard_logger(self._own_writer)
+
+    def _tensorboard_logger(self, writer: SummaryWriter) -> NeuronTensorBoardLogger:
+        """The neuron logger on ``writer``; with ``evaluate=True`` its layout charts each metric against baselines."""
+        metrics: list[str] = []
+        if self.explainer.evaluate:
+            from lightning_neurons.evaluation.harness import LAYER_METRICS
+
+            metrics = list(LAYER_METRICS)
+        return NeuronTensorBoardLogger(writer, log_units=self.explainer.log_units, evaluation_metrics=metrics)
 
     def _load(self, class_names: list[str] | None) -> None:
         from lightning_neurons.backends import load_backend
@@ -179,12 +188,12 @@ class ExplanationSession:
         """
         from lightning_neurons.evaluation import (
             EvaluationConfig,
-            build_probe,
             constant_baseline,
             evaluate_round,
             explained_sample_ids,
             generic_concepts,
             label_baseline,
+            probe_for,
             random_baseline,
         )
 
@@ -212,19 +221,7 @@ class ExplanationSession:
             return None
         layers = list(recording.layers)
         # One probe (activations, image embeddings, ablation drops) serves the round and every baseline.
-        probe = build_probe(
-            model,
-            loader,
-            layers,
-            self.backend.encoder,
-            image_mean=config.image_mean,
-            image_std=config.image_std,
-            reduction=config.reduction,
-            token_mode=config.token_mode,
-            input_key=config.input_key,
-            target_key=config.target_key,
-            exclude_ids=explained,
-        )
+        probe = probe_for(model, loader, layers, self.backend, config, exclude_ids=explained)
         texts, embeddings = self.concepts
         assert probe.image_embeddings is not None
         constant = generic_concepts(None, texts, probe.image_embeddings, n=5, text_embeddings=embeddings)

@@ -37,6 +37,7 @@ from lightning_neurons.evaluation.harness import (
     explained_sample_ids,
     flatten_metrics,
     log_evaluation,
+    probe_for,
 )
 from lightning_neurons.evaluation.probe import Probe, build_probe, layer_activations
 from lightning_neurons.evaluation.simulation import simulation_scores
@@ -65,6 +66,7 @@ __all__ = [
     "label_baseline",
     "layer_activations",
     "log_evaluation",
+    "probe_for",
     "mad",
     "pearson",
     "random_baseline",

@@ -175,19 +175,7 @@ def evaluate_round(
         if not round.layer(name):
             raise ValueError(f"layer {name!r} has no explanations in this round (layers: {round.layers})")
     if not isinstance(probe, Probe):
-        probe = build_probe(
-            model,
-            probe,
-            layers,
-            backend.encoder,
-            image_mean=cfg.image_mean,
-            image_std=cfg.image_std,
-            reduction=cfg.reduction,
-            token_mode=cfg.token_mode,
-            input_key=cfg.input_key,
-            target_key=cfg.target_key,
-            exclude_ids=exclude_ids,
-        )
+        probe = probe_for(model, probe, layers, backend, cfg, exclude_ids=exclude_ids)
     if len(probe) < cfg.min_probe_samples:
         warnings.warn(
             f"evaluating on only {len(probe)} held-out probe samples (fewer than {cfg.min_probe_samples}): each "
@@ -218,6 +206,45 @@ def evaluate_round(
     result["probe_samples"] = len(probe)
     result["layers"] = per_layer
     return result
+
+
+def probe_for(
+    model: nn.Module,
+    data: ProbeData,
+    layers: Sequence[str],
+    backend: Backend,
+    config: EvaluationConfig | None = None,
+    *,
+    exclude_ids: Iterable[int] | None = None,
+) -> Probe:
+    """A :class:`Probe` built with an evaluation's settings, to share between several :func:`evaluate_round` calls.
+
+    Args:
+        model: The explained network.
+        data: Held-out samples: ``(inputs, labels)`` or a dataloader.
+        layers: Layers whose activations are needed.
+        backend: Its ``encoder`` embeds the probe images.
+        config: Settings (normalisation, reduction, batch keys); default :class:`EvaluationConfig`.
+        exclude_ids: Probe positions to leave out (e.g. :func:`explained_sample_ids` of the round).
+
+    Example:
+        >>> probe = probe_for(model, loader, ["layer3"], backend, exclude_ids=explained)  # doctest: +SKIP
+        >>> metrics = {name: evaluate_round(model, r, probe, backend) for name, r in rounds.items()}  # doctest: +SKIP
+    """
+    cfg = config or EvaluationConfig()
+    return build_probe(
+        model,
+        data,
+        layers,
+        backend.encoder,
+        image_mean=cfg.image_mean,
+        image_std=cfg.image_std,
+        reduction=cfg.reduction,
+        token_mode=cfg.token_mode,
+        input_key=cfg.input_key,
+        target_key=cfg.target_key,
+        exclude_ids=exclude_ids,
+    )
 
 
 def _complete_probe(
@@ -365,4 +392,5 @@ __all__ = [
     "explained_sample_ids",
     "flatten_metrics",
     "log_evaluation",
+    "probe_for",
 ]

@@ -113,6 +113,8 @@ class NeuronTensorBoardLogger:
             for the first N units of each layer, a list of unit ids, or a mapping layer -> unit ids.
         prefix: First component of every tag.
         preview_nrow: Crops per row of the ``top_k`` grid.
+        evaluation_metrics: Quality metrics logged as ``evaluation/<method>/<metric>`` (``evaluate=True``); each
+            gets a custom-scalars chart with the method and its baselines as lines of one plot.
 
     Example:
         >>> from torch.utils.tensorboard import SummaryWriter  # doctest: +SKIP
@@ -121,7 +123,12 @@ class NeuronTensorBoardLogger:
     """
 
     def __init__(
-        self, writer: SummaryWriter, log_units: LogUnits = None, prefix: str = "neurons", preview_nrow: int = 8
+        self,
+        writer: SummaryWriter,
+        log_units: LogUnits = None,
+        prefix: str = "neurons",
+        preview_nrow: int = 8,
+        evaluation_metrics: Sequence[str] = (),
     ) -> None:
         if isinstance(log_units, bool) or (isinstance(log_units, int) and log_units < 0):
             raise ValueError(f"log_units must be None, an int >= 0, unit ids or a layer mapping; got {log_units!r}")
@@ -131,6 +138,7 @@ class NeuronTensorBoardLogger:
         self.log_units = log_units
         self.prefix = prefix.strip("/")
         self.preview_nrow = preview_nrow
+        self.evaluation_metrics = list(evaluation_metrics)
         self._layout_written = False
 
     # ------------------------------------------------------------------ selection
@@ -280,6 +288,9 @@ class NeuronTensorBoardLogger:
                 "unit scores": ["Multiline", [rf"^{lp}/\d+/score$"]],
                 "unit drift": ["Multiline", [rf"^{lp}/\d+/drift$"]],
             }
+        if self.evaluation_metrics:
+            charts = {m: ["Multiline", [rf"^evaluation/[^/]+/{re.escape(m)}$"]] for m in self.evaluation_metrics}
+            layout["evaluation: explanations vs baselines"] = charts
         self.writer.add_custom_scalars(layout)
         self._layout_written = True
 
