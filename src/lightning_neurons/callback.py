@@ -82,7 +82,9 @@ class NeuronExplainer(Callback):
         history_dir: Directory for the JSON/CSV drift history (``None``: the logger's directory).
         on_error: What a failure inside an explanation round does: ``"warn"`` logs it and training goes on,
             ``"raise"`` stops training.
-        evaluate: Also compute the evaluation metrics of each explanation round.
+        evaluate: Also compute the quality metrics of each explanation round (``lightning_neurons.evaluation``) and
+            of three baselines (random concept, constant description, top-k label) on the validation samples
+            outside every unit's top-k set; logged as ``evaluation/<method>/<metric>``.
         seed: Seed of the reservoir and of any sampling in the explanation stage.
         show_progress: Show progress bars while explaining.
 

@@ -183,7 +183,8 @@ def evaluate_run(
 
     The run's ``config.yaml`` (written by LightningCLI) rebuilds the model, the data module and the
     :class:`~lightning_neurons.NeuronExplainer` settings; the checkpoint's weights are loaded and the round is
-    explained with ``evaluate=True``, so ``round.meta["evaluation"]`` holds the quality metrics.
+    explained with ``evaluate=True``, so ``round.meta["evaluation"]`` holds the quality metrics and
+    ``round.meta["evaluation_baselines"]`` the same metrics of the random, constant and label baselines.
 
     Args:
         run_dir: The run's log directory (holding ``config.yaml`` and ``checkpoints/``).
