@@ -18,6 +18,7 @@ from lightning_neurons.backends.base import (
     Captioner,
     ImageTextEncoder,
     ModelLoadError,
+    TextEncoder,
     TextGenerator,
     resolve_device,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Backend",
     "Captioner",
     "ImageTextEncoder",
+    "TextEncoder",
     "ModelLoadError",
     "TextGenerator",
     "load_backend",

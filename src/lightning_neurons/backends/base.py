@@ -24,6 +24,17 @@ class ModelLoadError(RuntimeError):
 
 
 @runtime_checkable
+class TextEncoder(Protocol):
+    """Embeds texts (descriptions compared with each other: drift similarity, evaluation)."""
+
+    name: str
+
+    def encode_texts(self, texts: Sequence[str]) -> Tensor:
+        """Embed texts; returns L2-normalised float32 ``[len(texts), D]`` on the CPU."""
+        ...
+
+
+@runtime_checkable
 class ImageTextEncoder(Protocol):
     """Embeds images and texts into one space where the dot product is a similarity."""
 
@@ -86,7 +97,7 @@ class Backend:
     encoder: ImageTextEncoder
     captioner: Captioner | None = None
     generator: TextGenerator | None = None
-    text_encoder: ImageTextEncoder | None = None
+    text_encoder: TextEncoder | None = None
     basis_concepts: frozenset[str] = frozenset()
 
     def encode_descriptions(self, texts: Sequence[str]) -> Tensor:

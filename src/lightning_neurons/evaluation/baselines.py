@@ -123,7 +123,7 @@ def label_baseline(
         if not ids:
             raise ValueError(f"unit {u.unit} of layer {u.layer!r} has no labelled top sample")
         counts = Counter(int(labels[i]) for i in ids)
-        first_rank = {}
+        first_rank: dict[int, int] = {}
         for rank, i in enumerate(ids):
             first_rank.setdefault(int(labels[i]), rank)
         order = sorted(counts, key=lambda c: (-counts[c], first_rank[c]))

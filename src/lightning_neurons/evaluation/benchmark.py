@@ -294,6 +294,7 @@ def run_benchmark(
 
     general_texts = list(general.concepts)
     default_texts = list(default.concepts)
+    assert probe.image_embeddings is not None  # build_probe was given the encoder
     generic_general = generic_concepts(backend.encoder, general_texts, probe.image_embeddings, n=5)
     generic_default = generic_concepts(backend.encoder, default_texts, probe.image_embeddings, n=5)
     generic_classes = generic_concepts(backend.encoder, class_names, probe.image_embeddings, n=5)
