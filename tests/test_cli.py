@@ -130,6 +130,13 @@ data:
     for metrics in evaluated["baselines"].values():  # measured on the same held-out samples as the explanations
         assert metrics["probe_samples"] == evaluated["evaluation"]["probe_samples"]
         assert metrics["layers"].keys() == evaluated["evaluation"]["layers"].keys()
+    # --data-args: a larger validation set than the run's (48 samples) leaves more held-out samples.
+    larger = ["evaluate", str(run_dir), "--data-args", '{"val_per_class": 24}', "-o", str(tmp_path / "e96.json")]
+    assert main(larger) == 0
+    held_out = json.loads((tmp_path / "e96.json").read_text())["evaluation"]["probe_samples"]
+    rnd = lightning_neurons.ExplanationRound.from_json(run_dir / "evaluation" / "round_epoch=1.json")
+    explained = {i for u in rnd for i in u.top_sample_ids if i >= 0}
+    assert held_out == 96 - len(explained)  # 4 classes x 24 validation samples, the top-k sets left out
 
     # Post hoc on the saved checkpoint directory: one round per checkpoint, in epoch order.
     checkpoints = run_dir / "checkpoints"

@@ -108,6 +108,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--checkpoint", default=None, help="evaluate this checkpoint of the run instead")
     evaluate.add_argument(
+        "--data-args",
+        default="{}",
+        help="""RUN_DIR: JSON data-module arguments replacing the run's, e.g. '{"val_per_class": 96}' (more held-out """
+        "samples)",
+    )
+    evaluate.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="built-in benchmark: seeds to average (default 0 1 2)"
     )
     evaluate.add_argument("-o", "--output", default=None, help="write the JSON result here")
@@ -216,7 +222,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            rnd = evaluate_run(args.run_dir, checkpoint=args.checkpoint)
+            rnd = evaluate_run(args.run_dir, checkpoint=args.checkpoint, data_args=json.loads(args.data_args))
         result = {
             "epoch": rnd.epoch,
             "evaluation": rnd.meta.get("evaluation", {}),

@@ -177,7 +177,10 @@ def _load_model(model_class: type[nn.Module], path: Path) -> nn.Module:
 
 
 def evaluate_run(
-    run_dir: str | Path, checkpoint: str | Path | None = None, output_dir: str | Path | None = None
+    run_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    data_args: dict[str, Any] | None = None,
 ) -> ExplanationRound:
     """Explain and evaluate the latest checkpoint of a ``lightning-neurons fit`` run with the run's own settings.
 
@@ -190,10 +193,12 @@ def evaluate_run(
         run_dir: The run's log directory (holding ``config.yaml`` and ``checkpoints/``).
         checkpoint: A checkpoint to use instead of the newest one under ``run_dir``.
         output_dir: Where to write the round's history/report (default ``RUN_DIR/evaluation``).
+        data_args: Data-module arguments that replace the run's, e.g. ``{"val_per_class": 96}``: a larger
+            validation set leaves more samples outside the units' top-k sets to evaluate on.
 
     Raises:
         FileNotFoundError: If the config or a checkpoint is missing.
-        ValueError: If the config has no NeuronExplainer callback.
+        ValueError: If the config has no NeuronExplainer callback, or ``data_args`` cannot apply.
 
     Example:
         >>> rnd = evaluate_run("runs/quickstart/version_0")  # doctest: +SKIP
@@ -214,6 +219,13 @@ def evaluate_run(
     keep = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler")
     settings = {key: value for key, value in saved.items() if key in keep}
     settings.setdefault("trainer", {})["logger"] = False
+    if data_args:
+        data = settings.get("data")
+        if not isinstance(data, dict):
+            raise ValueError(f"{config} has no data module whose arguments data_args could replace")
+        # LightningCLI saves `data: {class_path, init_args}` for a subclass, plain arguments otherwise.
+        target = data.setdefault("init_args", {}) if "class_path" in data else data
+        target.update(data_args)
     cli = LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
