@@ -334,6 +334,7 @@ def test_bf16_mixed_precision_channels_last_matches_fp32():
         ({"layers": "x", "epochs": [-1]}, "epochs"),
         ({"layers": "x", "on_error": "ignore"}, "on_error"),
         ({"layers": "x", "correction": "none"}, "correction"),
+        ({"layers": "x", "ablation_measure": "loss"}, "ablation_measure"),
         ({"layers": "x", "reservoir_size": -1}, "reservoir_size"),
         ({"layers": "x", "vocabulary": ["general", "/no/such/file.txt"]}, "vocabulary"),
         ({"layers": "x", "image_mean": [0.5, 0.5, 0.5]}, "image_std"),

@@ -72,6 +72,8 @@ class NeuronExplainer(Callback):
         describe: Run the describe stage (caption the crops, let the LLM summarise into one phrase).
         ablation: Run the ablation check for the logged units: zero the unit and report the classes whose true-class
             probability drops most on the reservoir samples (needs labels in the validation batches).
+        ablation_measure: ``"probability"`` (drop of each class's mean true-class probability, continuous) or
+            ``"accuracy"`` (drop of its top-1 accuracy, the paper's measure; steps of one image per class).
         correction: Correction for concepts that match everything: ``"control"`` (subtract the concept's mean
             similarity on control crops) or ``"soft_wpmi"`` (CLIP-Dissect's soft-WPMI).
         image_mean: Per-channel mean the inputs were normalised with (to show and embed them); ``None``:
@@ -117,6 +119,7 @@ class NeuronExplainer(Callback):
         llm_vocabulary: bool = False,
         describe: bool = False,
         ablation: bool = False,
+        ablation_measure: Literal["probability", "accuracy"] = "probability",
         correction: Literal["control", "soft_wpmi"] = "control",
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
@@ -133,6 +136,7 @@ class NeuronExplainer(Callback):
         _check_choice("reduction", reduction, ("max", "mean"))
         _check_choice("token_mode", token_mode, ("auto", "drop_first", "keep_all"))
         _check_choice("correction", correction, ("control", "soft_wpmi"))
+        _check_choice("ablation_measure", ablation_measure, ("probability", "accuracy"))
         _check_choice("on_error", on_error, ("warn", "raise"))
         if output_selector is not None:
             _check(
@@ -198,6 +202,7 @@ class NeuronExplainer(Callback):
         self.llm_vocabulary = llm_vocabulary
         self.describe = describe
         self.ablation = ablation
+        self.ablation_measure = ablation_measure
         self.correction = correction
         self.image_mean = image_mean
         self.image_std = image_std

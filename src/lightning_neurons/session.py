@@ -167,6 +167,7 @@ class ExplanationSession:
             correction=explainer.correction,
             describe=explainer.describe,
             ablation=explainer.ablation,
+            ablation_measure=explainer.ablation_measure,
             image_mean=tuple(explainer.image_mean) if explainer.image_mean else None,
             image_std=tuple(explainer.image_std) if explainer.image_std else None,
             token_mode=explainer.token_mode,
