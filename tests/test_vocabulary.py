@@ -164,3 +164,16 @@ def test_exclude_general_filters_the_builtin_source_only() -> None:
     assert "espresso" not in vocab
     assert "golf ball" in vocab and vocab.origin("golf ball") == "classes"
     assert len(vocab) == len(general) - 1
+
+
+def test_parse_keeps_the_labels_of_prose_items_small_models_write() -> None:
+    """Answers recorded from SmolLM2-135M: numbered labels followed by prose, which used to be dropped whole."""
+    answer = (
+        "A rocket has several visible components:\n\n"
+        "1. Rocket Body - The main body that supports its structure (the upper part).\n"
+        "2. **Battery**: A battery is located at each end (front) with two batteries connected to it in series\n"
+        "3. Eyes: The most visible part in this feline creature is their eyes that shine with an otherworldly light\n"
+        "4. Texture: soft fur\n"
+        "5. Surroundings:\n"
+    )
+    assert parse_llm_concepts(answer) == ["rocket body", "battery", "eyes", "soft fur"]

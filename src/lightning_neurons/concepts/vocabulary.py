@@ -33,9 +33,11 @@ from lightning_neurons.backends.base import ImageTextEncoder, TextGenerator
 BUILTIN_SOURCES = ("general", "classes", "llm")
 
 # Phrased for very small models too: SmolLM2-135M answers this one with parseable "Part: tail" lines.
-LLM_PROMPT = (
-    "List {count} visual concepts, parts, textures and scenes involved in these classes: {classes}. One per line."
-)
+#: The vocabulary prompt, sent once per class by default. Small instruct models (SmolLM2-135M in the offline pack)
+#: ignore "N concepts for these classes" and echo the class names; asked about one class's parts, textures,
+#: colours and surroundings they answer with usable items (61 concepts for the 12 demo classes against 10 echoed
+#: class names with the older 8-classes-per-prompt wording). ``{count}`` is also available to custom templates.
+LLM_PROMPT = "List the visual parts, textures, colours and surroundings of {classes}, one per line."
 
 _MAX_WORDS = 4
 _MAX_CHARS = 40
@@ -66,6 +68,10 @@ _CATEGORY_WORDS = {
     "classes",
     "object",
     "objects",
+    "visual part",
+    "visual parts",
+    "surrounding",
+    "surroundings",
 }
 
 
@@ -137,32 +143,59 @@ def general_concepts() -> list[str]:
         return read_concept_file(path)
 
 
+def _label_and_detail(piece: str) -> list[str]:
+    """Split ``"Label: detail"`` / ``"Label - detail"`` / ``"**Label** detail"`` into the parts worth keeping.
+
+    A short detail is the concept ("Texture: fur" -> "fur"; the label too unless it is a category word); a long
+    one is prose that small models write after the concept they were asked for ("Eyes: the most visible part of
+    ...") and only the label is kept.
+    """
+    bold = re.match(r"^\*\*([^*]+)\*\*:?\s*(.*)$", piece)
+    if bold:
+        label, detail = bold.group(1), bold.group(2).strip(" -\u2013\u2014:")
+        if not detail:  # "**Fur**"
+            return [label]
+    else:
+        parts = re.split(r":|\s[-\u2013\u2014]\s", piece, maxsplit=1)
+        if len(parts) == 1:
+            return [piece]
+        label, detail = parts[0], parts[1].strip(" -\u2013\u2014:")
+        if not detail:  # "Cat:" is a heading
+            return []
+    if len(detail.split()) <= _MAX_WORDS:
+        return [detail, label]
+    return [label]
+
+
 def parse_llm_concepts(answer: str, max_words: int = _MAX_WORDS) -> list[str]:
     r"""Clean a language model's list answer into concepts.
 
-    Splits on lines, commas and semicolons; strips numbering, bullets, quotes and ``label:`` prefixes; drops
-    entries that are too long, not alphabetic, or chatter ("here are ..."); lowercases and dedupes.
+    Splits on lines, commas and semicolons; strips numbering, bullets, quotes and parentheticals; reads
+    ``Label: detail`` items as the detail when it is short and as the label when it is prose; drops entries that
+    are too long, not alphabetic, chatter ("here are ...") or the prompt's own category words; lowercases and
+    dedupes.
 
     Example:
         >>> parse_llm_concepts("Here are some:\n1. Pointed ears\n- striped fur, Whiskers\n3) a very long phrase "
-        ...                    "that goes on and on\n4. 42")
-        ['pointed ears', 'striped fur', 'whiskers']
+        ...                    "that goes on and on\n4. 42\n5. Eyes: the most visible part is their eyes that shine")
+        ['pointed ears', 'striped fur', 'whiskers', 'eyes']
     """
     concepts = []
     for line in answer.splitlines():
         line = _BULLET.sub("", line.strip())
-        for piece in re.split(r"[,;]", line):
-            piece = _BULLET.sub("", piece.strip())
-            if ":" in piece:  # "Texture: fur" -> "fur"; "Cat:" -> ""
-                piece = piece.split(":", 1)[1]
-            piece = re.sub(r"\(.*?\)|\[.*?\]", " ", piece)  # drop parentheticals: "Fur (soft)" -> "Fur"
-            piece = normalize_concept(piece.strip(" \t\"'`*.()[]"))
-            piece = re.sub(r"^(?:a|an|the)\s+", "", piece)
-            if not piece or len(piece) > _MAX_CHARS or len(piece.split()) > max_words:
-                continue
-            if not _ALLOWED.match(piece) or piece.startswith(_STOP_PHRASES) or piece in _CATEGORY_WORDS:
-                continue
-            concepts.append(piece)
+        # A "Label: prose, with commas" item is one item: split on commas only when there is no label.
+        head = re.split(r":|\s[-\u2013\u2014]\s|\*\*\s", line, maxsplit=1)[0]
+        pieces = _label_and_detail(line) if head != line and len(line.split()) > max_words else re.split(r"[,;]", line)
+        for raw in pieces:
+            for piece in _label_and_detail(_BULLET.sub("", raw.strip())):
+                piece = re.sub(r"\(.*?\)|\[.*?\]", " ", piece)  # drop parentheticals: "Fur (soft)" -> "Fur"
+                piece = normalize_concept(piece.strip(" \t\"'`*.()[]"))
+                piece = re.sub(r"^(?:a|an|the)\s+", "", piece)
+                if not piece or len(piece) > _MAX_CHARS or len(piece.split()) > max_words:
+                    continue
+                if not _ALLOWED.match(piece) or piece.startswith(_STOP_PHRASES) or piece in _CATEGORY_WORDS:
+                    continue
+                concepts.append(piece)
     return dedupe(concepts)
 
 
@@ -178,7 +211,7 @@ def llm_concepts(
     generator: TextGenerator,
     class_names: Sequence[str],
     *,
-    classes_per_prompt: int = 8,
+    classes_per_prompt: int = 1,
     concepts_per_prompt: int = 20,
     max_new_tokens: int = 160,
     prompt: str = LLM_PROMPT,
@@ -187,7 +220,8 @@ def llm_concepts(
 ) -> list[str]:
     """Ask a text generator for the visual concepts of a set of classes (the paper's vocabulary step).
 
-    Classes go to the model in chunks of ``classes_per_prompt`` (small models lose track of long lists). The
+    Classes go to the model in chunks of ``classes_per_prompt`` (default one: small models lose track of lists;
+    raise it for a large LLM to save prompts). The
     cleaned answer is cached on disk, keyed by a hash of (model name, prompt, class names, settings), so a run
     repeats the generation only when one of them changes.
 
@@ -271,7 +305,7 @@ class Vocabulary:
         exclude: Sequence[str] = (),
         exclude_general: Iterable[str] = (),
         cache_dir: str | os.PathLike[str] | None = None,
-        llm_classes_per_prompt: int = 8,
+        llm_classes_per_prompt: int = 1,
         llm_concepts_per_prompt: int = 20,
         show_progress: bool = True,
     ) -> None:
