@@ -373,7 +373,11 @@ def run_benchmark(
 
 
 def run_benchmark_seeds(
-    seeds: Sequence[int] = (0, 1, 2), *, config: BenchmarkConfig | None = None, backend: Backend | None = None
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    config: BenchmarkConfig | None = None,
+    backend: Backend | None = None,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run :func:`run_benchmark` once per seed (data, weights, baselines) and average the metrics.
 
@@ -385,6 +389,7 @@ def run_benchmark_seeds(
         seeds: Seeds to run (each replaces ``config.seed``).
         config: Settings shared by every seed (default :class:`BenchmarkConfig`).
         backend: A loaded backend to use instead of ``load_backend("embedded")`` (loaded once otherwise).
+        show_progress: A progress bar over the seeds (about half a minute each on two CPU cores).
 
     Returns:
         ``{"seeds", "embedded", "random", "constant", "label", "checks", "checks_every_seed", "per_seed",
@@ -408,8 +413,11 @@ def run_benchmark_seeds(
         from lightning_neurons.backends import load_backend
 
         backend = load_backend("embedded", device="cpu", **{"generator": False, **base.backend_kwargs})
+    from tqdm.auto import tqdm
+
     per_seed = {
-        str(seed): run_benchmark(config=dataclasses.replace(base, seed=seed), backend=backend) for seed in seeds
+        str(seed): run_benchmark(config=dataclasses.replace(base, seed=seed), backend=backend)
+        for seed in tqdm(seeds, desc="quality benchmark", unit="seed", disable=not show_progress)
     }
     runs = list(per_seed.values())
     metrics = (*HEADLINE_METRICS, *DIAGNOSTIC_METRICS)
