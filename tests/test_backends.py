@@ -270,6 +270,10 @@ def test_hf_backend_composes_parts(tiny_blip_dir: Path, tiny_llama_dir: Path, ti
     )
     assert backend.name == "hf" and backend.captioner is not None and backend.generator is not None
     assert backend.encoder.encode_texts(["x"]).shape == (1, 32)
+    assert backend.basis_concepts == frozenset()  # CLIP embeds images directly: no vocabulary filter
+    # With the embedded encoder, its basis names (the ImageNet classes) leave the general vocabulary here too.
+    offline = load_backend("hf", device="cpu", encoder="embedded", captioner=str(tiny_blip_dir), generator=None)
+    assert "espresso" in offline.basis_concepts and offline.generator is None
 
 
 def test_hf_missing_models_raise_model_load_error(tmp_path: Path) -> None:

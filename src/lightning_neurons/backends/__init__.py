@@ -82,6 +82,7 @@ def _load_hf(device: torch.device, kwargs: dict[str, Any]) -> Backend:
         captioner=None if captioner is None else load_blip_captioner(captioner, device),
         generator=None if generator is None else load_text_generator(generator, device),
         text_encoder=inner.text_encoder,
+        basis_concepts=inner.basis_concepts,
     )
 
 
