@@ -201,3 +201,25 @@ def test_format_summary_and_resolve(tmp_path):
     assert lines[0].split()[:3] == ["layer", "epoch", "units"] and len(lines) == 1 + 6 + 2
     assert lines[-1] == "  features.3[0] epoch 2: 'red dots' -> 'vertical stripes' (similarity 0.00)"
     assert resolve_history_path(tmp_path) == tmp_path / HISTORY_FILENAME
+
+
+def test_history_keeps_the_ablation_check_and_the_report_shows_it(tmp_path):
+    from lightning_neurons.logging.report import render_report
+
+    history = RunHistory(path=tmp_path / HISTORY_FILENAME)
+    rnd = make_round(0)
+    rnd.units[0].ablation = [("cat", 0.12), ("dog", 0.03)]
+    history.add_round(rnd, bow_embed)
+    loaded = load_history(tmp_path)
+    unit = loaded.get(rnd.units[0].layer, rnd.units[0].unit, 0).explanation
+    assert unit.ablation == [("cat", 0.12), ("dog", 0.03)]
+    assert loaded.get(rnd.units[1].layer, rnd.units[1].unit, 0).explanation.ablation is None
+    rows = list(csv.DictReader(loaded.to_csv(tmp_path / "h.csv").open()))
+    assert rows[0]["ablation"] == "cat=0.12; dog=0.03" and rows[1]["ablation"] == ""
+    assert "zeroing hurts cat, dog" in render_report(loaded)
+    # files written before the field existed still load
+    old = tmp_path / "old" / HISTORY_FILENAME
+    old.parent.mkdir()
+    lines = [json.loads(line) for line in (tmp_path / HISTORY_FILENAME).read_text().splitlines()]
+    old.write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "ablation"}) for r in lines) + "\n")
+    assert load_history(old).get(rnd.units[0].layer, rnd.units[0].unit, 0).explanation.ablation is None

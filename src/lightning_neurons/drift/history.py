@@ -16,6 +16,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     source                str    "concept" or "describe"
     alternatives          list   [{"text": str, "score": float}, ...] runner-up concepts
     top_sample_ids        list   probe-sample ids of the top activations, best first
+    ablation              list?  [{"class": str, "drop": float}, ...] classes hurt most when the unit is zeroed
+                                 (only for units the ablation check ran on; absent in older files)
     previous_epoch        int?   the unit's previous explained epoch (null on its first)
     previous_description  str?   the description at previous_epoch
     similarity            float? cosine similarity of the two descriptions' text embeddings
@@ -84,7 +86,7 @@ class HistoryRecord:
     """One unit at one explained epoch: its explanation and its drift from the previous explained epoch.
 
     Args:
-        explanation: The unit's explanation, trimmed to what the history keeps (no boxes, activations, ablation).
+        explanation: The unit's explanation, trimmed to what the history keeps (no boxes, no activations).
         drift: Its drift against the unit's previous explained epoch.
     """
 
@@ -111,6 +113,7 @@ class HistoryRecord:
             "source": e.source,
             "alternatives": [{"text": a.text, "score": _finite(a.score)} for a in e.alternatives],
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
+            "ablation": None if not e.ablation else [{"class": c, "drop": _finite(v)} for c, v in e.ablation],
             "previous_epoch": d.previous_epoch,
             "previous_description": d.previous_description,
             "similarity": _finite(d.similarity),
@@ -130,9 +133,11 @@ class HistoryRecord:
         if int(data.get("schema", SCHEMA_VERSION)) > SCHEMA_VERSION:
             raise ValueError(f"history record schema {data['schema']} is newer than this version ({SCHEMA_VERSION})")
 
-        def num(k: str) -> float:
-            v = data.get(k)
+        def num_or_nan(v: Any) -> float:
             return float("nan") if v is None else float(v)
+
+        def num(k: str) -> float:
+            return num_or_nan(data.get(k))
 
         explanation = UnitExplanation(
             layer=str(data["layer"]),
@@ -148,13 +153,14 @@ class HistoryRecord:
             ],
             source=str(data.get("source", "concept")),
             top_sample_ids=[int(i) for i in data.get("top_sample_ids", [])],
+            ablation=[(str(a["class"]), num_or_nan(a["drop"])) for a in data.get("ablation") or []] or None,
         )
         drift = UnitDrift.from_dict({**data, "score": explanation.score})
         return cls(explanation=explanation, drift=drift)
 
 
 def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
-    # The history keeps what drift and reports need; boxes/activations/ablation stay in the round itself.
+    # The history keeps what drift and reports need; boxes and activations stay in the round itself.
     return UnitExplanation(
         layer=u.layer,
         unit=int(u.unit),
@@ -166,6 +172,7 @@ def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
         alternatives=[Alternative(a.text, float(a.score)) for a in u.alternatives],
         source=u.source,
         top_sample_ids=[int(i) for i in u.top_sample_ids],
+        ablation=[(str(c), float(v)) for c, v in u.ablation] if u.ablation else None,
     )
 
 
@@ -463,6 +470,10 @@ class RunHistory:
                     for a in row["alternatives"]
                 )
                 row["top_sample_ids"] = " ".join(str(i) for i in row["top_sample_ids"])
+                hurt = row["ablation"] or []
+                row["ablation"] = "; ".join(
+                    f"{a['class']}={a['drop']:.4g}" if a["drop"] is not None else a["class"] for a in hurt
+                )
                 writer.writerow({c: "" if row[c] is None else row[c] for c in columns})
         return path
 
@@ -489,6 +500,7 @@ _CSV_COLUMNS = [
     "threshold",
     "alternatives",
     "top_sample_ids",
+    "ablation",
 ]
 
 

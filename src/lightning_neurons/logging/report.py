@@ -151,10 +151,12 @@ def _layer_section(
             cls = "ep changed" if d.changed else "ep"
             sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
             tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
+            hurt = r.explanation.ablation
+            hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
             cells.append(
                 f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
                 f'<div class="d">{_esc(d.description)}</div>'
-                f'<div class="s">score {_num(d.score, 2)}{sim}</div></div>'
+                f'<div class="s">score {_num(d.score, 2)}{sim}</div>{hurts}</div>'
             )
         crop = latest_preview(previews, layer, unit) if previews is not None else None
         stable = last.first_stable_epoch.get(unit)
