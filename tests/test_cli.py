@@ -82,6 +82,7 @@ trainer:
         show_progress: false
         on_error: raise
         evaluate: true
+        ablation: true
 model:
   init_args: {{width: 4}}
 data:
@@ -106,6 +107,10 @@ data:
     assert "tensorboard --logdir" in result.stdout and str(run_dir / "neurons" / "report.html") in result.stdout
     history = lightning_neurons.load_history(run_dir)
     assert history.epochs == [0, 1] and len(history.units("features.block4")) == 32
+    # ablation=True: the two logged units carry the classes their ablation hurts, the others none
+    hurt = [history.get("features.block4", u, 1).explanation.ablation for u in range(4)]
+    assert any(hurt[:2]) and hurt[2:] == [None, None]
+    assert all(c in ("cat", "grass", "rocket", "coins") and d > 0 for h in hurt[:2] for c, d in h or [])
     assert (run_dir / "neurons" / "report.html").is_file()
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     scalars = events.Tags()["scalars"]
@@ -114,6 +119,10 @@ data:
         steps = [e.step for e in events.Scalars(f"evaluation/{baseline}/simulation")]
         assert steps == [e.step for e in events.Scalars("evaluation/embedded/simulation")]
     assert [e.step for e in events.Scalars("neurons/features.block4/mean_score")] == [0, 1]
+    texts = EventAccumulator(str(run_dir), size_guidance={"tensors": 0}).Reload()
+    for unit in (0, 1):
+        card = texts.Tensors(f"neurons/features.block4/{unit}/description/text_summary")[-1]
+        assert ("zeroing it hurts" in card.tensor_proto.string_val[0].decode()) == bool(hurt[unit])
 
     # `history` and `report` subcommands on that run.
     assert main(["history", str(run_dir), "--csv", str(tmp_path / "h.csv"), "--json", str(tmp_path / "h.json")]) == 0
