@@ -541,3 +541,39 @@ def test_benchmark_over_two_seeds_on_a_small_classifier() -> None:
         assert embedded[metric] > random[metric] and embedded[metric] > constant[metric], metric
     assert out["checks"]["simulation"] == {"random": True, "constant": True}
     assert all(isinstance(v, bool) for c in out["checks_every_seed"].values() for v in c.values())
+
+
+class TokenColourNet(nn.Module):
+    """A ViT-shaped toy: ``tokens`` outputs ``[B, 1 + 4, 3]`` (a class token, then the mean colour of each of the
+    2x2 image patches), so unit ``d`` of the token layer is colour channel ``d``; the head classifies by colour."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Identity()
+        self.head = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(3))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = nn.functional.avg_pool2d(x, x.shape[-1] // 2).flatten(2).transpose(1, 2)  # [B, 4, 3]
+        cls = patches.mean(dim=1, keepdim=True)
+        tokens = self.tokens(torch.cat([cls, patches], dim=1))
+        return self.head(tokens[:, 1:].mean(dim=1))
+
+
+def test_evaluate_round_on_token_units() -> None:
+    """Transformer-style token outputs go through the same metrics (patch grid per unit, token ablation)."""
+    images, labels = colour_images(90)
+    model, backend = TokenColourNet().eval(), colour_backend()
+    cfg = EvaluationConfig(token_mode="drop_first")
+
+    def evaluate(descriptions: list[str]) -> dict:
+        rnd = make_round("tokens", descriptions)
+        return evaluate_round(model, rnd, (images, labels), backend, ["tokens"], COLOURS, config=cfg)
+
+    right, wrong = evaluate(COLOURS), evaluate(["green", "blue", "red"])
+    assert right["simulation"] > 0.8 and wrong["simulation"] < 0
+    assert right["contrast_auc"] > 0.95 and wrong["contrast_auc"] < 0.5
+    assert right["ablation_hit_rate"] == 1.0 and wrong["ablation_hit_rate"] == 0.0
+    assert right["layers"]["tokens"]["units"] == 3
