@@ -12,7 +12,7 @@ from lightning_neurons import NeuronExplainer
 from lightning_neurons.recording.recorder import collect_top_k
 from lightning_neurons.recording.types import Recording
 from lightning_neurons.results import ExplanationRound
-from lightning_neurons.session import ExplanationSession
+from lightning_neurons.session import ExplanationSession, held_out_probe
 
 LAYERS = ["features.0", "features.2", "head"]
 N_VAL = 37  # odd: the DistributedSampler pads rank 1 with a duplicate that must not count
@@ -33,6 +33,9 @@ class FileSession(ExplanationSession):
         inputs, _ = source.fetch(ids)
         assert torch.equal(inputs, val_data().tensors[0][ids])
         torch.save(recording.to_state(), Path(self.explainer.history_dir) / f"rank{trainer.global_rank}.pt")
+        # evaluate=True's held-out probe: global ids fetched from the dataset, not rank 0's shard of the loader
+        inputs, labels = held_out_probe(source, set(ids))
+        torch.save({"ids": ids, "inputs": inputs, "labels": labels}, Path(self.explainer.history_dir) / "probe.pt")
         return ExplanationRound(epoch=recording.epoch)
 
     def state_dict(self):
@@ -94,7 +97,7 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
         enable_model_summary=False,
     )
     trainer.fit(Tiny(), train, val)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.pt"]  # only rank 0 explains
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.pt", "rank0.pt"]  # only rank 0 explains
     ddp = Recording.from_state(torch.load(tmp_path / "rank0.pt", weights_only=False))
     model = Tiny()
     one = collect_top_k(
@@ -107,3 +110,7 @@ def test_ddp_spawn_two_processes_equal_one(tmp_path):
         assert torch.equal(ddp.layers[name].peaks, one.layers[name].peaks)
     assert torch.equal(ddp.reservoir_ids, one.reservoir_ids)
     assert ddp.labels == one.labels
+    probe = torch.load(tmp_path / "probe.pt", weights_only=False)
+    held_out = [i for i in range(N_VAL) if i not in set(probe["ids"])]
+    assert torch.equal(probe["inputs"], val_data().tensors[0][held_out])
+    assert torch.equal(probe["labels"], val_data().tensors[1][held_out])

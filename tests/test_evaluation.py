@@ -577,3 +577,27 @@ def test_evaluate_round_on_token_units() -> None:
     assert right["contrast_auc"] > 0.95 and wrong["contrast_auc"] < 0.5
     assert right["ablation_hit_rate"] == 1.0 and wrong["ablation_hit_rate"] == 0.0
     assert right["layers"]["tokens"]["units"] == 3
+
+
+def test_held_out_probe_fetches_by_global_id_and_caps_its_size() -> None:
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    from lightning_neurons.recording.samples import DataLoaderSampleSource
+    from lightning_neurons.session import held_out_probe
+
+    data = TensorDataset(torch.arange(20.0)[:, None, None, None].expand(-1, 3, 2, 2), torch.arange(20) % 3)
+    source = DataLoaderSampleSource(DataLoader(data, batch_size=4))
+    inputs, labels = held_out_probe(source, {0, 5, 7}, chunk=6)
+    kept = [i for i in range(20) if i not in {0, 5, 7}]
+    assert inputs[:, 0, 0, 0].tolist() == kept and labels.tolist() == [i % 3 for i in kept]
+    subset, _ = held_out_probe(source, {0, 5, 7}, max_samples=5, seed=1)
+    ids = subset[:, 0, 0, 0].tolist()
+    assert len(ids) == 5 and ids == sorted(ids) and set(ids) <= set(kept)
+    assert held_out_probe(source, set(range(19))) is None  # one sample left: nothing to evaluate on
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    loader = DataLoader(Stream(), batch_size=4)
+    assert held_out_probe(DataLoaderSampleSource(loader), {0}) is loader  # unknown size: exclude by position

@@ -199,9 +199,6 @@ class ExplanationSession:
         )
 
         assert self.backend is not None and self.concepts is not None
-        loader = getattr(source, "dataloader", None)
-        if loader is None:
-            raise ValueError("evaluate=True needs a dataloader-backed probe source")
         explainer = self.explainer
         config = EvaluationConfig(
             image_mean=tuple(explainer.image_mean) if explainer.image_mean else None,
@@ -213,8 +210,8 @@ class ExplanationSession:
             seed=explainer.seed,
         )
         explained = explained_sample_ids(rnd)
-        held_out = len(loader.dataset) - len(explained) if hasattr(loader.dataset, "__len__") else 2
-        if held_out < 2:
+        data = held_out_probe(source, explained, config.max_probe_samples, seed=explainer.seed)
+        if data is None:
             rank_zero_warn(
                 f"NeuronExplainer(evaluate=True): epoch {rnd.epoch} is not evaluated: the explanations use all "
                 "probe samples, none is left to evaluate them on (use a larger validation set or a smaller top_k)"
@@ -222,7 +219,10 @@ class ExplanationSession:
             return None
         layers = list(recording.layers)
         # One probe (activations, image embeddings, ablation drops) serves the round and every baseline.
-        probe = probe_for(model, loader, layers, self.backend, config, exclude_ids=explained)
+        if isinstance(data, tuple):
+            probe = probe_for(model, data, layers, self.backend, config)
+        else:  # an iterable dataset: positions in the stream are the sample ids
+            probe = probe_for(model, data, layers, self.backend, config, exclude_ids=explained)
         texts, embeddings = self.concepts
         assert probe.image_embeddings is not None
         constant = generic_concepts(None, texts, probe.image_embeddings, n=5, text_embeddings=embeddings)
@@ -300,6 +300,50 @@ class ExplanationSession:
         self.concepts = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def held_out_probe(
+    source: SampleSource, explained: set[int], max_samples: int | None = None, *, seed: int = 0, chunk: int = 256
+) -> tuple[Tensor, Tensor] | Any | None:
+    """The probe samples outside every unit's top-k set, fetched by their global sample ids.
+
+    Under DDP each rank's validation loader holds a shard, but sample ids are global (dataset indices), so the
+    held-out samples are fetched from the dataset by id rather than by iterating rank 0's loader.
+
+    Args:
+        source: The sample source of the recording (a :class:`DataLoaderSampleSource`).
+        explained: Ids in any unit's top-k set (:func:`~lightning_neurons.evaluation.explained_sample_ids`).
+        max_samples: Keep at most this many, a random subset drawn with ``seed`` (``None``: all).
+        seed: Seed of that draw.
+        chunk: Samples fetched per call.
+
+    Returns:
+        ``(inputs, labels)`` (labels ``-1`` where the batches have none); the dataloader itself for an iterable
+        dataset, whose size is unknown (then exclude ``explained`` by position); ``None`` when fewer than two
+        samples are left.
+
+    Raises:
+        ValueError: If the source is not backed by a dataloader.
+    """
+    loader = getattr(source, "dataloader", None)
+    if loader is None:
+        raise ValueError("evaluate=True needs a dataloader-backed probe source")
+    size = getattr(source, "size", None)
+    if size is None:
+        return loader
+    ids = [i for i in range(size) if i not in explained]
+    if len(ids) < 2:
+        return None
+    if max_samples is not None and len(ids) > max_samples:
+        keep = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
+        ids = [ids[int(i)] for i in keep]
+    parts = [source.fetch(ids[start : start + chunk]) for start in range(0, len(ids), chunk)]
+    inputs = torch.cat([x for x, _ in parts])
+    if all(y is not None for _, y in parts):
+        labels = torch.cat([y for _, y in parts if y is not None]).long()
+    else:
+        labels = torch.full((inputs.shape[0],), -1, dtype=torch.long)
+    return inputs, labels
 
 
 def _preview_units(recording: Recording, log_units: int | list[int] | None) -> dict[str, list[int]]:

@@ -83,6 +83,8 @@ class EvaluationConfig:
         seed: Seed of the control draw.
         min_probe_samples: Below this many held-out samples :func:`evaluate_round` warns that its numbers are
             noise-dominated (it still computes them).
+        max_probe_samples: The callback's evaluation (``evaluate=True``) uses at most this many held-out validation
+            samples, a seeded random subset (the probe is held in memory; ``None``: all).
     """
 
     image_mean: tuple[float, ...] | None = None
@@ -100,6 +102,7 @@ class EvaluationConfig:
     ks: tuple[int, ...] = (1, 5)
     seed: int = 0
     min_probe_samples: int = 50
+    max_probe_samples: int | None = 2000
 
     def __post_init__(self) -> None:
         if not 0 < self.concept_fraction < 1:

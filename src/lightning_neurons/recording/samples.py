@@ -118,6 +118,13 @@ class DataLoaderSampleSource:
             if not isinstance(sampler, (SequentialSampler, DistributedSampler)):
                 self._order = [int(i) for i in sampler]  # another deterministic order: id -> dataset index
 
+    @property
+    def size(self) -> int | None:
+        """Number of probe samples (ids are ``0 .. size - 1``); ``None`` for an iterable dataset (unknown)."""
+        if self._iterable:
+            return None
+        return len(self._order) if self._order is not None else len(self.dataloader.dataset)  # type: ignore[arg-type]
+
     def fetch(self, ids: Sequence[int]) -> tuple[Tensor, Tensor | None]:
         """Return ``inputs [n, ...]`` in the order of ``ids`` and their labels (``None`` if the batches have none).
 
@@ -127,9 +134,9 @@ class DataLoaderSampleSource:
         ids = [int(i) for i in ids]
         if not ids:
             raise ValueError("fetch() needs at least one sample id")
-        if self._iterable:
+        size = self.size
+        if size is None:
             return self._fetch_iterable(ids)
-        size = len(self._order) if self._order is not None else len(self.dataloader.dataset)  # type: ignore[arg-type]
         bad = [i for i in ids if not 0 <= i < size]
         if bad:
             raise IndexError(f"sample ids {bad[:5]} are outside the probe set of {size} samples")
