@@ -241,3 +241,12 @@ def test_missing_model_fails_in_setup_with_the_whole_fix(tmp_path, capsys):
     assert code == 1 and err.startswith("error: Could not load the open_clip model ViT-B-16")
     assert "pretrained" in err and 'backend="embedded"' in err and "Looked for it in" in err
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing was trained
+
+
+def test_evaluate_arguments_parse():
+    from lightning_neurons.cli import _build_parser
+
+    args = _build_parser().parse_args(["evaluate", "--seeds", "3", "4"])
+    assert args.run_dir is None and args.seeds == [3, 4] and json.loads(args.data_args) == {}
+    args = _build_parser().parse_args(["evaluate", "run", "--data-args", '{"val_per_class": 96}'])
+    assert args.run_dir == "run" and args.seeds == [0, 1, 2] and json.loads(args.data_args) == {"val_per_class": 96}
