@@ -219,10 +219,8 @@ class ExplanationSession:
             return None
         layers = list(recording.layers)
         # One probe (activations, image embeddings, ablation drops) serves the round and every baseline.
-        if isinstance(data, tuple):
-            probe = probe_for(model, data, layers, self.backend, config)
-        else:  # an iterable dataset: positions in the stream are the sample ids
-            probe = probe_for(model, data, layers, self.backend, config, exclude_ids=explained)
+        exclude = None if isinstance(data, tuple) else explained  # iterable dataset: stream positions are the ids
+        probe = probe_for(model, data, layers, self.backend, config, exclude_ids=exclude)
         texts, embeddings = self.concepts
         assert probe.image_embeddings is not None
         constant = generic_concepts(None, texts, probe.image_embeddings, n=5, text_embeddings=embeddings)
@@ -233,19 +231,13 @@ class ExplanationSession:
         }
         if self.class_names and recording.labels and all(i in recording.labels for i in explained):
             rounds["label"] = label_baseline(rnd, recording.labels, self.class_names)
-        with warnings.catch_warnings():
-            if len(probe) < config.min_probe_samples:  # say it once, not once per method
-                warnings.warn(
-                    f"NeuronExplainer(evaluate=True): only {len(probe)} held-out validation samples; the quality "
-                    "metrics are noisy (use a validation set with many more samples than top_k times the units)",
-                    UserWarning,
-                    stacklevel=2,
-                )
-                warnings.simplefilter("ignore", UserWarning)
-            return {
-                name: evaluate_round(model, r, probe, self.backend, layers, self.class_names, config=config)
-                for name, r in rounds.items()
-            }
+        results: dict[str, Any] = {}
+        for name, r in rounds.items():
+            with warnings.catch_warnings():
+                if results:  # evaluate_round's small-probe warning once, for the explanations, not per baseline
+                    warnings.simplefilter("ignore", UserWarning)
+                results[name] = evaluate_round(model, r, probe, self.backend, layers, self.class_names, config=config)
+        return results
 
     def _write(self, rnd: ExplanationRound) -> None:
         epoch = rnd.epoch if rnd.epoch is not None else 0

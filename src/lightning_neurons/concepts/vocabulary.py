@@ -185,7 +185,7 @@ def parse_llm_concepts(answer: str, max_words: int = _MAX_WORDS) -> list[str]:
         line = _BULLET.sub("", line.strip())
         # A "Label: prose, with commas" item is one item: split on commas only when there is no label.
         head = re.split(r":|\s[-\u2013\u2014]\s|\*\*\s", line, maxsplit=1)[0]
-        pieces = _label_and_detail(line) if head != line and len(line.split()) > max_words else re.split(r"[,;]", line)
+        pieces = [line] if head != line and len(line.split()) > max_words else re.split(r"[,;]", line)
         for raw in pieces:
             for piece in _label_and_detail(_BULLET.sub("", raw.strip())):
                 piece = re.sub(r"\(.*?\)|\[.*?\]", " ", piece)  # drop parentheticals: "Fur (soft)" -> "Fur"

@@ -26,6 +26,7 @@ from lightning_neurons.evaluation.baselines import (
 from lightning_neurons.evaluation.benchmark import HEADLINE_METRICS, BenchmarkConfig, run_benchmark, run_benchmark_seeds
 from lightning_neurons.evaluation.contrast import ContrastResult, contrast_scores
 from lightning_neurons.evaluation.final_layer import (
+    embed_texts,
     final_layer_accuracy,
     final_layer_class_rank,
     final_layer_similarity,
@@ -73,5 +74,6 @@ __all__ = [
     "run_benchmark",
     "run_benchmark_seeds",
     "simulation_scores",
+    "embed_texts",
     "text_similarity",
 ]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_neurons.evaluation.final_layer import EmbedFn, normalize_text
+from lightning_neurons.evaluation.final_layer import EmbedFn, embed_texts, normalize_text
 from lightning_neurons.evaluation.stats import auc
 from lightning_neurons.explanation.ablation import HurtMeasure, ablate_units
 from lightning_neurons.recording.types import UnitKind
@@ -199,10 +199,8 @@ def ablation_agreement(
     rank = gap = None
     evaluated = torch.tensor([len(names) > 0 for names in hurt], dtype=torch.bool)
     if classes:
-        texts = list(dict.fromkeys([*descriptions, *classes]))
-        emb = torch.nn.functional.normalize(embed(texts).float(), dim=-1)
-        index = {t: i for i, t in enumerate(texts)}
-        sims = emb[[index[d] for d in descriptions]] @ emb[[index[c] for c in classes]].T  # [U, classes]
+        emb = embed_texts([*descriptions, *classes], embed)
+        sims = emb[:u] @ emb[u:].T  # [U, classes]
         col = {c: j for j, c in enumerate(classes)}
         for i, names in enumerate(hurt):
             if names:

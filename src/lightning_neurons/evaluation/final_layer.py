@@ -95,6 +95,22 @@ def final_layer_accuracy(
     }
 
 
+def embed_texts(texts: Sequence[str], embed: EmbedFn) -> Tensor:
+    """L2-normalised embeddings ``[len(texts), D]`` of ``texts`` in order, each distinct text embedded once.
+
+    Example:
+        >>> import torch
+        >>> calls = []
+        >>> embed = lambda t: calls.append(list(t)) or torch.tensor([[2.0, 0.0]] * len(t))
+        >>> embed_texts(["cat", "cat"], embed).tolist(), calls
+        ([[1.0, 0.0], [1.0, 0.0]], [['cat']])
+    """
+    unique = list(dict.fromkeys(texts))
+    emb = torch.nn.functional.normalize(embed(unique).float(), dim=-1)
+    index = {t: i for i, t in enumerate(unique)}
+    return emb[[index[t] for t in texts]]
+
+
 def text_similarity(a: Sequence[str], b: Sequence[str], embed: EmbedFn) -> Tensor:
     """Cosine similarity of matching texts ``a[i]`` and ``b[i]`` in a sentence-embedding space.
 
@@ -117,12 +133,8 @@ def text_similarity(a: Sequence[str], b: Sequence[str], embed: EmbedFn) -> Tenso
         raise ValueError(f"need texts of equal length, got {len(a)} and {len(b)}")
     if not a:
         return torch.zeros(0)
-    unique = list(dict.fromkeys([*a, *b]))
-    emb = torch.nn.functional.normalize(embed(unique).float(), dim=-1)
-    index = {t: i for i, t in enumerate(unique)}
-    ea = emb[[index[t] for t in a]]
-    eb = emb[[index[t] for t in b]]
-    return (ea * eb).sum(dim=-1)
+    emb = embed_texts([*a, *b], embed)
+    return (emb[: len(a)] * emb[len(a) :]).sum(dim=-1)
 
 
 def final_layer_similarity(
@@ -194,11 +206,8 @@ def final_layer_class_rank(
     if len(class_names) < 2:
         raise ValueError("the class-name rank needs at least two classes")
     classes = _unit_classes(units, class_names, unit_classes)
-    descriptions = [u.description for u in units]
-    unique = list(dict.fromkeys([*descriptions, *class_names]))
-    emb = torch.nn.functional.normalize(embed(unique).float(), dim=-1)
-    index = {t: i for i, t in enumerate(unique)}
-    sims = emb[[index[d] for d in descriptions]] @ emb[[index[c] for c in class_names]].T  # [U, classes]
+    emb = embed_texts([*(u.description for u in units), *class_names], embed)
+    sims = emb[: len(units)] @ emb[len(units) :].T  # [U, classes]
     own = torch.tensor(classes)
     positive = sims.gather(1, own[:, None])
     others = torch.ones_like(sims, dtype=torch.bool)
@@ -208,6 +217,7 @@ def final_layer_class_rank(
 
 
 __all__ = [
+    "embed_texts",
     "final_layer_accuracy",
     "final_layer_class_rank",
     "final_layer_similarity",

@@ -32,6 +32,7 @@ from lightning_neurons.backends.base import Backend
 from lightning_neurons.evaluation.ablation_check import ablation_agreement, ablation_drops
 from lightning_neurons.evaluation.contrast import contrast_scores
 from lightning_neurons.evaluation.final_layer import (
+    embed_texts,
     final_layer_accuracy,
     final_layer_class_rank,
     final_layer_similarity,
@@ -277,7 +278,7 @@ def _layer_metrics(
     acts = probe.activations[layer][:, index]  # [N, U] of the explained units
     assert probe.image_embeddings is not None
     descriptions = [u.description for u in units]
-    text = _encode_unique(backend, descriptions)
+    text = embed_texts(descriptions, backend.encoder.encode_texts)  # each distinct description encoded once
     sims = probe.image_embeddings.float() @ text.T
     contrast = contrast_scores(
         acts, sims, concept_fraction=cfg.concept_fraction, num_control=cfg.num_control, seed=cfg.seed
@@ -314,14 +315,6 @@ def _layer_metrics(
         )
         out.update(agreement.summary())
     return out
-
-
-def _encode_unique(backend: Backend, texts: Sequence[str]) -> torch.Tensor:
-    """Encoder embeddings of ``texts``, each distinct text encoded once."""
-    unique = list(dict.fromkeys(texts))
-    emb = backend.encoder.encode_texts(unique).float()
-    position = {t: i for i, t in enumerate(unique)}
-    return emb[[position[t] for t in texts]]
 
 
 def explained_sample_ids(round: ExplanationRound) -> set[int]:
