@@ -178,7 +178,7 @@ def run_benchmark(
     """Run the whole offline harness and return one JSON-able dictionary with an entry per method.
 
     Args:
-        run_dir: Reserved for evaluating a saved run; only the built-in benchmark (``None``) is supported yet.
+        run_dir: Must be ``None``: a saved run is evaluated by :func:`lightning_neurons.posthoc.evaluate_run`.
         config: Benchmark settings (default :class:`BenchmarkConfig`).
         backend: A loaded backend to use instead of ``load_backend("embedded")``.
 
@@ -197,12 +197,11 @@ def run_benchmark(
     """
     if run_dir is not None:
         raise ValueError(
-            "evaluating a saved run directory is not supported yet; evaluate its checkpoints with "
-            "`lightning-neurons explain --checkpoint CKPT ... --evaluate`, run `lightning-neurons evaluate` without a "
-            "run directory for the built-in benchmark, or call lightning_neurons.evaluation.evaluate_round("
-            "model, round, probe, backend, ...) in Python"
+            "run_benchmark is the built-in benchmark and takes no run directory; evaluate a `lightning-neurons fit` "
+            "run with `lightning-neurons evaluate RUN_DIR` (lightning_neurons.posthoc.evaluate_run), any checkpoint "
+            "with `lightning-neurons explain --checkpoint CKPT ... --evaluate`, or your own round with "
+            "lightning_neurons.evaluation.evaluate_round(model, round, probe, backend, ...)"
         )
-    from lightning_neurons.backends import load_backend
     from lightning_neurons.concepts.vocabulary import Vocabulary
     from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD, PhotoPatches
     from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
@@ -233,7 +232,7 @@ def run_benchmark(
     eval_labels = torch.tensor([eval_set[i][1] for i in range(len(eval_set))])
     lap("train")
 
-    loaded = backend or load_backend("embedded", device="cpu", **{"generator": False, **cfg.backend_kwargs})
+    loaded = backend or _embedded_backend(cfg)
     backend = dataclasses.replace(loaded, encoder=MemoEncoder(loaded.encoder))
     # The general vocabulary alone for the output layer: the final-layer similarity asks for class names that are
     # not handed over. Hidden layers get the product default (the callback's ["general", "classes"]).
@@ -409,10 +408,7 @@ def run_benchmark_seeds(
     if not seeds:
         raise ValueError("run_benchmark_seeds needs at least one seed")
     base = config or BenchmarkConfig()
-    if backend is None:
-        from lightning_neurons.backends import load_backend
-
-        backend = load_backend("embedded", device="cpu", **{"generator": False, **base.backend_kwargs})
+    backend = backend or _embedded_backend(base)  # loaded once for every seed
     from tqdm.auto import tqdm
 
     per_seed = {
@@ -447,6 +443,13 @@ def _checks(result: dict[str, Any]) -> dict[str, dict[str, bool | None]]:
         metric: {base: _beats(result["embedded"].get(metric), result[base].get(metric)) for base in BASELINES_TO_BEAT}
         for metric in HEADLINE_METRICS
     }
+
+
+def _embedded_backend(cfg: BenchmarkConfig) -> Backend:
+    """The benchmark's backend: the offline pack on the CPU, without the text generator it does not use."""
+    from lightning_neurons.backends import load_backend
+
+    return load_backend("embedded", device="cpu", **{"generator": False, **cfg.backend_kwargs})
 
 
 def _rounded(obj: Any, digits: int = 4) -> Any:
