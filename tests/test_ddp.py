@@ -9,10 +9,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_neurons import NeuronExplainer
+from lightning_neurons.evaluation import held_out_probe
 from lightning_neurons.recording.recorder import collect_top_k
 from lightning_neurons.recording.types import Recording
 from lightning_neurons.results import ExplanationRound
-from lightning_neurons.session import ExplanationSession, held_out_probe
+from lightning_neurons.session import ExplanationSession
 
 LAYERS = ["features.0", "features.2", "head"]
 N_VAL = 37  # odd: the DistributedSampler pads rank 1 with a duplicate that must not count

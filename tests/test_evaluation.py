@@ -582,8 +582,8 @@ def test_evaluate_round_on_token_units() -> None:
 def test_held_out_probe_fetches_by_global_id_and_caps_its_size() -> None:
     from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+    from lightning_neurons.evaluation import held_out_probe
     from lightning_neurons.recording.samples import DataLoaderSampleSource
-    from lightning_neurons.session import held_out_probe
 
     data = TensorDataset(torch.arange(20.0)[:, None, None, None].expand(-1, 3, 2, 2), torch.arange(20) % 3)
     source = DataLoaderSampleSource(DataLoader(data, batch_size=4))

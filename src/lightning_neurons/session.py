@@ -193,6 +193,7 @@ class ExplanationSession:
             evaluate_round,
             explained_sample_ids,
             generic_concepts,
+            held_out_probe,
             label_baseline,
             probe_for,
             random_baseline,
@@ -292,50 +293,6 @@ class ExplanationSession:
         self.concepts = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def held_out_probe(
-    source: SampleSource, explained: set[int], max_samples: int | None = None, *, seed: int = 0, chunk: int = 256
-) -> tuple[Tensor, Tensor] | Any | None:
-    """The probe samples outside every unit's top-k set, fetched by their global sample ids.
-
-    Under DDP each rank's validation loader holds a shard, but sample ids are global (dataset indices), so the
-    held-out samples are fetched from the dataset by id rather than by iterating rank 0's loader.
-
-    Args:
-        source: The sample source of the recording (a :class:`DataLoaderSampleSource`).
-        explained: Ids in any unit's top-k set (:func:`~lightning_neurons.evaluation.explained_sample_ids`).
-        max_samples: Keep at most this many, a random subset drawn with ``seed`` (``None``: all).
-        seed: Seed of that draw.
-        chunk: Samples fetched per call.
-
-    Returns:
-        ``(inputs, labels)`` (labels ``-1`` where the batches have none); the dataloader itself for an iterable
-        dataset, whose size is unknown (then exclude ``explained`` by position); ``None`` when fewer than two
-        samples are left.
-
-    Raises:
-        ValueError: If the source is not backed by a dataloader.
-    """
-    loader = getattr(source, "dataloader", None)
-    if loader is None:
-        raise ValueError("evaluate=True needs a dataloader-backed probe source")
-    size = getattr(source, "size", None)
-    if size is None:
-        return loader
-    ids = [i for i in range(size) if i not in explained]
-    if len(ids) < 2:
-        return None
-    if max_samples is not None and len(ids) > max_samples:
-        keep = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
-        ids = [ids[int(i)] for i in keep]
-    parts = [source.fetch(ids[start : start + chunk]) for start in range(0, len(ids), chunk)]
-    inputs = torch.cat([x for x, _ in parts])
-    if all(y is not None for _, y in parts):
-        labels = torch.cat([y for _, y in parts if y is not None]).long()
-    else:
-        labels = torch.full((inputs.shape[0],), -1, dtype=torch.long)
-    return inputs, labels
 
 
 def _preview_units(recording: Recording, log_units: int | list[int] | None) -> dict[str, list[int]]:

@@ -40,7 +40,7 @@ from lightning_neurons.evaluation.harness import (
     log_evaluation,
     probe_for,
 )
-from lightning_neurons.evaluation.probe import Probe, build_probe, layer_activations
+from lightning_neurons.evaluation.probe import Probe, build_probe, held_out_probe, layer_activations
 from lightning_neurons.evaluation.simulation import simulation_scores
 from lightning_neurons.evaluation.stats import auc, mad, pearson
 
@@ -64,6 +64,7 @@ __all__ = [
     "final_layer_similarity",
     "flatten_metrics",
     "generic_concepts",
+    "held_out_probe",
     "label_baseline",
     "layer_activations",
     "log_evaluation",
