@@ -35,7 +35,7 @@ BUILTIN_SOURCES = ("general", "classes", "llm")
 # Phrased for very small models too: SmolLM2-135M answers this one with parseable "Part: tail" lines.
 #: The vocabulary prompt, sent once per class by default. Small instruct models (SmolLM2-135M in the offline pack)
 #: ignore "N concepts for these classes" and echo the class names; asked about one class's parts, textures,
-#: colours and surroundings they answer with usable items (61 concepts for the 12 demo classes against 10 echoed
+#: colours and surroundings they answer with usable items (58 concepts for the 12 demo classes against 10 echoed
 #: class names with the older 8-classes-per-prompt wording). ``{count}`` is also available to custom templates.
 LLM_PROMPT = "List the visual parts, textures, colours and surroundings of {classes}, one per line."
 
