@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lightning_neurons.evaluation import BenchmarkConfig, run_benchmark_seeds
+    from lightning_neurons.benchmark import BenchmarkConfig, run_benchmark_seeds
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     overrides = {

