@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.callback import NeuronExplainer
+from lightning_neurons.checkpoints import load_checkpoint, load_model, load_model_weights
 from lightning_neurons.recording.recorder import collect_top_k
 from lightning_neurons.recording.samples import DataLoaderSampleSource
 from lightning_neurons.results import ExplanationRound
@@ -159,7 +160,7 @@ def _checkpoint_paths(checkpoints: str | Path | Sequence[str | Path]) -> list[tu
 
 
 def _checkpoint_epoch(path: Path) -> int | None:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("epoch"), int):
         return int(state["epoch"])
     match = re.search(r"epoch=(\d+)", path.name)
@@ -167,13 +168,7 @@ def _checkpoint_epoch(path: Path) -> int | None:
 
 
 def _load_model(model_class: type[nn.Module], path: Path) -> nn.Module:
-    loader = getattr(model_class, "load_from_checkpoint", None)
-    if loader is not None:
-        model = loader(str(path), map_location="cpu")
-    else:
-        model = model_class()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
-    return model.eval()
+    return load_model(model_class, path)
 
 
 def evaluate_run(
@@ -239,8 +234,7 @@ def evaluate_run(
         raise ValueError(f"{config} configures no lightning_neurons.NeuronExplainer callback")
     paths = _checkpoint_paths(checkpoint if checkpoint is not None else run)
     epoch, path = paths[-1]
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    cli.model.load_state_dict(state["state_dict"])
+    load_model_weights(cli.model, path)
     cli.datamodule.setup("validate")
     explainer = explainers[0]
     explainer.evaluate = True
