@@ -20,7 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -116,6 +118,7 @@ def read_concept_file(path: str | os.PathLike[str]) -> list[str]:
 
     Raises:
         FileNotFoundError: If the file does not exist (the message names the path and the valid source names).
+        ValueError: If the file is not UTF-8 text (the message names the file and the offending byte).
 
     Example:
         >>> read_concept_file("my_concepts.txt")  # doctest: +SKIP
@@ -127,7 +130,15 @@ def read_concept_file(path: str | os.PathLike[str]) -> list[str]:
             f"concept file not found: {file} (a vocabulary source is one of {list(BUILTIN_SOURCES)} "
             "or a text file with one concept per line)"
         )
-    lines = (line.split("#", 1)[0] for line in file.read_text(encoding="utf-8").splitlines())
+    try:
+        text = file.read_text(encoding="utf-8-sig")  # -sig: a BOM from Windows editors is not a concept
+    except UnicodeDecodeError as err:
+        line = file.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"concept file {file} is not UTF-8 text (byte 0x{err.object[err.start]:02x} on line {line}); "
+            "save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+    lines = (line.split("#", 1)[0] for line in text.splitlines())
     return dedupe(lines)
 
 
@@ -250,7 +261,10 @@ def llm_concepts(
     key = _hash(generator.name, prompt, classes, classes_per_prompt, concepts_per_prompt, max_new_tokens)
     cache_file = Path(cache_dir or default_cache_dir()) / "llm_vocabulary" / f"{_safe(generator.name)}-{key}.json"
     if cache_file.is_file():
-        return list(json.loads(cache_file.read_text(encoding="utf-8"))["concepts"])
+        try:
+            return list(json.loads(cache_file.read_text(encoding="utf-8"))["concepts"])
+        except (ValueError, KeyError, TypeError):  # a damaged cache is regenerated, never trusted
+            warnings.warn(f"ignoring the unreadable LLM vocabulary cache {cache_file}; regenerating it", stacklevel=2)
     chunks = [classes[i : i + classes_per_prompt] for i in range(0, len(classes), classes_per_prompt)]
     concepts: list[str] = []
     for chunk in tqdm(chunks, desc="LLM vocabulary", disable=not show_progress or len(chunks) < 2):
@@ -418,8 +432,12 @@ class Vocabulary:
         cache_file = root / "embeddings" / f"{_safe(encoder.name)}-{key}.pt"
         cacheable = bool(getattr(encoder, "cacheable", True))
         if cacheable and cache_file.is_file():
-            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
-            if cached.shape[0] == len(concepts):
+            try:  # weights_only: the cache holds one tensor and must never run code
+                cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+                warnings.warn(f"ignoring the unreadable embedding cache {cache_file}; recomputing it", stacklevel=2)
+                cached = None
+            if isinstance(cached, Tensor) and cached.ndim == 2 and cached.shape[0] == len(concepts):
                 return cached
         parts = []
         steps = range(0, len(concepts), batch_size)
