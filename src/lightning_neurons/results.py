@@ -14,12 +14,55 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by ``None``, so it is strict JSON.
+
+    Python's ``json`` writes bare ``NaN``, which ``jq``, browsers and most JSON parsers reject. Tuples become lists,
+    numpy and torch scalars become Python numbers.
+
+    Example:
+        >>> json_safe({"score": float("nan"), "ids": (1, 2), "x": [float("inf"), 0.5]})
+        {'score': None, 'ids': [1, 2], 'x': [None, 0.5]}
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return json_safe(value.item())
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item):
+        return json_safe(item())
+    return value
+
+
+def dumps_strict(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes ``null`` for NaN/inf (see :func:`json_safe`) and never a bare ``NaN``.
+
+    Example:
+        >>> dumps_strict({"auc": float("nan")})
+        '{"auc": null}'
+    """
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def _nan(value: Any) -> float:
+    # Inverse of json_safe for float fields: null reads back as NaN.
+    return float("nan") if value is None else float(value)
 
 
 @dataclass
@@ -85,11 +128,48 @@ class UnitExplanation:
     def from_dict(cls, data: dict[str, Any]) -> UnitExplanation:
         """Inverse of :meth:`to_dict`."""
         data = dict(data)
-        data["alternatives"] = [Alternative(**a) for a in data.get("alternatives", [])]
+        for key in ("score", "margin", "concept_score"):
+            if key in data:
+                data[key] = _nan(data[key])
+        data["alternatives"] = [Alternative(a["text"], _nan(a["score"])) for a in data.get("alternatives", [])]
+        data["activations"] = [_nan(a) for a in data.get("activations", [])]
         data["boxes"] = [tuple(b) for b in data.get("boxes", [])]
         if data.get("ablation") is not None:
-            data["ablation"] = [tuple(a) for a in data["ablation"]]
+            data["ablation"] = [(str(c), _nan(v)) for c, v in data["ablation"]]
         return cls(**data)
+
+
+@dataclass
+class RoundEvaluation:
+    """The quality metrics of a round and of its baselines, measured on the same held-out probe samples.
+
+    Args:
+        method: Name of the explaining method (the backend's name).
+        metrics: The round's metrics (see :func:`~lightning_neurons.evaluation.evaluate_round`).
+        baselines: ``{"random" | "constant" | "label": metrics}`` of the baselines.
+
+    Example:
+        >>> ev = RoundEvaluation("embedded", {"simulation": 0.3}, {"random": {"simulation": 0.0}})
+        >>> ev.methods()["random"]["simulation"]
+        0.0
+    """
+
+    method: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def methods(self) -> dict[str, dict[str, Any]]:
+        """``{method: metrics}``: the round's method first, then the baselines."""
+        return {self.method: self.metrics, **self.baselines}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary."""
+        return {"method": self.method, "metrics": self.metrics, "baselines": self.baselines}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoundEvaluation:
+        """Inverse of :meth:`to_dict`."""
+        return cls(str(data["method"]), dict(data.get("metrics", {})), dict(data.get("baselines", {})))
 
 
 @dataclass
@@ -102,12 +182,14 @@ class ExplanationRound:
         meta: Free-form facts about the round (backend, vocabulary size, correction, timings, counts).
         previews: Per ``(layer, unit)``, a ``uint8`` tensor ``[n, 3, h, w]`` of the unit's top region crops with
             the activated region outlined; for logging only, never serialised.
+        evaluation: The round's quality metrics and baselines (``evaluate=True``), else ``None``.
     """
 
     epoch: int | None
     units: list[UnitExplanation] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     previews: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    evaluation: RoundEvaluation | None = None
 
     def __iter__(self) -> Iterator[UnitExplanation]:
         return iter(self.units)
@@ -137,7 +219,10 @@ class ExplanationRound:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary (previews are left out)."""
-        return {"epoch": self.epoch, "meta": self.meta, "units": [u.to_dict() for u in self.units]}
+        data: dict[str, Any] = {"epoch": self.epoch, "meta": self.meta, "units": [u.to_dict() for u in self.units]}
+        if self.evaluation is not None:
+            data["evaluation"] = self.evaluation.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExplanationRound:
@@ -146,13 +231,27 @@ class ExplanationRound:
             epoch=data.get("epoch"),
             units=[UnitExplanation.from_dict(u) for u in data.get("units", [])],
             meta=dict(data.get("meta", {})),
+            evaluation=RoundEvaluation.from_dict(data["evaluation"]) if data.get("evaluation") else None,
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """Serialise to JSON, and write it to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=1)
+        """Serialise to strict JSON (``null`` for NaN), and write it to ``path`` when given.
+
+        The file is written to a temporary name, flushed to disk and renamed, so a crash or a full disk never
+        leaves half a round file.
+        """
+        text = dumps_strict(self.to_dict(), indent=1, ensure_ascii=False)
         if path is not None:
-            Path(path).write_text(text)
+            target = Path(path)
+            tmp = target.with_name(f".{target.name}.tmp")
+            try:
+                with tmp.open("w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                tmp.replace(target)
+            finally:
+                tmp.unlink(missing_ok=True)
         return text
 
     @classmethod
@@ -160,5 +259,5 @@ class ExplanationRound:
         """Read a round from a JSON string or a file path."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
+            text = Path(text_or_path).read_text(encoding="utf-8")
         return cls.from_dict(json.loads(text))
