@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -94,9 +95,27 @@ def find_tensorboard_writer(trainer: pl.Trainer) -> SummaryWriter | None:
     return None
 
 
+# Characters that Markdown gives a meaning to (links, images, emphasis, code, tables, headings).
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()!|])")
+
+
+def escape_markdown(text: Any) -> str:
+    r"""``text`` as literal Markdown: HTML escaped and Markdown syntax backslash-escaped, on one line.
+
+    Descriptions come from vocabulary files and language models; unescaped, ``![x](http://...)`` or ``<img>``
+    in one makes TensorBoard load a remote image when the text card is opened.
+
+    Example:
+        >>> print(escape_markdown("![x](http://e.example/t.png) <b>"))
+        \!\[x\]\(http://e.example/t.png\) &lt;b&gt;
+    """
+    one_line = " ".join(str(text).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
+
+
 def _cell(text: Any) -> str:
-    # Markdown table cells: no pipes or line breaks.
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
+    # Markdown table cells: literal text, no pipes or line breaks.
+    return escape_markdown(text)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -254,15 +273,16 @@ class NeuronTensorBoardLogger:
             >>> print(NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "dots", 0.8)))
             **dots** (score 0.800)
         """
-        text = f"**{u.description}** (score {_fmt(u.score)})"
+        esc = escape_markdown  # every text from a vocabulary file or a language model is shown literally
+        text = f"**{esc(u.description)}** (score {_fmt(u.score)})"
         if u.alternatives:
-            text += "\n\nalternatives: " + ", ".join(f"{a.text} ({_fmt(a.score)})" for a in u.alternatives)
+            text += "\n\nalternatives: " + ", ".join(f"{esc(a.text)} ({_fmt(a.score)})" for a in u.alternatives)
         if u.ablation:
-            text += "\n\nzeroing it hurts: " + ", ".join(f"{name} (-{_fmt(drop)})" for name, drop in u.ablation)
+            text += "\n\nzeroing it hurts: " + ", ".join(f"{esc(c)} (-{_fmt(drop)})" for c, drop in u.ablation)
         if d is not None and d.compared:
             verb = "changed from" if d.changed else "previously"
             text += (
-                f"\n\n{verb} *{d.previous_description}* at epoch {d.previous_epoch} "
+                f"\n\n{verb} *{esc(d.previous_description)}* at epoch {d.previous_epoch} "
                 f"(similarity {_fmt(d.similarity)}, top-k Jaccard {_fmt(d.jaccard)})"
             )
         return text
