@@ -59,7 +59,24 @@ def preview_grid(previews: Tensor, nrow: int = 8, padding: int = 2) -> Tensor:
 
 
 def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+    """A folder name for a layer, one to one: ``a b`` and ``a_b`` must not share a folder.
+
+    Usual module paths (``features.block4``) are kept as they are, so earlier runs' folders are still found; any
+    other byte is percent-encoded (``%`` too,
+    so the encoding is reversible), and names that are empty or only dots cannot climb out of the folder.
+
+    Example:
+        >>> _safe("blocks.0.attn"), _safe("a b"), _safe("a_b"), _safe(".."), _safe("")
+        ('blocks.0.attn', 'a%20b', 'a_b', '%2E%2E', '%')
+    """
+    if not name:
+        return "%"
+    if set(name) == {"."}:
+        return "%2E" * len(name)
+    return "".join(ch if _PLAIN.fullmatch(ch) else "".join(f"%{b:02X}" for b in ch.encode("utf-8")) for ch in name)
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9._-]")
 
 
 def preview_path(directory: str | Path, layer: str, unit: int, epoch: int) -> Path:
