@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_model", "load_model_weights"]
+__all__ = ["CheckpointError", "load_checkpoint", "load_model", "load_model_weights", "summarize_error"]
 
 
 class CheckpointError(ValueError):
@@ -63,18 +63,18 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     except pickle.UnpicklingError as err:
         if not _GLOBAL.search(str(err)):  # a bad opcode: bytes that are no pickle, not a hostile one
             raise CheckpointError(
-                f"{path}: not a readable PyTorch checkpoint ({_why(err)}); it may be truncated or corrupt: "
+                f"{path}: not a readable PyTorch checkpoint ({summarize_error(err)}); it may be truncated or corrupt: "
                 "use another checkpoint or save it again"
             ) from None
         raise CheckpointError(
             f"{path}: refused to load, it holds Python objects that could run code when unpickled "
-            f"({_why(err)}); re-save its weights from a trusted copy with "
+            f"({summarize_error(err)}); re-save its weights from a trusted copy with "
             "torch.save({'state_dict': model.state_dict()}, path), or allow known classes with "
             "torch.serialization.add_safe_globals"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, TypeError) as err:
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({_why(err)}); it may be truncated or corrupt: "
+            f"{path}: not a readable PyTorch checkpoint ({summarize_error(err)}); it may be truncated or corrupt: "
             "use another checkpoint or save it again"
         ) from None
     if not isinstance(state, dict):
@@ -107,7 +107,7 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str], state: di
         model.load_state_dict(weights)
     except RuntimeError as err:
         raise CheckpointError(
-            f"{path}: its weights do not fit {type(model).__name__} ({_why(err)}); pass the model class and "
+            f"{path}: its weights do not fit {type(model).__name__} ({summarize_error(err)}); pass the model class and "
             "arguments the checkpoint was trained with"
         ) from None
 
@@ -145,7 +145,7 @@ def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn
         model = loader(str(path), **kwargs)
     except (RuntimeError, KeyError, TypeError) as err:
         raise CheckpointError(
-            f"{path}: cannot rebuild {model_class.__name__} from it ({_why(err)}); pass the model class the "
+            f"{path}: cannot rebuild {model_class.__name__} from it ({summarize_error(err)}); pass the model class the "
             "checkpoint was trained with"
         ) from None
     return model.eval()
@@ -155,7 +155,13 @@ def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn
 _GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global:) [^\n]+", re.IGNORECASE)
 
 
-def _why(err: BaseException) -> str:
+def summarize_error(err: BaseException) -> str:
+    r"""The line of a (multi-line) torch loading error that says what was found, at most 200 characters.
+
+    Example:
+        >>> summarize_error(RuntimeError("Error(s) in loading state_dict for M:\n\tMissing key(s): 'w'."))
+        "Error(s) in loading state_dict for M: Missing key(s): 'w'"
+    """
     # torch's messages run over many lines of advice; keep the line that says what was found.
     text = str(err).strip()
     found = _GLOBAL.search(text) or re.search(r"Unsupported operand [^\n]+", text)
