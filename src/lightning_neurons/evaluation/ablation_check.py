@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,8 +33,8 @@ from torch import Tensor, nn
 from lightning_neurons.evaluation.final_layer import EmbedFn, embed_texts, normalize_text
 from lightning_neurons.evaluation.stats import auc
 from lightning_neurons.explanation.ablation import HurtMeasure, ablate_units
+from lightning_neurons.recording.hooks import ForwardFn, LayerTaps, SelectorSpec
 from lightning_neurons.recording.types import UnitKind
-from lightning_neurons.recording.units import infer_kind, select_output
 
 Hurt = list[tuple[str, float]]
 
@@ -91,21 +90,33 @@ class AblationAgreement:
         return out
 
 
-def layer_kind(model: nn.Module, layer: str, sample: Tensor) -> UnitKind:
-    """The unit kind (``conv``/``token``/``linear``) of a layer, from one forward pass of one sample."""
-    module = dict(model.named_modules())[layer]
-    found: list[UnitKind] = []
+def layer_kind(
+    model: nn.Module,
+    layer: str,
+    sample: Tensor,
+    *,
+    output_selector: SelectorSpec = None,
+    forward_fn: ForwardFn | None = None,
+) -> UnitKind:
+    """The unit kind (``conv``/``token``/``linear``) of a layer, from one forward pass of one sample.
 
-    def hook(_m: nn.Module, _a: Any, output: Any) -> None:
-        found.append(infer_kind(select_output(output, None, layer), layer))
+    Args:
+        model: The network (run in ``eval()`` mode; its mode is restored).
+        layer: Layer name.
+        sample: Probe inputs; the first one is forwarded.
+        output_selector: Which part of a tuple/dict output holds the units (one selector or ``{name or glob: ...}``).
+        forward_fn: How to run the model, ``forward_fn(model, inputs)`` (``None``: ``model(inputs)``).
+    """
+    taps = LayerTaps.from_names(model, [layer], output_selector)
 
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(sample[:1].to(next((p.device for p in model.parameters()), sample.device)))
-    finally:
-        handle.remove()
-    return found[0]
+    def infer(name: str, out: Tensor) -> None:
+        taps.kind_of(name, out)
+
+    with taps.hooks(infer, forward_fn=forward_fn, stop_early=True) as run:
+        run(sample[:1])
+    if layer not in taps.kinds:
+        raise ValueError(f"layer {layer!r} did not run in the forward pass")
+    return taps.kinds[layer]
 
 
 def ablation_drops(
@@ -118,6 +129,8 @@ def ablation_drops(
     *,
     top: int = 3,
     measure: HurtMeasure = "probability",
+    output_selector: SelectorSpec = None,
+    forward_fn: ForwardFn | None = None,
 ) -> dict[int, Hurt]:
     """Per unit, the classes whose mean true-class probability (or accuracy) drops most when the unit is zeroed.
 
@@ -131,6 +144,9 @@ def ablation_drops(
         top: Hurt classes kept per unit (only positive drops).
         measure: ``"probability"`` (default): drop of the class's mean softmax probability of its true label;
             ``"accuracy"``: drop of its top-1 accuracy (coarse: steps of one image per class).
+        output_selector: Which part of a tuple/dict layer output holds the units: one selector or
+            ``{layer name or glob: selector}``, as in recording.
+        forward_fn: How to run the model, ``forward_fn(model, inputs)`` (``None``: ``model(inputs)``).
 
     Returns:
         ``{unit: [(class name, drop), ...]}``, largest drop first.
@@ -139,18 +155,16 @@ def ablation_drops(
         KeyError: If the layer is not in the model.
         ValueError: If the probe has no labels or ``measure`` is unknown.
     """
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        raise KeyError(f"layer {layer!r} is not in the model")
+    taps = LayerTaps.from_names(model, [layer], output_selector)  # KeyError for an unknown layer
     if bool((labels < 0).any()):
         raise ValueError("the ablation check needs class labels for every probe sample")
     was_training = model.training
     try:
         model.eval()
-        kind = layer_kind(model, layer, inputs)
+        kind = layer_kind(model, layer, inputs, output_selector=output_selector, forward_fn=forward_fn)
         return ablate_units(
             model,
-            modules[layer],
+            taps.layers[layer],
             kind,
             list(units),
             inputs,
@@ -159,6 +173,8 @@ def ablation_drops(
             top=top,
             layer_name=layer,
             measure=measure,
+            output_selector=taps.selector_for(layer),
+            forward_fn=forward_fn,
         )
     finally:
         model.train(was_training)

@@ -40,6 +40,7 @@ from lightning_neurons.evaluation.final_layer import (
 from lightning_neurons.evaluation.probe import Probe, ProbeData, build_probe, encode_probe_images, layer_activations
 from lightning_neurons.evaluation.simulation import simulation_scores
 from lightning_neurons.explanation.ablation import HurtMeasure
+from lightning_neurons.recording.hooks import ForwardFn, SelectorSpec
 from lightning_neurons.recording.samples import InputKey
 from lightning_neurons.recording.types import Reduction
 from lightning_neurons.recording.units import TokenMode
@@ -70,6 +71,10 @@ class EvaluationConfig:
         image_std: Per-channel standard deviation of that normalisation.
         reduction: Per-sample reduction of a unit's map, as in recording (``"max"`` or ``"mean"``).
         token_mode: Class-token handling for token outputs.
+        output_selector: Which part of a tuple/dict layer output holds the units: one selector or
+            ``{layer name or glob: index | key | callable}``, as in recording.
+        forward_fn: How to run the model on probe inputs, ``forward_fn(model, inputs)`` (``None``:
+            ``model(inputs)``); its output (or its ``logits``) are the class scores of the ablation check.
         input_key: Index/key of the inputs in a batch (``None``: guess).
         target_key: Index/key of the labels in a batch (``None``: guess).
         concept_fraction: Fraction of the probe used as each description's concept images (contrast).
@@ -92,6 +97,8 @@ class EvaluationConfig:
     image_std: tuple[float, ...] | None = None
     reduction: Reduction = "max"
     token_mode: TokenMode = "auto"
+    output_selector: SelectorSpec = None
+    forward_fn: ForwardFn | None = None
     input_key: InputKey = None
     target_key: InputKey = None
     concept_fraction: float = 0.1
@@ -248,6 +255,8 @@ def probe_for(
         input_key=cfg.input_key,
         target_key=cfg.target_key,
         exclude_ids=exclude_ids,
+        output_selector=cfg.output_selector,
+        forward_fn=cfg.forward_fn,
     )
 
 
@@ -258,7 +267,15 @@ def _complete_probe(
     missing = [name for name in layers if name not in probe.activations]
     if missing:
         probe.activations.update(
-            layer_activations(model, probe.inputs, missing, reduction=cfg.reduction, token_mode=cfg.token_mode)
+            layer_activations(
+                model,
+                probe.inputs,
+                missing,
+                reduction=cfg.reduction,
+                token_mode=cfg.token_mode,
+                output_selector=cfg.output_selector,
+                forward_fn=cfg.forward_fn,
+            )
         )
     if probe.image_embeddings is None and layers:
         probe.image_embeddings = encode_probe_images(backend.encoder, probe.inputs, cfg.image_mean, cfg.image_std)
@@ -307,6 +324,8 @@ def _layer_metrics(
                     class_names,
                     top=cfg.ablation_top,
                     measure=cfg.ablation_measure,
+                    output_selector=cfg.output_selector,
+                    forward_fn=cfg.forward_fn,
                 )
             )
         hurt = [[name for name, _ in drops[u.unit]] for u in units]

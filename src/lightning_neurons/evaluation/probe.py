@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_neurons.backends.base import ImageTextEncoder
+from lightning_neurons.recording.hooks import ForwardFn, LayerTaps, SelectorSpec
 from lightning_neurons.recording.samples import InputKey, SampleSource, batch_inputs, batch_targets
 from lightning_neurons.recording.types import Reduction
-from lightning_neurons.recording.units import TokenMode, infer_kind, reduce_maps, select_output, unit_maps
+from lightning_neurons.recording.units import TokenMode, reduce_maps
 from lightning_neurons.regions import images_from_inputs
 
 ProbeData = Iterable[Any] | tuple[Tensor, Tensor]
@@ -99,6 +100,8 @@ def layer_activations(
     reduction: Reduction = "max",
     token_mode: TokenMode = "auto",
     batch_size: int = 128,
+    output_selector: SelectorSpec = None,
+    forward_fn: ForwardFn | None = None,
 ) -> dict[str, Tensor]:
     """Per-sample unit values of ``layers``, reduced over each unit's map the way recording reduces them.
 
@@ -111,6 +114,9 @@ def layer_activations(
         reduction: ``"max"`` or ``"mean"`` over a unit's spatial map.
         token_mode: Class-token handling for ``[B, T, D]`` outputs.
         batch_size: Forward batch size.
+        output_selector: Which part of a tuple/dict layer output holds the units: one selector or
+            ``{layer name or glob: selector}``, as in recording.
+        forward_fn: How to run the model, ``forward_fn(model, inputs)`` (``None``: ``model(inputs)``).
 
     Returns:
         Per layer, float32 ``[N, U]`` on the CPU.
@@ -118,31 +124,15 @@ def layer_activations(
     Raises:
         KeyError: If a layer is not in the model.
     """
-    modules = dict(model.named_modules())
-    missing = [name for name in layers if name not in modules]
-    if missing:
-        raise KeyError(f"layers {missing} are not in the model")
-    device = _model_device(model)
-    chunks: dict[str, list[Tensor]] = {name: [] for name in layers}
+    taps = LayerTaps.from_names(model, layers, output_selector, token_mode)
+    chunks: dict[str, list[Tensor]] = {name: [] for name in taps.layers}
 
-    def hook(name: str) -> Any:
-        def record(_module: nn.Module, _args: Any, output: Any) -> None:
-            out = select_output(output, None, name).detach()
-            maps = unit_maps(out, infer_kind(out, name), token_mode, name)
-            chunks[name].append(reduce_maps(maps, reduction)[0].float().cpu())
+    def record(name: str, out: Tensor) -> None:
+        chunks[name].append(reduce_maps(taps.unit_maps(name, out.detach()), reduction)[0].float().cpu())
 
-        return record
-
-    handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
-    was_training = model.training
-    try:
-        model.eval()
+    with taps.hooks(record, forward_fn=forward_fn) as run:
         for start in range(0, inputs.shape[0], batch_size):
-            model(inputs[start : start + batch_size].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+            run(inputs[start : start + batch_size])
     return {name: torch.cat(parts) for name, parts in chunks.items()}
 
 
@@ -186,6 +176,8 @@ def build_probe(
     input_key: InputKey = None,
     target_key: InputKey = None,
     exclude_ids: Iterable[int] | None = None,
+    output_selector: SelectorSpec = None,
+    forward_fn: ForwardFn | None = None,
 ) -> Probe:
     """Run the held-out probe through the model (activations) and the encoder (image embeddings) once.
 
@@ -202,6 +194,8 @@ def build_probe(
         target_key: Index/key of the labels in a batch.
         exclude_ids: Positions in the probe to leave out, e.g. the samples the explanations were made from
             when the same loader is used for both (the metrics are only honest on held-out samples).
+        output_selector: Which part of a tuple/dict layer output holds the units (as in recording).
+        forward_fn: How to run the model, ``forward_fn(model, inputs)`` (``None``: ``model(inputs)``).
 
     Returns:
         The :class:`Probe`.
@@ -222,14 +216,17 @@ def build_probe(
         if int(keep.sum()) < 2:
             raise ValueError("fewer than two probe samples are left after exclude_ids")
         inputs, labels = inputs[keep], labels[keep]
-    activations = layer_activations(model, inputs, layers, reduction=reduction, token_mode=token_mode)
+    activations = layer_activations(
+        model,
+        inputs,
+        layers,
+        reduction=reduction,
+        token_mode=token_mode,
+        output_selector=output_selector,
+        forward_fn=forward_fn,
+    )
     embeddings = encode_probe_images(encoder, inputs, image_mean, image_std) if encoder is not None else None
     return Probe(inputs=inputs, labels=labels, activations=activations, image_embeddings=embeddings)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def held_out_probe(

@@ -9,6 +9,8 @@ no prediction flips.
 
 Several units are ablated in one forward pass: the batch is repeated once per unit and a forward hook zeroes
 unit ``u_i`` in the ``i``-th copy only, so the cost is one large batch instead of a Python loop of forwards.
+The hook is a :class:`~lightning_neurons.recording.hooks.LayerTaps` tap: the zeroed tensor is put back into the
+layer's output structure (a tuple/dict output keeps its other parts).
 
 Example:
     >>> import torch
@@ -29,8 +31,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_neurons.recording.hooks import ForwardFn, LayerTaps, prepare_inputs, run_model
 from lightning_neurons.recording.types import UnitKind
-from lightning_neurons.recording.units import OutputSelector, select_output
+from lightning_neurons.recording.units import OutputSelector
 
 #: How the hurt of a class is measured: top-1 accuracy drop or drop of the mean true-class probability.
 HurtMeasure = Literal["accuracy", "probability"]
@@ -46,9 +49,10 @@ def _logits(output: Any) -> Tensor:
     return output[0]
 
 
-def _zero_hook(kind: UnitKind, units: Tensor, copies: int, selector: OutputSelector | None, layer: str) -> Any:
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        out = select_output(output, selector, layer)
+def _zero_units(kind: UnitKind, units: Tensor, copies: int) -> Any:
+    """A tap that zeroes unit ``units[i]`` in the ``i``-th of ``copies`` stacked copies of the batch."""
+
+    def zero(_name: str, out: Tensor) -> Tensor:
         rows = out.shape[0] // copies
         view = out.reshape(copies, rows, *out.shape[1:])
         mask = torch.ones(copies, view.shape[-1] if kind == "token" else view.shape[2], device=out.device)
@@ -58,10 +62,9 @@ def _zero_hook(kind: UnitKind, units: Tensor, copies: int, selector: OutputSelec
         else:
             shape = (copies, 1, mask.shape[1]) + (1,) * (view.dim() - 3)
             scaled = view * mask.reshape(shape).to(view.dtype)
-        out.copy_(scaled.reshape(out.shape))
-        return output
+        return scaled.reshape(out.shape)
 
-    return hook
+    return zero
 
 
 def _class_scores(logits: Tensor, labels: Tensor, num_classes: int, measure: HurtMeasure) -> Tensor:
@@ -89,6 +92,7 @@ def ablate_units(
     output_selector: OutputSelector | None = None,
     layer_name: str = "?",
     measure: HurtMeasure = "accuracy",
+    forward_fn: ForwardFn | None = None,
 ) -> dict[int, list[tuple[str, float]]]:
     """Per unit, the classes whose accuracy (or true-class probability) drops most when the unit is zeroed.
 
@@ -107,6 +111,8 @@ def ablate_units(
         layer_name: For error messages.
         measure: ``"accuracy"``: per-class drop of top-1 accuracy; ``"probability"``: per-class drop of the mean
             softmax probability of the true class (continuous, far less noisy on small probes).
+        forward_fn: How to run the model on a batch, ``forward_fn(model, inputs)`` (``None``: ``model(inputs)``);
+            its output (or its ``logits``) are the class scores.
 
     Returns:
         ``{unit: [(class, drop), ...]}``, largest drop first, only positive drops.
@@ -116,7 +122,7 @@ def ablate_units(
     """
     if measure not in ("accuracy", "probability"):
         raise ValueError(f"measure must be 'accuracy' or 'probability', got {measure!r}")
-    device = next((p.device for p in model.parameters()), inputs.device)
+    taps = LayerTaps(model, {layer_name: layer}, output_selector, kinds={layer_name: kind})
     labels = labels.long().cpu()
     num_classes = int(labels.max()) + 1 if labels.numel() else 0
     base_score = torch.zeros(num_classes)
@@ -124,19 +130,15 @@ def ablate_units(
     unit_list = [int(u) for u in units]
     drops: dict[int, Tensor] = {u: torch.zeros(num_classes) for u in unit_list}
     for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start : start + batch_size].to(device)
+        x = prepare_inputs(model, inputs[start : start + batch_size])
         y = labels[start : start + batch_size]
-        base_score += _class_scores(_logits(model(x)).float().cpu(), y, num_classes, measure)
+        base_score += _class_scores(_logits(run_model(model, x, forward_fn)).float().cpu(), y, num_classes, measure)
         for g in range(0, len(unit_list), units_per_pass):
             group = unit_list[g : g + units_per_pass]
             reps = len(group)
-            handle = layer.register_forward_hook(
-                _zero_hook(kind, torch.tensor(group), reps, output_selector, layer_name)
-            )
-            try:
-                out = _logits(model(x.repeat(reps, *([1] * (x.dim() - 1)))))
-            finally:
-                handle.remove()
+            zero = _zero_units(kind, torch.tensor(group), reps)
+            with taps.hooks(zero, eval_mode=False, forward_fn=forward_fn) as run:
+                out = _logits(run(x.repeat(reps, *([1] * (x.dim() - 1)))))
             out = out.float().cpu().reshape(reps, -1, out.shape[-1])
             for i, u in enumerate(group):
                 drops[u] += _class_scores(out[i], y, num_classes, measure)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,9 +45,11 @@ from lightning_neurons.explanation.scoring import (
     separation,
     similarity,
 )
+from lightning_neurons.recording.hooks import ForwardFn, LayerTaps, SelectorSpec
+from lightning_neurons.recording.hooks import selector_for as _selector_for
 from lightning_neurons.recording.samples import SampleSource
 from lightning_neurons.recording.types import LayerTopK, Recording
-from lightning_neurons.recording.units import OutputSelector, TokenMode, select_output, unit_maps
+from lightning_neurons.recording.units import OutputSelector, TokenMode
 from lightning_neurons.regions import (
     box_area_fraction,
     crop_images,
@@ -94,7 +96,11 @@ class ExplainConfig:
         image_mean: Per-channel mean the model inputs were normalised with (``None``: per-image min-max).
         image_std: Per-channel standard deviation of that normalisation.
         token_mode: How token outputs become patch grids (as in recording).
-        output_selector: Which part of a layer's output holds the units: one selector or ``{layer: selector}``.
+        output_selector: Which part of a layer's output holds the units: one selector or
+            ``{layer name or glob: selector}`` (as in recording).
+        forward_fn: How to run the model on a batch of probe inputs, ``forward_fn(model, inputs)`` (``None``:
+            ``model(inputs)``), for models whose ``forward`` is not ``forward(images)``; used by the forward
+            pass and the ablation.
         preview_size: Side of the preview images.
         preview_count: Previews per unit.
         preview_units: ``{layer: [units]}`` to make previews for; ``None`` = the first 8 units of every layer.
@@ -135,7 +141,8 @@ class ExplainConfig:
     image_mean: tuple[float, ...] | None = None
     image_std: tuple[float, ...] | None = None
     token_mode: TokenMode = "auto"
-    output_selector: OutputSelector | dict[str, OutputSelector] | None = None
+    output_selector: SelectorSpec = None
+    forward_fn: ForwardFn | None = None
     preview_size: int = 64
     preview_count: int = 8
     preview_units: dict[str, list[int]] | None = None
@@ -158,10 +165,8 @@ class ExplainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     def selector_for(self, layer: str) -> OutputSelector | None:
-        """The output selector of one layer."""
-        if isinstance(self.output_selector, Mapping):
-            return self.output_selector.get(layer)
-        return self.output_selector
+        """The output selector of one layer: an exact key of ``output_selector``, else its first matching glob."""
+        return _selector_for(self.output_selector, layer)
 
 
 @dataclass
@@ -180,11 +185,6 @@ class _Pass:
 
     chunk_ids: Tensor | None = None
     reservoir_pos: Tensor | None = None
-    pending: set[str] = field(default_factory=set)  # layers not yet seen in this forward (truncate_forward)
-
-
-class _StopForward(Exception):
-    """Raised by the last hook of a pass when ``truncate_forward`` is on; caught around the model call."""
 
 
 def explain_recording(
@@ -394,55 +394,33 @@ def _forward_pass(
     per_sample = max(1, math.ceil(cfg.max_control_values / max(1, reservoir.numel())))
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     current = _Pass()
+    kinds = {name: st.topk.kind for name, st in states.items()}
+    taps = LayerTaps.from_names(model, states, cfg.output_selector, cfg.token_mode, kinds=kinds)
 
-    def make_hook(name: str) -> Any:
-        st = states[name]
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            out = select_output(output, cfg.selector_for(name), name).detach()
-            maps = unit_maps(out, st.topk.kind, cfg.token_mode, name).to(device, torch.float32)
-            _consume(st, maps, current, name, per_sample, gen)
-            if cfg.truncate_forward:
-                current.pending.discard(name)
-                if not current.pending:
-                    raise _StopForward
-
-        return hook
+    def tap(name: str, out: Tensor) -> None:
+        maps = taps.unit_maps(name, out.detach()).to(device, torch.float32)
+        _consume(states[name], maps, current, name, per_sample, gen)
 
     bank: Tensor | None = None
     labels: Tensor | None = torch.full((ids.numel(),), -1, dtype=torch.long)
     ids_dev = ids.to(device)
-    handles = []
-    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    try:
-        for name in states:
-            handles.append(modules[name].register_forward_hook(make_hook(name)))
-        with _train_mode_restored(model), torch.no_grad():
-            starts = range(0, ids.numel(), cfg.batch_size)
-            for start in tqdm(starts, desc="explain: forward", disable=not cfg.show_progress, leave=False):
-                chunk = ids_dev[start : start + cfg.batch_size]
-                inputs, chunk_labels = source.fetch(chunk.tolist())
-                x = inputs.to(model_device)
-                if param_dtype is not None and x.is_floating_point() and x.dtype != param_dtype:
-                    x = x.to(param_dtype)
-                current.chunk_ids = chunk
-                current.reservoir_pos = torch.nonzero(torch.isin(chunk, reservoir)).squeeze(1)
-                current.pending = set(states)
-                try:
-                    model(x)
-                except _StopForward:
-                    pass
-                images = images_from_inputs(inputs.to(device), cfg.image_mean, cfg.image_std)
-                if bank is None:
-                    bank = torch.empty(ids.numel(), *images.shape[1:], dtype=torch.uint8, device=device)
-                bank[start : start + chunk.numel()] = (images * 255).round().to(torch.uint8)
-                if chunk_labels is None or labels is None:
-                    labels = None
-                else:
-                    labels[start : start + chunk.numel()] = chunk_labels.reshape(-1).long().cpu()
-    finally:
-        for handle in handles:
-            handle.remove()
+    # eval mode, no_grad, inputs cast to the parameter dtype; hooks removed and mode restored on error too.
+    with taps.hooks(tap, forward_fn=cfg.forward_fn, stop_early=cfg.truncate_forward) as run:
+        starts = range(0, ids.numel(), cfg.batch_size)
+        for start in tqdm(starts, desc="explain: forward", disable=not cfg.show_progress, leave=False):
+            chunk = ids_dev[start : start + cfg.batch_size]
+            inputs, chunk_labels = source.fetch(chunk.tolist())
+            current.chunk_ids = chunk
+            current.reservoir_pos = torch.nonzero(torch.isin(chunk, reservoir)).squeeze(1)
+            run(inputs)
+            images = images_from_inputs(inputs.to(device), cfg.image_mean, cfg.image_std)
+            if bank is None:
+                bank = torch.empty(ids.numel(), *images.shape[1:], dtype=torch.uint8, device=device)
+            bank[start : start + chunk.numel()] = (images * 255).round().to(torch.uint8)
+            if chunk_labels is None or labels is None:
+                labels = None
+            else:
+                labels[start : start + chunk.numel()] = chunk_labels.reshape(-1).long().cpu()
     assert bank is not None  # ids is non-empty
     return bank, labels, states
 
@@ -747,6 +725,7 @@ def _ablation(
                 output_selector=cfg.selector_for(name),
                 layer_name=name,
                 measure=cfg.ablation_measure,
+                forward_fn=cfg.forward_fn,
             )
             for u, hurt in result.items():
                 if (name, u) in by_key:

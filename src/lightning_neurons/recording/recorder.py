@@ -24,20 +24,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from lightning_neurons.recording.layers import LayerSpec, resolve_layers
+from lightning_neurons.recording.hooks import ForwardFn, LayerTaps, SelectorSpec, TapHandle
+from lightning_neurons.recording.layers import LayerSpec
 from lightning_neurons.recording.samples import InputKey, batch_inputs, batch_targets
 from lightning_neurons.recording.topk import AllGather, Reservoir, TopKBuffer
 from lightning_neurons.recording.types import LayerTopK, Recording, Reduction, UnitKind
-from lightning_neurons.recording.units import (
-    OutputSelector,
-    TokenMode,
-    infer_kind,
-    reduce_maps,
-    select_output,
-    unit_maps,
-)
+from lightning_neurons.recording.units import TokenMode, infer_kind, reduce_maps, unit_maps
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +114,7 @@ class ActivationRecorder:
         top_k: int = 16,
         reduction: Reduction = "max",
         token_mode: TokenMode = "auto",
-        output_selector: OutputSelector | Mapping[str, OutputSelector] | None = None,
+        output_selector: SelectorSpec = None,
         reservoir_size: int = 64,
         seed: int = 0,
         *,
@@ -138,45 +131,47 @@ class ActivationRecorder:
         if reservoir_size < 0:
             raise ValueError(f"reservoir_size must be >= 0, got {reservoir_size}")
         self.model = model
-        if isinstance(layers, Mapping):
-            self.layers: dict[str, nn.Module] = dict(layers)
-        else:
-            self.layers = resolve_layers(model, layers)
+        #: The layers, their output selectors (names and globs) and the token mode: how layers are touched.
+        self.taps = LayerTaps(model, layers, output_selector, token_mode)
+        self.layers: dict[str, nn.Module] = self.taps.layers
         self.top_k = top_k
         self.reduction: Reduction = reduction
-        self.token_mode: TokenMode = token_mode
         self.reservoir_size = reservoir_size
         self.seed = seed
         self.world_size = world_size
         self.rank = rank
         self.merge_rows = merge_rows
-        self._selectors = self._resolve_selectors(output_selector)
-        self._handles: list[RemovableHandle] = []
+        self._attached: TapHandle | None = None
         self._warned_reuse: set[str] = set()
+        self._warned_missed: set[str] = set()
         self.reset()
 
     # ------------------------------------------------------------------ hooks
     @property
     def num_hooks(self) -> int:
         """Number of forward hooks currently registered by this recorder."""
-        return len(self._handles)
+        return len(self._attached) if self._attached is not None else 0
 
     @property
     def attached(self) -> bool:
         """Whether the hooks are registered."""
-        return bool(self._handles)
+        return self._attached is not None
 
     def attach(self) -> ActivationRecorder:
-        """Register one forward hook per layer (idempotent)."""
-        if not self._handles:
-            for name, module in self.layers.items():
-                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        """Register one forward hook per layer (idempotent).
+
+        While attached, ``torch.compile`` runs eagerly so that a compiled model's forward sees the hooks (see
+        :mod:`lightning_neurons.recording.hooks`).
+        """
+        if self._attached is None:
+            self._attached = self.taps.attach(self._record)
         return self
 
     def detach(self) -> None:
         """Remove every hook this recorder registered (idempotent, safe to call in ``finally``)."""
-        while self._handles:
-            self._handles.pop().remove()
+        if self._attached is not None:
+            attached, self._attached = self._attached, None
+            attached.remove()
 
     def __enter__(self) -> ActivationRecorder:
         return self.attach()
@@ -196,6 +191,8 @@ class ActivationRecorder:
         self._skip = False
         self._synced_samples: int | None = None
         self._nonfinite: Tensor | None = None
+        self._batches = 0  # batches begun with a known size
+        self._missed: dict[str, int] = {}  # per layer, such batches whose forward never reached it
 
     @property
     def num_samples(self) -> int:
@@ -227,15 +224,14 @@ class ActivationRecorder:
 
     def _close_batch(self) -> None:
         # A batch begun with size None whose forward hooked nothing used no ids: nothing to account for.
-        self._batch = None
+        batch, self._batch = self._batch, None
+        if batch is not None and batch.size:
+            self._batches += 1
+            for name in self.layers:
+                if name not in batch.seen:
+                    self._missed[name] = self._missed.get(name, 0) + 1
 
-    def _make_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._record(name, output)
-
-        return hook
-
-    def _record(self, name: str, output: Any) -> None:
+    def _record(self, name: str, out: Tensor) -> None:
         if self._skip:
             return
         batch = self._batch
@@ -252,7 +248,7 @@ class ActivationRecorder:
             return
         batch.seen.add(name)
 
-        out = select_output(output, self._selectors.get(name), name).detach()
+        out = out.detach()
         kind = self._kinds.get(name) or infer_kind(out, name)
         maps = unit_maps(out, kind, self.token_mode, name)
         values, peaks = _reduce(maps, self.reduction)
@@ -350,6 +346,8 @@ class ActivationRecorder:
         Args:
             epoch: Epoch to stamp on the recording (``None`` post hoc).
         """
+        self._close_batch()
+        self._warn_missed()
         layers: dict[str, LayerTopK] = {}
         labels: dict[int, int] = {}
         nonfinite = 0
@@ -399,23 +397,24 @@ class ActivationRecorder:
         return total + (self._reservoir.buffer.nbytes if self._reservoir is not None else 0)
 
     # ------------------------------------------------------------------ helpers
-    def _resolve_selectors(
-        self, selector: OutputSelector | Mapping[str, OutputSelector] | None
-    ) -> dict[str, OutputSelector]:
-        if selector is None:
-            return {}
-        if not isinstance(selector, Mapping):
-            return dict.fromkeys(self.layers, selector)
-        import fnmatch
+    @property
+    def token_mode(self) -> TokenMode:
+        """Class-token handling of token outputs (``taps.token_mode``)."""
+        return self.taps.token_mode
 
-        resolved: dict[str, OutputSelector] = {}
-        for key, value in selector.items():
-            matches = [key] if key in self.layers else fnmatch.filter(self.layers, key)
-            if not matches:
-                raise ValueError(f"output_selector key {key!r} matches none of the recorded layers {list(self.layers)}")
-            for name in matches:
-                resolved.setdefault(name, value)
-        return resolved
+    def _warn_missed(self) -> None:
+        # A layer that ran in some probe batches but not in others has a top-k over part of the probe set only:
+        # a forward that skips it, or a compiled graph that hides hooks (see recording/hooks.py).
+        for name, missed in self._missed.items():
+            if name in self._buffers and missed and name not in self._warned_missed:
+                self._warned_missed.add(name)
+                warnings.warn(
+                    f"layer {name!r} ran in only {self._batches - missed} of {self._batches} probe batches; its "
+                    "top-k covers those batches only (does the forward skip it, or hide hooks, e.g. a compiled "
+                    "graph run outside the recorder?)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
 
 def _stacked(gathered: Tensor, local: Tensor) -> Tensor:
@@ -441,10 +440,11 @@ def collect_top_k(
     device: torch.device | str | None = None,
     reduction: Reduction = "max",
     token_mode: TokenMode = "auto",
-    output_selector: OutputSelector | Mapping[str, OutputSelector] | None = None,
+    output_selector: SelectorSpec = None,
     reservoir_size: int = 64,
     seed: int = 0,
     show_progress: bool = True,
+    forward_fn: ForwardFn | None = None,
 ) -> Recording:
     """Record the top-k activating samples of ``layers`` over a dataloader, outside training.
 
@@ -462,10 +462,14 @@ def collect_top_k(
         device: Device to run on; ``None`` keeps the model where it is.
         reduction: ``"max"`` or ``"mean"`` over a unit's map.
         token_mode: Class-token handling for ``[B, T, D]`` outputs.
-        output_selector: Which part of tuple/dict outputs to record (see :class:`ActivationRecorder`).
+        output_selector: Which part of tuple/dict outputs to record: one selector or
+            ``{layer name or glob: index | key | callable}`` (see :class:`ActivationRecorder`).
         reservoir_size: Size of the random control sample.
         seed: Reservoir seed.
         show_progress: Show a tqdm progress bar.
+        forward_fn: How to run the model on a batch of inputs, ``forward_fn(model, inputs)``, for models whose
+            ``forward`` is not ``forward(images)`` (e.g. ``lambda m, x: m.model(pixel_values=x)``); ``None``
+            calls ``model(inputs)``.
 
     Returns:
         A CPU :class:`Recording` with ``epoch=None``.
@@ -483,27 +487,19 @@ def collect_top_k(
 
     if device is not None:
         model.to(device)
-    else:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
     recorder = ActivationRecorder(model, layers, top_k, reduction, token_mode, output_selector, reservoir_size, seed)
-    was_training = model.training
-    model.eval()
     try:
-        recorder.attach()
-        try:
-            total: int | None = len(dataloader)  # type: ignore[arg-type]
-        except TypeError:  # an iterable dataset without __len__
-            total = None
-        with torch.no_grad():
-            for batch in tqdm(dataloader, total=total, disable=not show_progress, desc="recording"):
-                inputs = batch_inputs(batch, input_key).to(device, non_blocking=True)
-                labels = batch_targets(batch, target_key)
-                recorder.begin_batch(inputs.shape[0], labels.to(device) if labels is not None else None)
-                model(inputs)
+        total: int | None = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:  # an iterable dataset without __len__
+        total = None
+    # The recorder is the tap function; its hooks are the only ones, removed (and the mode restored) on error too.
+    with recorder.taps.hooks(recorder._record, forward_fn=forward_fn) as run:
+        for batch in tqdm(dataloader, total=total, disable=not show_progress, desc="recording"):
+            inputs = batch_inputs(batch, input_key)
+            labels = batch_targets(batch, target_key)
+            recorder.begin_batch(inputs.shape[0], labels)
+            run(inputs)
         return recorder.result(epoch=None)
-    finally:
-        recorder.detach()
-        model.train(was_training)
 
 
 __all__ = ["ActivationRecorder", "collect_top_k"]
