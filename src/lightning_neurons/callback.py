@@ -1,14 +1,22 @@
-"""The :class:`NeuronExplainer` Lightning callback.
+"""The :class:`NeuronExplainer` Lightning callback: a thin adapter between the Trainer and the library.
 
-It records, during validation, the top-k activating probe samples of chosen units (the recording half,
-:mod:`lightning_neurons.recording`) and hands each scheduled recording to an
-:class:`~lightning_neurons.session.ExplanationSession` (the explanation half) on global rank 0.
+It validates its flat arguments into a :class:`~lightning_neurons.config.RunConfig`, records the top-k activating
+probe samples during the scheduled validation passes (:mod:`lightning_neurons.recording`), and hands each
+scheduled recording to an :class:`~lightning_neurons.session.ExplanationSession`, adapting what the Trainer
+knows (loggers, run folder, class names, probe loader, ranks) into the values the session takes.
+
+Schedules (one rule each, see the class docstring): epoch-based validation explains the validation pass at the
+end of a scheduled epoch, keyed and logged by epoch; step-based validation (``check_val_every_n_epoch=None``)
+counts validation passes instead and keys rounds by global step; ``trainer.validate`` explains its pass (under the
+checkpoint's epoch when ``ckpt_path`` is given); ``fast_dev_run`` explains nothing. Every round is explained once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
-import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -17,22 +25,53 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_neurons.backends.base import Backend
-from lightning_neurons.recording.layers import resolve_layers
+from lightning_neurons.config import RunConfig
 from lightning_neurons.recording.recorder import ActivationRecorder
 from lightning_neurons.recording.samples import DataLoaderSampleSource, batch_inputs, batch_targets
 from lightning_neurons.recording.types import Recording
 from lightning_neurons.results import ExplanationRound
-from lightning_neurons.session import ExplanationSession
+from lightning_neurons.session import ExplanationSession, dataset_class_names
+from lightning_neurons.sharing import WorkShare
 
 log = logging.getLogger(__name__)
 
-_VOCABULARY_SOURCES = ("general", "classes", "llm")
+#: Flat argument name -> (part of RunConfig, field): read-only views kept for code that read them off the callback.
+_FLAT = {
+    "layers": ("recording", "layers"),
+    "top_k": ("recording", "top_k"),
+    "reduction": ("recording", "reduction"),
+    "token_mode": ("recording", "token_mode"),
+    "output_selector": ("recording", "output_selector"),
+    "input_key": ("recording", "input_key"),
+    "target_key": ("recording", "target_key"),
+    "reservoir_size": ("recording", "reservoir_size"),
+    "seed": ("recording", "seed"),
+    "forward_fn": ("recording", "forward_fn"),
+    "every_n_epochs": ("schedule", "every_n_epochs"),
+    "epochs": ("schedule", "epochs"),
+    "explain_on_fit_end": ("schedule", "explain_on_fit_end"),
+    "backend": ("backend", "backend"),
+    "backend_kwargs": ("backend", "backend_kwargs"),
+    "vocabulary": ("backend", "vocabulary"),
+    "class_names": ("backend", "class_names"),
+    "llm_vocabulary": ("backend", "llm_vocabulary"),
+    "describe": ("explain", "describe"),
+    "ablation": ("explain", "ablation"),
+    "ablation_measure": ("explain", "ablation_measure"),
+    "correction": ("explain", "correction"),
+    "image_mean": ("explain", "image_mean"),
+    "image_std": ("explain", "image_std"),
+    "log_units": ("output", "log_units"),
+    "history_dir": ("output", "history_dir"),
+    "name": ("output", "name"),
+    "show_progress": ("output", "show_progress"),
+}
 
 
 class NeuronExplainer(Callback):
@@ -40,10 +79,17 @@ class NeuronExplainer(Callback):
 
     During each scheduled validation pass, forward hooks stream the top-``k`` activating validation samples of
     every unit (conv channel, token hidden dim, linear unit) with vectorised on-device merges; the memory held
-    does not grow with the validation set. At the end of the pass the buffers of all DDP ranks are merged and,
-    on global rank 0, the recording is explained (concept scoring, optional describe stage and ablation), scored,
-    compared with the previous round (drift) and logged. Works on an unmodified LightningModule, in
-    ``trainer.fit`` and ``trainer.validate``. The validation dataloader must not shuffle.
+    does not grow with the validation set. At the end of the pass the buffers of all DDP ranks are merged; every
+    rank explains its share of the round (the crop embedding is split between ranks) and global rank 0 compares it
+    with the previous round (drift) and logs it to every configured logger. Works on an unmodified
+    LightningModule, in ``trainer.fit`` and ``trainer.validate``. The validation dataloader must not shuffle.
+
+    Schedules: with epoch-based validation, the validation pass at the end of a scheduled epoch is recorded and
+    explained, keyed and logged by epoch (with ``val_check_interval < 1`` the passes inside the epoch are not
+    recorded). With step-based validation (``check_val_every_n_epoch=None``) ``every_n_epochs`` and ``epochs``
+    count validation passes and rounds are keyed and logged by global step. ``trainer.validate`` explains its pass
+    (under the checkpoint's epoch with ``ckpt_path=``). ``fast_dev_run`` explains nothing. A schedule that the
+    Trainer's validation schedule cannot (fully) serve warns once in ``setup``.
 
     Args:
         layers: Layers to explain: a module name from ``named_modules()`` (``"layer4"``), a glob pattern
@@ -61,7 +107,8 @@ class NeuronExplainer(Callback):
         every_n_epochs: Explain after every n-th epoch (epochs ``n-1, 2n-1, ...``, like ModelCheckpoint);
             ``None`` disables this schedule.
         epochs: Explicit 0-based epochs to explain, in addition to ``every_n_epochs``.
-        explain_on_fit_end: Explain the last validation pass at the end of ``fit`` if it was not explained yet.
+        explain_on_fit_end: Explain the last recorded validation pass at the end of ``fit`` if it was not explained
+            yet (the end-of-epoch passes are then recorded even when not scheduled).
         backend: Foundation models: ``"embedded"`` (offline pack), ``"clip"``, ``"hf"`` or a ``Backend``.
         backend_kwargs: Extra keyword arguments for the backend loader (model names, device, ...).
         vocabulary: Concept sources: ``"general"`` (built-in), ``"classes"`` (``class_names``), ``"llm"``
@@ -81,7 +128,7 @@ class NeuronExplainer(Callback):
         image_std: Per-channel std the inputs were normalised with.
         log_units: Units per layer whose descriptions and crops are logged individually: a count (the first
             units), an explicit list of unit indices, or ``None`` for all.
-        history_dir: Directory for the JSON/CSV drift history (``None``: the logger's directory).
+        history_dir: Directory for the JSON/CSV drift history (``None``: the run's folder of the first logger).
         on_error: What a failure inside an explanation round does: ``"warn"`` logs it and training goes on,
             ``"raise"`` stops training.
         evaluate: Also compute the quality metrics of each explanation round (``lightning_neurons.evaluation``) and
@@ -89,15 +136,19 @@ class NeuronExplainer(Callback):
             outside every unit's top-k set; logged as ``evaluation/<method>/<metric>``.
         seed: Seed of the reservoir and of any sampling in the explanation stage.
         show_progress: Show progress bars while explaining.
+        name: Name of this explainer, for several explainers in one Trainer: its output folder is
+            ``neurons-<name>``, its tag prefix ``neurons-<name>`` and its ``state_key`` stays the same across
+            resumes whatever else changes. ``None``: one explainer writes to ``neurons``; several get names derived
+            from their layers (and backend and vocabulary where those differ from the defaults).
+        forward_fn: How to run the model on a batch of probe images when its ``forward`` does not take images
+            (e.g. Hugging Face style ``lambda module, x: module.model(pixel_values=x)``); ``None``: ``module(x)``.
+            On the command line, the import path of a function ``(module, images) -> output``.
 
     Example:
         >>> from lightning_neurons import NeuronExplainer
         >>> explainer = NeuronExplainer(layers=["layer3", "layer4"], top_k=16)
         >>> trainer = pl.Trainer(callbacks=[explainer])  # doctest: +SKIP
     """
-
-    #: The explanation half; a class attribute so that tests or subclasses can swap it.
-    session_class: type[ExplanationSession] = ExplanationSession
 
     def __init__(
         self,
@@ -129,109 +180,87 @@ class NeuronExplainer(Callback):
         evaluate: bool = False,
         seed: int = 0,
         show_progress: bool = True,
+        name: str | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     ) -> None:
         super().__init__()
-        _validate_layers(layers)
-        _check(isinstance(top_k, int) and top_k >= 1, f"top_k must be an integer >= 1, got {top_k!r}")
-        _check_choice("reduction", reduction, ("max", "mean"))
-        _check_choice("token_mode", token_mode, ("auto", "drop_first", "keep_all"))
-        _check_choice("correction", correction, ("control", "soft_wpmi"))
-        _check_choice("ablation_measure", ablation_measure, ("probability", "accuracy"))
-        _check_choice("on_error", on_error, ("warn", "raise"))
-        if output_selector is not None:
-            _check(
-                isinstance(output_selector, dict)
-                and all(isinstance(k, str) and isinstance(v, (int, str)) for k, v in output_selector.items()),
-                f"output_selector must be a dict {{layer name: index or key}}, got {output_selector!r}",
-            )
-        for name, key in (("input_key", input_key), ("target_key", target_key)):
-            _check(key is None or isinstance(key, (int, str)), f"{name} must be an int, a str or None, got {key!r}")
-        _check(
-            isinstance(reservoir_size, int) and reservoir_size >= 0,
-            f"reservoir_size must be an integer >= 0, got {reservoir_size!r}",
+        self.config = RunConfig.from_arguments(
+            layers=layers,
+            top_k=top_k,
+            reduction=reduction,
+            token_mode=token_mode,
+            output_selector=output_selector,
+            input_key=input_key,
+            target_key=target_key,
+            reservoir_size=reservoir_size,
+            every_n_epochs=every_n_epochs,
+            epochs=epochs,
+            explain_on_fit_end=explain_on_fit_end,
+            backend=backend,
+            backend_kwargs=backend_kwargs,
+            vocabulary=vocabulary,
+            class_names=class_names,
+            llm_vocabulary=llm_vocabulary,
+            describe=describe,
+            ablation=ablation,
+            ablation_measure=ablation_measure,
+            correction=correction,
+            image_mean=image_mean,
+            image_std=image_std,
+            log_units=log_units,
+            history_dir=history_dir,
+            on_error=on_error,
+            evaluate=evaluate,
+            seed=seed,
+            show_progress=show_progress,
+            name=name,
+            forward_fn=forward_fn,
         )
-        _check(
-            every_n_epochs is None or (isinstance(every_n_epochs, int) and every_n_epochs >= 1),
-            f"every_n_epochs must be an integer >= 1 or None, got {every_n_epochs!r}",
-        )
-        _check(
-            epochs is None
-            or (isinstance(epochs, (list, tuple)) and all(isinstance(e, int) and e >= 0 for e in epochs)),
-            f"epochs must be a list of 0-based epoch indices (integers >= 0), got {epochs!r}",
-        )
-        _check(
-            isinstance(backend, (str, Backend)) and backend != "",
-            f"backend must be a backend name ('embedded', 'clip', 'hf') or a Backend instance, got {backend!r}",
-        )
-        _check(
-            backend_kwargs is None or isinstance(backend_kwargs, dict),
-            f"backend_kwargs must be a dict, got {backend_kwargs!r}",
-        )
-        _validate_vocabulary(vocabulary)
-        _check(
-            class_names is None
-            or (isinstance(class_names, (list, tuple)) and all(isinstance(c, str) for c in class_names)),
-            "class_names must be a list of strings",
-        )
-        _validate_normalisation(image_mean, image_std)
-        _check(
-            log_units is None
-            or (isinstance(log_units, int) and log_units >= 0)
-            or (isinstance(log_units, (list, tuple)) and all(isinstance(u, int) and u >= 0 for u in log_units)),
-            f"log_units must be an integer >= 0, a list of unit indices or None, got {log_units!r}",
-        )
-        _check(history_dir is None or isinstance(history_dir, (str, os.PathLike)), "history_dir must be a path")
-        _check(isinstance(seed, int), f"seed must be an integer, got {seed!r}")
-
-        # Every argument is kept under its own name: the ExplanationSession reads them from here.
-        self.layers = layers
-        self.top_k = top_k
-        self.reduction = reduction
-        self.token_mode = token_mode
-        self.output_selector = output_selector
-        self.input_key = input_key
-        self.target_key = target_key
-        self.reservoir_size = reservoir_size
-        self.every_n_epochs = every_n_epochs
-        self.epochs = list(epochs) if epochs is not None else None
-        self.explain_on_fit_end = explain_on_fit_end
-        self.backend = backend
-        self.backend_kwargs = backend_kwargs
-        self.vocabulary = vocabulary
-        self.class_names = class_names
-        self.llm_vocabulary = llm_vocabulary
-        self.describe = describe
-        self.ablation = ablation
-        self.ablation_measure = ablation_measure
-        self.correction = correction
-        self.image_mean = image_mean
-        self.image_std = image_std
-        self.log_units = log_units
-        self.history_dir = history_dir
-        self.on_error = on_error
-        self.evaluate = evaluate
-        self.seed = seed
-        self.show_progress = show_progress
-
         self.session: ExplanationSession | None = None
         self.last_recording: Recording | None = None
         self.rounds: list[ExplanationRound] = []
         self.layer_names: list[str] | None = None
-        self.last_explained_epoch: int | None = None
+        self.last_explained_key: int | None = None
         self._recorder: ActivationRecorder | None = None
         self._recording_now = False
         self._last_recording_explained = False
         self._warned_no_validation = False
         self._checkpoint_layers: list[str] | None = None
+        self._checkpoint_epoch: int | None = None
         self._session_state: dict[str, Any] | None = None
         self._outputs: dict[str, Path] = {}
+        self._disabled = False
+        self._outputs_checked = False
+        self._val_passes = 0
+        self._pass_index = 0
+        self._run_config: RunConfig = self.config
+
+    def __getattr__(self, name: str) -> Any:
+        # Read-only views of the flat arguments (``explainer.top_k``); settings live in ``self.config``.
+        if name in _FLAT and "config" in self.__dict__:
+            part, field = _FLAT[name]
+            return getattr(getattr(self.__dict__["config"], part), field)
+        if name == "evaluate" and "config" in self.__dict__:
+            return self.__dict__["config"].evaluate
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ identity
     @property
+    def identity(self) -> str:
+        """The explainer's name, or one derived from what it explains (layers, non-default backend/vocabulary)."""
+        if self.config.output.name:
+            return self.config.output.name
+        return derived_name(self.config)
+
+    @property
     def state_key(self) -> str:
-        """Distinguishes several explainers in one Trainer (as ModelCheckpoint does)."""
-        layers = self.layers if isinstance(self.layers, (str, list, tuple)) else getattr(self.layers, "__name__", "fn")
-        return self._generate_state_key(layers=layers, top_k=self.top_k, reduction=self.reduction)
+        """Distinguishes several explainers in one Trainer; stable when only non-identity settings change."""
+        return self._generate_state_key(name=self.identity)
+
+    @property
+    def last_explained_epoch(self) -> int | None:
+        """The key (epoch, or global step under step-based validation) of the last explained round."""
+        return self.last_explained_key
 
     @property
     def num_hooks(self) -> int:
@@ -244,43 +273,52 @@ class NeuronExplainer(Callback):
 
     def recorder_settings(self) -> dict[str, Any]:
         """The recording arguments shared by the callback and :func:`~lightning_neurons.collect_top_k`."""
-        return {
-            "top_k": self.top_k,
-            "reduction": self.reduction,
-            "token_mode": self.token_mode,
-            "output_selector": self.output_selector,
-            "reservoir_size": self.reservoir_size,
-            "seed": self.seed,
-        }
-
-    def ensure_session(self) -> ExplanationSession:
-        """The explanation session, created if needed (the post-hoc path uses it without a Trainer)."""
-        if self.session is None:
-            self.session = self.session_class(self)
-        return self.session
+        return self.config.recording.recorder_kwargs()
 
     # ------------------------------------------------------------------ set-up / tear-down
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Resolve the layers against the model and load the explanation models on rank 0 (fails early)."""
+        """Resolve the layers, load the explanation models and open the outputs on every rank (fails early)."""
+        from lightning_neurons.recording.hooks import LayerTaps, check_compiled
+
         if self._recorder is not None:
             self._recorder.detach()
-        layers = resolve_layers(pl_module, self.layers)
-        self._recorder = ActivationRecorder(
-            pl_module, layers, world_size=trainer.world_size, rank=trainer.global_rank, **self.recorder_settings()
+        self._disabled = bool(trainer.fast_dev_run)
+        if self._disabled:
+            rank_zero_info(f"NeuronExplainer[{self.identity}]: fast_dev_run is on, so no round is explained")
+            return
+        taps = LayerTaps(
+            pl_module,
+            self.config.recording.layers,
+            self.config.recording.output_selector,
+            self.config.recording.token_mode,
         )
-        self.layer_names = list(layers)
+        check_compiled(pl_module)
+        self._recorder = ActivationRecorder(
+            pl_module,
+            taps.layers,
+            world_size=trainer.world_size,
+            rank=trainer.global_rank,
+            **self.config.recording.recorder_kwargs(),
+        )
+        self.layer_names = list(taps.layers)
         if self._checkpoint_layers is not None:
             self._check_layers_changed()
-        if stage == TrainerFn.FITTING and (
-            trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module)
-        ):
-            self._warn_no_validation()
-        if trainer.is_global_zero and self.session is None:
-            session = self.session_class(self)
+        if stage == TrainerFn.FITTING:
+            if trainer.limit_val_batches == 0 or not is_overridden("validation_step", pl_module):
+                self._warn_no_validation()
+            else:
+                self._warn_unreachable_schedule(trainer)
+        self._outputs_checked = False
+        # Every rank: reading the run folder may broadcast, and every rank explains its share of each round.
+        self._run_config = self._resolve_output(trainer)
+        output_dir = self._output_dir(trainer)
+        if self.session is None:
+            session = ExplanationSession(self._run_config, writes=trainer.is_global_zero)
             if self._session_state is not None:  # a later fit/validate of this callback continues its history
                 session.load_state_dict(self._session_state)
                 self._session_state = None
-            session.setup(trainer, pl_module)  # may raise: a bad config must fail before training starts
+            session.setup(class_names=_trainer_class_names(trainer))  # may raise: fail before training starts
+            session.open(output_dir, self._writers(trainer, session) if trainer.is_global_zero else [])
             self.session = session
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -299,15 +337,27 @@ class NeuronExplainer(Callback):
         self._stop_recording()
 
     # ------------------------------------------------------------------ recording
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run one validation batch through the chosen layers, so that an unsupported output fails before step 0."""
+        self._check_outputs(trainer, pl_module)
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Register the hooks if this validation pass is to be recorded."""
-        if self._recorder is None or not self._should_record(trainer):
+        if self._recorder is None or self._disabled or trainer.sanity_checking:
             return
+        if trainer.state.fn == TrainerFn.FITTING and not _end_of_epoch_pass(trainer) and not _step_based(trainer):
+            return  # a pass inside the epoch (val_check_interval < 1): the end-of-epoch pass is the one explained
+        index = self._val_passes
+        self._val_passes += 1
+        if not self._should_record(trainer, index):
+            return
+        self._check_outputs(trainer, pl_module)
         self._recorder.world_size = trainer.world_size
         self._recorder.rank = trainer.global_rank
         self._recorder.reset()
         self._recorder.attach()
         self._recording_now = True
+        self._pass_index = index
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -319,14 +369,14 @@ class NeuronExplainer(Callback):
             self._recorder.skip_batch()
             return
         try:
-            size: int | None = batch_inputs(batch, self.input_key).shape[0]
+            size: int | None = batch_inputs(batch, self.config.recording.input_key).shape[0]
         except TypeError:
             size = None  # read off the first hooked output instead
-        labels = batch_targets(batch, self.target_key)
+        labels = batch_targets(batch, self.config.recording.target_key)
         self._recorder.begin_batch(size, labels)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Merge all ranks' buffers (every rank), then explain on rank 0 if the epoch is scheduled."""
+        """Merge all ranks' buffers (every rank), then explain if the pass is scheduled."""
         if not self._recording_now or self._recorder is None:
             return
         try:
@@ -334,31 +384,35 @@ class NeuronExplainer(Callback):
             self._recorder.sync(trainer.strategy, device=pl_module.device, num_samples=_probe_size(trainer))
         finally:
             self._stop_recording()
-        recording = self._recorder.result(epoch=trainer.current_epoch)
+        recording = self._recorder.result(epoch=self._round_key(trainer))
         self.last_recording = recording
         self._last_recording_explained = False
         validating = trainer.state.fn == TrainerFn.VALIDATING
-        # Several validation passes per epoch (val_check_interval < 1): explain the epoch once.
-        if validating or (self._scheduled(recording.epoch) and recording.epoch != self.last_explained_epoch):
+        if validating or (self._scheduled(trainer, self._pass_index) and recording.epoch != self.last_explained_key):
             self._explain(trainer, pl_module, recording)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Explain the last recording if the schedule left it unexplained."""
+        if self._disabled:
+            return
         if self.last_recording is None:
             self._warn_no_validation()
             return
-        if self.explain_on_fit_end and not self._last_recording_explained:
-            self._explain(trainer, pl_module, self.last_recording)
+        if self.config.schedule.explain_on_fit_end and not self._last_recording_explained:
+            if self.last_recording.epoch != self.last_explained_key:
+                self._explain(trainer, pl_module, self.last_recording)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """Layer names, last explained epoch, the last recording and the explanation session's history."""
+        """Layer names, last explained key, the last recording and the explanation session's history."""
         session_state = self.session.state_dict() if self.session is not None else self._session_state
         return {
+            "name": self.identity,
             "layers": self.layer_names,
-            "last_explained_epoch": self.last_explained_epoch,
+            "last_explained_epoch": self.last_explained_key,
             "last_recording": self.last_recording.to_state() if self.last_recording is not None else None,
             "last_recording_explained": self._last_recording_explained,
+            "val_passes": self._val_passes,
             "session": session_state or {},
         }
 
@@ -367,58 +421,175 @@ class NeuronExplainer(Callback):
         self._checkpoint_layers = state_dict.get("layers")
         if self.layer_names is not None:
             self._check_layers_changed()
-        self.last_explained_epoch = state_dict.get("last_explained_epoch")
+        self.last_explained_key = state_dict.get("last_explained_epoch")
         last = state_dict.get("last_recording")
         self.last_recording = Recording.from_state(last) if last is not None else None
         self._last_recording_explained = bool(state_dict.get("last_recording_explained", True))
+        self._val_passes = int(state_dict.get("val_passes", 0))
         session_state = state_dict.get("session") or {}
         if self.session is not None:
             self.session.load_state_dict(session_state)
         else:
             self._session_state = session_state
 
-    # ------------------------------------------------------------------ internals
-    def _scheduled(self, epoch: int | None) -> bool:
-        if epoch is None:
-            return False
-        if self.epochs is not None and epoch in self.epochs:
-            return True
-        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Note the checkpoint's epoch; adopt this explainer's state when only its derived name changed."""
+        epoch = checkpoint.get("epoch")
+        self._checkpoint_epoch = int(epoch) if isinstance(epoch, int) else None
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        # The derived name follows the layers: a resume with other layers looks for another key. Adopt the one
+        # NeuronExplainer state that no explainer of this Trainer claims, so that drift continues (and warns).
+        mine = type(self).__qualname__
+        claimed = {cb.state_key for cb in trainer.callbacks if isinstance(cb, Callback)}  # type: ignore[attr-defined]
+        orphans = [k for k in states if k.startswith(mine) and k not in claimed]
+        explainers = [cb for cb in trainer.callbacks if isinstance(cb, NeuronExplainer)]  # type: ignore[attr-defined]
+        unmatched = [cb for cb in explainers if cb.state_key not in states]
+        if len(orphans) == 1 and unmatched == [self]:
+            states[self.state_key] = states.pop(orphans[0])
 
-    def _should_record(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking:
-            return False
-        if trainer.state.fn == TrainerFn.VALIDATING or self.explain_on_fit_end:
-            return True  # with explain_on_fit_end every pass is kept, so that the last one is at hand
-        return self._scheduled(trainer.current_epoch)
+    # ------------------------------------------------------------------ internals
+    def _scheduled(self, trainer: pl.Trainer, pass_index: int) -> bool:
+        if _step_based(trainer):
+            return self.config.schedule.epoch_scheduled(pass_index)
+        return self.config.schedule.epoch_scheduled(trainer.current_epoch)
+
+    def _should_record(self, trainer: pl.Trainer, pass_index: int) -> bool:
+        if trainer.state.fn == TrainerFn.VALIDATING or self.config.schedule.explain_on_fit_end:
+            return True  # with explain_on_fit_end every end-of-epoch pass is kept, so that the last one is at hand
+        return self._scheduled(trainer, pass_index)
+
+    def _round_key(self, trainer: pl.Trainer) -> int:
+        """The key a round is filed under: the epoch, the global step (step-based), or the checkpoint's epoch."""
+        if trainer.state.fn == TrainerFn.VALIDATING and self._checkpoint_epoch is not None:
+            return self._checkpoint_epoch
+        if _step_based(trainer) and trainer.state.fn == TrainerFn.FITTING:
+            return int(trainer.global_step)
+        return int(trainer.current_epoch)
 
     def _stop_recording(self) -> None:
         self._recording_now = False
         if self._recorder is not None:
             self._recorder.detach()
 
+    def _check_outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the chosen layers' outputs on the first validation batch (once per run)."""
+        if self._outputs_checked or self._recorder is None or self._disabled:
+            return
+        from lightning_neurons.recording.hooks import LayerTaps, check_layer_outputs
+
+        self._outputs_checked = True
+        try:
+            loader = _probe_loader(trainer)
+        except RuntimeError:
+            return  # no validation loader yet: the recorder's own checks apply at the first recorded batch
+        batch = next(iter(loader), None)
+        if batch is None:
+            return
+        inputs = batch_inputs(batch, self.config.recording.input_key).to(pl_module.device)
+        taps = LayerTaps(
+            pl_module, self._recorder.layers, self.config.recording.output_selector, self.config.recording.token_mode
+        )
+        check_layer_outputs(pl_module, taps, inputs, forward_fn=self.config.recording.forward_fn)
+
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording) -> None:
-        self.last_explained_epoch = recording.epoch
+        """Explain a recording on every rank (each takes its share); rank 0 writes. Failures warn or raise."""
+        self.last_explained_key = recording.epoch
         self._last_recording_explained = True
-        if not trainer.is_global_zero or self.session is None:
+        if self.session is None:
             return
         was_training = pl_module.training
+        share = (
+            WorkShare(trainer.global_rank, trainer.world_size, trainer.strategy.all_gather, device=pl_module.device)
+            if trainer.world_size > 1
+            else None
+        )
+        step = recording.epoch
         try:
-            source = DataLoaderSampleSource(_probe_loader(trainer), self.input_key, self.target_key)
+            source = DataLoaderSampleSource(
+                _probe_loader(trainer), self.config.recording.input_key, self.config.recording.target_key
+            )
             pl_module.eval()
             with torch.no_grad():
-                rnd = self.session.run(trainer, pl_module, recording, source)
+                rnd = self.session.explain(pl_module, recording, source, epoch=recording.epoch, step=step, share=share)
             self.rounds.append(rnd)
+            self._publish_metrics(trainer)
         except Exception as err:
-            if self.on_error == "raise":
+            if self.config.on_error == "raise":
                 raise
-            log.exception("NeuronExplainer: explaining epoch %s failed", recording.epoch)
+            log.exception("NeuronExplainer: explaining round %s failed", recording.epoch)
             rank_zero_warn(
-                f"NeuronExplainer: explaining epoch {recording.epoch} failed ({type(err).__name__}: {err}); "
-                "training continues (set on_error='raise' to stop instead)"
+                f"NeuronExplainer[{self.identity}]: explaining round {recording.epoch} failed "
+                f"({type(err).__name__}: {err}); training continues (set on_error='raise' to stop instead)"
             )
         finally:
             pl_module.train(was_training)
+
+    def _publish_metrics(self, trainer: pl.Trainer) -> None:
+        """Put the round's per-layer figures into ``trainer.callback_metrics`` (EarlyStopping, ModelCheckpoint)."""
+        if self.session is None:
+            return
+        try:
+            from lightning_neurons.logging.metrics import round_metrics
+        except ImportError:  # pragma: no cover - the metrics module ships with the package
+            return
+        output = self.session.last_output
+        if output is None:
+            return
+        metrics = round_metrics(output)
+        trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
+
+    def _resolve_output(self, trainer: pl.Trainer) -> RunConfig:
+        """The run config with this explainer's name fixed: several explainers in one Trainer each get their own."""
+        explainers = [cb for cb in trainer.callbacks if isinstance(cb, NeuronExplainer)]  # type: ignore[attr-defined]
+        if len(explainers) > 1 and not self.config.output.name:
+            output = dataclasses.replace(self.config.output, name=self.identity)
+            return dataclasses.replace(self.config, output=output)
+        return self.config
+
+    def _output_dir(self, trainer: pl.Trainer) -> Path:
+        """The run's output folder (read on every rank: ``trainer.log_dir`` may broadcast)."""
+        if self._run_config.output.history_dir:
+            return Path(self._run_config.output.history_dir)
+        try:
+            from lightning_neurons.logging.writers import run_output_dir
+        except ImportError:
+            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        else:
+            run_dir = Path(run_output_dir(trainer.loggers, trainer.default_root_dir))
+        return run_dir / self._run_config.output.folder
+
+    def _writers(self, trainer: pl.Trainer, session: ExplanationSession) -> list[Any]:
+        """One round writer per logger family of the Trainer (rank 0 only)."""
+        try:
+            from lightning_neurons.logging.writers import round_writers
+        except ImportError:
+            from lightning_neurons.logging.tensorboard import find_tensorboard_writer
+
+            writer = find_tensorboard_writer(trainer)
+            if writer is None:
+                rank_zero_warn(
+                    "NeuronExplainer: the trainer has no TensorBoardLogger, so nothing goes to TensorBoard; the "
+                    f"history and the report are still written to {session.output_dir}"
+                )
+                return []
+            return [session.tensorboard_writer(writer)]
+        evaluation_metrics: list[str] = []
+        if self._run_config.evaluate:
+            from lightning_neurons.evaluation.harness import LAYER_METRICS
+
+            evaluation_metrics = list(LAYER_METRICS)
+        return list(
+            round_writers(
+                trainer.loggers,
+                log_units=self._run_config.output.log_units,
+                prefix=self._run_config.output.prefix,
+                evaluation_metrics=evaluation_metrics,
+            )
+        )
 
     def _check_layers_changed(self) -> None:
         if self._checkpoint_layers is not None and self._checkpoint_layers != self.layer_names:
@@ -435,6 +606,60 @@ class NeuronExplainer(Callback):
                 "NeuronExplainer records during validation, but no validation loop runs "
                 "(no val_dataloader/validation_step or limit_val_batches=0); nothing will be explained"
             )
+
+    def _warn_unreachable_schedule(self, trainer: pl.Trainer) -> None:
+        """Warn once when the explainer's epochs are epochs without validation."""
+        every = trainer.check_val_every_n_epoch
+        if every is None or every <= 1:
+            return
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 10 * every
+        scheduled = [e for e in range(max_epochs) if self.config.schedule.epoch_scheduled(e)]
+        validated = {e for e in range(max_epochs) if (e + 1) % every == 0}
+        missed = [e for e in scheduled if e not in validated]
+        if not missed:
+            return
+        served = [e for e in scheduled if e in validated]
+        rank_zero_warn(
+            f"NeuronExplainer[{self.identity}]: epochs {missed} are scheduled for explanation but have no validation "
+            f"pass (check_val_every_n_epoch={every}); "
+            + (f"only epochs {served} will be explained" if served else "no epoch will be explained")
+            + f"; use every_n_epochs={every} or epochs={sorted(validated)[:5]}..."
+        )
+
+
+def derived_name(config: RunConfig) -> str:
+    """A folder- and tag-safe name from what an explainer explains (layers; backend and vocabulary if not default).
+
+    Example:
+        >>> derived_name(RunConfig.from_arguments(layers=["layer3", "layer4"]))
+        'layer3,layer4'
+    """
+    from lightning_neurons.config import DEFAULT_VOCABULARY
+
+    parts = [config.recording.layer_label]
+    if config.backend.backend_label != "embedded":
+        parts.append(config.backend.backend_label)
+    if tuple(config.backend.vocabulary) != DEFAULT_VOCABULARY or config.backend.llm_vocabulary:
+        parts.append(
+            "+".join(Path(v).stem for v in config.backend.vocabulary)
+            + ("+llm" if config.backend.llm_vocabulary else "")
+        )
+    name = re.sub(r"[^A-Za-z0-9_.,+-]+", "_", "-".join(parts)).strip("_") or "explainer"
+    if len(name) > 64:  # keep folder names short, and distinct
+        name = name[:55] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
+
+
+def _step_based(trainer: pl.Trainer) -> bool:
+    """Validation every n training batches across epochs (``check_val_every_n_epoch=None``)."""
+    return trainer.check_val_every_n_epoch is None
+
+
+def _end_of_epoch_pass(trainer: pl.Trainer) -> bool:
+    """Whether this fit validation pass runs at the end of the training epoch (not inside it)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    progress = getattr(epoch_loop, "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", True))
 
 
 def _probe_loader(trainer: pl.Trainer) -> DataLoader:
@@ -459,52 +684,14 @@ def _probe_size(trainer: pl.Trainer) -> int | None:
         return None
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+def _trainer_class_names(trainer: pl.Trainer) -> list[str] | None:
+    """Class names from the data module's or the validation dataset's ``classes`` attribute."""
+    names = dataset_class_names(getattr(trainer, "datamodule", None))
+    if names:
+        return names
+    loaders = getattr(trainer, "val_dataloaders", None)
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    return dataset_class_names(getattr(loader, "dataset", None))
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def _validate_layers(layers: Any) -> None:
-    if callable(layers) and not isinstance(layers, str):
-        return
-    names = [layers] if isinstance(layers, str) else layers
-    _check(
-        isinstance(names, (list, tuple)) and len(names) > 0 and all(isinstance(n, str) and n for n in names),
-        f"layers must be a non-empty layer name, a list of names/glob patterns, or a predicate; got {layers!r}",
-    )
-
-
-def _validate_vocabulary(vocabulary: list[str] | None) -> None:
-    if vocabulary is None:
-        return
-    _check(
-        isinstance(vocabulary, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in vocabulary),
-        f"vocabulary must be a list of sources, got {vocabulary!r}",
-    )
-    for source in vocabulary:
-        _check(
-            source in _VOCABULARY_SOURCES or os.path.isfile(source),
-            f"vocabulary source {source!r} is neither one of {list(_VOCABULARY_SOURCES)} nor an existing file",
-        )
-
-
-def _validate_normalisation(mean: list[float] | None, std: list[float] | None) -> None:
-    for name, values in (("image_mean", mean), ("image_std", std)):
-        _check(
-            values is None
-            or (
-                isinstance(values, (list, tuple))
-                and len(values) in (1, 3)
-                and all(isinstance(v, (int, float)) for v in values)
-            ),
-            f"{name} must be a list of 1 or 3 numbers, got {values!r}",
-        )
-    _check((mean is None) == (std is None), "give image_mean and image_std together")
-    _check(std is None or all(v > 0 for v in std), f"image_std must be positive, got {std!r}")
-
-
-__all__ = ["NeuronExplainer"]
+__all__ = ["NeuronExplainer", "derived_name"]

@@ -1,9 +1,10 @@
 """Explaining a trained model after the fact: one model, one checkpoint, or a directory of checkpoints.
 
-The post-hoc path runs the same recording and the same explanation stage as the callback (it builds a
-:class:`~lightning_neurons.NeuronExplainer` to hold the settings), so a checkpoint's descriptions match what the
-callback logged for that epoch, and a directory of checkpoints explained in epoch order gives drift without
-retraining.
+The post-hoc path builds the same :class:`~lightning_neurons.config.RunConfig` and
+:class:`~lightning_neurons.session.ExplanationSession` as the callback, runs the same recording and the same
+explanation stage, so a checkpoint's descriptions match what the callback logged for that epoch, and a directory
+of checkpoints explained in epoch order gives drift without retraining. Every checkpoint is read with
+``weights_only=True`` (:mod:`lightning_neurons.checkpoints`).
 
 Example:
     >>> from lightning_neurons import explain
@@ -15,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_neurons.backends.base import Backend
-from lightning_neurons.callback import NeuronExplainer
 from lightning_neurons.checkpoints import load_checkpoint, load_model, load_model_weights
+from lightning_neurons.config import RunConfig
 from lightning_neurons.recording.recorder import collect_top_k
 from lightning_neurons.recording.samples import DataLoaderSampleSource
 from lightning_neurons.results import ExplanationRound
+from lightning_neurons.session import ExplanationSession, dataset_class_names
 
 LayerSpec = str | list[str] | Callable[[str, nn.Module], bool]
 
@@ -46,7 +49,7 @@ def explain(
     vocabulary: list[str] | None = None,
     class_names: list[str] | None = None,
     device: str | torch.device | None = None,
-    explainer: NeuronExplainer | None = None,
+    explainer: Any = None,
     **settings: Any,
 ) -> ExplanationRound:
     """Record the top-k samples of every unit of ``layers`` on ``dataloader`` and explain them.
@@ -56,23 +59,39 @@ def explain(
         dataloader: The probe set, e.g. the validation loader (not shuffled).
         layers: Layer names, glob patterns, or a predicate ``(name, module) -> bool``.
         top_k: Top samples kept per unit.
-        epoch: Epoch to file the round under (drift needs it); ``None`` for a one-off explanation.
-        output_dir: When given, the history (JSON Lines), TensorBoard events, crop previews and the HTML
-            report are written there, as the callback writes them into a run's log directory.
+        epoch: Epoch to file the round under (drift needs it); ``None`` files a one-off explanation as epoch 0.
+        output_dir: When given, the history, TensorBoard events, crop previews and the HTML report are written
+            there, as the callback writes them into a run's log directory.
         backend: ``"embedded"`` (offline), ``"clip"``, ``"hf"`` or a loaded :class:`Backend`.
         backend_kwargs: Keyword arguments of the backend loader.
         vocabulary: Concept sources (``"general"``, ``"classes"``, ``"llm"`` or concept files).
         class_names: The dataset's class names (a vocabulary source and the ablation's labels).
         device: Where the model runs; default: where its parameters are.
-        explainer: Reuse the settings, loaded models and history of this explainer (e.g. across checkpoints).
+        explainer: Deprecated: take the settings of this :class:`~lightning_neurons.NeuronExplainer`.
         **settings: Any other :class:`~lightning_neurons.NeuronExplainer` argument (``describe``,
-            ``correction``, ``image_mean``, ``image_std``, ``input_key``, ``token_mode``, ...).
+            ``correction``, ``image_mean``, ``image_std``, ``input_key``, ``token_mode``, ``forward_fn``, ...).
 
     Returns:
         The :class:`~lightning_neurons.ExplanationRound`.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> from lightning_neurons.demo import PhotoPatches, SmallCNN
+        >>> loader = DataLoader(PhotoPatches(samples_per_class=2, image_size=32), batch_size=8)
+        >>> rnd = explain(SmallCNN(num_classes=12), loader, "features.block4", top_k=2,
+        ...               output_dir=getfixture("tmp_path"), show_progress=False)  # doctest: +SKIP
+        >>> len(rnd.layer("features.block4")) > 0  # doctest: +SKIP
+        True
     """
-    if explainer is None:
-        explainer = make_explainer(
+    if explainer is not None:
+        warnings.warn(
+            "explain(explainer=...) is deprecated; pass the settings as keyword arguments (or use explain_checkpoints)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        config = explainer.config.with_output(output_dir)
+    else:
+        config = run_config(
             layers,
             output_dir,
             top_k=top_k,
@@ -82,22 +101,11 @@ def explain(
             class_names=class_names,
             **settings,
         )
-    if device is not None:
-        model = model.to(device)
-    session = explainer.ensure_session()
-    session.setup_standalone(model, dataloader, output_dir)
-    recording = collect_top_k(
-        model,
-        dataloader,
-        explainer.layers,
-        input_key=explainer.input_key,
-        target_key=explainer.target_key,
-        show_progress=explainer.show_progress,
-        **explainer.recorder_settings(),
-    )
-    recording.epoch = epoch
-    source = DataLoaderSampleSource(dataloader, input_key=explainer.input_key, target_key=explainer.target_key)
-    return session.explain(model, recording, source)
+    session = open_session(config, dataloader, output_dir)
+    try:
+        return explain_with(session, model, dataloader, epoch=epoch, device=device)
+    finally:
+        session.teardown()
 
 
 def explain_checkpoints(
@@ -113,8 +121,8 @@ def explain_checkpoints(
 
     Args:
         checkpoints: A ``.ckpt`` file, a directory of them, or a list of paths.
-        model_class: The LightningModule class (``load_from_checkpoint`` is used) or any ``nn.Module`` class whose
-            ``state_dict`` is under ``"state_dict"`` in the checkpoint.
+        model_class: The LightningModule class or any ``nn.Module`` class whose ``state_dict`` is under
+            ``"state_dict"`` in the checkpoint (read with ``weights_only=True``).
         dataloader: The probe set.
         layers: Layer names, glob patterns, or a predicate.
         output_dir: Where history, TensorBoard events and the report go.
@@ -122,24 +130,104 @@ def explain_checkpoints(
 
     Raises:
         FileNotFoundError: If no checkpoint is found.
+        lightning_neurons.checkpoints.CheckpointError: If a checkpoint cannot be read safely.
     """
     paths = _checkpoint_paths(checkpoints)
     device = kwargs.pop("device", None)
-    # One explainer for all checkpoints: models load once and the drift history runs across epochs.
-    explainer = make_explainer(layers, output_dir, **kwargs)
-    rounds = []
-    for epoch, path in paths:
-        model = _load_model(model_class, path)
-        rounds.append(
-            explain(model, dataloader, layers, epoch=epoch, output_dir=output_dir, device=device, explainer=explainer)
-        )
-    return rounds
+    # One session for all checkpoints: models load once and the drift history runs across epochs.
+    config = run_config(layers, output_dir, **kwargs)
+    session = open_session(config, dataloader, output_dir)
+    try:
+        return [
+            explain_with(session, _load_model(model_class, path), dataloader, epoch=epoch, device=device)
+            for epoch, path in paths
+        ]
+    finally:
+        session.teardown()
 
 
-def make_explainer(layers: LayerSpec, output_dir: str | Path | None = None, **settings: Any) -> NeuronExplainer:
-    """A :class:`~lightning_neurons.NeuronExplainer` holding post-hoc settings (writes into ``output_dir``)."""
+def run_config(layers: LayerSpec, output_dir: str | Path | None = None, **settings: Any) -> RunConfig:
+    """The validated settings of a post-hoc run writing into ``output_dir`` (``NeuronExplainer``'s arguments)."""
+    settings.setdefault("history_dir", str(output_dir) if output_dir is not None else None)
+    return RunConfig.from_arguments(layers=layers, **settings)
+
+
+def make_explainer(layers: LayerSpec, output_dir: str | Path | None = None, **settings: Any) -> Any:
+    """Deprecated: a :class:`~lightning_neurons.NeuronExplainer` holding post-hoc settings; use :func:`run_config`."""
+    from lightning_neurons.callback import NeuronExplainer
+
+    warnings.warn("make_explainer is deprecated; use run_config", DeprecationWarning, stacklevel=2)
     history_dir = str(output_dir) if output_dir is not None else None
     return NeuronExplainer(layers=layers, history_dir=history_dir, **settings)
+
+
+def open_session(config: RunConfig, dataloader: Any, output_dir: str | Path | None) -> ExplanationSession:
+    """A set-up session for ``config``: models loaded, and writers into ``output_dir`` when given."""
+    session = ExplanationSession(config)
+    session.setup(class_names=dataset_class_names(getattr(dataloader, "dataset", None)))
+    if output_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(output_dir))
+        session.open(output_dir, [_ClosingWriter(session.tensorboard_writer(writer), writer)])
+    return session
+
+
+def explain_with(
+    session: ExplanationSession,
+    model: nn.Module,
+    dataloader: Any,
+    *,
+    epoch: int | None = None,
+    device: str | torch.device | None = None,
+) -> ExplanationRound:
+    """Record ``model`` on ``dataloader`` with the session's settings and explain the recording."""
+    recording_config = session.config.recording
+    if device is not None:
+        model = model.to(device)
+    extra: dict[str, Any] = {}
+    if recording_config.forward_fn is not None:
+        extra["forward_fn"] = recording_config.forward_fn
+    recording = collect_top_k(
+        model,
+        dataloader,
+        recording_config.layers,
+        input_key=recording_config.input_key,
+        target_key=recording_config.target_key,
+        show_progress=session.config.output.show_progress,
+        **recording_config.recorder_kwargs(),
+        **extra,
+    )
+    recording.epoch = epoch
+    source = DataLoaderSampleSource(
+        dataloader, input_key=recording_config.input_key, target_key=recording_config.target_key
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return session.explain(model, recording, source, epoch=epoch if epoch is not None else 0)
+    finally:
+        model.train(was_training)
+
+
+class _ClosingWriter:
+    """A round writer that also closes the SummaryWriter the post-hoc path opened."""
+
+    def __init__(self, writer: Any, summary_writer: Any) -> None:
+        self.writer = writer
+        self.summary_writer = summary_writer
+
+    def write_round(self, output: Any) -> None:
+        from lightning_neurons.session import _write_round
+
+        _write_round(self.writer, output)
+
+    def close(self) -> None:
+        close = getattr(self.writer, "close", None)
+        if callable(close):
+            close()
+        self.summary_writer.close()
 
 
 def _checkpoint_paths(checkpoints: str | Path | Sequence[str | Path]) -> list[tuple[int | None, Path]]:
@@ -181,8 +269,8 @@ def evaluate_run(
 
     The run's ``config.yaml`` (written by LightningCLI) rebuilds the model, the data module and the
     :class:`~lightning_neurons.NeuronExplainer` settings; the checkpoint's weights are loaded and the round is
-    explained with ``evaluate=True``, so ``round.meta["evaluation"]`` holds the quality metrics and
-    ``round.meta["evaluation_baselines"]`` the same metrics of the random, constant and label baselines.
+    explained with ``evaluate=True``, so ``round.evaluation`` holds the quality metrics of the explanations and
+    of the random, constant and label baselines.
 
     Args:
         run_dir: The run's log directory (holding ``config.yaml`` and ``checkpoints/``).
@@ -197,7 +285,7 @@ def evaluate_run(
 
     Example:
         >>> rnd = evaluate_run("runs/quickstart/version_0")  # doctest: +SKIP
-        >>> rnd.meta["evaluation"]["simulation"]  # doctest: +SKIP
+        >>> rnd.evaluation.metrics["simulation"]  # doctest: +SKIP
         0.31
     """
     import lightning.pytorch as pl
@@ -229,6 +317,8 @@ def evaluate_run(
         run=False,
         args=settings,
     )
+    from lightning_neurons.callback import NeuronExplainer
+
     explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]  # type: ignore[attr-defined]
     if not explainers:
         raise ValueError(f"{config} configures no lightning_neurons.NeuronExplainer callback")
@@ -237,13 +327,11 @@ def evaluate_run(
     load_model_weights(cli.model, path)
     cli.datamodule.setup("validate")
     explainer = explainers[0]
-    explainer.evaluate = True
-    explainer.history_dir = str(output_dir if output_dir is not None else run / "evaluation")
-    return explain(
-        cli.model.eval(),
-        cli.datamodule.val_dataloader(),
-        explainer.layers,
-        epoch=epoch,
-        output_dir=explainer.history_dir,
-        explainer=explainer,
-    )
+    target = Path(output_dir if output_dir is not None else run / "evaluation")
+    config = explainer.config.with_output(target).with_evaluation(True)
+    loader = cli.datamodule.val_dataloader()
+    session = open_session(config, loader, target)
+    try:
+        return explain_with(session, cli.model.eval(), loader, epoch=epoch)
+    finally:
+        session.teardown()

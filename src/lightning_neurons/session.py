@@ -1,14 +1,17 @@
-"""The explanation half of :class:`~lightning_neurons.NeuronExplainer`.
+"""The explanation half of a run: what lives across explanation rounds.
 
-The callback owns recording; an :class:`ExplanationSession` owns what lives across explanation rounds: the loaded
-backend, the embedded concept vocabulary, the drift history and the writers (TensorBoard, history file, previews,
-HTML report). It reads its settings from the callback's attributes (the callback's ``__init__`` arguments, stored
-under the same names), so the post-hoc path (:func:`~lightning_neurons.explain`) reuses it unchanged.
+An :class:`ExplanationSession` owns the loaded backend, the embedded concept set, the drift history and the round
+writers (one per logger family, :class:`~lightning_neurons.logging.base.RoundWriter`). It depends on a
+:class:`~lightning_neurons.config.RunConfig` and the output interfaces only: it never imports or reads the
+callback, the Trainer or the LightningModule class, so :class:`~lightning_neurons.NeuronExplainer`,
+:func:`~lightning_neurons.explain` and ``evaluate_run`` all drive the same object.
 
 Example:
-    >>> explainer = NeuronExplainer(layers=["layer4"])  # doctest: +SKIP
-    >>> explainer.session.setup_standalone(model, val_loader, "neurons")  # doctest: +SKIP
-    >>> rnd = explainer.session.explain(model, recording, source)  # doctest: +SKIP
+    >>> config = RunConfig.from_arguments(layers=["layer4"])  # doctest: +SKIP
+    >>> session = ExplanationSession(config)  # doctest: +SKIP
+    >>> session.setup(class_names=["cat", "dog"])  # doctest: +SKIP
+    >>> session.open("runs/x/neurons", writers=[])  # doctest: +SKIP
+    >>> rnd = session.explain(model, recording, source, epoch=0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,179 +19,178 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 
+from lightning_neurons.backends.base import Backend
 from lightning_neurons.backends.cache import CachedImageEncoder
+from lightning_neurons.concepts.concept_set import ConceptSet
+from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
-from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
+from lightning_neurons.explanation.pipeline import explain_recording
+from lightning_neurons.logging.base import RoundOutput, RoundWriter
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME
-from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, find_tensorboard_writer, select_units
+from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, select_units
 from lightning_neurons.recording.samples import SampleSource
 from lightning_neurons.recording.types import Recording
-from lightning_neurons.results import ExplanationRound
-
-if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
-
-    from lightning_neurons.backends.base import Backend
-    from lightning_neurons.callback import NeuronExplainer
+from lightning_neurons.results import ExplanationRound, RoundEvaluation
+from lightning_neurons.sharing import WorkShare
 
 #: File name of the HTML report inside the output directory.
 REPORT_FILENAME = "report.html"
 
 
 class ExplanationSession:
-    """Backend, vocabulary, history and writers of one run; used on global rank 0 only.
+    """Backend, concepts, history and writers of one run.
+
+    Under DDP every rank holds a session and explains its share of the work (see
+    :class:`~lightning_neurons.sharing.WorkShare`); only the session with ``writes=True`` (global rank 0) writes.
 
     Args:
-        explainer: The callback whose settings this session follows.
+        config: The run's settings.
+        writes: Whether this session writes the history, per-round JSON, previews, report and logger output.
     """
 
-    def __init__(self, explainer: NeuronExplainer) -> None:
-        self.explainer = explainer
+    def __init__(self, config: RunConfig, *, writes: bool = True) -> None:
+        self.config = config
+        self.writes = writes
         self.backend: Backend | None = None
         self.class_names: list[str] | None = None
-        self.concepts: tuple[list[str], Tensor] | None = None
+        self.concepts: ConceptSet | None = None
         self.history = RunHistory()
         self.output_dir: Path | None = None
-        self.tensorboard: NeuronTensorBoardLogger | None = None
-        self._own_writer: SummaryWriter | None = None
+        self.writers: list[RoundWriter] = []
+        self.last_output: RoundOutput | None = None
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Load and check the foundation models and the vocabulary, and open the writers (before training)."""
-        self._load(self.explainer.class_names or _trainer_class_names(trainer))
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        self.output_dir = Path(self.explainer.history_dir) if self.explainer.history_dir else log_dir / "neurons"
-        self.history.attach(self.output_dir / HISTORY_FILENAME)
-        writer = find_tensorboard_writer(trainer)
-        if writer is None:
-            rank_zero_warn(
-                "NeuronExplainer: the trainer has no TensorBoardLogger, so nothing goes to TensorBoard; the history "
-                f"is still written to {self.output_dir / HISTORY_FILENAME} and the report to "
-                f"{self.output_dir / REPORT_FILENAME}"
-            )
-        else:
-            self.tensorboard = self._tensorboard_logger(writer)
+    @property
+    def is_setup(self) -> bool:
+        """Whether the models and the concepts are loaded."""
+        return self.backend is not None and self.concepts is not None
 
-    def setup_standalone(self, model: nn.Module, dataloader: Any, output_dir: str | Path | None) -> None:
-        """Set up outside a Trainer (post hoc): models once, and writers into ``output_dir`` when given."""
-        if self.backend is None:
-            self._load(self.explainer.class_names or _dataset_class_names(getattr(dataloader, "dataset", None)))
-        if output_dir is not None and self.output_dir is None:
-            from torch.utils.tensorboard import SummaryWriter
+    def setup(self, class_names: Sequence[str] | None = None) -> None:
+        """Load and check the foundation models and embed the vocabulary (a bad config fails here, early).
 
-            self.output_dir = Path(output_dir)
-            self.history.attach(self.output_dir / HISTORY_FILENAME)
-            self._own_writer = SummaryWriter(str(self.output_dir))
-            self.tensorboard = self._tensorboard_logger(self._own_writer)
-
-    def _tensorboard_logger(self, writer: SummaryWriter) -> NeuronTensorBoardLogger:
-        """The neuron logger on ``writer``; with ``evaluate=True`` its layout charts each metric against baselines."""
-        metrics: list[str] = []
-        if self.explainer.evaluate:
-            from lightning_neurons.evaluation.harness import LAYER_METRICS
-
-            metrics = list(LAYER_METRICS)
-        return NeuronTensorBoardLogger(writer, log_units=self.explainer.log_units, evaluation_metrics=metrics)
-
-    def _load(self, class_names: list[str] | None) -> None:
+        Args:
+            class_names: Class names read from the data when the config gives none.
+        """
         from lightning_neurons.backends import load_backend
         from lightning_neurons.concepts.vocabulary import Vocabulary
 
-        explainer = self.explainer
-        backend = load_backend(explainer.backend, **(explainer.backend_kwargs or {}))
+        settings = self.config.backend
+        backend = load_backend(settings.backend, **dict(settings.backend_kwargs))
         if not torch.cuda.is_available():
             # On a CPU, embedding crops dominates a round, and consecutive rounds share many crops.
             backend = dataclasses.replace(backend, encoder=CachedImageEncoder(backend.encoder))
         self.backend = backend
-        self.class_names = list(class_names) if class_names else None
-        sources = list(explainer.vocabulary or ["general", "classes"])
-        if explainer.llm_vocabulary and "llm" not in sources:
-            sources.append("llm")
-        if "classes" in sources and not self.class_names:
-            sources.remove("classes")
+        names = settings.class_names or (tuple(class_names) if class_names else None)
+        self.class_names = list(names) if names else None
         vocabulary = Vocabulary(
-            sources,
+            settings.sources(self.class_names),
             class_names=self.class_names,
-            generator=self.backend.generator,
-            exclude_general=self.backend.basis_concepts,
-            show_progress=explainer.show_progress,
+            generator=backend.generator,
+            exclude_general=backend.basis_concepts,
+            show_progress=settings.show_progress and self.writes,
         )
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
-        embeddings = vocabulary.embed(self.backend.encoder)
-        self.concepts = (list(vocabulary.concepts), embeddings)
+        self.concepts = ConceptSet(tuple(vocabulary.concepts), vocabulary.embed(backend.encoder))
 
-    # ------------------------------------------------------------------ rounds
-    def run(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording, source: SampleSource
-    ) -> ExplanationRound:
-        """Explain one recording of a training run, update the drift history, log it; returns the round."""
-        return self.explain(pl_module, recording, source)
-
-    def explain(self, model: nn.Module, recording: Recording, source: SampleSource) -> ExplanationRound:
-        """Explain a recording, then record and log the round (history, TensorBoard, previews, report).
+    def open(self, output_dir: str | Path, writers: Sequence[RoundWriter] = ()) -> None:
+        """Write into ``output_dir`` (history, rounds, previews, report) and to ``writers`` (logger families).
 
         Raises:
-            RuntimeError: If the session was not set up.
+            PermissionError: If ``output_dir`` cannot be created or written (checked now, not after a round).
+        """
+        directory = Path(output_dir)
+        if self.writes:
+            _check_writable(directory)
+            self.history.attach(directory / HISTORY_FILENAME)
+        self.output_dir = directory
+        self.writers = list(writers)
+
+    def tensorboard_writer(self, summary_writer: Any) -> RoundWriter:
+        """A TensorBoard round writer on ``summary_writer`` with this run's unit selection and metrics."""
+        metrics: list[str] = []
+        if self.config.evaluate:
+            from lightning_neurons.evaluation.harness import LAYER_METRICS
+
+            metrics = list(LAYER_METRICS)
+        logger = NeuronTensorBoardLogger(
+            summary_writer,
+            log_units=_log_units(self.config.output.log_units),
+            prefix=self.config.output.prefix,
+            evaluation_metrics=metrics,
+        )
+        return logger  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ rounds
+    def explain(
+        self,
+        model: nn.Module,
+        recording: Recording,
+        source: SampleSource,
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        share: WorkShare | None = None,
+    ) -> ExplanationRound:
+        """Explain a recording, then record and log the round (history, writers, previews, report).
+
+        Args:
+            model: The recorded network (in eval mode, under ``no_grad``; the caller restores its mode).
+            recording: The round's top-k samples.
+            source: Gives the probe samples back by id.
+            epoch: The key the round is filed under (default ``recording.epoch``).
+            step: The step the loggers file the round under (default: the key).
+            share: This rank's share of the work under DDP (``None``: one process does everything).
+
+        Raises:
+            RuntimeError: If :meth:`setup` did not run.
         """
         if self.backend is None or self.concepts is None:
-            raise RuntimeError("ExplanationSession.setup (or setup_standalone) must run before explain")
+            raise RuntimeError("ExplanationSession.setup must run before explain")
         start = time.perf_counter()
+        key = recording.epoch if epoch is None else epoch
+        explain_config = dataclasses.replace(
+            self.config.explain,
+            preview_units=_preview_units(recording, self.config.output.log_units),
+            show_progress=self.config.output.show_progress and self.writes,
+        )
         rnd = explain_recording(
             model,
             recording,
             source,
             self.backend,
             self.concepts,
-            self._config(recording),
-            epoch=recording.epoch,
+            explain_config,
+            epoch=key,
             class_names=self.class_names,
+            share=share,
         )
-        if self.explainer.evaluate:
-            evaluation = self._evaluate(model, rnd, recording, source)
-            if evaluation is not None:
-                rnd.meta["evaluation"] = evaluation.pop(self.backend.name)
-                rnd.meta["evaluation_baselines"] = evaluation
+        if self.config.evaluate:
+            rnd.evaluation = self._evaluate(model, rnd, recording, source)
+            if rnd.evaluation is not None:  # the old spelling, kept for one release
+                rnd.meta["evaluation"] = rnd.evaluation.metrics
+                rnd.meta["evaluation_baselines"] = rnd.evaluation.baselines
         rnd.meta.setdefault("timings", {})["total_s"] = round(time.perf_counter() - start, 3)
-        self._write(rnd)
+        if self.writes:
+            self._write(rnd, key if key is not None else 0, step)
         return rnd
-
-    def _config(self, recording: Recording) -> ExplainConfig:
-        explainer = self.explainer
-        preview_units = _preview_units(recording, explainer.log_units)
-        return ExplainConfig(
-            correction=explainer.correction,
-            describe=explainer.describe,
-            ablation=explainer.ablation,
-            ablation_measure=explainer.ablation_measure,
-            image_mean=tuple(explainer.image_mean) if explainer.image_mean else None,
-            image_std=tuple(explainer.image_std) if explainer.image_std else None,
-            token_mode=explainer.token_mode,
-            output_selector=dict(explainer.output_selector) if explainer.output_selector else None,
-            preview_units=preview_units,
-            seed=explainer.seed,
-            show_progress=explainer.show_progress,
-        )
 
     def _evaluate(
         self, model: nn.Module, rnd: ExplanationRound, recording: Recording, source: SampleSource
-    ) -> dict[str, Any] | None:
-        """Quality metrics of the round and of its baselines (``evaluate=True``), on held-out probe samples.
+    ) -> RoundEvaluation | None:
+        """Quality metrics of the round and of its baselines, on held-out probe samples (``None``: none left).
 
-        Returns ``{method: metrics}``: the backend's name for the round itself, then ``"random"`` (a random
-        vocabulary concept per unit), ``"constant"`` (the vocabulary concept closest to the held-out images on
-        average, for every unit) and, with labels and class names, ``"label"`` (the most frequent class of each
-        unit's top samples), all measured on the same held-out samples; ``None`` when none is left.
+        The baselines are ``"random"`` (a random vocabulary concept per unit), ``"constant"`` (the vocabulary concept
+        closest to the held-out images on average, for every unit) and, with labels and class names, ``"label"``
+        (the most frequent class of each unit's top samples), all measured on the same held-out samples.
         """
         from lightning_neurons.evaluation import (
-            EvaluationConfig,
             constant_baseline,
             evaluate_round,
             explained_sample_ids,
@@ -199,70 +201,70 @@ class ExplanationSession:
             random_baseline,
         )
 
-        assert self.backend is not None and self.concepts is not None
-        explainer = self.explainer
-        config = EvaluationConfig(
-            image_mean=tuple(explainer.image_mean) if explainer.image_mean else None,
-            image_std=tuple(explainer.image_std) if explainer.image_std else None,
-            reduction=explainer.reduction,
-            token_mode=explainer.token_mode,
-            input_key=explainer.input_key,
-            target_key=explainer.target_key,
-            seed=explainer.seed,
-        )
+        assert self.backend is not None and self.concepts is not None and self.config.evaluation is not None
+        config = self.config.evaluation
+        seed = self.config.recording.seed
         explained = explained_sample_ids(rnd)
-        data = held_out_probe(source, explained, config.max_probe_samples, seed=explainer.seed)
+        data = held_out_probe(source, explained, config.max_probe_samples, seed=seed)
         if data is None:
-            rank_zero_warn(
+            warnings.warn(
                 f"NeuronExplainer(evaluate=True): epoch {rnd.epoch} is not evaluated: the explanations use all "
-                "probe samples, none is left to evaluate them on (use a larger validation set or a smaller top_k)"
+                "probe samples, none is left to evaluate them on (use a larger validation set or a smaller top_k)",
+                stacklevel=2,
             )
             return None
         layers = list(recording.layers)
         # One probe (activations, image embeddings, ablation drops) serves the round and every baseline.
         exclude = None if isinstance(data, tuple) else explained  # iterable dataset: stream positions are the ids
         probe = probe_for(model, data, layers, self.backend, config, exclude_ids=exclude)
-        texts, embeddings = self.concepts
+        texts, embeddings = list(self.concepts.texts), self.concepts.embeddings
         assert probe.image_embeddings is not None
         constant = generic_concepts(None, texts, probe.image_embeddings, n=5, text_embeddings=embeddings)
         rounds = {
-            self.backend.name: rnd,
-            "random": random_baseline(rnd, texts, seed=explainer.seed),
+            "random": random_baseline(rnd, texts, seed=seed),
             "constant": constant_baseline(rnd, constant[0], constant[1:]),
         }
         if self.class_names and recording.labels and all(i in recording.labels for i in explained):
             rounds["label"] = label_baseline(rnd, recording.labels, self.class_names)
-        results: dict[str, Any] = {}
-        for name, r in rounds.items():
-            with warnings.catch_warnings():
-                if results:  # evaluate_round's small-probe warning once, for the explanations, not per baseline
-                    warnings.simplefilter("ignore", UserWarning)
-                results[name] = evaluate_round(model, r, probe, self.backend, layers, self.class_names, config=config)
-        return results
+        metrics = evaluate_round(model, rnd, probe, self.backend, layers, self.class_names, config=config)
+        baselines: dict[str, dict[str, Any]] = {}
+        with warnings.catch_warnings():
+            # evaluate_round's small-probe warning spoke once, for the explanations; not again per baseline.
+            warnings.simplefilter("ignore", UserWarning)
+            for name, baseline in rounds.items():
+                baselines[name] = evaluate_round(
+                    model, baseline, probe, self.backend, layers, self.class_names, config=config
+                )
+        return RoundEvaluation(self.backend.name, metrics, baselines)
 
-    def _write(self, rnd: ExplanationRound) -> None:
-        epoch = rnd.epoch if rnd.epoch is not None else 0
+    def _write(self, rnd: ExplanationRound, key: int, step: int | None) -> None:
         if self.output_dir is None:
             return
         assert self.backend is not None
-        drift = self.history.add_round(rnd, self.backend.encode_descriptions, epoch=epoch)
-        if self.tensorboard is not None:
-            self.tensorboard.log_round(rnd, drift, self.history.summary(epoch), epoch=epoch)
-            if rnd.meta.get("evaluation"):
-                from lightning_neurons.evaluation import log_evaluation
-
-                methods = {self.backend.name: rnd.meta["evaluation"], **rnd.meta.get("evaluation_baselines", {})}
-                log_evaluation(self.tensorboard.writer, methods, epoch)
-        NeuronTensorBoardLogger.save_previews(rnd, self.output_dir / PREVIEWS_DIRNAME)
-        rnd.to_json(self.output_dir / f"round_epoch={epoch}.json")
+        drift = self.history.add_round(rnd, self.backend.encode_descriptions, epoch=key)
+        output = RoundOutput(
+            round=rnd,
+            drift=drift,
+            summaries=self.history.summary(key),
+            step=key if step is None else step,
+            epoch=key,
+            evaluation=rnd.evaluation.methods() if rnd.evaluation is not None else {},
+            output_dir=self.output_dir,
+            prefix=self.config.output.prefix,
+        )
+        self.last_output = output
+        for writer in self.writers:
+            _write_round(writer, output)
+        NeuronTensorBoardLogger.save_previews(rnd, self.output_dir / PREVIEWS_DIRNAME, epoch=key)
+        rnd.to_json(self.output_dir / f"round_epoch={key}.json")
         from lightning_neurons.logging.report import write_report
 
         write_report(self.history, self.output_dir / REPORT_FILENAME, previews_dir=self.output_dir / PREVIEWS_DIRNAME)
 
     # ------------------------------------------------------------------ state
     def outputs(self) -> dict[str, Path]:
-        """Where this session writes: history, report, previews (empty before setup)."""
-        if self.output_dir is None:
+        """Where this session writes: history, report, previews (empty before :meth:`open`)."""
+        if self.output_dir is None or not self.writes:
             return {}
         return {
             "History": self.output_dir / HISTORY_FILENAME,
@@ -275,44 +277,74 @@ class ExplanationSession:
         return {"history": self.history.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; re-attaches the history file when the session is already set up."""
+        """Inverse of :meth:`state_dict`; re-attaches the history file when the session is already open."""
         if "history" in state:
             self.history.load_state_dict(state["history"])
-            if self.output_dir is not None:
+            if self.output_dir is not None and self.writes:
                 self.history.attach(self.output_dir / HISTORY_FILENAME)
 
     def teardown(self) -> None:
-        """Flush the writers and release the models."""
-        if self.tensorboard is not None:
-            self.tensorboard.writer.flush()
-        if self._own_writer is not None:
-            self._own_writer.close()
-            self._own_writer = None
-            self.tensorboard = None
+        """Flush and close the writers and release the models (the history stays for a later run)."""
+        for writer in self.writers:
+            close = getattr(writer, "close", None)
+            if callable(close):
+                close()
+            else:
+                flush = getattr(getattr(writer, "writer", None), "flush", None)
+                if callable(flush):
+                    flush()
+        self.writers = []
+        detach = getattr(self.history, "detach", None)
+        if callable(detach):
+            detach()
+        self.output_dir = None
         self.backend = None
         self.concepts = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _preview_units(recording: Recording, log_units: int | list[int] | None) -> dict[str, list[int]]:
-    """The units that get crop previews: the ones logged per unit to TensorBoard."""
-    return {name: select_units(log_units, name, range(layer.num_units)) for name, layer in recording.layers.items()}
+def _write_round(writer: Any, output: RoundOutput) -> None:
+    """Hand the round to a writer (a TensorBoard logger without ``write_round`` gets its older ``log_round``)."""
+    if hasattr(writer, "write_round"):
+        writer.write_round(output)
+        return
+    writer.log_round(output.round, output.drift, output.summaries, epoch=output.step)
+    if output.evaluation:
+        from lightning_neurons.evaluation import log_evaluation
+
+        log_evaluation(writer.writer, dict(output.evaluation), output.step)
 
 
-def _dataset_class_names(dataset: Any) -> list[str] | None:
+def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | None:
+    return list(log_units) if isinstance(log_units, tuple) else log_units
+
+
+def _preview_units(recording: Recording, log_units: int | tuple[int, ...] | None) -> dict[str, list[int]]:
+    """The units that get crop previews: the ones logged per unit."""
+    selection = _log_units(log_units)
+    return {name: select_units(selection, name, range(layer.num_units)) for name, layer in recording.layers.items()}
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write the explanations to {str(directory)!r} ({err.strerror or err}); "
+            "pass a writable history_dir= or fix the folder's permissions"
+        ) from err
+
+
+def dataset_class_names(dataset: Any) -> list[str] | None:
+    """Class names from an object's ``classes`` attribute (a dataset or a data module), else ``None``."""
     classes = getattr(dataset, "classes", None)
     if isinstance(classes, (list, tuple)) and classes and all(isinstance(c, str) for c in classes):
         return list(classes)
     return None
 
 
-def _trainer_class_names(trainer: pl.Trainer) -> list[str] | None:
-    """Class names from the data module's or the validation dataset's ``classes`` attribute."""
-    datamodule = getattr(trainer, "datamodule", None)
-    names = _dataset_class_names(datamodule)
-    if names:
-        return names
-    loaders = getattr(trainer, "val_dataloaders", None)
-    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-    return _dataset_class_names(getattr(loader, "dataset", None))
+__all__ = ["REPORT_FILENAME", "ExplanationSession", "dataset_class_names"]

@@ -1,0 +1,46 @@
+"""The reduced quickstart behind tests/test_golden.py: the shipped quickstart config, made small.
+
+Run as a script to regenerate the fixture (only when a behaviour change is intended):
+``python tests/golden/reduced_quickstart.py tests/golden/quickstart_history.jsonl``.
+"""
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = [
+    "fit",
+    "--config",
+    str(ROOT / "configs" / "quickstart.yaml"),
+    "--trainer.max_epochs=2",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.init_args.train_per_class=8",
+    "--data.init_args.val_per_class=4",
+    "--trainer.callbacks.init_args.layers=[features.block4]",
+    "--trainer.callbacks.init_args.top_k=4",
+    "--trainer.callbacks.init_args.log_units=2",
+    "--trainer.callbacks.init_args.show_progress=false",
+]
+
+
+def run(save_dir: Path) -> Path:
+    """Run the reduced quickstart under ``save_dir``; returns the history file it wrote."""
+    from lightning_neurons.cli import main
+
+    code = main([*ARGS, f"--trainer.logger.init_args.save_dir={save_dir}"])
+    if code != 0:
+        raise RuntimeError(f"the reduced quickstart exited with {code}")
+    found = sorted(save_dir.rglob("history.jsonl"))
+    if not found:
+        raise RuntimeError(f"no history.jsonl under {save_dir}")
+    return found[0]
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        history = run(Path(tmp))
+        shutil.copy(history, sys.argv[1])
