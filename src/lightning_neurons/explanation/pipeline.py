@@ -577,42 +577,53 @@ def _build_units(
     texts: list[str],
     epoch: int | None,
 ) -> list[UnitExplanation]:
+    # Everything per unit is read back as flat Python lists once per layer and sliced, never indexed per unit:
+    # a tensor index per unit costs microseconds, which at 100k units is most of a round.
     units: list[UnitExplanation] = []
-    boxes_cpu = all_boxes.cpu().tolist()
+    boxes_cpu = [tuple(b) for b in all_boxes.cpu().tolist()]
     offset = 0
+    nan = float("nan")
     for name, st in states.items():
         lt = st.topk
-        num_units, k = lt.sample_ids.shape
+        num_units = lt.sample_ids.shape[0]
         sc = scores[name]
         top_idx, top_val = sc.top_indices.cpu().tolist(), sc.top_values.cpu().tolist()
         auc, margin = sc.auc.cpu().tolist(), sc.margin.cpu().tolist()
-        box_of: dict[int, tuple[int, int, int, int]] = {}
-        for j, slot in enumerate(pair_slots[name].cpu().tolist()):
-            box_of[slot] = tuple(boxes_cpu[offset + j])  # type: ignore[assignment]
-        offset += pair_slots[name].numel()
         ids_cpu, vals_cpu = lt.sample_ids.cpu(), lt.values.cpu().float()
+        valid = ids_cpu >= 0
+        # The layer's pairs are its valid (unit, rank) slots in row-major order, so unit u's boxes, ids and
+        # activations are one contiguous run of them.
+        ends = valid.sum(dim=1).cumsum(0).tolist()
+        flat_ids = ids_cpu[valid].tolist()
+        flat_vals = vals_cpu[valid].tolist()
+        layer_boxes = boxes_cpu[offset : offset + pair_slots[name].numel()]
+        offset += pair_slots[name].numel()
         has = (crop_index[name] >= 0).any(dim=1).cpu().tolist()
+        start = 0
         for u in range(num_units):
-            valid = ids_cpu[u] >= 0
+            end = ends[u]
             if not has[u]:
-                units.append(UnitExplanation(layer=name, unit=u, epoch=epoch, description="", score=float("nan")))
+                units.append(UnitExplanation(layer=name, unit=u, epoch=epoch, description="", score=nan))
+                start = end
                 continue
+            idx, val = top_idx[u], top_val[u]
             units.append(
                 UnitExplanation(
                     layer=name,
                     unit=u,
                     epoch=epoch,
-                    description=texts[top_idx[u][0]],
+                    description=texts[idx[0]],
                     score=float(auc[u]),
                     margin=float(margin[u]),
-                    concept_score=float(top_val[u][0]),
-                    alternatives=[Alternative(texts[i], float(v)) for i, v in zip(top_idx[u][1:], top_val[u][1:])],
+                    concept_score=float(val[0]),
+                    alternatives=[Alternative(texts[i], float(v)) for i, v in zip(idx[1:], val[1:])],
                     source="concept",
-                    top_sample_ids=ids_cpu[u][valid].tolist(),
-                    activations=vals_cpu[u][valid].tolist(),
-                    boxes=[box_of[u * k + r] for r in range(k) if bool(valid[r])],
+                    top_sample_ids=flat_ids[start:end],
+                    activations=flat_vals[start:end],
+                    boxes=layer_boxes[start:end],  # type: ignore[arg-type]
                 )
             )
+            start = end
     return units
 
 
