@@ -43,6 +43,8 @@ class RoundOutput:
             ``random`` / ``constant`` / ``label`` baselines); empty otherwise.
         output_dir: The run's ``neurons`` folder (history, report, previews), if any.
         prefix: First component of every tag (the explainer's name-derived prefix, ``"neurons"`` by default).
+        global_step: The trainer's global step at the round (W&B files every metric under
+            ``trainer/global_step``); ``None`` post hoc, where writers use ``step``.
     """
 
     round: ExplanationRound
@@ -53,6 +55,7 @@ class RoundOutput:
     evaluation: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     output_dir: Path | None = None
     prefix: str = "neurons"
+    global_step: int | None = None
 
 
 @runtime_checkable

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift
+from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.previews import preview_grid
 from lightning_neurons.logging.previews import save_previews as _save_previews
 from lightning_neurons.results import ExplanationRound, UnitExplanation
@@ -171,6 +172,36 @@ class NeuronTensorBoardLogger:
         return select_units(self.log_units, layer, units)
 
     # ------------------------------------------------------------------ logging
+    def write_round(self, output: RoundOutput) -> None:
+        """Log one round at ``global_step = output.step`` under ``output.prefix`` (the :class:`RoundWriter` call).
+
+        Writes what :meth:`log_round` writes, plus the ``stable_units`` and ``dead_units`` scalars of each layer
+        and, with ``evaluate=True``, the ``evaluation/<method>/<metric>`` scalars.
+
+        Example:
+            >>> tb.write_round(RoundOutput(rnd, drift, summaries, step=2, epoch=2))  # doctest: +SKIP
+        """
+        from lightning_neurons.evaluation.harness import log_evaluation
+        from lightning_neurons.logging.metrics import metric_name, round_metrics
+
+        if output.prefix.strip("/") != self.prefix:
+            if not output.prefix or "/" in output.prefix.strip("/"):
+                raise ValueError(f"prefix must be one non-empty tag component, got {output.prefix!r}")
+            self.prefix = output.prefix.strip("/")
+        self.log_round(output.round, output.drift, output.summaries, epoch=output.step)
+        metrics = round_metrics(output, first_round_changed=None)
+        for layer in output.round.layers:
+            for name in ("stable_units", "dead_units"):
+                tag = metric_name(self.prefix, layer, name)
+                self._scalar(tag, metrics.get(tag), output.step)
+        if output.evaluation:
+            log_evaluation(self.writer, dict(output.evaluation), output.step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush the writer (the ``SummaryWriter`` belongs to the Lightning logger, which closes it)."""
+        self.writer.flush()
+
     def log_round(
         self,
         round: ExplanationRound,

@@ -1,0 +1,117 @@
+"""Per-unit rows of a round: the one table every logger family shows, in its own form.
+
+W&B logs the rows as a ``wandb.Table``, MLflow as CSV/JSON artifacts, any other logger as CSV files in the run's
+folder; TensorBoard keeps its Markdown table. One function builds them so the columns agree everywhere.
+
+Example:
+    >>> from lightning_neurons.results import ExplanationRound, UnitExplanation
+    >>> rnd = ExplanationRound(0, [UnitExplanation("fc", 0, 0, "dots", 0.8, activations=[1.5])])
+    >>> out = RoundOutput(rnd, drift=[], summaries=[], step=0, epoch=0)
+    >>> layer_rows(out, "fc")[0]["description"], is_dead(rnd.units[0])
+    ('dots', False)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+import torch
+
+from lightning_neurons.logging.base import RoundOutput
+from lightning_neurons.results import UnitExplanation
+
+#: Columns of :func:`layer_rows`, in order.
+ROW_COLUMNS = (
+    "epoch",
+    "unit",
+    "description",
+    "score",
+    "previous_description",
+    "similarity",
+    "drift",
+    "changed",
+    "jaccard",
+    "alternatives",
+)
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def is_dead(u: UnitExplanation) -> bool:
+    """Whether a unit is dead on the probe: no description, or no positive activation among its top samples.
+
+    A ReLU unit whose largest probe activation is ``<= 0`` never fires; a unit without top samples got no
+    description (empty text, NaN score).
+
+    Example:
+        >>> is_dead(UnitExplanation("fc", 0, 0, "", float("nan")))
+        True
+        >>> is_dead(UnitExplanation("fc", 1, 0, "dots", 0.5, activations=[0.0, 0.0]))
+        True
+    """
+    if not u.description or not u.activations:
+        return True
+    return max(u.activations) <= 0.0
+
+
+def layer_rows(output: RoundOutput, layer: str) -> list[dict[str, Any]]:
+    """One row per unit of ``layer`` in ``output``: description, score and its drift against the previous round.
+
+    Missing values are ``None`` (JSON ``null``, an empty CSV cell), never NaN.
+    """
+    by_key = {(d.layer, d.unit): d for d in output.drift}
+    rows = []
+    for u in output.round.layer(layer):
+        d = by_key.get(u.key)
+        rows.append(
+            {
+                "epoch": output.epoch,
+                "unit": u.unit,
+                "description": u.description,
+                "score": _num(u.score),
+                "previous_description": d.previous_description if d is not None else None,
+                "similarity": _num(d.similarity) if d is not None else None,
+                "drift": _num(d.drift) if d is not None else None,
+                "changed": bool(d.changed) if d is not None else False,
+                "jaccard": _num(d.jaccard) if d is not None else None,
+                "alternatives": "; ".join(a.text for a in u.alternatives),
+            }
+        )
+    return rows
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV text with a header (columns :data:`ROW_COLUMNS`)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(ROW_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def rows_json(rows: list[dict[str, Any]]) -> str:
+    """The rows as strict JSON (``{"columns": [...], "data": [[...], ...]}``, the layout of a W&B table file)."""
+    data = [[row[c] for c in ROW_COLUMNS] for row in rows]
+    return json.dumps({"columns": list(ROW_COLUMNS), "data": data}, indent=1, allow_nan=False)
+
+
+def top_crop(output: RoundOutput, layer: str, unit: int) -> torch.Tensor | None:
+    """The unit's best region crop (``uint8 [3, h, w]``) from the round's previews, or ``None`` without one."""
+    previews = output.round.previews.get((layer, unit))
+    if previews is None or previews.numel() == 0:
+        return None
+    return previews[0]
+
+
+def hwc(image: torch.Tensor) -> Any:
+    """A ``uint8 [3, h, w]`` tensor as the ``[h, w, 3]`` numpy array that W&B and MLflow take."""
+    return image.detach().cpu().permute(1, 2, 0).contiguous().numpy()
+
+
+__all__ = ["ROW_COLUMNS", "hwc", "is_dead", "layer_rows", "rows_csv", "rows_json", "top_crop"]
