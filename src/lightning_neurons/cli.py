@@ -38,22 +38,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _guard(run: Any) -> int:
-    from lightning_neurons.backends.base import ModelLoadError
+    # A user error becomes one `error: ...` line with the fix (LIGHTNING_NEURONS_TRACEBACK=1 re-raises it);
+    # anything else is a bug and keeps its traceback.
+    import errno
+    import pickle
 
-    handled: tuple[type[BaseException], ...] = (*_USER_ERRORS, ModelLoadError)
+    from lightning_neurons.backends.base import ModelLoadError
+    from lightning_neurons.checkpoints import summarize_error
+    from lightning_neurons.drift.history import HistoryLockedError
+
     try:
         return int(run() or 0)
     except BrokenPipeError:  # output piped into `head` & co.: stop quietly, like other command-line tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except handled as err:
+    except Exception as err:
+        text = str(err).strip() or type(err).__name__
+        if isinstance(err, ModelLoadError):
+            # A short paragraph (which model, where it was looked for, what to do): keep it whole.
+            message, code = " ".join(text.split()), 1
+        elif isinstance(err, (*_USER_ERRORS, HistoryLockedError)):
+            message, code = text.splitlines()[0], 2
+        elif isinstance(err, pickle.UnpicklingError):  # e.g. Lightning resuming `fit --ckpt_path` from it
+            message = f"refused to unpickle a checkpoint ({summarize_error(err)}); use a checkpoint you trust"
+            code = 2
+        elif isinstance(err, RuntimeError) and text.startswith("Error(s) in loading state_dict"):
+            message, code = f"{summarize_error(err)}; use a checkpoint of this model and config", 2
+        elif isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            message, code = f"{err.strerror}: {err.filename or 'output'}; free some space and run again", 1
+        elif isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            message, code = f"{err.strerror}: {err.filename or 'output'}; check the folder's permissions", 1
+        else:
+            raise
         if os.environ.get("LIGHTNING_NEURONS_TRACEBACK"):
             raise
-        text = str(err).strip() or type(err).__name__
-        # A model-load error is a short paragraph (which model, where it was looked for, what to do): keep it whole.
-        message = " ".join(text.split()) if isinstance(err, ModelLoadError) else text.splitlines()[0]
         print(f"error: {message}", file=sys.stderr)
-        return 2 if isinstance(err, _USER_ERRORS) else 1
+        return code
 
 
 def _build_parser() -> argparse.ArgumentParser:

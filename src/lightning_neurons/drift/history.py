@@ -25,6 +25,17 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     jaccard               float? Jaccard index of the two top-k sample-id sets
     score_delta           float? score minus the previous score
     threshold             float  change threshold used
+    round_id              str    which write of a round the record belongs to (absent in older files)
+    round_index           int    the record's position in that round, 0 .. round_size - 1
+    round_size            int    records in that round
+
+Crash safety: a round (or the records :meth:`RunHistory.attach` brings in line) is written with one ``write``,
+flushed to disk with ``fsync``; a round counts only once all its ``round_size`` records with its ``round_id`` were
+read, so an interrupted or failed write (a crash, a full disk) leaves no partial epoch behind: readers skip it, and
+every line that is not valid UTF-8 JSON, with one warning that names the file and the lines. A writer first ends a
+cut last line with a newline, and holds a lock (``history.jsonl.lock``, released when the process ends) so that a
+second process writing the same file fails at once with :class:`HistoryLockedError`. Records of older files (no
+``round_id``) count one by one, as they did.
 
 Reading the file (:func:`load_history`) replays it in order: a later record replaces an earlier one with the same
 ``(layer, unit, epoch)``, and a round whose epoch is not after the latest one seen so far discards the later epochs
@@ -47,15 +58,21 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import math
+import os
+import uuid
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from lightning_neurons.drift.metrics import (
     DEFAULT_CHANGE_THRESHOLD,
@@ -66,7 +83,7 @@ from lightning_neurons.drift.metrics import (
     compare_units,
     summarize_layer,
 )
-from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
+from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation, dumps_strict
 
 #: File name of the history inside a run's log directory.
 HISTORY_FILENAME = "history.jsonl"
@@ -75,6 +92,14 @@ HISTORY_FILENAME = "history.jsonl"
 SCHEMA_VERSION = 1
 
 Key = tuple[str, int, int]
+
+
+class HistoryLockedError(RuntimeError):
+    """Another process is writing the same history file (two runs must not share one history)."""
+
+
+class HistoryWriteError(OSError):
+    """A round could not be written (e.g. the disk is full); the file keeps every round before it."""
 
 
 def _finite(x: float | None) -> float | None:
@@ -199,6 +224,7 @@ class RunHistory:
     stable_rounds: int = DEFAULT_STABLE_ROUNDS
     path: Path | None = None
     _records: dict[Key, HistoryRecord] = field(default_factory=dict, repr=False)
+    _lock: FileLock | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -328,6 +354,9 @@ class RunHistory:
 
         Raises:
             ValueError: If the round has no epoch and none is given.
+            HistoryLockedError: If another process writes the file.
+            HistoryWriteError: If the round could not be written (the disk is full, ...); the history, in memory
+                and on disk, is then as it was before the call.
         """
         ep = round.epoch if epoch is None else epoch
         if ep is None:
@@ -339,17 +368,16 @@ class RunHistory:
                 f"adding epoch {ep} discards the later history epochs {later} (resumed from an earlier checkpoint?)",
                 stacklevel=2,
             )
-        self._records = {k: r for k, r in self._records.items() if k[2] < ep}
+        kept = {k: r for k, r in self._records.items() if k[2] < ep}
         previous: dict[tuple[str, int], UnitExplanation] = {}
-        for r in sorted(self._records.values(), key=lambda r: r.key[2]):
+        for r in sorted(kept.values(), key=lambda r: r.key[2]):
             previous[r.key[:2]] = r.explanation
         units = [_trim(u, ep) for u in round.units]
         drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep)
         new = [HistoryRecord(u, d) for u, d in zip(units, drifts)]
-        for rec in new:
-            self._records[rec.key] = rec
         if self.path is not None:
-            self._append(new)
+            self._append(new)  # first on disk: a failed write leaves memory as it was too
+        self._records = {**kept, **{rec.key: rec for rec in new}}
         return drifts
 
     def attach(self, path: str | Path) -> None:
@@ -359,10 +387,19 @@ class RunHistory:
         (a new log directory, or a file that ran past the checkpoint) all records are appended, so that
         :func:`load_history` of the file equals this history again.
 
+        The file is locked for this process until :meth:`close` (or the process ends): a second process
+        attaching to it fails at once.
+
         Args:
             path: The JSON Lines file (created with its parent directories when missing).
+
+        Raises:
+            HistoryLockedError: If another process writes the file (e.g. another run given the same folder).
         """
+        if self.path is not None and Path(path) != self.path:
+            self.close()
         self.path = Path(path)
+        self._acquire()
         if not self._records:
             if self.path.is_file() and self.path.stat().st_size > 0:
                 warnings.warn(
@@ -371,17 +408,69 @@ class RunHistory:
                     stacklevel=2,
                 )
             return
-        if self.path.is_file() and _dicts(_read_jsonl(self.path, warn=False)) == _dicts(self):
+        if self.path.is_file() and _dicts(_read_jsonl(self.path)) == _dicts(self):
             return
         self._append(self.records)
 
-    def _append(self, records: Iterable[HistoryRecord]) -> None:
-        assert self.path is not None
+    def close(self) -> None:
+        """Release the file lock taken by :meth:`attach` or the first write (the records stay in memory).
+
+        Example:
+            >>> RunHistory().close()  # nothing attached: a no-op
+        """
+        lock, self._lock = self._lock, None
+        if lock is not None and lock.is_locked:
+            lock.release()
+
+    def _acquire(self) -> None:
+        # One writing process per file. The lock is an flock: the kernel drops it when the process dies, so a run
+        # killed mid-write can be resumed at once. Within one process the lock is shared (a resumed history may
+        # re-attach the file its predecessor object wrote).
+        if self._lock is not None or self.path is None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-            f.flush()
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock = FileLock(lock_path, timeout=0, is_singleton=True, thread_local=False, fallback_to_soft=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise HistoryLockedError(
+                f"{self.path} is being written by another process (it holds {lock_path}); give this run its own "
+                "output folder, or wait for the other run to end"
+            ) from None
+        except (NotImplementedError, OSError) as err:  # a file system without locks: write unguarded
+            warnings.warn(f"cannot lock {lock_path} ({err}); concurrent writers will not be detected", stacklevel=3)
+            return
+        self._lock = lock
+
+    def _append(self, records: Iterable[HistoryRecord]) -> None:
+        # One write per call, then fsync: readers see each round complete (all its round_size records) or not at all.
+        assert self.path is not None
+        self._acquire()
+        rounds = _encode_rounds(records)
+        if not rounds:
+            return
+        data = b"".join(rounds)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # end a line cut by a crash, so the new round does not glue onto it
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)  # take back the partial round (needs no space)
+                    os.fsync(fd)
+                raise HistoryWriteError(
+                    err.errno or errno.EIO,
+                    f"{err.strerror or err} while writing {len(rounds)} history round(s); the file keeps the rounds "
+                    "before them",
+                    str(self.path),
+                ) from err
+        finally:
+            os.close(fd)
 
     def _replay(self, records: Iterable[HistoryRecord]) -> None:
         # File-order replay: each round (a run of records with one epoch) replaces its epoch and drops any later
@@ -430,12 +519,8 @@ class RunHistory:
 
     def to_jsonl(self, path: str | Path) -> Path:
         """Write all records to a new JSON Lines file (overwriting it); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.records), encoding="utf-8"
-        )
-        return path
+        text = "".join(json.dumps(r.to_dict(), ensure_ascii=False, allow_nan=False) + "\n" for r in self.records)
+        return _write_atomic(Path(path), text)
 
     def to_json(self, path: str | Path) -> Path:
         """Write one JSON document: :meth:`state_dict` plus ``"summary"`` (all per-layer summaries).
@@ -444,11 +529,8 @@ class RunHistory:
             >>> RunHistory().to_json("/tmp/history.json").name
             'history.json'
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {**self.state_dict(), "summary": [s.to_dict() for s in self.summary()]}
-        path.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-        return path
+        return _write_atomic(Path(path), dumps_strict(data, indent=1, ensure_ascii=False))
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one CSV row per record (the JSON Lines fields; lists joined: ``"text=score; ..."``, ``"3 1 7"``).
@@ -504,22 +586,125 @@ _CSV_COLUMNS = [
 ]
 
 
+def _encode_rounds(records: Iterable[HistoryRecord]) -> list[bytes]:
+    # Consecutive records of one epoch form a round; each record says which round it belongs to and where.
+    groups: list[list[HistoryRecord]] = []
+    for r in records:
+        if groups and groups[-1][0].key[2] == r.key[2]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    out = []
+    for group in groups:
+        rid = uuid.uuid4().hex[:16]
+        lines = [
+            json.dumps(
+                {**r.to_dict(), "round_id": rid, "round_index": i, "round_size": len(group)},
+                ensure_ascii=False,
+                allow_nan=False,
+            )
+            + "\n"
+            for i, r in enumerate(group)
+        ]
+        out.append("".join(lines).encode("utf-8"))
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    # Exports: a temporary file, fsynced and renamed, so a crash never leaves half a file under the real name.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # os.write may write less than asked (signals, nearly full disks): loop until all of it is down.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@dataclass
+class _Round:
+    id: str
+    size: int
+    first_line: int
+    records: dict[int, HistoryRecord] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.records) == self.size
+
+    def describe(self, last_line: int) -> str:
+        epoch = next(iter(self.records.values())).key[2]
+        return (
+            f"lines {self.first_line}-{last_line}: an incomplete round of epoch {epoch} "
+            f"({len(self.records)} of {self.size} records)"
+        )
+
+
 def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
-    records = []
+    records: list[HistoryRecord] = []
+    problems: list[str] = []
     threshold = DEFAULT_CHANGE_THRESHOLD
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError:
-                # A crash mid-write leaves a partial last line; everything before it is valid.
-                if warn:
-                    warnings.warn(f"{path}:{n}: skipping a line that is not valid JSON", stacklevel=3)
-                continue
-            records.append(HistoryRecord.from_dict(data))
+    pending: _Round | None = None
+    last_line = 0
+
+    def drop_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            problems.append(pending.describe(last_line))
+            pending = None
+
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            problems.append(f"line {n} is not valid UTF-8")  # e.g. cut inside a multi-byte character
+            continue
+        except json.JSONDecodeError:
+            problems.append(f"line {n} is not valid JSON")  # e.g. a line cut by a crash
+            continue
+        if isinstance(data, dict) and int(data.get("schema", SCHEMA_VERSION)) > SCHEMA_VERSION:
+            raise ValueError(
+                f"{path}:{n}: history record schema {data['schema']} is newer than this version "
+                f"({SCHEMA_VERSION}); upgrade lightning-neurons to read it"
+            )
+        try:
+            record = HistoryRecord.from_dict(data)
+            rid = data.get("round_id")
+            index, size = (int(data["round_index"]), int(data["round_size"])) if rid is not None else (0, 0)
             threshold = float(data.get("threshold", threshold))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            problems.append(f"line {n} is not a history record")
+            continue
+        if rid is None:  # older files: no rounds, every record counts on its own
+            drop_pending()
+            records.append(record)
+            last_line = n
+            continue
+        if pending is None or pending.id != rid:
+            drop_pending()
+            pending = _Round(str(rid), size, n)
+        pending.records.setdefault(index, record)
+        last_line = n
+        if pending.complete and set(pending.records) == set(range(pending.size)):
+            records.extend(pending.records[i] for i in range(pending.size))
+            pending = None
+    drop_pending()
+    if problems and warn:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        warnings.warn(f"{path}: skipped {shown} (every complete round is kept)", stacklevel=3)
     history = RunHistory(threshold=threshold)
     history._replay(records)
     return history
