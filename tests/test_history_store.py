@@ -16,9 +16,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-from _rounds import bow_embed, make_round
 
 import lightning_neurons.drift.history as history_module
+from _rounds import bow_embed, make_round
 from lightning_neurons.drift.history import (
     HISTORY_FILENAME,
     HistoryLockedError,

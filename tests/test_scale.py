@@ -42,3 +42,60 @@ def test_summarize_layer_epochs_equals_summarize_layer_per_epoch(seed, stable_ro
     fast = summarize_layer_epochs("fc", epochs, timelines, stable_rounds)
     slow = [summarize_layer("fc", e, timelines, stable_rounds) for e in epochs]
     assert [_comparable(s.to_dict()) for s in fast] == [_comparable(s.to_dict()) for s in slow]
+
+
+def _history(units: int, epochs: int):
+    from _rounds import bow_embed
+
+    from lightning_neurons.drift.history import RunHistory
+    from lightning_neurons.results import ExplanationRound, UnitExplanation
+
+    history = RunHistory()
+    for epoch in range(epochs):
+        rnd = ExplanationRound(
+            epoch=epoch,
+            units=[
+                UnitExplanation("conv", u, epoch, f"concept {(u + epoch // 2) % 7}", 0.5 + 0.01 * u)
+                for u in range(units)
+            ],
+        )
+        history.add_round(rnd, bow_embed)
+    return history
+
+
+def test_layer_summaries_equal_history_summary():
+    from lightning_neurons.logging.report import layer_summaries
+
+    history = _history(units=12, epochs=6)
+    fast = [s.to_dict() for layer in history.layers for s in layer_summaries(history)[layer]]
+    assert fast == [s.to_dict() for s in history.summary()]
+
+
+def test_report_pages_index_and_timeline_cap():
+    import re
+
+    from lightning_neurons.logging.report import render_report
+
+    history = _history(units=23, epochs=5)
+    html = render_report(history, max_units=None, page_size=10, max_epochs=3)
+    assert "<script" not in html
+    section = html.split('<section id="layer-conv">')[1]
+    pages = re.findall(r'<div class="page" id="page-conv-(\d+)">', section)
+    assert pages == ["1", "2", "3"]  # 23 units in pages of 10
+    assert [int(u) for u in re.findall(r"<tr><td>(\d+)</td>", section)] == list(range(23))
+    # every page has a link in the pager; every unit is in the index, linked to its row
+    assert all(f'href="#page-conv-{p}"' in section for p in pages)
+    assert all(f'href="#unit-conv-{u}"' in section and f'id="unit-conv-{u}"' in section for u in range(23))
+    assert "7 distinct descriptions" in section
+    # timelines keep the 3 latest epochs and say how many earlier ones there are
+    row = section.split("<tr><td>0</td>")[1].split("</tr>")[0]
+    assert re.findall(r'<div class="e">epoch (\d+)</div>', row) == ["2", "3", "4"]
+    assert "2 earlier epochs" in row
+
+
+def test_report_index_lists_units_without_rows_unlinked():
+    from lightning_neurons.logging.report import render_report
+
+    html = render_report(_history(units=30, epochs=1), max_units=5)
+    assert 'href="#unit-conv-4"' in html and 'href="#unit-conv-5"' not in html
+    assert "all 30 units by latest description" in html and "25 more units are in the history file" in html

@@ -1,8 +1,14 @@
 """A static, self-contained HTML report of a run's neuron explanations and their drift.
 
 One file, no external assets and no JavaScript: inline CSS, preview crops embedded as base64 PNG, drift plots as
-inline SVG. Per layer: plots of the fraction of units whose meaning changed and of the mean score per epoch, then
-per unit its latest crops and a timeline of its descriptions across epochs (changes highlighted).
+inline SVG. Per layer: plots of the fraction of units whose meaning changed and of the mean score per epoch, a
+summary of the latest descriptions (how many units each describes, and every unit listed under its description:
+the page's search, ``Ctrl+F``, finds any unit or concept), then per unit its latest crops and a timeline of its
+descriptions across epochs (changes highlighted), in pages of :data:`DEFAULT_PAGE_SIZE` units.
+
+Built to stay usable at 100k units: at most ``max_units`` unit rows per layer (the index lists every unit),
+timelines of at most ``max_epochs`` cells, and pages switched by CSS ``:target`` (a link to a unit opens its page).
+Summaries are computed in one pass over the history (:func:`~lightning_neurons.drift.metrics.summarize_layer_epochs`).
 
 Example:
     >>> write_report("lightning_logs/version_0", "report.html")  # doctest: +SKIP
@@ -17,8 +23,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_neurons.drift.history import RunHistory, find_history_file, load_history
-from lightning_neurons.drift.metrics import LayerDriftSummary
+from lightning_neurons.drift.history import HistoryRecord, RunHistory, find_history_file, load_history
+from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift, summarize_layer_epochs
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
 
 _CSS = """
@@ -36,11 +42,27 @@ font-size:.85em;background:#f6f8fa}
 .ep.changed{background:#fff1e5;border-color:#fb8f44}
 .ep .e{color:#57606a;font-size:.8em}.ep .d{font-weight:600;overflow-wrap:anywhere}.ep .s{color:#57606a}
 .none{color:#8c959f;font-size:.85em}
+.index{max-height:320px;overflow-y:auto;border:1px solid #d0d7de;border-radius:6px;padding:6px 10px;font-size:.85em}
+.index dt{font-weight:600;margin-top:4px}.index dd{margin:0 0 0 16px;color:#57606a;overflow-wrap:anywhere}
+.index a,.pager a{color:#0969da;text-decoration:none}
+.pager{margin:8px 0;font-size:.9em}.pager a{display:inline-block;padding:1px 6px;border:1px solid #d0d7de;
+border-radius:4px;margin:2px}
+.pages>.page{display:none}.pages>.page:target,.pages>.page:has(:target){display:block}
+.pages:not(:has(:target))>.page:first-child{display:block}
 """
 
 
 #: Units per layer in the report by default (the history file always holds them all).
 DEFAULT_MAX_UNITS = 256
+
+#: Unit rows per page of a layer's table.
+DEFAULT_PAGE_SIZE = 50
+
+#: Timeline cells (latest epochs) per unit row.
+DEFAULT_MAX_EPOCHS = 40
+
+#: Descriptions listed by unit count in a layer's summary.
+TOP_DESCRIPTIONS = 12
 
 
 def _esc(x: object) -> str:
@@ -117,12 +139,57 @@ def _img(path: Path | None) -> str:
     return f'<img alt="top crops ({_esc(path.stem)})" src="data:image/png;base64,{data}">'
 
 
+def _anchor(*parts: object) -> str:
+    # id attribute values: layer names may hold dots and brackets, which are fine in ids but not in CSS selectors;
+    # the report only ever targets them through links, never through selectors.
+    return _esc("-".join(str(p) for p in parts))
+
+
+def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> str:
+    shown = timeline if max_epochs is None or len(timeline) <= max_epochs else timeline[-max_epochs:]
+    cells = []
+    if len(shown) < len(timeline):
+        cells.append(f'<div class="ep"><div class="e">{len(timeline) - len(shown)} earlier epochs</div></div>')
+    for r in shown:
+        d = r.drift
+        cls = "ep changed" if d.changed else "ep"
+        sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
+        tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
+        hurt = r.explanation.ablation
+        hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
+        cells.append(
+            f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
+            f'<div class="d">{_esc(d.description)}</div>'
+            f'<div class="s">score {_num(d.score, 2)}{sim}</div>{hurts}</div>'
+        )
+    return "".join(cells)
+
+
+def _description_index(layer: str, latest: dict[int, UnitDrift], rows: set[int]) -> str:
+    """Per latest description, its unit count and every unit (linked where the unit has a row in the report)."""
+    by_text: dict[str, list[int]] = {}
+    for unit in sorted(latest):
+        by_text.setdefault(latest[unit].description, []).append(unit)
+    ranked = sorted(by_text.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    top = ", ".join(f"{_esc(text or '(none)')} ({len(units)})" for text, units in ranked[:TOP_DESCRIPTIONS])
+    out = [f'<p class="meta">{len(by_text)} distinct descriptions; most units: {top}</p>']
+    out.append(f"<details><summary>all {len(latest)} units by latest description (search with Ctrl+F)</summary>")
+    out.append('<dl class="index">')
+    for text, units in ranked:
+        refs = ", ".join(f'<a href="#{_anchor("unit", layer, u)}">{u}</a>' if u in rows else str(u) for u in units)
+        out.append(f"<dt>{_esc(text or '(none)')} · {len(units)}</dt><dd>{refs}</dd>")
+    out.append("</dl></details>")
+    return "\n".join(out)
+
+
 def _layer_section(
-    history: RunHistory,
     layer: str,
     summaries: list[LayerDriftSummary],
+    timelines: dict[int, list[HistoryRecord]],
     previews: Path | None,
     max_units: int | None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    max_epochs: int | None = DEFAULT_MAX_EPOCHS,
 ) -> str:
     changed = [(s.epoch, s.fraction_changed if s.n_compared else float("nan")) for s in summaries]
     scores = [(s.epoch, s.mean_score) for s in summaries]
@@ -135,38 +202,37 @@ def _layer_section(
         f'<div class="plot">{line_plot_svg(changed, "fraction of units changed", colour="#cf222e")}</div>',
         f'<div class="plot">{line_plot_svg(scores, "mean score", colour="#0969da")}</div>',
         "</div>",
-        '<table class="units"><tr><th>unit</th><th>latest crops</th><th>descriptions by epoch</th>'
-        "<th>stable since</th></tr>",
     ]
-    units = history.units(layer)
+    all_units = sorted(timelines)
+    units = all_units
     if max_units is not None and len(units) > max_units:
         # Units with saved crops (the ones logged to TensorBoard) first: they are the ones the user chose to watch.
         with_crops = [u for u in units if previews is not None and latest_preview(previews, layer, u) is not None]
         units = sorted(dict.fromkeys([*with_crops, *units][:max_units]))
-    for unit in units:
-        timeline = history.timeline(layer, unit)
-        cells = []
-        for r in timeline:
-            d = r.drift
-            cls = "ep changed" if d.changed else "ep"
-            sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
-            tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
-            hurt = r.explanation.ablation
-            hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
-            cells.append(
-                f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
-                f'<div class="d">{_esc(d.description)}</div>'
-                f'<div class="s">score {_num(d.score, 2)}{sim}</div>{hurts}</div>'
+    latest = {u: timelines[u][-1].drift for u in all_units}
+    out.append(_description_index(layer, latest, set(units)))
+    pages = [units[i : i + page_size] for i in range(0, len(units), page_size)] or [[]]
+    if len(pages) > 1:
+        links = " ".join(f'<a href="#{_anchor("page", layer, i + 1)}">{p[0]}–{p[-1]}</a>' for i, p in enumerate(pages))
+        out.append(f'<p class="pager">units, {page_size} per page: {links}</p>')
+    out.append('<div class="pages">')
+    header = (
+        '<table class="units"><tr><th>unit</th><th>latest crops</th><th>descriptions by epoch</th>'
+        "<th>stable since</th></tr>"
+    )
+    for i, page in enumerate(pages):
+        out.append(f'<div class="page" id="{_anchor("page", layer, i + 1)}">{header}')
+        for unit in page:
+            crop = latest_preview(previews, layer, unit) if previews is not None else None
+            stable = last.first_stable_epoch.get(unit)
+            out.append(
+                f'<tr><td>{unit}</td><td class="crops" id="{_anchor("unit", layer, unit)}">{_img(crop)}</td>'
+                f'<td><div class="timeline">{_timeline_cells(timelines[unit], max_epochs)}</div></td>'
+                f"<td>{'–' if stable is None else f'epoch {stable}'}</td></tr>"
             )
-        crop = latest_preview(previews, layer, unit) if previews is not None else None
-        stable = last.first_stable_epoch.get(unit)
-        out.append(
-            f'<tr><td>{unit}</td><td class="crops">{_img(crop)}</td>'
-            f'<td><div class="timeline">{"".join(cells)}</div></td>'
-            f"<td>{'–' if stable is None else f'epoch {stable}'}</td></tr>"
-        )
-    out.append("</table>")
-    hidden = len(history.units(layer)) - len(units)
+        out.append("</table></div>")
+    out.append("</div>")
+    hidden = len(all_units) - len(units)
     if hidden > 0:
         out.append(
             f'<p class="none">{hidden} more units are in the history file (not shown here: the report keeps at most '
@@ -177,11 +243,41 @@ def _layer_section(
     return "\n".join(out)
 
 
+def layer_summaries(
+    history: RunHistory, records: list[HistoryRecord] | None = None
+) -> dict[str, list[LayerDriftSummary]]:
+    """Per layer, its drift summary at every epoch it was explained at, in one pass over the history.
+
+    Equal to grouping ``history.summary()`` by layer, but linear in the number of records (the report of a
+    100-round, 100k-unit history would otherwise spend hours here).
+
+    Args:
+        history: The run history.
+        records: ``history.records`` when the caller already has them (they are sorted on every access).
+
+    Example:
+        >>> layer_summaries(RunHistory())
+        {}
+    """
+    timelines: dict[str, dict[int, list[UnitDrift]]] = {}
+    epochs: dict[str, set[int]] = {}
+    for r in history.records if records is None else records:  # epoch order
+        layer, unit, epoch = r.key
+        timelines.setdefault(layer, {}).setdefault(unit, []).append(r.drift)
+        epochs.setdefault(layer, set()).add(epoch)
+    return {
+        layer: summarize_layer_epochs(layer, sorted(epochs[layer]), timelines[layer], history.stable_rounds)
+        for layer in history.layers
+    }
+
+
 def render_report(
     history: RunHistory,
     previews_dir: str | Path | None = None,
     title: str = "Neuron explanations",
     max_units: int | None = DEFAULT_MAX_UNITS,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    max_epochs: int | None = DEFAULT_MAX_EPOCHS,
 ) -> str:
     """The report's HTML text.
 
@@ -190,23 +286,33 @@ def render_report(
         previews_dir: Folder written by ``save_previews`` (``None``: no crops).
         title: Page title.
         max_units: Units shown per layer (those with saved crops first; ``None``: all). Every unit's timeline is
-            a row, so thousands of units would make a page of many megabytes that no browser scrolls well.
+            a row, so thousands of units would make a page of many megabytes that no browser scrolls well; the
+            description index above the rows still lists every unit.
+        page_size: Unit rows per page.
+        max_epochs: Latest epochs shown in a unit's timeline (``None``: all).
 
     Example:
         >>> "<html" in render_report(RunHistory())
         True
     """
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
     previews = Path(previews_dir) if previews_dir is not None and Path(previews_dir).is_dir() else None
-    by_layer: dict[str, list[LayerDriftSummary]] = {}
-    for s in history.summary():
-        by_layer.setdefault(s.layer, []).append(s)
+    records = history.records  # sorted once: epoch, layer, unit
+    by_layer = layer_summaries(history, records)
+    timelines: dict[str, dict[int, list[HistoryRecord]]] = {}
+    for r in records:
+        timelines.setdefault(r.key[0], {}).setdefault(r.key[1], []).append(r)
     epochs = history.epochs
     meta = (
         f"{len(history.layers)} layers · {len(epochs)} explained epochs"
         + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
         + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}"
     )
-    body = [_layer_section(history, layer, by_layer[layer], previews, max_units) for layer in history.layers]
+    body = [
+        _layer_section(layer, by_layer[layer], timelines[layer], previews, max_units, page_size, max_epochs)
+        for layer in history.layers
+    ]
     if not body:
         body = ['<p class="none">The history is empty.</p>']
     nav = " · ".join(f'<a href="#layer-{_esc(x)}">{_esc(x)}</a>' for x in history.layers)
@@ -223,6 +329,8 @@ def write_report(
     previews_dir: str | Path | None = None,
     title: str | None = None,
     max_units: int | None = DEFAULT_MAX_UNITS,
+    page_size: int = DEFAULT_PAGE_SIZE,
+    max_epochs: int | None = DEFAULT_MAX_EPOCHS,
 ) -> Path:
     """Write the self-contained HTML report of a run.
 
@@ -233,6 +341,8 @@ def write_report(
             ``RunHistory``: beside its attached file, if any).
         title: Page title (default: names the run).
         max_units: Units shown per layer (see :func:`render_report`).
+        page_size: Unit rows per page.
+        max_epochs: Latest epochs shown in a unit's timeline (``None``: all).
 
     Returns:
         ``output_path`` as a ``Path``.
@@ -256,5 +366,5 @@ def write_report(
         title = f"Neuron explanations: {run_dir.name}" if run_dir is not None else "Neuron explanations"
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_report(history, previews_dir, title, max_units), encoding="utf-8")
+    output.write_text(render_report(history, previews_dir, title, max_units, page_size, max_epochs), encoding="utf-8")
     return output
