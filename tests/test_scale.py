@@ -99,3 +99,22 @@ def test_report_index_lists_units_without_rows_unlinked():
     html = render_report(_history(units=30, epochs=1), max_units=5)
     assert 'href="#unit-conv-4"' in html and 'href="#unit-conv-5"' not in html
     assert "all 30 units by latest description" in html and "25 more units are in the history file" in html
+
+
+def test_topk_pending_cap_bounds_rows_and_keeps_results():
+    import torch
+
+    from lightning_neurons.recording.topk import TopKBuffer
+
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(300, 64, generator=gen).round(decimals=1)  # ties broken by id
+    capped = TopKBuffer(64, 5, merge_rows=2048, max_pending_bytes=12 * 64 * 40)
+    free = TopKBuffer(64, 5, merge_rows=2048, max_pending_bytes=None)
+    assert capped.merge_rows == 40 and free.merge_rows == 2048
+    for start in range(0, 300, 16):
+        ids = torch.arange(start, min(300, start + 16))
+        capped.add(values[ids], ids)
+        free.add(values[ids], ids)
+        assert capped._pending_rows < 40  # merged as soon as the cap is reached
+    a, b = capped.state(), free.state()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -26,6 +26,9 @@ from torch import Tensor
 AllGather = Callable[[Tensor], Tensor]
 
 _INT64_MIN = -(2**63)
+
+#: Default cap on a buffer's pending candidate bytes (see :class:`TopKBuffer`).
+DEFAULT_MAX_PENDING_BYTES = 64 * 2**20
 _ID_LIMIT = 2**32  # sample ids share an int64 sort key with the value's 32 bits
 
 
@@ -73,19 +76,24 @@ def _splitmix(x: Tensor) -> Tensor:
 class TopKBuffer:
     """Running top-``k`` per unit of ``(value, sample id, peak, label)``.
 
-    Memory held, in bytes, for ``U`` units, ``k`` entries, batches of ``B`` samples and ``merge_rows`` ``= M``::
+    Memory held, in bytes, for ``U`` units, ``k`` entries, batches of ``B`` samples and ``M`` pending rows, where
+    ``M = min(merge_rows, max(1, max_pending_bytes // (12 * U)))``::
 
         U * k * 28                   # buffer: float32 value + int64 id, peak, label (the label shared per entry)
         + (M + B) * (U * 12 + 16)    # pending candidate chunks: float32 value + int64 peak per unit, id + label
         + 2 * U * (k + M + B) * 8    # transient keys/indices during a merge
 
-    It does not depend on the number of probe samples ``N``.
+    It does not depend on the number of probe samples ``N``. ``max_pending_bytes`` keeps the pending chunks of a
+    wide layer bounded (a 4,096-unit layer at ``merge_rows=2048`` would otherwise hold 100 MB of candidates, 24
+    such layers 2.4 GB); merging earlier never changes the result, only how often a merge runs.
 
     Args:
         num_units: Number of units ``U``.
         k: Entries kept per unit.
         device: Where the buffer lives (the recorded module's device).
         merge_rows: Pending candidate rows that trigger a merge; larger amortises better, costs memory.
+        max_pending_bytes: Cap on the pending candidates' bytes (``12 * U`` per row); fewer rows than
+            ``merge_rows`` then trigger a merge. ``None``: no cap.
 
     Example:
         >>> import torch
@@ -96,13 +104,20 @@ class TopKBuffer:
     """
 
     def __init__(
-        self, num_units: int, k: int, device: torch.device | str | None = None, merge_rows: int = 2048
+        self,
+        num_units: int,
+        k: int,
+        device: torch.device | str | None = None,
+        merge_rows: int = 2048,
+        max_pending_bytes: int | None = DEFAULT_MAX_PENDING_BYTES,
     ) -> None:
         if num_units < 1 or k < 1:
             raise ValueError(f"num_units and k must be >= 1, got {num_units} and {k}")
         self.num_units = num_units
         self.k = k
         self.merge_rows = max(1, merge_rows)
+        if max_pending_bytes is not None:
+            self.merge_rows = min(self.merge_rows, max(1, max_pending_bytes // (12 * num_units)))
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.values = torch.full((num_units, k), float("-inf"), device=self.device)
         self.sample_ids = torch.full((num_units, k), -1, dtype=torch.long, device=self.device)
@@ -251,4 +266,4 @@ class Reservoir:
         return state["labels"][0][state["sample_ids"][0] >= 0] if self.size > 0 else state["labels"][0][:0]
 
 
-__all__ = ["AllGather", "Reservoir", "TopKBuffer", "random_keys", "sort_keys"]
+__all__ = ["DEFAULT_MAX_PENDING_BYTES", "AllGather", "Reservoir", "TopKBuffer", "random_keys", "sort_keys"]
