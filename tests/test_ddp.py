@@ -1,56 +1,29 @@
-"""Two CPU processes (ddp_spawn, gloo) record exactly the top-k of one process."""
+"""Real DDP on CPU (gloo): the real callback, session, pipeline and writers in two processes equal one process.
 
+Weights do not move (lr=0), so a 2-process run must record and explain exactly what a 1-process run does: the
+same top-k ids, the same descriptions, scores within float tolerance, the evaluation and the ablation check
+included. Only rank 0 writes; every rank explains its share (the crop embedding is split).
+"""
+
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_neurons import NeuronExplainer
-from lightning_neurons.evaluation import held_out_probe
-from lightning_neurons.recording.recorder import collect_top_k
-from lightning_neurons.recording.types import Recording
-from lightning_neurons.results import ExplanationRound
-from lightning_neurons.session import ExplanationSession
+from _cheap import cheap_backend
+from lightning_neurons import NeuronExplainer, load_history
 
+ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["features.0", "features.2", "head"]
-N_VAL = 37  # odd: the DistributedSampler pads rank 1 with a duplicate that must not count
-
-
-class FileSession(ExplanationSession):
-    """Rank 0's explanation half: writes the recording it is given to the history dir."""
-
-    def __init__(self, explainer):
-        super().__init__(explainer)
-
-    def setup(self, trainer, pl_module):
-        assert trainer.is_global_zero
-
-    def run(self, trainer, pl_module, recording, source):
-        assert trainer.is_global_zero and trainer.world_size == 2
-        ids = recording.unique_sample_ids().tolist()
-        inputs, _ = source.fetch(ids)
-        assert torch.equal(inputs, val_data().tensors[0][ids])
-        torch.save(recording.to_state(), Path(self.explainer.history_dir) / f"rank{trainer.global_rank}.pt")
-        # evaluate=True's held-out probe: global ids fetched from the dataset, not rank 0's shard of the loader
-        inputs, labels = held_out_probe(source, set(ids))
-        torch.save({"ids": ids, "inputs": inputs, "labels": labels}, Path(self.explainer.history_dir) / "probe.pt")
-        return ExplanationRound(epoch=recording.epoch)
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def teardown(self):
-        pass
-
-
-class Explainer(NeuronExplainer):
-    session_class = FileSession
+N_VAL = 61  # odd: the DistributedSampler pads rank 1 with a duplicate that must not count
 
 
 class Tiny(pl.LightningModule):
@@ -75,43 +48,98 @@ class Tiny(pl.LightningModule):
 
 def val_data():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(N_VAL, 3, 10, 10, generator=g).round(decimals=1)  # coarse values: ties across ranks
+    x = torch.rand(N_VAL, 3, 12, 12, generator=g).round(decimals=1)  # coarse values: ties across ranks
     return TensorDataset(x, torch.randint(0, 3, (N_VAL,), generator=g))
 
 
-@pytest.mark.slow  # ~30 s: two spawned processes import Lightning; still runs by default
-def test_ddp_spawn_two_processes_equal_one(tmp_path):
-    train = DataLoader(val_data(), batch_size=8)
-    val = DataLoader(val_data(), batch_size=5)
-    cb = Explainer(layers=LAYERS, top_k=6, reservoir_size=10, history_dir=str(tmp_path))
+def fit(tmp_path: Path, devices: int) -> Path:
+    cb = NeuronExplainer(
+        layers=LAYERS,
+        top_k=4,
+        reservoir_size=12,
+        backend=cheap_backend(),
+        vocabulary=["general", "classes"],
+        class_names=["zero", "one", "two"],
+        evaluate=True,
+        ablation=True,
+        log_units=2,
+        show_progress=False,
+    )
     trainer = pl.Trainer(
-        strategy="ddp_spawn",
+        strategy="ddp_spawn" if devices > 1 else "auto",
         accelerator="cpu",
-        devices=2,
-        max_epochs=1,
+        devices=devices,
+        max_epochs=2,
         limit_train_batches=1,
         num_sanity_val_steps=0,
         callbacks=[cb],
-        logger=False,
+        logger=TensorBoardLogger(tmp_path, name="run"),
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Tiny(), train, val)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.pt", "rank0.pt"]  # only rank 0 explains
-    ddp = Recording.from_state(torch.load(tmp_path / "rank0.pt", weights_only=False))
-    model = Tiny()
-    one = collect_top_k(
-        model, DataLoader(val_data(), batch_size=5), LAYERS, top_k=6, reservoir_size=10, show_progress=False
-    )
-    assert ddp.num_samples == N_VAL
-    for name in LAYERS:
-        assert torch.equal(ddp.layers[name].sample_ids, one.layers[name].sample_ids), name
-        assert torch.equal(ddp.layers[name].values, one.layers[name].values)
-        assert torch.equal(ddp.layers[name].peaks, one.layers[name].peaks)
-    assert torch.equal(ddp.reservoir_ids, one.reservoir_ids)
-    assert ddp.labels == one.labels
-    probe = torch.load(tmp_path / "probe.pt", weights_only=False)
-    held_out = [i for i in range(N_VAL) if i not in set(probe["ids"])]
-    assert torch.equal(probe["inputs"], val_data().tensors[0][held_out])
-    assert torch.equal(probe["labels"], val_data().tensors[1][held_out])
+    trainer.fit(Tiny(), DataLoader(val_data(), batch_size=8), DataLoader(val_data(), batch_size=5))
+    return tmp_path / "run" / "version_0" / "neurons"
+
+
+@pytest.mark.slow  # two spawned processes import Lightning
+def test_ddp_spawn_two_processes_explain_exactly_what_one_does(tmp_path):
+    one = load_history(fit(tmp_path / "one", devices=1))
+    two_dir = fit(tmp_path / "two", devices=2)
+    two = load_history(two_dir)
+    assert one.epochs == two.epochs == [0, 1]
+    assert len(one) == len(two) == 2 * (6 + 8 + 3)
+    for a, b in zip(one.records, two.records):
+        assert a.key == b.key
+        assert a.explanation.description == b.explanation.description, a.key
+        assert a.explanation.top_sample_ids == b.explanation.top_sample_ids, a.key
+        assert a.explanation.score == pytest.approx(b.explanation.score, abs=1e-5, nan_ok=True)
+        assert a.explanation.ablation == b.explanation.ablation
+    # rank 0 wrote one TensorBoard run, the rounds and the report; evaluation metrics were computed
+    rounds = sorted(p.name for p in two_dir.glob("round_epoch=*.json"))
+    assert rounds == ["round_epoch=0.json", "round_epoch=1.json"]
+    evaluation = json.loads((two_dir / "round_epoch=1.json").read_text())["evaluation"]
+    reference = json.loads(
+        (tmp_path / "one" / "run" / "version_0" / "neurons" / "round_epoch=1.json").read_text()
+    )["evaluation"]
+    assert evaluation["metrics"]["probe_samples"] == reference["metrics"]["probe_samples"] > 0
+    assert evaluation["metrics"]["simulation"] == pytest.approx(reference["metrics"]["simulation"], abs=1e-4)
+    assert set(evaluation["baselines"]) == set(reference["baselines"])
+    assert list((tmp_path / "two" / "run").iterdir()) == [tmp_path / "two" / "run" / "version_0"]
+
+
+@pytest.mark.slow  # two processes launched by Lightning's subprocess launcher, each loading the offline pack
+def test_ddp_config_through_the_cli_on_two_cpu_processes(tmp_path):
+    """configs/ddp.yaml, reduced to one short epoch on 2 CPU processes (strategy=ddp), through the CLI."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    args = [
+        sys.executable,
+        "-m",
+        "lightning_neurons.cli",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "ddp.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.callbacks.init_args.backend=embedded",
+        "--trainer.callbacks.init_args.backend_kwargs={image_size: 64}",
+        "--trainer.callbacks.init_args.vocabulary=[classes]",
+        "--trainer.callbacks.init_args.top_k=3",
+        "--trainer.callbacks.init_args.every_n_epochs=1",
+        "--trainer.callbacks.init_args.show_progress=false",
+        "--model.init_args.width=8",
+        "--data.init_args.train_per_class=4",
+        "--data.init_args.val_per_class=4",
+        "--data.init_args.image_size=32",
+    ]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = load_history(tmp_path / "ddp" / "version_0" / "neurons")
+    assert history.epochs == [0]
+    assert {r.key[0] for r in history.records} == {"features.block3", "features.block4"}
+    assert all(r.explanation.description for r in history.records)

@@ -240,8 +240,8 @@ class NeuronExplainer(Callback):
         if name in _FLAT and "config" in self.__dict__:
             part, field = _FLAT[name]
             return getattr(getattr(self.__dict__["config"], part), field)
-        if name == "evaluate" and "config" in self.__dict__:
-            return self.__dict__["config"].evaluate
+        if name in ("evaluate", "on_error") and "config" in self.__dict__:
+            return getattr(self.__dict__["config"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ identity
