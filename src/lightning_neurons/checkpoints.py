@@ -118,7 +118,7 @@ def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn
     A LightningModule class is rebuilt with its ``load_from_checkpoint`` (so the saved hyperparameters apply),
     after :func:`load_checkpoint` has checked that the file holds only tensors and plain types; Lightning is asked
     for ``weights_only=True`` too where it supports it. Any other ``nn.Module`` class is built without arguments
-    and gets the checkpoint's ``state_dict``.
+    and gets the checkpoint's ``state_dict`` (so does a LightningModule class given a plain weights file).
 
     Args:
         model_class: The LightningModule or ``nn.Module`` class the checkpoint was trained with.
@@ -133,7 +133,7 @@ def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn
     """
     state = load_checkpoint(path)
     loader = getattr(model_class, "load_from_checkpoint", None)
-    if loader is None:
+    if loader is None or "pytorch-lightning_version" not in state:  # a plain {"state_dict": ...} file
         model = model_class()
         load_model_weights(model, path, state)
         return model.eval()
@@ -152,7 +152,7 @@ def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn
 
 
 # How torch's weights-only unpickler names a class or function it refused to import.
-_GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global:) [^\n]+", re.IGNORECASE)
+_GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global:(?: GLOBAL)?) ([\w.]+)", re.IGNORECASE)
 
 
 def summarize_error(err: BaseException) -> str:
@@ -164,10 +164,13 @@ def summarize_error(err: BaseException) -> str:
     """
     # torch's messages run over many lines of advice; keep the line that says what was found.
     text = str(err).strip()
-    found = _GLOBAL.search(text) or re.search(r"Unsupported operand [^\n]+", text)
+    found = _GLOBAL.search(text)
+    operand = re.search(r"Unsupported operand [^\n]+", text)
     lines = [x.strip() for x in text.splitlines() if x.strip()]
     if found:
-        line = found.group(0)
+        line = f"it would import {found.group(1)}"
+    elif operand:
+        line = operand.group(0)
     elif not lines:
         line = type(err).__name__
     else:  # "Error(s) in loading state_dict for M:" says nothing without the line after it
