@@ -120,11 +120,11 @@ def _put_back(output: Any, selector: OutputSelector | None, selected: Tensor, ne
     """The module output with ``new`` in place of the selected tensor (other parts of the structure kept)."""
     if new is selected:
         return None
-    if selector is None:
-        return new
     if callable(selector):  # no way to rebuild the structure: write into the selected tensor
         selected.copy_(new)
         return None
+    if selector is None or isinstance(output, Tensor):  # a tensor output is never indexed by a selector
+        return new
     if isinstance(output, tuple) and isinstance(selector, int):
         items = list(output)
         items[selector] = new
@@ -461,16 +461,15 @@ def check_layer_outputs(
             continue
         try:
             selected = taps.select(name, outputs[name])
+            if selected.dim() >= 1 and selected.shape[0] != batch:
+                raise ValueError(
+                    f"layer {name!r} output has first dimension {selected.shape[0]} for a batch of {batch}; record "
+                    "a layer whose first dimension is the batch (e.g. not a sequence-first [T, B, D] output)"
+                )
             kind = infer_kind(selected, name) if name not in taps.kinds else taps.kinds[name]
             unit_maps(selected, kind, taps.token_mode, name)
         except (TypeError, ValueError) as err:
             problems[name] = str(err)
-            continue
-        if selected.dim() < 2 or selected.shape[0] != batch:
-            problems[name] = (
-                f"layer {name!r} output has first dimension {selected.shape[0]} for a batch of {batch}; record a "
-                "layer whose first dimension is the batch (e.g. not a sequence-first [T, B, D] output)"
-            )
             continue
         kinds[name] = kind
     if problems:

@@ -27,6 +27,9 @@ OutputSelector = int | str | Callable[[Any], Tensor]
 def select_output(output: Any, selector: OutputSelector | None, layer: str) -> Tensor:
     """Pick the tensor to record from a module output.
 
+    A tensor output is returned as it is whatever the selector: an index or key selects a part of a structured
+    output, never a sample of a tensor (so a glob key such as ``"blocks.*"`` may also match plain submodules).
+
     Args:
         output: What the module's ``forward`` returned.
         selector: ``None`` for a plain tensor output, an index for a tuple/list, a key for a dict, or a callable.
@@ -34,8 +37,13 @@ def select_output(output: Any, selector: OutputSelector | None, layer: str) -> T
 
     Raises:
         TypeError: If the output is not a tensor and no selector says which part to record.
+
+    Example:
+        >>> import torch
+        >>> select_output((torch.zeros(2, 3), "aux"), 0, "block").shape, select_output(torch.zeros(2, 3), 0, "x").shape
+        (torch.Size([2, 3]), torch.Size([2, 3]))
     """
-    if selector is not None:
+    if selector is not None and (callable(selector) or not isinstance(output, Tensor)):
         if callable(selector):
             picked = selector(output)
         else:
@@ -82,9 +90,11 @@ def token_grid(num_tokens: int, token_mode: TokenMode, layer: str = "?") -> tupl
         side = math.isqrt(num_tokens - skip)
         if side * side == num_tokens - skip and side > 0:
             return skip, side
+    others = " or ".join(repr(m) for m in ("drop_first", "keep_all") if m != token_mode)
     raise ValueError(
         f"layer {layer!r} has {num_tokens} tokens, which do not form a square patch grid with "
-        f"token_mode={token_mode!r}; use token_mode='drop_first' (class token first) or 'keep_all'"
+        f"token_mode={token_mode!r}; use token_mode={others} ('drop_first': a class token comes first), or record "
+        "a layer whose tokens are the patch grid"
     )
 
 
