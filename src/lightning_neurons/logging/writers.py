@@ -26,7 +26,8 @@ none                      ``default_root_dir``
 
 Collectives and ranks (checked against Lightning 2.6): :func:`run_output_dir` calls no collective.
 ``TensorBoardLogger.log_dir`` / ``CSVLogger.log_dir`` compute the version from the file system on every rank (no
-broadcast; ``trainer.log_dir`` is what broadcasts) and create nothing. ``WandbLogger.experiment`` and
+broadcast; ``trainer.log_dir`` is what broadcasts) and create nothing; on rank 0 the ``CSVLogger``'s writer is opened
+(its folder created) first, so that it does not warn about the session's files in it. ``WandbLogger.experiment`` and
 ``MLFlowLogger.experiment`` (``run_id``) are ``rank_zero_experiment`` properties: on global rank 0 they create the
 W&B run / the MLflow run, on other ranks they return Lightning's ``_DummyExperiment`` and create nothing, and
 ``MLFlowLogger.run_id`` stays ``None``. So only rank 0's answer is the real folder; other ranks get a placeholder
@@ -178,6 +179,10 @@ def run_output_dir(loggers: Sequence[Any], default_root_dir: str | Path) -> Path
     if not loggers:
         return root
     logger = loggers[0]
+    if _is_csv(logger) and _rank() == 0:
+        # Open the CSV writer now: it warns that it will delete "previous log files" when its folder already holds
+        # files, which the session's neurons folder would be by the time Lightning opens it.
+        _ = logger.experiment
     if _is_tensorboard(logger) or _is_csv(logger):
         return Path(logger.log_dir)
     if _is_wandb(logger):
