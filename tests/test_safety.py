@@ -125,6 +125,7 @@ def _history(root: Path):
     return load_history(root / "run" / "version_0" / "neurons")
 
 
+@pytest.mark.slow  # three real fits in subprocesses (about a minute of CPU)
 def test_sigkill_while_writing_a_round_then_resume_equals_uninterrupted(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     run = [sys.executable, str(FIT)]
