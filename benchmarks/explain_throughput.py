@@ -207,6 +207,7 @@ def run_one(
         "units": units,
         "crops": meta["crops"],
         "unique_crops": meta["unique_crops"],
+        "unique_crop_fraction": round(meta["unique_crops"] / max(1, meta["crops"]), 4),  # after IoU dedupe
         "control_crops": meta["control_crops"],
         "concepts": meta["concepts"],
         "explain_s": round(seconds, 3),
