@@ -23,3 +23,35 @@ def test_old_benchmark_paths_warn_and_serve_the_moved_names() -> None:
     assert old.run_benchmark is benchmark.run_benchmark
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         evaluation.nothing  # noqa: B018
+
+
+def test_splits_are_disjoint_and_every_class_has_a_name_and_a_phrase() -> None:
+    from lightning_neurons.benchmark.scenes import DEVELOPMENT, HELD_OUT, split_classes
+
+    dev, held = split_classes("development"), split_classes("held_out")
+    assert len(dev) == 16 and len(held) >= 13
+    assert not {c.source for c in DEVELOPMENT} & {c.source for c in HELD_OUT}
+    assert not {c.name for c in DEVELOPMENT} & {c.name for c in HELD_OUT}
+    for scene in [*dev, *held]:
+        assert " " not in scene.name and len(scene.phrase.split()) >= 2
+    with pytest.raises(ValueError, match="unknown benchmark split"):
+        split_classes("test")
+
+
+def test_rendered_scenes_have_their_ground_truth_and_crops_are_deterministic() -> None:
+    import torch
+
+    from lightning_neurons.benchmark.scenes import SceneClass, SceneCrops, render
+
+    gen = torch.Generator().manual_seed(0)
+    red, blue = render("red", gen, 32), render("blue", gen, 32)
+    assert red[0].mean() > 2 * red[2].mean() and blue[2].mean() > 2 * blue[0].mean()
+    stripes = render("stripes", gen, 64).mean(0)
+    assert ((stripes < 0.2) | (stripes > 0.8)).float().mean() > 0.95  # black and white, nothing else
+    assert 0.3 < stripes.mean() < 0.7
+    with pytest.raises(ValueError, match="unknown rendered scene"):
+        render("plaid", gen)
+    classes = [SceneClass("red", "a plain red surface", "render:red"), SceneClass("cat", "a cat", "photo:chelsea")]
+    a, b = SceneCrops(classes, 3, 16, seed=1), SceneCrops(classes, 3, 16, seed=1)
+    assert len(a) == 6 and a[4][1] == 1 and torch.equal(a[4][0], b[4][0])
+    assert not torch.equal(a[0][0], SceneCrops(classes, 3, 16, seed=2)[0][0])

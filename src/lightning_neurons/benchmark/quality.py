@@ -27,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,16 @@ from lightning_neurons.evaluation.baselines import (
 from lightning_neurons.evaluation.final_layer import final_layer_accuracy
 from lightning_neurons.evaluation.harness import DIAGNOSTIC_METRICS, LAYER_METRICS, EvaluationConfig, evaluate_round
 from lightning_neurons.evaluation.probe import build_probe
+from lightning_neurons.evaluation.simulation import simulation_scores
+from lightning_neurons.explanation.multi_concept import combination_embedding, explain_combinations, format_combination
 from lightning_neurons.results import ExplanationRound
 
 #: Metrics on which the method must beat the random and constant baselines (higher is better for all).
 HEADLINE_METRICS = (
     "final_top1",
     "final_top5",
+    "final_phrase_top1",
+    "final_phrase_top5",
     "final_class_similarity",
     "final_class_rank",
     *(m for m in LAYER_METRICS if m not in DIAGNOSTIC_METRICS),
@@ -71,7 +76,11 @@ class BenchmarkConfig:
     """Settings of :func:`run_benchmark` (defaults keep the whole run to a few CPU minutes).
 
     Args:
-        classes: PhotoPatches classes (default: all 12).
+        classes: PhotoPatches classes (default: all 12); with ``split``, the split's classes to keep (default all).
+        split: ``None`` (the 12-photo PhotoPatches benchmark) or a split of the broad benchmark,
+            ``"development"`` or ``"held_out"`` (:mod:`lightning_neurons.benchmark.scenes`): its classes have
+            phrases too, so the final layer is also explained with the phrases as vocabulary
+            (``final_phrase_top1`` / ``final_phrase_top5``).
         train_per_class: Training crops per class.
         probe_per_class: Explaining-probe crops per class (where the top-k samples come from).
         eval_per_class: Held-out evaluation crops per class (where every metric is measured).
@@ -92,6 +101,7 @@ class BenchmarkConfig:
     """
 
     classes: list[str] | None = None
+    split: str | None = None
     train_per_class: int = 48
     probe_per_class: int = 16
     eval_per_class: int = 16
@@ -202,6 +212,7 @@ def run_benchmark(
             "with `lightning-neurons explain --checkpoint CKPT ... --evaluate`, or your own round with "
             "lightning_neurons.evaluation.evaluate_round(model, round, probe, backend, ...)"
         )
+    from lightning_neurons.benchmark.scenes import SceneCrops, split_classes
     from lightning_neurons.concepts.vocabulary import Vocabulary
     from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD, PhotoPatches
     from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording
@@ -218,7 +229,10 @@ def run_benchmark(
         timings[name] = round(now - start, 1)
         start = now
 
-    def split(per_class: int, offset: int) -> PhotoPatches:
+    def split(per_class: int, offset: int) -> PhotoPatches | SceneCrops:
+        if cfg.split is not None:
+            scenes = [c for c in split_classes(cfg.split) if cfg.classes is None or c.name in cfg.classes]
+            return SceneCrops(scenes, per_class, cfg.image_size, seed=cfg.seed + offset)
         return PhotoPatches(cfg.classes, per_class, cfg.image_size, seed=cfg.seed + offset)
 
     train_set, probe_set, eval_set = (
@@ -227,6 +241,7 @@ def run_benchmark(
         split(cfg.eval_per_class, 2),
     )
     class_names = list(train_set.classes)
+    phrases: list[str] | None = list(train_set.phrases) if isinstance(train_set, SceneCrops) else None
     model = train_classifier(cfg, train_set)
     eval_inputs = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
     eval_labels = torch.tensor([eval_set[i][1] for i in range(len(eval_set))])
@@ -262,6 +277,9 @@ def run_benchmark(
     class_round = explain_recording(
         model, head_recording, source, backend, class_names, explain_cfg, class_names=class_names
     )
+    phrase_round = None
+    if phrases is not None:
+        phrase_round = explain_recording(model, head_recording, source, backend, phrases, explain_cfg)
     lap("explain_class_vocabulary")
     general_round = explain_recording(
         model, head_recording, source, backend, general, explain_cfg, class_names=class_names
@@ -290,6 +308,40 @@ def run_benchmark(
         image_std=IMAGE_STD,
     )
     lap("encode_probe")
+    probe_inputs = torch.stack([probe_set[i][0] for i in range(len(probe_set))])
+    probe_labels = torch.tensor([probe_set[i][1] for i in range(len(probe_set))])
+    # The samples the explanations were made from (never the held-out probe): where combinations are fitted.
+    fit_probe = build_probe(
+        model,
+        (probe_inputs, probe_labels),
+        [cfg.conv_layer],
+        backend.encoder,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+    )
+    multi = multi_concept_metrics(
+        conv_round, cfg.conv_layer, fit_probe, probe, backend.encoder, list(default.concepts), seed=cfg.seed
+    )
+    lap("multi_concept")
+    untrained = train_classifier(dataclasses.replace(cfg, epochs=0), train_set)
+    random_recording = collect_top_k(
+        untrained,
+        loader,
+        [cfg.conv_layer],
+        cfg.top_k,
+        reservoir_size=cfg.reservoir_size,
+        seed=cfg.seed,
+        show_progress=False,
+    )
+    random_round = explain_recording(
+        untrained, random_recording, source, backend, default, explain_cfg, class_names=class_names
+    )
+    random_probe = build_probe(
+        untrained, (eval_inputs, eval_labels), [cfg.conv_layer], image_mean=IMAGE_MEAN, image_std=IMAGE_STD
+    )
+    random_probe.image_embeddings = probe.image_embeddings
+    sanity = randomisation_check(conv_round, random_round, cfg.conv_layer, probe, random_probe, backend.encoder)
+    lap("randomisation_check")
 
     general_texts = list(general.concepts)
     default_texts = list(default.concepts)
@@ -297,19 +349,29 @@ def run_benchmark(
     generic_general = generic_concepts(backend.encoder, general_texts, probe.image_embeddings, n=5)
     generic_default = generic_concepts(backend.encoder, default_texts, probe.image_embeddings, n=5)
     generic_classes = generic_concepts(backend.encoder, class_names, probe.image_embeddings, n=5)
+    generic_phrases = generic_concepts(backend.encoder, phrases, probe.image_embeddings, n=5) if phrases else []
+    ceiling = {"names": zero_shot_accuracy(backend.encoder, probe.image_embeddings, eval_labels, class_names)}
+    if phrases is not None:
+        ceiling["phrases"] = zero_shot_accuracy(backend.encoder, probe.image_embeddings, eval_labels, phrases)
 
     def merged(head: ExplanationRound, conv: ExplanationRound) -> ExplanationRound:
         units = [*head.layer(cfg.final_layer), *conv.layer(cfg.conv_layer)]
         return ExplanationRound(epoch=head.epoch, units=units, meta=dict(head.meta))
 
-    rounds: dict[str, tuple[ExplanationRound, ExplanationRound]] = {
-        "embedded": (class_round, merged(general_round, conv_round)),
+    def by_phrase(make: Callable[[ExplanationRound], ExplanationRound]) -> ExplanationRound | None:
+        return None if phrase_round is None else make(phrase_round)
+
+    assert phrases is not None or phrase_round is None
+    phrase_texts = phrases or []
+    rounds: dict[str, tuple[ExplanationRound, ExplanationRound, ExplanationRound | None]] = {
+        "embedded": (class_round, merged(general_round, conv_round), phrase_round),
         "random": (
             random_baseline(class_round, class_names, seed=cfg.seed),
             merged(
                 random_baseline(general_round, general_texts, seed=cfg.seed),
                 random_baseline(conv_round, default_texts, seed=cfg.seed),
             ),
+            by_phrase(lambda r: random_baseline(r, phrase_texts, seed=cfg.seed)),
         ),
         "constant": (
             constant_baseline(class_round, generic_classes[0], generic_classes[1:]),
@@ -317,6 +379,7 @@ def run_benchmark(
                 constant_baseline(general_round, generic_general[0], generic_general[1:]),
                 constant_baseline(conv_round, generic_default[0], generic_default[1:]),
             ),
+            by_phrase(lambda r: constant_baseline(r, generic_phrases[0], generic_phrases[1:])),
         ),
         "label": (
             label_baseline(class_round, recording.labels, class_names),
@@ -324,10 +387,11 @@ def run_benchmark(
                 label_baseline(general_round, recording.labels, class_names),
                 label_baseline(conv_round, recording.labels, class_names),
             ),
+            by_phrase(lambda r: label_baseline(r, recording.labels, phrase_texts)),
         ),
     }
     result: dict[str, Any] = {}
-    for method, (by_class, by_general) in rounds.items():
+    for method, (by_class, by_general, by_phrases) in rounds.items():
         metrics = evaluate_round(
             model,
             by_general,
@@ -341,6 +405,9 @@ def run_benchmark(
         metrics.update(
             {f"final_{k}": v for k, v in final_layer_accuracy(by_class, cfg.final_layer, class_names).items()}
         )
+        if by_phrases is not None:
+            accuracies = final_layer_accuracy(by_phrases, cfg.final_layer, phrase_texts)
+            metrics.update({f"final_phrase_{k}": v for k, v in accuracies.items()})
         head = by_general.layer(cfg.final_layer)
         metrics["examples"] = {
             "head": {class_names[u.unit]: u.description for u in head[:6]},
@@ -351,6 +418,9 @@ def run_benchmark(
         }
     lap("evaluate")
 
+    result["encoder_ceiling"] = ceiling
+    result["embedded_multi"] = multi
+    result["sanity"] = sanity
     result["checks"] = _checks(result)
     result["setup"] = {
         **{k: v for k, v in asdict(cfg).items() if k != "backend_kwargs"},
@@ -369,6 +439,121 @@ def run_benchmark(
         "timings_s": timings,
     }
     return _rounded(result)
+
+
+def _layer_simulation(
+    round: ExplanationRound, layer: str, probe: Any, encoder: ImageTextEncoder, overrides: dict[int, Tensor]
+) -> float:
+    """Mean simulation of a layer's units on ``probe``; ``overrides`` replaces some units' description embedding."""
+    units = round.layer(layer)
+    texts = encoder.encode_texts([u.description for u in units])
+    for row, unit in enumerate(units):
+        if unit.unit in overrides:
+            texts[row] = overrides[unit.unit]
+    acts = probe.activations[layer][:, [u.unit for u in units]]
+    return float(simulation_scores(acts, probe.image_embeddings, texts).mean())
+
+
+def multi_concept_metrics(
+    round: ExplanationRound,
+    layer: str,
+    fit_probe: Any,
+    eval_probe: Any,
+    encoder: ImageTextEncoder,
+    concepts: Sequence[str],
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fit multi-concept explanations on the explaining samples; score single and multi simulation held out.
+
+    Returns:
+        ``{"simulation_single", "simulation", "kept", "examples"}``: mean held-out simulation with the single
+        descriptions and with the kept combinations in their place, the share of units whose combination was
+        kept, and a few combinations as text.
+    """
+    concept_embeddings = encoder.encode_texts(list(concepts))
+    kept = explain_combinations(
+        round, layer, fit_probe.activations[layer], fit_probe.image_embeddings, concepts, concept_embeddings, seed=seed
+    )
+    index = {text: i for i, text in enumerate(concepts)}
+    overrides = {
+        unit: combination_embedding([(index[a.text], a.score) for a in combo], concept_embeddings)
+        for unit, combo in kept.items()
+    }
+    units = round.layer(layer)
+    return {
+        "simulation_single": _layer_simulation(round, layer, eval_probe, encoder, {}),
+        "simulation": _layer_simulation(round, layer, eval_probe, encoder, overrides),
+        "kept": len(kept) / max(1, len(units)),
+        "examples": {str(u): format_combination(c) for u, c in list(kept.items())[:6]},
+    }
+
+
+def randomisation_check(
+    trained: ExplanationRound,
+    untrained: ExplanationRound,
+    layer: str,
+    probe: Any,
+    random_probe: Any,
+    encoder: ImageTextEncoder,
+    *,
+    quantile: float = 0.9,
+) -> dict[str, Any]:
+    """The model-randomisation check and the diversity of the descriptions, for one layer.
+
+    The same network with random weights is explained like the trained one. Its units' explanation scores
+    (AUC of the description over the unit's top crops against control crops) calibrate a threshold, the
+    ``quantile`` of the random network's scores; ``trained_confident`` is the share of trained units above it
+    (a tool that is as sure about random units as about trained ones misleads). Simulation on the held-out probe
+    is reported for both networks (a random network should sit near 0).
+    """
+    trained_units, random_units = trained.layer(layer), untrained.layer(layer)
+    random_scores = torch.tensor([u.score for u in random_units])
+    threshold = float(random_scores.quantile(quantile))
+    return {
+        "threshold": threshold,
+        "trained_confident": sum(u.score > threshold for u in trained_units) / max(1, len(trained_units)),
+        "trained_score": sum(u.score for u in trained_units) / max(1, len(trained_units)),
+        "random_score": float(random_scores.mean()),
+        "trained_simulation": _layer_simulation(trained, layer, probe, encoder, {}),
+        "random_simulation": _layer_simulation(untrained, layer, random_probe, encoder, {}),
+        **{
+            f"{name}_{k}": float(v)
+            for name, units in (("trained", trained_units), ("random", random_units))
+            for k, v in description_diversity(units).items()
+            if k in ("distinct", "top_share")
+        },
+        "trained_top_description": description_diversity(trained_units)["top"],
+    }
+
+
+def description_diversity(units: Sequence[Any]) -> dict[str, Any]:
+    """Distinct descriptions, the share of the most frequent one and that description.
+
+    Example:
+        >>> from lightning_neurons.results import UnitExplanation
+        >>> description_diversity([UnitExplanation("l", i, None, d, 0.5) for i, d in enumerate("aab")])
+        {'units': 3, 'distinct': 2, 'top_share': 0.6667, 'top': 'a'}
+    """
+    counts = Counter(u.description for u in units)
+    top, count = counts.most_common(1)[0] if counts else ("", 0)
+    return {"units": len(units), "distinct": len(counts), "top_share": round(count / max(1, len(units)), 4), "top": top}
+
+
+def zero_shot_accuracy(
+    encoder: ImageTextEncoder, image_embeddings: Tensor, labels: Tensor, texts: Sequence[str]
+) -> float:
+    """Per-crop zero-shot accuracy of the encoder: the share of images whose nearest text is their class's.
+
+    This is the ceiling of every explanation made with that encoder: a unit's description can only be as right
+    as the encoder's reading of the crops it is read from.
+
+    Example:
+        >>> zero_shot_accuracy(encoder, probe.image_embeddings, labels, ["cat", "moon"])  # doctest: +SKIP
+        0.62
+    """
+    texts_emb = encoder.encode_texts(list(texts)).to(image_embeddings)
+    return float(((image_embeddings @ texts_emb.T).argmax(dim=1) == labels.to(image_embeddings.device)).float().mean())
 
 
 def run_benchmark_seeds(
@@ -422,9 +607,18 @@ def run_benchmark_seeds(
         result[method] = {
             m: sum(run[method][m] for run in runs) / len(runs) for m in metrics if all(m in run[method] for run in runs)
         }
+    for part, keys in (("encoder_ceiling", None), ("embedded_multi", ("simulation_single", "simulation", "kept"))):
+        result[part] = {key: sum(run[part][key] for run in runs) / len(runs) for key in (keys or runs[0][part])}
+    numeric = [k for k, v in runs[0]["sanity"].items() if isinstance(v, float)]
+    result["sanity"] = {key: sum(run["sanity"][key] for run in runs) / len(runs) for key in numeric}
     result["checks"] = _checks(result)
     result["checks_every_seed"] = {
-        metric: {base_: all(run["checks"][metric][base_] for run in runs) for base_ in BASELINES_TO_BEAT}
+        metric: {
+            base_: None
+            if any(run["checks"][metric][base_] is None for run in runs)
+            else all(run["checks"][metric][base_] for run in runs)
+            for base_ in BASELINES_TO_BEAT
+        }
         for metric in HEADLINE_METRICS
     }
     result["per_seed"] = per_seed

@@ -1,0 +1,47 @@
+"""Multi-concept explanations: a planted combination is recovered, and kept only when it simulates better."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_neurons.explanation.multi_concept import (
+    combination_embedding,
+    explain_combinations,
+    fit_combination,
+    format_combination,
+)
+from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
+
+
+def _space(n: int = 200, c: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(n, c, generator=gen), dim=-1)
+    return images, torch.eye(c)  # concept j is axis j, so sim(image, concept j) = image[:, j]
+
+
+def test_fit_combination_recovers_a_planted_sparse_combination() -> None:
+    images, concepts = _space()
+    acts = 3 * images[:, 2] + 1 * images[:, 7] + 0.01 * torch.randn(len(images), generator=torch.Generator())
+    pairs = fit_combination(acts, images @ concepts.T, max_concepts=3)
+    assert [i for i, _ in pairs[:2]] == [2, 7]
+    assert abs(pairs[0][1] / pairs[1][1] - 3) < 0.3 and all(w >= 0 for _, w in pairs)
+    assert fit_combination(torch.ones(len(images)), images) == []  # a constant unit has nothing to explain
+
+
+def test_a_combination_is_kept_only_where_it_beats_the_description_held_out() -> None:
+    images, concepts = _space()
+    texts = [f"c{j}" for j in range(concepts.shape[0])]
+    acts = torch.stack([images[:, 0] + images[:, 1], images[:, 3]], dim=1)  # unit 0: two concepts; unit 1: one
+    rnd = ExplanationRound(
+        epoch=0,
+        units=[UnitExplanation("l", 0, 0, "c0", 0.9), UnitExplanation("l", 1, 0, "c3", 0.9)],
+    )
+    kept = explain_combinations(rnd, "l", acts, images, texts, concepts)
+    assert list(kept) == [0]
+    assert {a.text for a in kept[0][:2]} == {"c0", "c1"}
+    assert format_combination(kept[0][:2]).count("+") == 1
+    emb = combination_embedding([(0, 1.0), (1, 1.0)], concepts)
+    assert torch.equal(emb[:2], torch.ones(2))
+    assert (
+        format_combination([Alternative("stripes", 1.0), Alternative("zebra", 1.0)]) == "stripes (0.50) + zebra (0.50)"
+    )
