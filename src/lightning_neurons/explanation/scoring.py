@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -203,7 +203,7 @@ def score_layer(
     control_sims: Tensor,
     correction: Correction = "control",
     num_alternatives: int = 4,
-    **correction_options: float,
+    **correction_options: Any,
 ) -> LayerScores:
     """Pick each unit's description and alternatives and score them.
 
