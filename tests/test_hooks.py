@@ -195,6 +195,10 @@ def test_forward_fn_is_used_by_recording_probe_and_ablation():
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     with pytest.raises((TypeError, IndexError)):
         collect_top_k(model, loader, "model.head", top_k=2, show_progress=False)
+    taps = LayerTaps(model, "model.head")
+    with pytest.raises(ValueError, match="pass forward_fn="):  # the set-up check says what to do
+        check_layer_outputs(model, taps, x[:4])
+    assert check_layer_outputs(model, taps, x[:4], forward_fn=forward_fn) == {"model.head": "linear"}
     rec = collect_top_k(model, loader, "model.head", top_k=2, show_progress=False, forward_fn=forward_fn)
     plain = collect_top_k(model.model, loader, "head", top_k=2, show_progress=False)
     assert torch.equal(rec.layers["model.head"].sample_ids, plain.layers["head"].sample_ids)

@@ -421,7 +421,8 @@ def check_layer_outputs(
     Raises:
         ValueError: Listing every layer whose output is a tuple/dict without a selector (or a selector that does
             not apply), has an unsupported rank (e.g. 5-D), a token count that is no square grid under
-            ``token_mode``, a first dimension that is not the batch, or that did not run at all.
+            ``token_mode``, a first dimension that is not the batch, or that did not run at all; or, when the
+            forward itself fails, saying how the model was run (and suggesting ``forward_fn``).
 
     Example:
         >>> import torch
@@ -448,6 +449,20 @@ def check_layer_outputs(
         model.eval()
         with torch.no_grad():
             run_model(model, prepare_inputs(model, inputs), forward_fn)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward: say how the model is run
+        how = "forward_fn(model, images)" if forward_fn is not None else "model(images)"
+        hint = (
+            ""
+            if forward_fn is not None
+            else (
+                "; if its forward does not take the images, pass forward_fn=lambda module, images: ... "
+                "(e.g. module.model(pixel_values=images))"
+            )
+        )
+        raise ValueError(
+            f"running {how} on one batch of probe inputs {tuple(inputs.shape)} failed with "
+            f"{type(err).__name__}: {err}{hint}"
+        ) from err
     finally:
         for handle in handles:
             handle.remove()
