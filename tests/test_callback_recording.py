@@ -23,6 +23,11 @@ class FailingEncoder(StatsEncoder):
         raise RuntimeError("explanation exploded")
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # logger-less trainers write their neurons/ folder into the working directory
+
+
 def Explainer(**kwargs):
     """The real callback, session, pipeline and writers, with a cheap real encoder."""
     kwargs.setdefault("backend", cheap_backend())

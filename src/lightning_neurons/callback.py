@@ -282,7 +282,7 @@ class NeuronExplainer(Callback):
 
         if self._recorder is not None:
             self._recorder.detach()
-        self._disabled = bool(trainer.fast_dev_run)
+        self._disabled = bool(getattr(trainer, "fast_dev_run", False))
         if self._disabled:
             rank_zero_info(f"NeuronExplainer[{self.identity}]: fast_dev_run is on, so no round is explained")
             return
@@ -486,14 +486,20 @@ class NeuronExplainer(Callback):
             loader = _probe_loader(trainer)
         except RuntimeError:
             return  # no validation loader yet: the recorder's own checks apply at the first recorded batch
-        batch = next(iter(loader), None)
-        if batch is None:
-            return
-        inputs = batch_inputs(batch, self.config.recording.input_key).to(pl_module.device)
-        taps = LayerTaps(
-            pl_module, self._recorder.layers, self.config.recording.output_selector, self.config.recording.token_mode
-        )
-        check_layer_outputs(pl_module, taps, inputs, forward_fn=self.config.recording.forward_fn)
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        # Starting a DataLoader iterator draws from the global RNG: keep training's random stream untouched.
+        with torch.random.fork_rng(devices=devices):
+            batch = next(iter(loader), None)
+            if batch is None:
+                return
+            inputs = batch_inputs(batch, self.config.recording.input_key).to(pl_module.device)
+            taps = LayerTaps(
+                pl_module,
+                self._recorder.layers,
+                self.config.recording.output_selector,
+                self.config.recording.token_mode,
+            )
+            check_layer_outputs(pl_module, taps, inputs, forward_fn=self.config.recording.forward_fn)
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording) -> None:
         """Explain a recording on every rank (each takes its share); rank 0 writes. Failures warn or raise."""

@@ -230,7 +230,7 @@ def _history(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from lightning_neurons.logging.report import write_report
 
-    limit = {} if args.max_units is None else {"max_units": args.max_units or None}
+    limit: dict[str, Any] = {} if args.max_units is None else {"max_units": args.max_units or None}
     path = write_report(args.run_dir, args.output, **limit)
     print(f"wrote {path}")
     return 0

@@ -77,7 +77,9 @@ class RecordingConfig:
         if isinstance(self.layers, str):
             return self.layers
         if callable(self.layers):
-            return getattr(self.layers, "__qualname__", None) or type(self.layers).__name__
+            label = getattr(self.layers, "__qualname__", None) or type(self.layers).__name__
+            code = getattr(self.layers, "__code__", None)  # two lambdas of one function differ by their line
+            return f"{label}@{code.co_firstlineno}" if code is not None else label
         return ",".join(self.layers)
 
     def recorder_kwargs(self) -> dict[str, Any]:
@@ -365,7 +367,7 @@ class RunConfig:
             output=OutputConfig(
                 name=name,
                 history_dir=str(history_dir) if history_dir is not None else None,
-                log_units=tuple(log_units) if isinstance(log_units, (list, tuple)) else log_units,
+                log_units=tuple(log_units) if isinstance(log_units, (list, tuple)) else log_units,  # type: ignore[arg-type]
                 show_progress=show_progress,
             ),
             schedule=ScheduleConfig(

@@ -233,7 +233,7 @@ def load_blip_captioner(
         path = _checked_path(source)
         processor = BlipProcessor.from_pretrained(path, cache_dir=cache_dir)
         model = BlipForConditionalGeneration.from_pretrained(path, cache_dir=cache_dir, dtype=dtype)
-        return model.to(dev).eval(), processor
+        return model.to(dev).eval(), processor  # type: ignore[arg-type]
 
     try:
         model, processor = cached_model(("blip", source, str(dev), str(dtype), str(cache_dir)), build)
@@ -289,7 +289,7 @@ def load_text_generator(
             extra["gguf_file"] = gguf_file
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-        return model.to(dev).eval(), tokenizer
+        return model.to(dev).eval(), tokenizer  # type: ignore[arg-type]
 
     key = ("causal_lm", source, gguf_file, str(dev), str(dtype), str(cache_dir))
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -171,12 +172,12 @@ class PhotoPatchesDataModule(pl.LightningDataModule):
         self.classes = list(classes or PHOTO_CLASSES)
 
     def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
+        hp = _HParams(self.hparams)
         self.train_set = PhotoPatches(self.classes, hp.train_per_class, hp.image_size, seed=hp.seed)
         self.val_set = PhotoPatches(self.classes, hp.val_per_class, hp.image_size, seed=hp.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
+        hp = _HParams(self.hparams)
         dataset = self.train_set
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if hp.swap and epoch >= hp.swap_from_epoch:
@@ -184,4 +185,15 @@ class PhotoPatchesDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=hp.batch_size, shuffle=hp.shuffle, num_workers=hp.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        hp = _HParams(self.hparams)
+        return DataLoader(self.val_set, batch_size=hp.batch_size, num_workers=hp.num_workers)
+
+
+class _HParams:
+    """Attribute access to saved hyperparameters (typed as a mapping by Lightning)."""
+
+    def __init__(self, hparams: Any) -> None:
+        self._hparams = hparams
+
+    def __getattr__(self, name: str) -> Any:
+        return self._hparams[name]
