@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,13 @@ def _tsv_cell(value: Any) -> str:
     return re.sub(r"[\t\r\n]+", " ", str(value)).strip() or "–"
 
 
-def concept_vectors(units: Sequence[UnitExplanation]) -> tuple[Tensor, list[str]]:
+def concept_vectors(units: Sequence[UnitExplanation], max_concepts: int = 256) -> tuple[Tensor, list[str]]:
     """Concept-score vectors of ``units`` over the union of their description and alternative concepts.
+
+    Args:
+        units: The units of one map.
+        max_concepts: Keep the concepts that most units scored (ties alphabetical), so that a large layer with
+            thousands of distinct concepts gives a compact tensor file.
 
     Returns:
         ``[len(units), len(concepts)]`` scores (0 where a unit did not score a concept) and the concepts.
@@ -71,26 +77,31 @@ def concept_vectors(units: Sequence[UnitExplanation]) -> tuple[Tensor, list[str]
         >>> concepts, vectors.tolist()
         (['dots', 'mesh'], [[0.30000001192092896, 0.10000000149011612]])
     """
-    concepts = sorted({t for u in units for t in [u.description, *(a.text for a in u.alternatives)] if t})
+    counts = Counter(t for u in units for t in {u.description, *(a.text for a in u.alternatives)} if t)
+    concepts = sorted(sorted(counts, key=lambda c: (-counts[c], c))[:max_concepts])
     index = {c: i for i, c in enumerate(concepts)}
     out = torch.zeros(len(units), max(len(concepts), 1))
     for row, u in enumerate(units):
-        if u.description:
-            out[row, index[u.description]] = float(u.concept_score)
         for a in u.alternatives:
-            out[row, index[a.text]] = max(float(out[row, index[a.text]]), float(a.score))
+            if a.text in index:
+                out[row, index[a.text]] = max(float(out[row, index[a.text]]), float(a.score))
+        if u.description in index:
+            out[row, index[u.description]] = float(u.concept_score)
     return out, concepts
 
 
 def _thumbnails(output: RoundOutput, units: Sequence[UnitExplanation], size: int) -> Tensor:
     """``[N, 3, size, size]`` float thumbnails of the units' top crops (grey without a preview)."""
     thumbs = torch.full((len(units), 3, size, size), _BLANK)
+    by_shape: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
     for row, u in enumerate(units):
         previews = output.round.previews.get(u.key)
-        if previews is None or previews.numel() == 0:
-            continue
-        crop = previews[0].float().unsqueeze(0) / 255.0
-        thumbs[row] = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+        if previews is not None and previews.numel() > 0:
+            by_shape.setdefault(tuple(previews.shape[1:]), []).append((row, previews[0]))
+    for group in by_shape.values():  # crops of one size are resized in one call
+        rows = [r for r, _ in group]
+        crops = torch.stack([c for _, c in group]).float() / 255.0
+        thumbs[rows] = torch.nn.functional.interpolate(crops, size=(size, size), mode="bilinear", antialias=True)
     return thumbs.clamp(0, 1)
 
 
@@ -98,10 +109,10 @@ def _sprite(thumbs: Tensor) -> np.ndarray:
     """Tile thumbnails row-major into the square sprite the projector expects (``uint8 [H, W, 3]``)."""
     n, _, size, _ = thumbs.shape
     side = max(1, math.ceil(math.sqrt(n)))
-    sprite = torch.zeros(3, side * size, side * size)
-    for i in range(n):
-        r, c = divmod(i, side)
-        sprite[:, r * size : (r + 1) * size, c * size : (c + 1) * size] = thumbs[i]
+    tiles = torch.zeros(side * side, 3, size, size)
+    tiles[:n] = thumbs
+    # [side*side, 3, s, s] -> [side, side, 3, s, s] -> [3, side, s, side, s] -> [3, side*s, side*s]
+    sprite = tiles.reshape(side, side, 3, size, size).permute(2, 0, 3, 1, 4).reshape(3, side * size, side * size)
     return (sprite * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 

@@ -43,9 +43,7 @@ def _import_wandb() -> Any:
     try:
         import wandb
     except ImportError as err:  # pragma: no cover - the dev extra installs it
-        raise ImportError(
-            "WandbRoundWriter needs the wandb package: pip install 'lightning-neurons[wandb]'"
-        ) from err
+        raise ImportError("WandbRoundWriter needs the wandb package: pip install 'lightning-neurons[wandb]'") from err
     return wandb
 
 

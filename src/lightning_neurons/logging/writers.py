@@ -57,6 +57,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning_neurons.logging.base import RoundWriter
 from lightning_neurons.logging.tensorboard import _WRITER_METHODS, LogUnits, NeuronTensorBoardLogger
 
+
 def _rank() -> int:
     # Lightning sets it in every process (the ``rank_zero_experiment`` properties read the same value).
     return int(getattr(rank_zero_only, "rank", 0))
