@@ -163,8 +163,15 @@ def validation_pass(
 
 
 def recorder_bound(units_per_layer: list[int], k: int, merge_rows: int, batch: int, reservoir: int) -> int:
-    """The recorder's documented memory bound (recording/recorder.py), buffers plus pending candidate chunks."""
-    return sum(u * k * 28 + (merge_rows + batch) * (u * 12 + 16) for u in units_per_layer) + 28 * reservoir
+    """The recorder's documented memory bound (recording/topk.py), buffers plus pending candidate chunks; the
+    pending rows of a layer are capped by ``DEFAULT_MAX_PENDING_BYTES``."""
+    from lightning_neurons.recording.topk import DEFAULT_MAX_PENDING_BYTES
+
+    total = 28 * reservoir
+    for u in units_per_layer:
+        rows = min(merge_rows, max(1, DEFAULT_MAX_PENDING_BYTES // (12 * u)))
+        total += u * k * 28 + (rows + batch) * (u * 12 + 16)
+    return total
 
 
 def event_bytes(directory: Path) -> int:
