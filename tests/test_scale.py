@@ -46,7 +46,6 @@ def test_summarize_layer_epochs_equals_summarize_layer_per_epoch(seed, stable_ro
 
 def _history(units: int, epochs: int):
     from _rounds import bow_embed
-
     from lightning_neurons.drift.history import RunHistory
     from lightning_neurons.results import ExplanationRound, UnitExplanation
 
