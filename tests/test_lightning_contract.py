@@ -137,11 +137,13 @@ def test_two_explainers_write_their_own_folders_prefixes_and_state(tmp_path):
     t = trainer(tmp_path, [a, b])
     t.fit(Tiny(), *loaders())
     run = Path(t.log_dir)
-    assert load_history(run / "neurons-features.2").layers == ["features.2"]
-    assert load_history(run / "neurons-head").layers == ["head"]
-    assert (run / "neurons-features.2" / "report.html").is_file() and (run / "neurons-head" / "report.html").is_file()
-    assert table_steps(run, "neurons-head/head/table") == [0, 1]
-    assert table_steps(run, "neurons-features.2/features.2/table") == [0, 1]
+    assert a.identity == "features.2-stats-general" and b.identity == "head-stats-general"
+    fa, fb = run / f"neurons-{a.identity}", run / f"neurons-{b.identity}"
+    assert load_history(fa).layers == ["features.2"] and load_history(fb).layers == ["head"]
+    assert (fa / "report.html").is_file() and (fb / "report.html").is_file()
+    assert a.outputs()["History"] == fa / "history.jsonl"
+    assert table_steps(run, f"neurons-{b.identity}/head/table") == [0, 1]
+    assert table_steps(run, f"neurons-{a.identity}/features.2/table") == [0, 1]
     assert a.state_key != b.state_key
 
 
@@ -169,7 +171,7 @@ def test_resume_with_changed_layers_warns_and_continues_the_common_layers(tmp_pa
     history = load_history(tmp_path / "neurons")
     assert history.epochs == [0, 1, 2]
     assert [r.key[2] for r in history.records if r.key[:2] == ("head", 0)] == [0, 1, 2]
-    assert history.get("head", 0, 2).previous_epoch == 1  # drift continued across the resume
+    assert history.get("head", 0, 2).drift.previous_epoch == 1  # drift continued across the resume
 
 
 # ---------------------------------------------------------------------- failing early
@@ -288,5 +290,5 @@ def test_validate_with_ckpt_path_files_the_round_under_the_checkpoints_epoch(tmp
     after = load_history(run)
     assert after.epochs == [0, 1, 2]  # the later history is kept
     for unit in range(3):
-        assert after.get("head", unit, 1).description == cb.rounds[-1].get("head", unit).description
-        assert after.get("head", unit, 2).description == before.get("head", unit, 2).description
+        assert after.get("head", unit, 1).explanation.description == cb.rounds[-1].get("head", unit).description
+        assert after.get("head", unit, 2).explanation.description == before.get("head", unit, 2).explanation.description

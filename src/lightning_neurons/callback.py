@@ -233,6 +233,7 @@ class NeuronExplainer(Callback):
         self._outputs_checked = False
         self._val_passes = 0
         self._pass_index = 0
+        self._keep_history = False
         self._run_config: RunConfig = self.config
 
     def __getattr__(self, name: str) -> Any:
@@ -339,6 +340,7 @@ class NeuronExplainer(Callback):
     # ------------------------------------------------------------------ recording
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run one validation batch through the chosen layers, so that an unsupported output fails before step 0."""
+        self._claim_output()
         self._check_outputs(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -351,6 +353,7 @@ class NeuronExplainer(Callback):
         self._val_passes += 1
         if not self._should_record(trainer, index):
             return
+        self._claim_output()
         self._check_outputs(trainer, pl_module)
         self._recorder.world_size = trainer.world_size
         self._recorder.rank = trainer.global_rank
@@ -427,7 +430,9 @@ class NeuronExplainer(Callback):
         self._last_recording_explained = bool(state_dict.get("last_recording_explained", True))
         self._val_passes = int(state_dict.get("val_passes", 0))
         session_state = state_dict.get("session") or {}
-        if self.session is not None:
+        if self._keep_history:
+            self._keep_history = False
+        elif self.session is not None:
             self.session.load_state_dict(session_state)
         else:
             self._session_state = session_state
@@ -438,6 +443,10 @@ class NeuronExplainer(Callback):
         """Note the checkpoint's epoch; adopt this explainer's state when only its derived name changed."""
         epoch = checkpoint.get("epoch")
         self._checkpoint_epoch = int(epoch) if isinstance(epoch, int) else None
+        # validate(ckpt_path=...) re-explains an older checkpoint: keep the history this explainer already has.
+        self._keep_history = trainer.state.fn == TrainerFn.VALIDATING and self.session is not None and bool(
+            len(self.session.history)
+        )
         states = checkpoint.get("callbacks")
         if not isinstance(states, dict) or self.state_key in states:
             return
@@ -475,11 +484,22 @@ class NeuronExplainer(Callback):
         if self._recorder is not None:
             self._recorder.detach()
 
+    def _claim_output(self) -> None:
+        """After any checkpoint restore: never append to another run's history (rank 0 writes; others skip)."""
+        if self.session is None or not self.session.writes:
+            return
+        moved = self.session.claim_output(fresh_folder=not self._run_config.output.history_dir)
+        if moved is not None:
+            rank_zero_warn(
+                f"NeuronExplainer[{self.identity}]: the run folder already holds another run's history (no logger "
+                f"gives this run its own folder); this run writes to {moved}"
+            )
+
     def _check_outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the chosen layers' outputs on the first validation batch (once per run)."""
         if self._outputs_checked or self._recorder is None or self._disabled:
             return
-        from lightning_neurons.recording.hooks import LayerTaps, check_layer_outputs
+        from lightning_neurons.recording.hooks import check_layer_outputs
 
         self._outputs_checked = True
         try:
@@ -492,14 +512,8 @@ class NeuronExplainer(Callback):
             batch = next(iter(loader), None)
             if batch is None:
                 return
-            inputs = batch_inputs(batch, self.config.recording.input_key).to(pl_module.device)
-            taps = LayerTaps(
-                pl_module,
-                self._recorder.layers,
-                self.config.recording.output_selector,
-                self.config.recording.token_mode,
-            )
-            check_layer_outputs(pl_module, taps, inputs, forward_fn=self.config.recording.forward_fn)
+            inputs = batch_inputs(batch, self.config.recording.input_key)
+            check_layer_outputs(pl_module, self._recorder.taps, inputs, forward_fn=self.config.recording.forward_fn)
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording) -> None:
         """Explain a recording on every rank (each takes its share); rank 0 writes. Failures warn or raise."""
@@ -520,7 +534,15 @@ class NeuronExplainer(Callback):
             )
             pl_module.eval()
             with torch.no_grad():
-                rnd = self.session.explain(pl_module, recording, source, epoch=recording.epoch, step=step, share=share)
+                rnd = self.session.explain(
+                    pl_module,
+                    recording,
+                    source,
+                    epoch=recording.epoch,
+                    step=step,
+                    share=share,
+                    keep_later=trainer.state.fn == TrainerFn.VALIDATING,
+                )
             self.rounds.append(rnd)
             self._publish_metrics(trainer)
         except Exception as err:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_neurons.results import dumps_strict
+
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, FileNotFoundError, KeyError, ImportError)
 
 
@@ -203,11 +205,11 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"epoch {rnd.epoch}: {len(rnd)} units explained")
         for unit in rnd.units[:5]:
             print(f"  {unit.layer}[{unit.unit}] {unit.description!r} (score {unit.score:.2f})")
-        if rnd.meta.get("evaluation"):
-            methods = {"explanations": rnd.meta["evaluation"], **rnd.meta.get("evaluation_baselines", {})}
+        if rnd.evaluation is not None:
+            methods = {"explanations": rnd.evaluation.metrics, **rnd.evaluation.baselines}
             for name, values in methods.items():
                 metrics = {k: round(v, 4) for k, v in values.items() if isinstance(v, (int, float))}
-                print(f"  evaluation ({name}): " + json.dumps(metrics))
+                print(f"  evaluation ({name}): " + dumps_strict(metrics))
     print(f"outputs: {Path(args.output_dir).resolve()}")
     return 0
 
@@ -243,16 +245,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             rnd = evaluate_run(args.run_dir, checkpoint=args.checkpoint, data_args=json.loads(args.data_args))
+        evaluation = rnd.evaluation
         result = {
             "epoch": rnd.epoch,
-            "evaluation": rnd.meta.get("evaluation", {}),
-            "baselines": rnd.meta.get("evaluation_baselines", {}),
+            "evaluation": evaluation.metrics if evaluation is not None else {},
+            "baselines": evaluation.baselines if evaluation is not None else {},
         }
     else:
         from lightning_neurons.evaluation import run_benchmark_seeds
 
         result = run_benchmark_seeds(args.seeds)
-    text = json.dumps(result, indent=1)
+    text = dumps_strict(result, indent=1)
     if args.output:
         Path(args.output).write_text(text)
     print(text)

@@ -350,8 +350,8 @@ class RunConfig:
             seed=seed,
             show_progress=show_progress,
         )
-        if forward_fn is not None and "forward_fn" in {f.name for f in dataclasses.fields(ExplainConfig)}:
-            explain = dataclasses.replace(explain, forward_fn=forward_fn)  # type: ignore[call-arg]
+        if forward_fn is not None:
+            explain = dataclasses.replace(explain, forward_fn=forward_fn)
         return cls(
             recording=recording,
             backend=BackendConfig(
@@ -392,13 +392,11 @@ def _evaluation_config(recording: RecordingConfig, explain: ExplainConfig) -> Ev
         target_key=recording.target_key,
         seed=recording.seed,
     )
-    optional = {f.name for f in dataclasses.fields(config)}
-    extra: dict[str, Any] = {}
-    if "output_selector" in optional and recording.output_selector:
-        extra["output_selector"] = dict(recording.output_selector)
-    if "forward_fn" in optional and recording.forward_fn is not None:
-        extra["forward_fn"] = recording.forward_fn
-    return dataclasses.replace(config, **extra) if extra else config
+    return dataclasses.replace(
+        config,
+        output_selector=dict(recording.output_selector) if recording.output_selector else None,
+        forward_fn=recording.forward_fn,
+    )
 
 
 def _check(ok: bool, message: str) -> None:

@@ -328,9 +328,9 @@ def evaluate_run(
     cli.datamodule.setup("validate")
     explainer = explainers[0]
     target = Path(output_dir if output_dir is not None else run / "evaluation")
-    settings = explainer.config.with_output(target).with_evaluation(True)
+    run_settings = explainer.config.with_output(target).with_evaluation(True)
     loader = cli.datamodule.val_dataloader()
-    session = open_session(settings, loader, target)
+    session = open_session(run_settings, loader, target)
     try:
         return explain_with(session, cli.model.eval(), loader, epoch=epoch)
     finally:

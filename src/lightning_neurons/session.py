@@ -65,6 +65,7 @@ class ExplanationSession:
         self.output_dir: Path | None = None
         self.writers: list[RoundWriter] = []
         self.last_output: RoundOutput | None = None
+        self._foreign = False
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -106,11 +107,48 @@ class ExplanationSession:
             PermissionError: If ``output_dir`` cannot be created or written (checked now, not after a round).
         """
         directory = Path(output_dir)
-        if self.writes:
-            _check_writable(directory)
-            self.history.attach(directory / HISTORY_FILENAME)
         self.output_dir = directory
         self.writers = list(writers)
+        if not self.writes:
+            return
+        _check_writable(directory)
+        existing = directory / HISTORY_FILENAME
+        # Another run's history, and nothing restored (yet): attach only once claim_output decides.
+        self._foreign = not len(self.history) and existing.is_file() and existing.stat().st_size > 0
+        if not self._foreign:
+            self.history.attach(existing)
+
+    def claim_output(self, *, fresh_folder: bool) -> Path | None:
+        """Make sure this run does not append to another run's history (call after any checkpoint restore).
+
+        Args:
+            fresh_folder: When the folder holds another run's history, write into a new sibling folder
+                (``neurons_1``, ...) instead of refusing.
+
+        Returns:
+            The new folder when one was chosen, else ``None``.
+
+        Raises:
+            FileExistsError: If the folder holds another run's history and ``fresh_folder`` is off.
+        """
+        if not self._foreign or self.output_dir is None:
+            return None
+        self._foreign = False
+        if len(self.history):  # a checkpoint restored this run's history: it continues that file
+            self.history.attach(self.output_dir / HISTORY_FILENAME)
+            return None
+        if not fresh_folder:
+            raise FileExistsError(
+                f"{self.output_dir / HISTORY_FILENAME} holds another run's history; a new run does not append to "
+                "it: pass another history_dir, remove the folder, or resume that run from its checkpoint"
+            )
+        n = 1
+        while (self.output_dir.parent / f"{self.output_dir.name}_{n}" / HISTORY_FILENAME).exists():
+            n += 1
+        self.output_dir = self.output_dir.parent / f"{self.output_dir.name}_{n}"
+        _check_writable(self.output_dir)
+        self.history.attach(self.output_dir / HISTORY_FILENAME)
+        return self.output_dir
 
     def tensorboard_writer(self, summary_writer: Any) -> RoundWriter:
         """A TensorBoard round writer on ``summary_writer`` with this run's unit selection and metrics."""
@@ -137,6 +175,7 @@ class ExplanationSession:
         epoch: int | None = None,
         step: int | None = None,
         share: WorkShare | None = None,
+        keep_later: bool = False,
     ) -> ExplanationRound:
         """Explain a recording, then record and log the round (history, writers, previews, report).
 
@@ -147,6 +186,8 @@ class ExplanationSession:
             epoch: The key the round is filed under (default ``recording.epoch``).
             step: The step the loggers file the round under (default: the key).
             share: This rank's share of the work under DDP (``None``: one process does everything).
+            keep_later: The round re-explains an earlier epoch: replace it in the history and keep the later
+                epochs (``trainer.validate(ckpt_path=...)``) instead of rewinding the timeline.
 
         Raises:
             RuntimeError: If :meth:`setup` did not run.
@@ -178,7 +219,7 @@ class ExplanationSession:
                 rnd.meta["evaluation_baselines"] = rnd.evaluation.baselines
         rnd.meta.setdefault("timings", {})["total_s"] = round(time.perf_counter() - start, 3)
         if self.writes:
-            self._write(rnd, key if key is not None else 0, step)
+            self._write(rnd, key if key is not None else 0, step, keep_later)
         return rnd
 
     def _evaluate(
@@ -237,11 +278,14 @@ class ExplanationSession:
                 )
         return RoundEvaluation(self.backend.name, metrics, baselines)
 
-    def _write(self, rnd: ExplanationRound, key: int, step: int | None) -> None:
+    def _write(self, rnd: ExplanationRound, key: int, step: int | None, keep_later: bool = False) -> None:
         if self.output_dir is None:
             return
         assert self.backend is not None
-        drift = self.history.add_round(rnd, self.backend.encode_descriptions, epoch=key)
+        if self._foreign:  # post hoc into a folder the caller named: continue (and replace) its epochs there
+            self._foreign = False
+            self.history.attach(self.output_dir / HISTORY_FILENAME)
+        drift = self.history.add_round(rnd, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
         output = RoundOutput(
             round=rnd,
             drift=drift,
@@ -280,7 +324,7 @@ class ExplanationSession:
         """Inverse of :meth:`state_dict`; re-attaches the history file when the session is already open."""
         if "history" in state:
             self.history.load_state_dict(state["history"])
-            if self.output_dir is not None and self.writes:
+            if self.output_dir is not None and self.writes and not self._foreign:
                 self.history.attach(self.output_dir / HISTORY_FILENAME)
 
     def teardown(self) -> None:
@@ -294,9 +338,7 @@ class ExplanationSession:
                 if callable(flush):
                     flush()
         self.writers = []
-        detach = getattr(self.history, "detach", None)
-        if callable(detach):
-            detach()
+        self.history.close()  # releases the history file's lock
         self.output_dir = None
         self.backend = None
         self.concepts = None

@@ -18,6 +18,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     top_sample_ids        list   probe-sample ids of the top activations, best first
     ablation              list?  [{"class": str, "drop": float}, ...] classes hurt most when the unit is zeroed
                                  (only for units the ablation check ran on; absent in older files)
+    combination           list?  [{"text": str, "score": float}, ...] multi-concept explanation, concept and weight
+                                 (only for units whose combination was kept; absent otherwise)
     previous_epoch        int?   the unit's previous explained epoch (null on its first)
     previous_description  str?   the description at previous_epoch
     similarity            float? cosine similarity of the two descriptions' text embeddings
@@ -25,6 +27,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     jaccard               float? Jaccard index of the two top-k sample-id sets
     score_delta           float? score minus the previous score
     threshold             float  change threshold used
+    revisit               bool?  true when the round re-explains an earlier epoch and keeps the later ones
+                                 (``trainer.validate(ckpt_path=...)`` of an older checkpoint); absent otherwise
     round_id              str    which write of a round the record belongs to (absent in older files)
     round_index           int    the record's position in that round, 0 .. round_size - 1
     round_size            int    records in that round
@@ -113,10 +117,13 @@ class HistoryRecord:
     Args:
         explanation: The unit's explanation, trimmed to what the history keeps (no boxes, no activations).
         drift: Its drift against the unit's previous explained epoch.
+        revisit: The record re-explains an earlier epoch (``trainer.validate(ckpt_path=...)`` of an older
+            checkpoint): reading it replaces that epoch only and keeps the later ones.
     """
 
     explanation: UnitExplanation
     drift: UnitDrift
+    revisit: bool = False
 
     @property
     def key(self) -> Key:
@@ -139,6 +146,11 @@ class HistoryRecord:
             "alternatives": [{"text": a.text, "score": _finite(a.score)} for a in e.alternatives],
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
             "ablation": None if not e.ablation else [{"class": c, "drop": _finite(v)} for c, v in e.ablation],
+            **(
+                {"combination": [{"text": a.text, "score": _finite(a.score)} for a in e.combination]}
+                if e.combination
+                else {}
+            ),
             "previous_epoch": d.previous_epoch,
             "previous_description": d.previous_description,
             "similarity": _finite(d.similarity),
@@ -146,6 +158,7 @@ class HistoryRecord:
             "jaccard": _finite(d.jaccard),
             "score_delta": _finite(d.score_delta),
             "threshold": d.threshold,
+            **({"revisit": True} if self.revisit else {}),
         }
 
     @classmethod
@@ -179,9 +192,10 @@ class HistoryRecord:
             source=str(data.get("source", "concept")),
             top_sample_ids=[int(i) for i in data.get("top_sample_ids", [])],
             ablation=[(str(a["class"]), num_or_nan(a["drop"])) for a in data.get("ablation") or []] or None,
+            combination=[Alternative(a["text"], num_or_nan(a["score"])) for a in data.get("combination") or []] or None,
         )
         drift = UnitDrift.from_dict({**data, "score": explanation.score})
-        return cls(explanation=explanation, drift=drift)
+        return cls(explanation=explanation, drift=drift, revisit=bool(data.get("revisit", False)))
 
 
 def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
@@ -198,6 +212,7 @@ def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
         source=u.source,
         top_sample_ids=[int(i) for i in u.top_sample_ids],
         ablation=[(str(c), float(v)) for c, v in u.ablation] if u.ablation else None,
+        combination=[Alternative(a.text, float(a.score)) for a in u.combination] if u.combination else None,
     )
 
 
@@ -337,7 +352,9 @@ class RunHistory:
         return lines
 
     # ------------------------------------------------------------------ updates
-    def add_round(self, round: ExplanationRound, embed: EmbedFn, epoch: int | None = None) -> list[UnitDrift]:
+    def add_round(
+        self, round: ExplanationRound, embed: EmbedFn, epoch: int | None = None, *, keep_later: bool = False
+    ) -> list[UnitDrift]:
         """Add one explanation round, compute its drift, and append it to the JSON Lines file.
 
         Idempotent per epoch: adding an epoch again replaces its records. Adding an epoch earlier than the latest
@@ -348,6 +365,8 @@ class RunHistory:
             embed: Batched text embedder for description similarity, e.g. ``backend.encode_descriptions``;
                 called at most once per round, only for descriptions that differ from the previous ones.
             epoch: Overrides ``round.epoch`` (needed when it is ``None``, e.g. post hoc).
+            keep_later: Replace only this epoch and keep the later ones (a re-explained older checkpoint,
+                ``trainer.validate(ckpt_path=...)``) instead of rewinding the timeline.
 
         Returns:
             One :class:`UnitDrift` per unit of the round, in round order.
@@ -363,18 +382,19 @@ class RunHistory:
             raise ValueError("the round has no epoch; pass epoch= to RunHistory.add_round")
         ep = int(ep)
         later = [e for e in self.epochs if e > ep]
-        if later:
+        if later and not keep_later:
             warnings.warn(
                 f"adding epoch {ep} discards the later history epochs {later} (resumed from an earlier checkpoint?)",
                 stacklevel=2,
             )
-        kept = {k: r for k, r in self._records.items() if k[2] < ep}
+        revisit = keep_later and bool(later)
+        kept = {k: r for k, r in self._records.items() if (k[2] != ep if revisit else k[2] < ep)}
         previous: dict[tuple[str, int], UnitExplanation] = {}
-        for r in sorted(kept.values(), key=lambda r: r.key[2]):
+        for r in sorted((r for r in kept.values() if r.key[2] < ep), key=lambda r: r.key[2]):
             previous[r.key[:2]] = r.explanation
         units = [_trim(u, ep) for u in round.units]
         drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep)
-        new = [HistoryRecord(u, d) for u, d in zip(units, drifts)]
+        new = [HistoryRecord(u, d, revisit=revisit) for u, d in zip(units, drifts)]
         if self.path is not None:
             self._append(new)  # first on disk: a failed write leaves memory as it was too
         self._records = {**kept, **{rec.key: rec for rec in new}}
@@ -478,7 +498,9 @@ class RunHistory:
         last_epoch: int | None = None
         for r in records:
             ep = r.key[2]
-            if ep != last_epoch:
+            if ep != last_epoch and r.revisit:  # a re-explained older epoch: replace it, keep the later ones
+                self._records = {k: v for k, v in self._records.items() if k[2] != ep}
+            elif ep != last_epoch:
                 self._records = {k: v for k, v in self._records.items() if k[2] < ep}
             self._records[r.key] = r
             last_epoch = ep

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_neurons.backends.base import Backend, ImageTextEncoder
+from lightning_neurons.concepts.concept_set import ConceptSet
 from lightning_neurons.explanation.ablation import HurtMeasure, ablate_units
 from lightning_neurons.explanation.describe import describe_units
 from lightning_neurons.explanation.scoring import (
@@ -62,6 +63,7 @@ from lightning_neurons.regions import (
     unit_thresholds,
 )
 from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
+from lightning_neurons.sharing import WorkShare
 
 
 @dataclass
@@ -197,6 +199,7 @@ def explain_recording(
     *,
     epoch: int | None = None,
     class_names: Sequence[str] | None = None,
+    share: WorkShare | None = None,
 ) -> ExplanationRound:
     """Explain every recorded unit with the best concept of a vocabulary, scored against control crops.
 
@@ -205,11 +208,13 @@ def explain_recording(
         recording: Top-k samples per unit and the reservoir (see :func:`~lightning_neurons.collect_top_k`).
         source: Gives the probe samples back by id.
         backend: A :class:`~lightning_neurons.Backend` (or just an image-text encoder).
-        concepts: Candidate concepts: a list of strings, a ``(texts, embeddings)`` pair, or a vocabulary object
+        concepts: Candidate concepts: a :class:`~lightning_neurons.concepts.concept_set.ConceptSet`, a list of
+            strings, a ``(texts, embeddings)`` pair, or a vocabulary object
             with an ``embed(encoder)`` method (its cached embeddings are used).
         config: Settings (defaults: :class:`ExplainConfig`).
         epoch: Epoch stamped on the results (default: ``recording.epoch``).
         class_names: Names of the class indices, for the ablation check.
+        share: This rank's share of the crop embedding under DDP (``None``: this process embeds every crop).
 
     Returns:
         The :class:`~lightning_neurons.ExplanationRound`, with ``meta`` (counts, timings, correction) and
@@ -292,7 +297,13 @@ def explain_recording(
     ctrl_bank, ctrl_boxes = _control_crops(res_ids, ids_dev, all_boxes, image_size, cfg)
     jobs_bank = torch.cat([crop_bank, ctrl_bank])
     jobs_boxes = torch.cat([crop_boxes, ctrl_boxes.to(device)])
-    embeddings = _embed_crops(encoder, bank, jobs_bank, jobs_boxes, cfg)
+    if share is not None and share.world_size > 1:
+        # DDP: each rank embeds one contiguous chunk of the crops; one gather gives every rank all embeddings.
+        part = share.chunk(jobs_bank.numel())
+        local = _embed_crops(encoder, bank, jobs_bank[part.start : part.stop], jobs_boxes[part.start : part.stop], cfg)
+        embeddings = share.gather_rows(local, jobs_bank.numel())
+    else:
+        embeddings = _embed_crops(encoder, bank, jobs_bank, jobs_boxes, cfg)
     timings["embed_crops"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     texts, text_emb = _concept_embeddings(concepts, encoder, cfg.encoder_batch_size)
@@ -548,7 +559,9 @@ def _concept_embeddings(concepts: Any, encoder: ImageTextEncoder, batch_size: in
     """Texts and L2-normalised embeddings of the candidate concepts (duck-typed vocabulary objects cache them)."""
     if isinstance(concepts, str):
         raise TypeError("concepts must be a list of strings (or a vocabulary), not a single string")
-    if isinstance(concepts, tuple) and len(concepts) == 2 and isinstance(concepts[1], Tensor):
+    if isinstance(concepts, ConceptSet):
+        texts, emb = list(concepts.texts), concepts.embeddings
+    elif isinstance(concepts, tuple) and len(concepts) == 2 and isinstance(concepts[1], Tensor):
         texts, emb = [str(t) for t in concepts[0]], concepts[1]
     elif hasattr(concepts, "embed"):
         result = concepts.embed(encoder)
@@ -697,7 +710,7 @@ def _describe(
         valid = sub_index >= 0
         top_sims = sims[:num_unique][sub_index.clamp_min(0)]
         control = sims[num_unique:]
-        extra = {"temperature": cfg.wpmi_temperature} if cfg.correction == "soft_wpmi" else {}
+        extra: dict[str, Any] = {"temperature": cfg.wpmi_temperature} if cfg.correction == "soft_wpmi" else {}
         if cfg.correction == "soft_wpmi":
             # p(c) of soft-WPMI is a mean over the layer's units: score all of them with the phrases added.
             full_index = crop_index[name]
