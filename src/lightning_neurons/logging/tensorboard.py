@@ -12,6 +12,9 @@ Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
   second explained epoch on).
 - ``<prefix>/<layer>/mean_score``, ``<prefix>/<layer>/fraction_changed``, ``<prefix>/<layer>/mean_similarity``
   (scalars; the last two from the second explained epoch on).
+- ``<prefix>/<layer>/stable_units``, ``<prefix>/<layer>/dead_units`` and, with ``evaluate=True``,
+  ``evaluation/<method>/<metric>`` (scalars written by :meth:`NeuronTensorBoardLogger.write_round`, the
+  :class:`~lightning_neurons.logging.base.RoundWriter` call; names in :mod:`lightning_neurons.logging.metrics`).
 
 Per-unit tags are written for the ``log_units`` selection only, so that big layers do not flood the dashboard; the
 table always lists every unit. TensorBoard's text plugin stores text tags with a ``/text_summary`` suffix.
