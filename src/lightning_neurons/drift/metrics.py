@@ -280,6 +280,91 @@ def is_stable(timeline: Sequence[UnitDrift], rounds: int = DEFAULT_STABLE_ROUNDS
     return len(compared) >= rounds and not any(d.changed for d in compared[-rounds:])
 
 
+@dataclass(frozen=True)
+class UnitStability:
+    """A unit's running stability up to one of its explained epochs: all a summary needs of its past.
+
+    Advancing it record by record along a timeline gives, at every epoch, what :func:`first_stable_epoch` and
+    :func:`is_stable` compute from the whole past, in O(1) per record (the history keeps one per record, so a
+    round's summary costs the round's units, not the run's length).
+
+    Args:
+        first_epoch: The unit's first explained epoch.
+        last_change: The epoch of its last change of meaning (``None`` when it never changed).
+        run: Compared records since the last compared change (the unit is stable for ``N`` rounds when ``run >= N``).
+
+    Example:
+        >>> t = [UnitDrift("fc", 0, e, "x", 0.5, previous_epoch=e - 1 if e else None, changed=e == 1) for e in range(4)]
+        >>> state = None
+        >>> for d in t:
+        ...     state = UnitStability.advance(state, d)
+        >>> (state.first_stable_epoch, state.run, state.is_stable(2))
+        (1, 2, True)
+    """
+
+    first_epoch: int
+    last_change: int | None = None
+    run: int = 0
+
+    @classmethod
+    def advance(cls, state: UnitStability | None, d: UnitDrift) -> UnitStability:
+        """The state after ``d``, the unit's next record in epoch order (``state`` ``None`` before its first)."""
+        first = d.epoch if state is None else state.first_epoch
+        last_change = d.epoch if d.changed else (None if state is None else state.last_change)
+        run = 0 if state is None else state.run
+        if d.compared:
+            run = 0 if d.changed else run + 1
+        return cls(first, last_change, run)
+
+    @property
+    def first_stable_epoch(self) -> int:
+        """:func:`first_stable_epoch` of the timeline up to here."""
+        return self.last_change if self.last_change is not None else self.first_epoch
+
+    def is_stable(self, rounds: int = DEFAULT_STABLE_ROUNDS) -> bool:
+        """:func:`is_stable` of the timeline up to here."""
+        return self.run >= rounds
+
+    def to_list(self) -> list[int | None]:
+        """``[first_epoch, last_change, run]`` (plain JSON, for checkpoints)."""
+        return [self.first_epoch, self.last_change, self.run]
+
+    @classmethod
+    def from_list(cls, data: Sequence[Any]) -> UnitStability:
+        """Inverse of :meth:`to_list`."""
+        first, last, run = data
+        return cls(int(first), None if last is None else int(last), int(run))
+
+
+def summarize_units(
+    layer: str,
+    epoch: int,
+    units: Iterable[tuple[int, UnitDrift, UnitStability]],
+    stable_rounds: int = DEFAULT_STABLE_ROUNDS,
+) -> LayerDriftSummary:
+    """Summarise one layer at one epoch from its units' records there and their running stability.
+
+    Args:
+        layer: Layer name.
+        epoch: The epoch summarised.
+        units: ``(unit, drift at epoch, stability after it)`` of every unit explained at ``epoch``, in unit order.
+        stable_rounds: ``N`` for the "stable for the last N comparisons" count.
+
+    Example:
+        >>> d = UnitDrift("fc", 0, 0, "x", 0.6)
+        >>> summarize_units("fc", 0, [(0, d, UnitStability.advance(None, d))]).first_stable_epoch
+        {0: 0}
+    """
+    now: list[UnitDrift] = []
+    first_stable: dict[int, int] = {}
+    n_stable = 0
+    for unit, d, state in units:
+        now.append(d)
+        first_stable[unit] = state.first_stable_epoch
+        n_stable += state.is_stable(stable_rounds)
+    return _summary(layer, epoch, now, first_stable, n_stable, stable_rounds)
+
+
 def summarize_layer_epochs(
     layer: str,
     epochs: Sequence[int],
@@ -308,37 +393,19 @@ def summarize_layer_epochs(
         [(0, 1, 0), (1, 1, 1)]
     """
     wanted = sorted(set(int(e) for e in epochs))
-    now: dict[int, list[UnitDrift]] = {e: [] for e in wanted}
-    first_stable: dict[int, dict[int, int]] = {e: {} for e in wanted}
-    n_stable = dict.fromkeys(wanted, 0)
+    at: dict[int, list[tuple[int, UnitDrift, UnitStability]]] = {e: [] for e in wanted}
     for unit in sorted(timelines):
         timeline = timelines[unit]
-        # Running state over the timeline: the epoch of the last change (else the first epoch), and how many
-        # compared records came after the last compared change (stable when that run is >= stable_rounds).
-        first_epoch: int | None = None
-        last_change: int | None = None
-        run = 0
+        # Running state over the timeline (UnitStability), read off at each wanted epoch the unit was explained at.
+        state: UnitStability | None = None
         pos = 0
         for e in wanted:
-            last: UnitDrift | None = None
             while pos < len(timeline) and timeline[pos].epoch <= e:
-                d = timeline[pos]
-                if first_epoch is None:
-                    first_epoch = d.epoch
-                if d.changed:
-                    last_change = d.epoch
-                if d.compared:
-                    run = 0 if d.changed else run + 1
-                last = d
+                state = UnitStability.advance(state, timeline[pos])
                 pos += 1
-            if last is None and pos > 0:
-                last = timeline[pos - 1]
-            if last is None or last.epoch != e:
-                continue
-            now[e].append(last)
-            first_stable[e][unit] = last_change if last_change is not None else first_epoch  # type: ignore[assignment]
-            n_stable[e] += run >= stable_rounds
-    out = {e: _summary(layer, e, now[e], first_stable[e], n_stable[e], stable_rounds) for e in wanted}
+            if state is not None and timeline[pos - 1].epoch == e:
+                at[e].append((unit, timeline[pos - 1], state))
+    out = {e: summarize_units(layer, e, at[e], stable_rounds) for e in wanted}
     return [out[int(e)] for e in epochs]
 
 
