@@ -8,6 +8,7 @@ units 0 and 1 change meaning (red <-> green) and unit 2 keeps it (blue): drift w
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -64,8 +65,12 @@ def colour_model(permutation: list[int]) -> nn.Sequential:
     return model.eval()
 
 
-def explained_outputs(epochs: int = 2, prefix: str = "neurons") -> list[RoundOutput]:
-    """RoundOutputs of ``epochs`` real explanation rounds (epoch 1 on: channels red/green swapped)."""
+@lru_cache(maxsize=2)
+def explained_outputs(epochs: int = 2, prefix: str = "neurons") -> tuple[RoundOutput, ...]:
+    """RoundOutputs of ``epochs`` real explanation rounds (epoch 1 on: channels red/green swapped).
+
+    Cached: the logger and projector test modules share one pair of rounds (treat them as read-only).
+    """
     backend = Backend("colour", ColourEncoder())
     loader = DataLoader(ColourImages(), batch_size=12)
     history = RunHistory()
@@ -90,4 +95,4 @@ def explained_outputs(epochs: int = 2, prefix: str = "neurons") -> list[RoundOut
                 rnd, drift, history.summary(epoch), step=epoch, epoch=epoch, prefix=prefix, global_step=10 * (epoch + 1)
             )
         )
-    return outputs
+    return tuple(outputs)
