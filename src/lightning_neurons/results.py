@@ -99,6 +99,9 @@ class UnitExplanation:
         boxes: Region of each top sample the crop was cut from, ``(x0, y0, x1, y1)`` in input pixels.
         ablation: Classes hurt most when the unit is zeroed, as ``(class, drop)``: the drop of the class's mean
             true-class probability on the probe's reservoir samples (``ExplainConfig.ablation_measure``).
+        combination: A multi-concept explanation, ``[Alternative(concept, weight), ...]`` heaviest first (a
+            sparse non-negative combination fitted to the unit's activations, kept only where it predicts them
+            better than the description; :mod:`lightning_neurons.explanation.multi_concept`), or ``None``.
     """
 
     layer: str
@@ -114,6 +117,7 @@ class UnitExplanation:
     activations: list[float] = field(default_factory=list)
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     ablation: list[tuple[str, float]] | None = None
+    combination: list[Alternative] | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -136,6 +140,8 @@ class UnitExplanation:
         data["boxes"] = [tuple(b) for b in data.get("boxes", [])]
         if data.get("ablation") is not None:
             data["ablation"] = [(str(c), _nan(v)) for c, v in data["ablation"]]
+        if data.get("combination") is not None:
+            data["combination"] = [Alternative(a["text"], _nan(a["score"])) for a in data["combination"]]
         return cls(**data)
 
 

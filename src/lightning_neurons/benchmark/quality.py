@@ -98,6 +98,8 @@ class BenchmarkConfig:
         ablation_measure: Hurt measure of the ablation check (``"probability"``: drop of the mean true-class
             probability, the default; ``"accuracy"``: drop of per-class accuracy, steps of ``1/eval_per_class``).
         backend_kwargs: Keyword arguments of ``load_backend("embedded", ...)``.
+        multi_concept: Also fit multi-concept explanations of the conv block (``embedded_multi`` in the result).
+        randomisation_check: Also explain the same network with random weights (``sanity`` in the result).
     """
 
     classes: list[str] | None = None
@@ -118,6 +120,8 @@ class BenchmarkConfig:
     seed: int = 0
     ablation_measure: str = "probability"
     backend_kwargs: dict[str, Any] = field(default_factory=dict)
+    multi_concept: bool = True
+    randomisation_check: bool = True
 
 
 class MemoEncoder:
@@ -308,40 +312,44 @@ def run_benchmark(
         image_std=IMAGE_STD,
     )
     lap("encode_probe")
-    probe_inputs = torch.stack([probe_set[i][0] for i in range(len(probe_set))])
-    probe_labels = torch.tensor([probe_set[i][1] for i in range(len(probe_set))])
-    # The samples the explanations were made from (never the held-out probe): where combinations are fitted.
-    fit_probe = build_probe(
-        model,
-        (probe_inputs, probe_labels),
-        [cfg.conv_layer],
-        backend.encoder,
-        image_mean=IMAGE_MEAN,
-        image_std=IMAGE_STD,
-    )
-    multi = multi_concept_metrics(
-        conv_round, cfg.conv_layer, fit_probe, probe, backend.encoder, list(default.concepts), seed=cfg.seed
-    )
-    lap("multi_concept")
-    untrained = train_classifier(dataclasses.replace(cfg, epochs=0), train_set)
-    random_recording = collect_top_k(
-        untrained,
-        loader,
-        [cfg.conv_layer],
-        cfg.top_k,
-        reservoir_size=cfg.reservoir_size,
-        seed=cfg.seed,
-        show_progress=False,
-    )
-    random_round = explain_recording(
-        untrained, random_recording, source, backend, default, explain_cfg, class_names=class_names
-    )
-    random_probe = build_probe(
-        untrained, (eval_inputs, eval_labels), [cfg.conv_layer], image_mean=IMAGE_MEAN, image_std=IMAGE_STD
-    )
-    random_probe.image_embeddings = probe.image_embeddings
-    sanity = randomisation_check(conv_round, random_round, cfg.conv_layer, probe, random_probe, backend.encoder)
-    lap("randomisation_check")
+    multi: dict[str, Any] | None = None
+    sanity: dict[str, Any] | None = None
+    if cfg.multi_concept:
+        probe_inputs = torch.stack([probe_set[i][0] for i in range(len(probe_set))])
+        probe_labels = torch.tensor([probe_set[i][1] for i in range(len(probe_set))])
+        # The samples the explanations were made from (never the held-out probe): where combinations are fitted.
+        fit_probe = build_probe(
+            model,
+            (probe_inputs, probe_labels),
+            [cfg.conv_layer],
+            backend.encoder,
+            image_mean=IMAGE_MEAN,
+            image_std=IMAGE_STD,
+        )
+        multi = multi_concept_metrics(
+            conv_round, cfg.conv_layer, fit_probe, probe, backend.encoder, list(default.concepts), seed=cfg.seed
+        )
+        lap("multi_concept")
+    if cfg.randomisation_check:
+        untrained = train_classifier(dataclasses.replace(cfg, epochs=0), train_set)
+        random_recording = collect_top_k(
+            untrained,
+            loader,
+            [cfg.conv_layer],
+            cfg.top_k,
+            reservoir_size=cfg.reservoir_size,
+            seed=cfg.seed,
+            show_progress=False,
+        )
+        random_round = explain_recording(
+            untrained, random_recording, source, backend, default, explain_cfg, class_names=class_names
+        )
+        random_probe = build_probe(
+            untrained, (eval_inputs, eval_labels), [cfg.conv_layer], image_mean=IMAGE_MEAN, image_std=IMAGE_STD
+        )
+        random_probe.image_embeddings = probe.image_embeddings
+        sanity = randomisation_check(conv_round, random_round, cfg.conv_layer, probe, random_probe, backend.encoder)
+        lap("randomisation_check")
 
     general_texts = list(general.concepts)
     default_texts = list(default.concepts)
@@ -419,8 +427,10 @@ def run_benchmark(
     lap("evaluate")
 
     result["encoder_ceiling"] = ceiling
-    result["embedded_multi"] = multi
-    result["sanity"] = sanity
+    if multi is not None:
+        result["embedded_multi"] = multi
+    if sanity is not None:
+        result["sanity"] = sanity
     result["checks"] = _checks(result)
     result["setup"] = {
         **{k: v for k, v in asdict(cfg).items() if k != "backend_kwargs"},
@@ -608,9 +618,12 @@ def run_benchmark_seeds(
             m: sum(run[method][m] for run in runs) / len(runs) for m in metrics if all(m in run[method] for run in runs)
         }
     for part, keys in (("encoder_ceiling", None), ("embedded_multi", ("simulation_single", "simulation", "kept"))):
+        if part not in runs[0]:
+            continue
         result[part] = {key: sum(run[part][key] for run in runs) / len(runs) for key in (keys or runs[0][part])}
-    numeric = [k for k, v in runs[0]["sanity"].items() if isinstance(v, float)]
-    result["sanity"] = {key: sum(run["sanity"][key] for run in runs) / len(runs) for key in numeric}
+    if "sanity" in runs[0]:
+        numeric = [k for k, v in runs[0]["sanity"].items() if isinstance(v, float)]
+        result["sanity"] = {key: sum(run["sanity"][key] for run in runs) / len(runs) for key in numeric}
     result["checks"] = _checks(result)
     result["checks_every_seed"] = {
         metric: {
