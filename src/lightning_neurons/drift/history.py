@@ -27,6 +27,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     jaccard               float? Jaccard index of the two top-k sample-id sets
     score_delta           float? score minus the previous score
     threshold             float  change threshold used
+    revisit               bool?  true when the round re-explains an earlier epoch and keeps the later ones
+                                 (``trainer.validate(ckpt_path=...)`` of an older checkpoint); absent otherwise
     round_id              str    which write of a round the record belongs to (absent in older files)
     round_index           int    the record's position in that round, 0 .. round_size - 1
     round_size            int    records in that round
@@ -68,7 +70,6 @@ import math
 import os
 import uuid
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,9 @@ from lightning_neurons.drift.metrics import (
     EmbedFn,
     LayerDriftSummary,
     UnitDrift,
+    UnitStability,
     compare_units,
-    summarize_layer,
+    summarize_units,
 )
 from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation, dumps_strict
 
@@ -115,10 +117,13 @@ class HistoryRecord:
     Args:
         explanation: The unit's explanation, trimmed to what the history keeps (no boxes, no activations).
         drift: Its drift against the unit's previous explained epoch.
+        revisit: The record re-explains an earlier epoch (``trainer.validate(ckpt_path=...)`` of an older
+            checkpoint): reading it replaces that epoch only and keeps the later ones.
     """
 
     explanation: UnitExplanation
     drift: UnitDrift
+    revisit: bool = False
 
     @property
     def key(self) -> Key:
@@ -153,6 +158,7 @@ class HistoryRecord:
             "jaccard": _finite(d.jaccard),
             "score_delta": _finite(d.score_delta),
             "threshold": d.threshold,
+            **({"revisit": True} if self.revisit else {}),
         }
 
     @classmethod
@@ -189,7 +195,7 @@ class HistoryRecord:
             combination=[Alternative(a["text"], num_or_nan(a["score"])) for a in data.get("combination") or []] or None,
         )
         drift = UnitDrift.from_dict({**data, "score": explanation.score})
-        return cls(explanation=explanation, drift=drift)
+        return cls(explanation=explanation, drift=drift, revisit=bool(data.get("revisit", False)))
 
 
 def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
@@ -234,6 +240,18 @@ class RunHistory:
     path: Path | None = None
     _records: dict[Key, HistoryRecord] = field(default_factory=dict, repr=False)
     _lock: FileLock | None = field(default=None, repr=False, compare=False)
+    # Indexes kept in step with _records, so that every query costs what it returns and a round costs its units:
+    # epoch -> layer (first-seen order) -> unit -> record; layer -> unit -> epoch (ascending) -> record; the
+    # running stability after each record (for summaries); per epoch the id of the round written or read for it.
+    _by_epoch: dict[int, dict[str, dict[int, HistoryRecord]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _by_unit: dict[str, dict[int, dict[int, HistoryRecord]]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _stability: dict[Key, UnitStability] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _round_ids: dict[int, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _ordered: list[HistoryRecord] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -242,6 +260,9 @@ class RunHistory:
             raise ValueError(f"stable_rounds must be >= 1, got {self.stable_rounds}")
         if self.path is not None:
             self.path = Path(self.path)
+        given, self._records = self._records, {}
+        for record in sorted(given.values(), key=lambda r: r.key[2]):
+            self._insert(record)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -253,23 +274,30 @@ class RunHistory:
     @property
     def records(self) -> list[HistoryRecord]:
         """All records ordered by epoch, layer (first-seen order), unit."""
-        order = {name: i for i, name in enumerate(self.layers)}
-        return sorted(self._records.values(), key=lambda r: (r.key[2], order[r.key[0]], r.key[1]))
+        if self._ordered is None:
+            rank = {name: i for i, name in enumerate(self.layers)}
+            ordered: list[HistoryRecord] = []
+            for ep in sorted(self._by_epoch):
+                by_layer = self._by_epoch[ep]
+                for layer in sorted(by_layer, key=rank.__getitem__):
+                    units = by_layer[layer]
+                    ordered.extend(units[u] for u in sorted(units))
+            self._ordered = ordered
+        return list(self._ordered)
 
     @property
     def epochs(self) -> list[int]:
         """Explained epochs, ascending."""
-        return sorted({k[2] for k in self._records})
+        return sorted(self._by_epoch)
 
     @property
     def layers(self) -> list[str]:
         """Layer names in the order first seen (by epoch)."""
-        keys = sorted(self._records, key=lambda k: k[2])
-        return list(dict.fromkeys(k[0] for k in keys))
+        return list(dict.fromkeys(layer for ep in sorted(self._by_epoch) for layer in self._by_epoch[ep]))
 
     def units(self, layer: str) -> list[int]:
         """Units of ``layer`` explained at any epoch, ascending."""
-        return sorted({k[1] for k in self._records if k[0] == layer})
+        return sorted(self._by_unit.get(layer, {}))
 
     def get(self, layer: str, unit: int, epoch: int) -> HistoryRecord:
         """The record of one unit at one epoch.
@@ -287,28 +315,51 @@ class RunHistory:
 
     def timeline(self, layer: str, unit: int) -> list[HistoryRecord]:
         """One unit's records in epoch order."""
-        return sorted((r for k, r in self._records.items() if k[:2] == (layer, unit)), key=lambda r: r.key[2])
+        return list(self._by_unit.get(layer, {}).get(unit, {}).values())
+
+    def latest(self) -> list[HistoryRecord]:
+        """Every unit's latest record, by layer (first-seen order) then unit: what the next round's drift needs.
+
+        Example:
+            >>> RunHistory().latest()
+            []
+        """
+        return [
+            timeline[next(reversed(timeline))]
+            for layer in self.layers
+            for _, timeline in sorted(self._by_unit[layer].items())
+        ]
+
+    def _epoch_records(self, ep: int) -> list[tuple[str, dict[int, HistoryRecord]]]:
+        # (layer, unit -> record) of one epoch, layers in self.layers order.
+        by_layer = self._by_epoch.get(ep, {})
+        if len(by_layer) > 1:
+            rank = {name: i for i, name in enumerate(self.layers)}
+            return [(layer, by_layer[layer]) for layer in sorted(by_layer, key=rank.__getitem__)]
+        return list(by_layer.items())
 
     def drift(self, epoch: int | None = None) -> list[UnitDrift]:
         """Drift records of one epoch (default: all epochs), in :attr:`records` order."""
-        return [r.drift for r in self.records if epoch is None or r.key[2] == epoch]
+        if epoch is None:
+            return [r.drift for r in self.records]
+        return [units[u].drift for _, units in self._epoch_records(epoch) for u in sorted(units)]
 
     def summary(self, epoch: int | None = None) -> list[LayerDriftSummary]:
         """Per-layer drift summaries of one epoch (default: every explained epoch), by epoch then layer.
+
+        Each record keeps its unit's running stability (:class:`~lightning_neurons.drift.metrics.UnitStability`),
+        so a summary costs the units it summarises; it equals
+        :func:`~lightning_neurons.drift.metrics.summarize_layer_epochs` over the unit timelines.
 
         Example:
             >>> RunHistory().summary()
             []
         """
-        timelines: dict[str, dict[int, list[UnitDrift]]] = defaultdict(lambda: defaultdict(list))
-        for r in sorted(self._records.values(), key=lambda r: r.key[2]):
-            timelines[r.key[0]][r.key[1]].append(r.drift)
-        epochs = self.epochs if epoch is None else [epoch]
         out = []
-        for ep in epochs:
-            for layer in self.layers:
-                if any(k[0] == layer and k[2] == ep for k in self._records):
-                    out.append(summarize_layer(layer, ep, timelines[layer], self.stable_rounds))
+        for ep in self.epochs if epoch is None else [epoch]:
+            for layer, units in self._epoch_records(ep):
+                rows = ((u, units[u].drift, self._stability[(layer, u, ep)]) for u in sorted(units))
+                out.append(summarize_units(layer, ep, rows, self.stable_rounds))
         return out
 
     def format_summary(self) -> list[str]:
@@ -346,17 +397,22 @@ class RunHistory:
         return lines
 
     # ------------------------------------------------------------------ updates
-    def add_round(self, round: ExplanationRound, embed: EmbedFn, epoch: int | None = None) -> list[UnitDrift]:
+    def add_round(
+        self, round: ExplanationRound, embed: EmbedFn, epoch: int | None = None, *, keep_later: bool = False
+    ) -> list[UnitDrift]:
         """Add one explanation round, compute its drift, and append it to the JSON Lines file.
 
         Idempotent per epoch: adding an epoch again replaces its records. Adding an epoch earlier than the latest
-        one discards the later epochs with a warning (a resumed run rewinds the timeline).
+        one discards the later epochs with a warning (a resumed run rewinds the timeline). The cost is that of the
+        round's units (plus the epochs it discards), whatever the length of the history.
 
         Args:
             round: The round (``round.epoch`` is used unless ``epoch`` is given).
             embed: Batched text embedder for description similarity, e.g. ``backend.encode_descriptions``;
                 called at most once per round, only for descriptions that differ from the previous ones.
             epoch: Overrides ``round.epoch`` (needed when it is ``None``, e.g. post hoc).
+            keep_later: Replace only this epoch and keep the later ones (a re-explained older checkpoint,
+                ``trainer.validate(ckpt_path=...)``) instead of rewinding the timeline.
 
         Returns:
             One :class:`UnitDrift` per unit of the round, in round order.
@@ -371,23 +427,82 @@ class RunHistory:
         if ep is None:
             raise ValueError("the round has no epoch; pass epoch= to RunHistory.add_round")
         ep = int(ep)
-        later = [e for e in self.epochs if e > ep]
-        if later:
+        later = sorted(e for e in self._by_epoch if e > ep)
+        if later and not keep_later:
             warnings.warn(
                 f"adding epoch {ep} discards the later history epochs {later} (resumed from an earlier checkpoint?)",
                 stacklevel=2,
             )
-        kept = {k: r for k, r in self._records.items() if k[2] < ep}
-        previous: dict[tuple[str, int], UnitExplanation] = {}
-        for r in sorted(kept.values(), key=lambda r: r.key[2]):
-            previous[r.key[:2]] = r.explanation
+        revisit = keep_later and bool(later)
         units = [_trim(u, ep) for u in round.units]
+        previous: dict[tuple[str, int], UnitExplanation] = {}
+        for u in units:
+            timeline = self._by_unit.get(u.layer, {}).get(u.unit)
+            for e in reversed(timeline or {}):  # newest first; usually the first one is already before ep
+                if e < ep:
+                    previous[u.key] = timeline[e].explanation  # type: ignore[index]
+                    break
         drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep)
-        new = [HistoryRecord(u, d) for u, d in zip(units, drifts)]
-        if self.path is not None:
-            self._append(new)  # first on disk: a failed write leaves memory as it was too
-        self._records = {**kept, **{rec.key: rec for rec in new}}
+        new = [HistoryRecord(u, d, revisit=revisit) for u, d in zip(units, drifts)]
+        ids = self._append(new) if self.path is not None else []  # first on disk: a failed write changes nothing
+        self._start_round(ep, revisit)
+        for record in new:
+            self._insert(record)
+        self._round_ids.update(ids)
         return drifts
+
+    def _start_round(self, ep: int, revisit: bool) -> None:
+        # What a round of epoch ep replaces: that epoch (revisit) or that epoch and every later one (a rewind).
+        for e in [ep] if revisit else sorted((e for e in self._by_epoch if e >= ep), reverse=True):
+            self._remove_epoch(e)
+
+    def _insert(self, record: HistoryRecord, stability: UnitStability | None = None) -> None:
+        layer, unit, ep = record.key
+        self._ordered = None
+        self._records[record.key] = record
+        self._by_epoch.setdefault(ep, {}).setdefault(layer, {})[unit] = record
+        timeline = self._by_unit.setdefault(layer, {}).setdefault(unit, {})
+        newest = next(reversed(timeline), None)
+        if newest is None or newest < ep:  # the usual case: the unit's newest epoch
+            if stability is None:
+                before = None if newest is None else self._stability[(layer, unit, newest)]
+                stability = UnitStability.advance(before, record.drift)
+            timeline[ep] = record
+            self._stability[record.key] = stability
+            return
+        timeline[ep] = record  # an earlier epoch (a revisit) or a repeated unit: re-sort and recompute the unit
+        ordered = sorted(timeline.items())
+        timeline.clear()
+        timeline.update(ordered)
+        self._restate(layer, unit)
+
+    def _restate(self, layer: str, unit: int) -> None:
+        state: UnitStability | None = None
+        for ep, record in self._by_unit[layer][unit].items():
+            state = UnitStability.advance(state, record.drift)
+            self._stability[(layer, unit, ep)] = state
+
+    def _remove_epoch(self, ep: int) -> None:
+        self._ordered = None
+        self._round_ids.pop(ep, None)
+        for layer, units in self._by_epoch.pop(ep, {}).items():
+            per_unit = self._by_unit[layer]
+            for unit in units:
+                del self._records[(layer, unit, ep)]
+                del self._stability[(layer, unit, ep)]
+                timeline = per_unit[unit]
+                newest = next(reversed(timeline)) == ep
+                del timeline[ep]
+                if not timeline:
+                    del per_unit[unit]
+                elif not newest:
+                    self._restate(layer, unit)
+            if not per_unit:
+                del self._by_unit[layer]
+
+    def _clear(self) -> None:
+        self._records, self._by_epoch, self._by_unit, self._stability, self._round_ids = {}, {}, {}, {}, {}
+        self._ordered = None
 
     def attach(self, path: str | Path) -> None:
         """Write to ``path`` from now on, first bringing the file in line with this history.
@@ -417,9 +532,12 @@ class RunHistory:
                     stacklevel=2,
                 )
             return
-        if self.path.is_file() and _dicts(_read_jsonl(self.path)) == _dicts(self):
-            return
-        self._append(self.records)
+        if self.path.is_file():
+            on_disk = _read_jsonl(self.path)
+            if _dicts(on_disk) == _dicts(self):
+                self._round_ids = dict(on_disk._round_ids)  # the rounds this history is made of, in this file
+                return
+        self._round_ids = dict(self._append(self.records))
 
     def close(self) -> None:
         """Release the file lock taken by :meth:`attach` or the first write (the records stay in memory).
@@ -452,14 +570,15 @@ class RunHistory:
             return
         self._lock = lock
 
-    def _append(self, records: Iterable[HistoryRecord]) -> None:
+    def _append(self, records: Iterable[HistoryRecord]) -> list[tuple[int, str]]:
         # One write per call, then fsync: readers see each round complete (all its round_size records) or not at all.
+        # Returns (epoch, round id) of every round written.
         assert self.path is not None
         self._acquire()
-        rounds = _encode_rounds(records)
-        if not rounds:
-            return
-        data = b"".join(rounds)
+        encoded = _encode_rounds_with_ids(records)
+        if not encoded:
+            return []
+        data = b"".join(chunk for _, _, chunk in encoded)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size
@@ -474,27 +593,34 @@ class RunHistory:
                     os.fsync(fd)
                 raise HistoryWriteError(
                     err.errno or errno.EIO,
-                    f"{err.strerror or err} while writing {len(rounds)} history round(s); the file keeps the rounds "
-                    "before them",
+                    f"{err.strerror or err} while writing {len(encoded)} history round(s); the file keeps the "
+                    "rounds before them",
                     str(self.path),
                 ) from err
         finally:
             os.close(fd)
+        return [(ep, rid) for ep, rid, _ in encoded]
 
-    def _replay(self, records: Iterable[HistoryRecord]) -> None:
-        # File-order replay: each round (a run of records with one epoch) replaces its epoch and drops any later
-        # ones, exactly like add_round; for an uninterrupted run this is plain insertion.
-        last_epoch: int | None = None
-        for r in records:
-            ep = r.key[2]
-            if ep != last_epoch:
-                self._records = {k: v for k, v in self._records.items() if k[2] < ep}
-            self._records[r.key] = r
-            last_epoch = ep
+    def _replay(self, rounds: Iterable[tuple[str | None, list[HistoryRecord]]]) -> None:
+        # File-order replay in one pass: each round (round id, records of one epoch) replaces its epoch and drops
+        # any later ones, exactly like add_round; a revisit round replaces its epoch only. For an uninterrupted
+        # run this is plain insertion.
+        for rid, group in rounds:
+            if not group:
+                continue
+            ep = group[0].key[2]
+            self._start_round(ep, group[0].revisit)
+            for record in group:
+                self._insert(record)
+            if rid is not None:
+                self._round_ids[ep] = rid
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Plain-Python state for a Lightning checkpoint (the file path is not part of it)."""
+        """Plain-Python state holding every record (the file path is not part of it).
+
+        A checkpoint of a run whose history is in a file needs less: see :meth:`checkpoint_state`.
+        """
         return {
             "schema": SCHEMA_VERSION,
             "threshold": self.threshold,
@@ -502,19 +628,85 @@ class RunHistory:
             "records": [r.to_dict() for r in self.records],
         }
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a resumed run needs, without the history the attached file already holds.
+
+        The file's path and the ids of the rounds that make up this history (one per epoch), plus every unit's
+        latest record and running stability: :meth:`load_state_dict` reads the rounds back from the file, and
+        when the file is gone (a checkpoint moved to another machine) it keeps going from the latest records,
+        with a warning, so drift and summaries of later rounds are still exact. Its size is that of one round,
+        not of the whole run (:meth:`state_dict`: 100 rounds of 100k units are about 9 GB).
+
+        Falls back to :meth:`state_dict` for a history that is not attached to a file, or holds epochs that
+        came from an older file without round ids.
+
+        Example:
+            >>> RunHistory().checkpoint_state()["records"]  # memory only: the full state
+            []
+        """
+        epochs = self.epochs
+        if self.path is None or any(ep not in self._round_ids for ep in epochs):
+            return self.state_dict()
+        latest = self.latest()
+        return {
+            "schema": SCHEMA_VERSION,
+            "threshold": self.threshold,
+            "stable_rounds": self.stable_rounds,
+            "store": {
+                "path": str(self.path),
+                "rounds": [[ep, self._round_ids[ep]] for ep in epochs],
+                "records": len(self._records),
+            },
+            "latest": [r.to_dict() for r in latest],
+            "latest_stability": [self._stability[r.key].to_list() for r in latest],
+        }
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the records with those of :meth:`state_dict`.
+        """Replace the records with those of :meth:`state_dict` or :meth:`checkpoint_state`.
 
         The configured ``threshold`` and ``stable_rounds`` are kept (the restored records keep the threshold they
-        were computed with); a differing threshold is warned about.
+        were computed with); a differing threshold is warned about. A :meth:`checkpoint_state` is restored from
+        the file it names; when that file no longer holds its rounds, from each unit's latest record, with a
+        warning.
         """
         if "threshold" in state and not math.isclose(float(state["threshold"]), self.threshold):
             warnings.warn(
                 f"the restored history used change threshold {state['threshold']}; new rounds use {self.threshold}",
                 stacklevel=2,
             )
-        self._records = {}
-        self._replay(HistoryRecord.from_dict(d) for d in state.get("records", []))
+        self._clear()
+        if "store" in state:
+            self._load_store(state)
+            return
+        self._replay(_epoch_runs(HistoryRecord.from_dict(d) for d in state.get("records", [])))
+
+    def _load_store(self, state: Mapping[str, Any]) -> None:
+        store = state["store"]
+        path = Path(store["path"])
+        wanted = [(int(ep), str(rid)) for ep, rid in store["rounds"]]
+        found: dict[str, list[HistoryRecord]] = {}
+        if path.is_file():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # skipped lines belong to rounds this history does not use
+                found = {rid: group for rid, group in _read_rounds(path) if rid is not None}
+        missing = [ep for ep, rid in wanted if rid not in found]
+        if not missing:
+            self._replay((rid, found[rid]) for _, rid in wanted)
+            return
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        warnings.warn(
+            f"the checkpoint's history lives in {path}, which "
+            + ("does not hold the rounds of epochs " + shown if path.is_file() else "does not exist")
+            + f"; restored each unit's latest explanation only ({len(state.get('latest', []))} of "
+            f"{store.get('records', '?')} records): drift and summaries go on exactly, earlier epochs are not "
+            "restored (copy the history file with the checkpoint to keep them)",
+            stacklevel=3,
+        )
+        latest = [HistoryRecord.from_dict(d) for d in state.get("latest", [])]
+        stability = [UnitStability.from_list(s) for s in state.get("latest_stability", [])]
+        order = sorted(range(len(latest)), key=lambda i: latest[i].key[2])
+        for i in order:
+            self._insert(latest[i], stability[i] if i < len(stability) else None)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> RunHistory:
@@ -595,16 +787,21 @@ _CSV_COLUMNS = [
 ]
 
 
-def _encode_rounds(records: Iterable[HistoryRecord]) -> list[bytes]:
-    # Consecutive records of one epoch form a round; each record says which round it belongs to and where.
-    groups: list[list[HistoryRecord]] = []
+def _epoch_runs(records: Iterable[HistoryRecord]) -> list[tuple[str | None, list[HistoryRecord]]]:
+    # Consecutive records of one epoch form a round (records without round ids: state dicts, older files).
+    groups: list[tuple[str | None, list[HistoryRecord]]] = []
     for r in records:
-        if groups and groups[-1][0].key[2] == r.key[2]:
-            groups[-1].append(r)
+        if groups and groups[-1][1][0].key[2] == r.key[2]:
+            groups[-1][1].append(r)
         else:
-            groups.append([r])
+            groups.append((None, [r]))
+    return groups
+
+
+def _encode_rounds_with_ids(records: Iterable[HistoryRecord]) -> list[tuple[int, str, bytes]]:
+    # Each round gets a fresh id; each record says which round it belongs to and where.
     out = []
-    for group in groups:
+    for _, group in _epoch_runs(records):
         rid = uuid.uuid4().hex[:16]
         lines = [
             json.dumps(
@@ -615,8 +812,13 @@ def _encode_rounds(records: Iterable[HistoryRecord]) -> list[bytes]:
             + "\n"
             for i, r in enumerate(group)
         ]
-        out.append("".join(lines).encode("utf-8"))
+        out.append((group[0].key[2], rid, "".join(lines).encode("utf-8")))
     return out
+
+
+def _encode_rounds(records: Iterable[HistoryRecord]) -> list[bytes]:
+    # The bytes of each round as _append writes them (consecutive records of one epoch form a round).
+    return [chunk for _, _, chunk in _encode_rounds_with_ids(records)]
 
 
 def _write_atomic(path: Path, text: str) -> Path:
@@ -660,10 +862,11 @@ class _Round:
         )
 
 
-def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
-    records: list[HistoryRecord] = []
+def _read_rounds(path: Path, warn: bool = True) -> list[tuple[str | None, list[HistoryRecord]]]:
+    # Every complete round of the file in file order, as (round id, records); records of older files (no round
+    # ids) come in runs of one epoch with id None. Everything else is skipped, with one warning.
+    rounds: list[tuple[str | None, list[HistoryRecord]]] = []
     problems: list[str] = []
-    threshold = DEFAULT_CHANGE_THRESHOLD
     pending: _Round | None = None
     last_line = 0
 
@@ -693,13 +896,15 @@ def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
             record = HistoryRecord.from_dict(data)
             rid = data.get("round_id")
             index, size = (int(data["round_index"]), int(data["round_size"])) if rid is not None else (0, 0)
-            threshold = float(data.get("threshold", threshold))
         except (KeyError, TypeError, ValueError, AttributeError):
             problems.append(f"line {n} is not a history record")
             continue
         if rid is None:  # older files: no rounds, every record counts on its own
             drop_pending()
-            records.append(record)
+            if rounds and rounds[-1][0] is None and rounds[-1][1][-1].key[2] == record.key[2]:
+                rounds[-1][1].append(record)
+            else:
+                rounds.append((None, [record]))
             last_line = n
             continue
         if pending is None or pending.id != rid:
@@ -708,14 +913,20 @@ def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
         pending.records.setdefault(index, record)
         last_line = n
         if pending.complete and set(pending.records) == set(range(pending.size)):
-            records.extend(pending.records[i] for i in range(pending.size))
+            rounds.append((pending.id, [pending.records[i] for i in range(pending.size)]))
             pending = None
     drop_pending()
     if problems and warn:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        warnings.warn(f"{path}: skipped {shown} (every complete round is kept)", stacklevel=3)
-    history = RunHistory(threshold=threshold)
-    history._replay(records)
+        warnings.warn(f"{path}: skipped {shown} (every complete round is kept)", stacklevel=4)
+    return rounds
+
+
+def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
+    rounds = _read_rounds(path, warn)
+    threshold = next((group[-1].drift.threshold for _, group in reversed(rounds) if group), DEFAULT_CHANGE_THRESHOLD)
+    history = RunHistory(threshold=float(threshold))
+    history._replay(rounds)
     return history
 
 
