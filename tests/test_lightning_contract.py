@@ -292,3 +292,24 @@ def test_validate_with_ckpt_path_files_the_round_under_the_checkpoints_epoch(tmp
     for unit in range(3):
         assert after.get("head", unit, 1).explanation.description == cb.rounds[-1].get("head", unit).description
         assert after.get("head", unit, 2).explanation.description == before.get("head", unit, 2).explanation.description
+
+
+def test_sharded_strategies_are_refused_in_setup_not_left_to_hang(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    from lightning_neurons.callback import refuse_sharded_strategy
+
+    refuse_sharded_strategy(DDPStrategy())
+    with pytest.raises(ValueError, match="FSDPStrategy.*explain_checkpoints"):
+        refuse_sharded_strategy(FSDPStrategy())
+
+    class MyDeepSpeed(DeepSpeedStrategy):  # a subclass is sharded as well
+        def __init__(self):
+            pass
+
+    with pytest.raises(ValueError, match="DeepSpeedStrategy"):
+        refuse_sharded_strategy(MyDeepSpeed())
+    # NeuronExplainer.setup calls it first (FSDP itself needs a GPU, so the full fit cannot run on this CPU)
+    import inspect
+
+    assert "refuse_sharded_strategy(trainer.strategy)" in inspect.getsource(NeuronExplainer.setup)

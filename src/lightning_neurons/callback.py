@@ -283,6 +283,7 @@ class NeuronExplainer(Callback):
 
         if self._recorder is not None:
             self._recorder.detach()
+        refuse_sharded_strategy(trainer.strategy)
         self._disabled = bool(getattr(trainer, "fast_dev_run", False))
         if self._disabled:
             rank_zero_info(f"NeuronExplainer[{self.identity}]: fast_dev_run is on, so no round is explained")
@@ -678,6 +679,34 @@ def derived_name(config: RunConfig) -> str:
     return name
 
 
+#: Strategies that shard parameters across ranks: one rank cannot run the model alone on probe samples.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+def refuse_sharded_strategy(strategy: Any) -> None:
+    """Refuse strategies that shard the parameters (FSDP, DeepSpeed, model parallel), before anything runs.
+
+    The explanation stage runs the model on probe samples outside the Trainer's loops; with sharded parameters that
+    forward needs every rank in lock step inside the strategy's own collectives, which is not supported yet, and a
+    hang is worse than an error.
+
+    Raises:
+        ValueError: Naming the strategy and what to use instead.
+
+    Example:
+        >>> from lightning.pytorch.strategies import DDPStrategy
+        >>> refuse_sharded_strategy(DDPStrategy())
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    sharded = sorted(names.intersection(_SHARDED_STRATEGIES))
+    if sharded:
+        raise ValueError(
+            f"NeuronExplainer does not support {sharded[0]} (it shards the parameters, so the explanation forward "
+            "would need all ranks in lock step); use strategy='ddp' for the explained run, or explain a saved "
+            "checkpoint afterwards with lightning_neurons.explain_checkpoints / `lightning-neurons explain`"
+        )
+
+
 def _step_based(trainer: pl.Trainer) -> bool:
     """Validation every n training batches across epochs (``check_val_every_n_epoch=None``)."""
     return trainer.check_val_every_n_epoch is None
@@ -722,4 +751,4 @@ def _trainer_class_names(trainer: pl.Trainer) -> list[str] | None:
     return dataset_class_names(getattr(loader, "dataset", None))
 
 
-__all__ = ["NeuronExplainer", "derived_name"]
+__all__ = ["NeuronExplainer", "derived_name", "refuse_sharded_strategy"]
