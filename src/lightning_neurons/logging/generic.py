@@ -2,8 +2,8 @@
 
 Lightning's base ``Logger`` has no text or image API, so this writer logs the numbers of
 :func:`~lightning_neurons.logging.metrics.round_metrics` with ``logger.log_metrics`` and writes each layer's table
-as ``<output_dir>/tables/<layer>_epoch_<epoch>.csv`` into the run's ``neurons`` folder, beside the history, the
-crop previews and the HTML report that the session writes there anyway.
+as ``<output_dir>/tables/<layer>_epoch_<epoch>.csv`` (``_step_<step>`` under step-based validation) into the
+run's ``neurons`` folder, beside the history, the crop previews and the HTML report that the session writes there.
 
 Step axis: the trainer's global step (``output.global_step``, else ``output.step``), the step every other metric of
 such a logger is filed under, with the epoch as the value ``epoch`` (as Lightning itself logs it); a ``CSVLogger``
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics
-from lightning_neurons.logging.rows import layer_rows, rows_csv
+from lightning_neurons.logging.rows import layer_rows, round_label, rows_csv
 from lightning_neurons.logging.tensorboard import LogUnits, select_units
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class LoggerRoundWriter:
             if self.write_tables and output.output_dir is not None:
                 folder = output.output_dir / TABLES_DIRNAME
                 folder.mkdir(parents=True, exist_ok=True)
-                path = folder / f"{layer}_epoch_{output.epoch}.csv"
+                path = folder / f"{layer}_{round_label(output)}.csv"
                 tmp = path.with_suffix(".csv.tmp")
                 tmp.write_text(rows_csv(layer_rows(output, layer)))
                 tmp.replace(path)  # atomic: a reader never sees half a table

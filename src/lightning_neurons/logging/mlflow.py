@@ -7,7 +7,8 @@ Per round, on the run of a Lightning ``MLFlowLogger``:
   ..., ``evaluation/<method>/<metric>``), ``<prefix>/<layer>/<unit>/score`` and ``drift`` for the ``log_units``
   selection; the step is ``output.step`` (the epoch, as TensorBoard's), not Lightning's global step, so that
   the image slider and the charts count explained rounds;
-- artifacts ``<prefix>/<layer>/table_epoch_<epoch>.csv`` and ``.json``: every unit's row (see
+- artifacts ``<prefix>/<layer>/table_epoch_<epoch>.csv`` and ``.json`` (``table_step_<step>`` when rounds are filed by
+  global step): every unit's row (see
   :func:`~lightning_neurons.logging.rows.layer_rows`);
 - artifacts ``<prefix>/report.html`` and ``<prefix>/history.jsonl``: the session's HTML report and history, when
   ``output.output_dir`` holds them (replaced each round);
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics
 from lightning_neurons.logging.previews import preview_grid
-from lightning_neurons.logging.rows import hwc, layer_rows, rows_csv, rows_json
+from lightning_neurons.logging.rows import hwc, layer_rows, round_label, rows_csv, rows_json
 from lightning_neurons.logging.tensorboard import LogUnits, select_units
 
 if TYPE_CHECKING:
@@ -81,8 +82,8 @@ class MLflowRoundWriter:
         by_key = {(d.layer, d.unit): d for d in output.drift}
         for layer in output.round.layers:
             rows = layer_rows(output, layer)
-            client.log_text(run_id, rows_csv(rows), f"{prefix}/{layer}/table_epoch_{output.epoch}.csv")
-            client.log_text(run_id, rows_json(rows), f"{prefix}/{layer}/table_epoch_{output.epoch}.json")
+            client.log_text(run_id, rows_csv(rows), f"{prefix}/{layer}/table_{round_label(output)}.csv")
+            client.log_text(run_id, rows_json(rows), f"{prefix}/{layer}/table_{round_label(output)}.json")
             for unit in select_units(self.log_units, layer, [u.unit for u in output.round.layer(layer)]):
                 u = output.round.get(layer, unit)
                 if math.isfinite(u.score):

@@ -101,6 +101,19 @@ def rows_json(rows: list[dict[str, Any]]) -> str:
     return json.dumps({"columns": list(ROW_COLUMNS), "data": data}, indent=1, allow_nan=False)
 
 
+def round_label(output: RoundOutput) -> str:
+    """File-name label of a round: ``epoch_<epoch>``, or ``step_<step>`` when rounds are filed by global step.
+
+    Under step-based validation several rounds share an epoch; their files must not overwrite each other.
+
+    Example:
+        >>> from lightning_neurons.results import ExplanationRound
+        >>> round_label(RoundOutput(ExplanationRound(0), [], [], step=1200, epoch=3))
+        'step_1200'
+    """
+    return f"epoch_{output.epoch}" if output.step == output.epoch else f"step_{output.step}"
+
+
 def top_crop(output: RoundOutput, layer: str, unit: int) -> torch.Tensor | None:
     """The unit's best region crop (``uint8 [3, h, w]``) from the round's previews, or ``None`` without one."""
     previews = output.round.previews.get((layer, unit))
@@ -114,4 +127,4 @@ def hwc(image: torch.Tensor) -> Any:
     return image.detach().cpu().permute(1, 2, 0).contiguous().numpy()
 
 
-__all__ = ["ROW_COLUMNS", "hwc", "is_dead", "layer_rows", "rows_csv", "rows_json", "top_crop"]
+__all__ = ["ROW_COLUMNS", "hwc", "is_dead", "layer_rows", "round_label", "rows_csv", "rows_json", "top_crop"]
