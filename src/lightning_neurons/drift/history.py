@@ -65,12 +65,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import gc
 import json
 import math
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,21 @@ class HistoryRecord:
             ablation=[(str(a["class"]), num_or_nan(a["drop"])) for a in data.get("ablation") or []] or None,
             combination=[Alternative(a["text"], num_or_nan(a["score"])) for a in data.get("combination") or []] or None,
         )
-        drift = UnitDrift.from_dict({**data, "score": explanation.score})
+        get = data.get
+        drift = UnitDrift(  # built directly (not UnitDrift.from_dict): loading a long history makes millions
+            explanation.layer,
+            explanation.unit,
+            explanation.epoch,  # type: ignore[arg-type]
+            explanation.description,
+            explanation.score,
+            get("previous_epoch"),
+            get("previous_description"),
+            get("similarity"),
+            get("changed", False),
+            get("jaccard"),
+            get("score_delta"),
+            get("threshold", DEFAULT_CHANGE_THRESHOLD),
+        )
         return cls(explanation=explanation, drift=drift, revisit=bool(data.get("revisit", False)))
 
 
@@ -686,12 +701,13 @@ class RunHistory:
         wanted = [(int(ep), str(rid)) for ep, rid in store["rounds"]]
         found: dict[str, list[HistoryRecord]] = {}
         if path.is_file():
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _gc_paused():
                 warnings.simplefilter("ignore")  # skipped lines belong to rounds this history does not use
                 found = {rid: group for rid, group in _read_rounds(path) if rid is not None}
         missing = [ep for ep, rid in wanted if rid not in found]
         if not missing:
-            self._replay((rid, found[rid]) for _, rid in wanted)
+            with _gc_paused():
+                self._replay((rid, found[rid]) for _, rid in wanted)
             return
         shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         warnings.warn(
@@ -922,11 +938,25 @@ def _read_rounds(path: Path, warn: bool = True) -> list[tuple[str | None, list[H
     return rounds
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    # Reading a history makes millions of small objects, none in a reference cycle; the cyclic collector would
+    # rescan all of them again and again (about 40% of the load time at 20k records, growing with the history).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
-    rounds = _read_rounds(path, warn)
-    threshold = next((group[-1].drift.threshold for _, group in reversed(rounds) if group), DEFAULT_CHANGE_THRESHOLD)
-    history = RunHistory(threshold=float(threshold))
-    history._replay(rounds)
+    with _gc_paused():
+        rounds = _read_rounds(path, warn)
+        last = next((group[-1] for _, group in reversed(rounds) if group), None)
+        history = RunHistory(threshold=float(last.drift.threshold if last is not None else DEFAULT_CHANGE_THRESHOLD))
+        history._replay(rounds)
     return history
 
 
