@@ -2,8 +2,10 @@
 
 Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
 
-- ``<prefix>/<layer>/table`` (text): Markdown table of all units of the layer: unit, description, score,
-  previous description, similarity to it (changed descriptions in bold).
+- ``<prefix>/<layer>/table`` (text): Markdown table of the layer's units: unit, description, score,
+  previous description, similarity to it (changed descriptions in bold). Layers with more than ``table_rows``
+  units (512 by default) list that many, the changed units first, then the best scored, and say how many more are
+  in the history and the HTML report.
 - ``<prefix>/<layer>/<unit>/description`` (text): description, score, alternatives, the classes its ablation hurts
   (with ``ablation=True``), and the change if any.
 - ``<prefix>/<layer>/<unit>/top_k`` (image): grid of the unit's preview crops (region outlined).
@@ -17,7 +19,7 @@ Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
   :class:`~lightning_neurons.logging.base.RoundWriter` call; names in :mod:`lightning_neurons.logging.metrics`).
 
 Per-unit tags are written for the ``log_units`` selection only, so that big layers do not flood the dashboard; the
-table always lists every unit. TensorBoard's text plugin stores text tags with a ``/text_summary`` suffix.
+table lists every unit up to ``table_rows``. TensorBoard's text plugin stores text tags with a ``/text_summary`` suffix.
 
 Start TensorBoard with :data:`TENSORBOARD_SAMPLES_FLAG`, else it shows only 10 epochs of text and images. Do not use
 ``text=0,images=0``: TensorBoard 2.21's text and image plugins then return no samples at all (checked by
@@ -54,6 +56,9 @@ LogUnits = int | Sequence[int] | Mapping[str, Sequence[int]] | None
 
 #: ``tensorboard --logdir ... --samples_per_plugin=...`` value that keeps every epoch's text and images.
 TENSORBOARD_SAMPLES_FLAG = "--samples_per_plugin=text=100000,images=100000"
+
+#: Default ``table_rows``: the most units listed in a layer's table per round (about 50 KB of text).
+DEFAULT_TABLE_ROWS = 512
 
 _WRITER_METHODS = ("add_text", "add_image", "add_scalar", "add_custom_scalars", "flush")
 
@@ -126,6 +131,18 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None or x != x else f"{x:.{digits}f}"
 
 
+def _table_units(
+    units: Sequence[UnitExplanation], drift: Mapping[tuple[str, int], UnitDrift], rows: int
+) -> list[UnitExplanation]:
+    # The rows a capped table keeps: changed units first, then the best scored (NaN last), ties by unit.
+    def rank(u: UnitExplanation) -> tuple[bool, float, int]:
+        d = drift.get(u.key)
+        score = u.score if u.score == u.score else float("-inf")
+        return (not (d is not None and d.changed), -score, u.unit)
+
+    return sorted(units, key=rank)[:rows]
+
+
 class NeuronTensorBoardLogger:
     """Writes explanation rounds and their drift to a TensorBoard ``SummaryWriter``.
 
@@ -138,6 +155,8 @@ class NeuronTensorBoardLogger:
         preview_nrow: Crops per row of the ``top_k`` grid.
         evaluation_metrics: Quality metrics logged as ``evaluation/<method>/<metric>`` (``evaluate=True``); each
             gets a custom-scalars chart with the method and its baselines as lines of one plot.
+        table_rows: Most units listed in a layer's table (``None``: all). A 4,096-unit table is about 400 KB a
+            round; the history and the HTML report hold every unit.
 
     Example:
         >>> from torch.utils.tensorboard import SummaryWriter  # doctest: +SKIP
@@ -152,7 +171,10 @@ class NeuronTensorBoardLogger:
         prefix: str = "neurons",
         preview_nrow: int = 8,
         evaluation_metrics: Sequence[str] = (),
+        table_rows: int | None = DEFAULT_TABLE_ROWS,
     ) -> None:
+        if table_rows is not None and (isinstance(table_rows, bool) or table_rows < 1):
+            raise ValueError(f"table_rows must be None or an int >= 1, got {table_rows!r}")
         if isinstance(log_units, bool) or (isinstance(log_units, int) and log_units < 0):
             raise ValueError(f"log_units must be None, an int >= 0, unit ids or a layer mapping; got {log_units!r}")
         if not prefix or "/" in prefix.strip("/"):
@@ -162,6 +184,7 @@ class NeuronTensorBoardLogger:
         self.prefix = prefix.strip("/")
         self.preview_nrow = preview_nrow
         self.evaluation_metrics = list(evaluation_metrics)
+        self.table_rows = table_rows
         self._layout_written = False
 
     # ------------------------------------------------------------------ selection
@@ -234,7 +257,8 @@ class NeuronTensorBoardLogger:
         for layer in round.layers:
             units = round.layer(layer)
             summary = by_layer.get(layer)
-            self.writer.add_text(self._tag(layer, "table"), self.table(units, by_key, summary), step)
+            table = self.table(units, by_key, summary, rows=self.table_rows)
+            self.writer.add_text(self._tag(layer, "table"), table, step)
             if summary is not None:
                 self._scalar(self._tag(layer, "mean_score"), summary.mean_score, step)
                 if summary.n_compared:
@@ -268,8 +292,12 @@ class NeuronTensorBoardLogger:
         units: Sequence[UnitExplanation],
         drift: Mapping[tuple[str, int], UnitDrift],
         summary: LayerDriftSummary | None = None,
+        rows: int | None = None,
     ) -> str:
         """The Markdown table of one layer (a one-line summary above it when ``summary`` is given).
+
+        With more than ``rows`` units, the table lists ``rows`` of them, the changed ones first, then by score
+        (best first), and a last line says how many more the history and the report hold.
 
         Example:
             >>> u = UnitExplanation("fc", 0, epoch=0, description="dots", score=0.8)
@@ -289,7 +317,8 @@ class NeuronTensorBoardLogger:
                 )
             lines += [head, ""]
         lines += ["| unit | description | score | previous description | similarity |", "|---:|---|---:|---|---:|"]
-        for u in units:
+        shown = list(units) if rows is None or len(units) <= rows else _table_units(units, drift, rows)
+        for u in shown:
             d = drift.get(u.key)
             desc = _cell(u.description)
             if d is not None and d.changed:
@@ -297,6 +326,12 @@ class NeuronTensorBoardLogger:
             prev = _cell(d.previous_description) if d is not None and d.previous_description is not None else "–"
             sim = _fmt(d.similarity) if d is not None else "–"
             lines.append(f"| {u.unit} | {desc} | {_fmt(u.score)} | {prev} | {sim} |")
+        if len(shown) < len(units):
+            lines += [
+                "",
+                f"{len(units) - len(shown)} more units of this layer (of {len(units)}; changed units first, then by "
+                "score) are in the history (history.jsonl) and the HTML report (report.html).",
+            ]
         return "\n".join(lines)
 
     @staticmethod
