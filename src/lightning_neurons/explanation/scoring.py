@@ -4,15 +4,9 @@ Everything is batched over the units of a layer: the similarities of every uniqu
 come from one matrix product (:func:`similarity`), and the per-unit aggregation is a gather plus a weighted
 sum, never a loop over units.
 
-Two corrections for concepts that match everything (DESIGN.md, step 4):
-
-- ``"control"``: rank-weighted mean similarity over the unit's top crops minus the concept's mean similarity
-  over the control crops (random probe crops).
-- ``"soft_wpmi"``: CLIP-Dissect's soft weighted pointwise mutual information. Per crop a softmax over the
-  concepts gives ``p(c | crop)``; the unit's top crops are soft members of its top set (membership falling
-  linearly with rank from ``p_start`` to ``p_end``), so ``log p(c | unit) = sum_r log(1 - p_r (1 - p(c | crop_r)))``;
-  the score is ``log p(c | unit) - lam * log p(c)`` with ``p(c)`` the mean of ``p(c | unit)`` over the layer's
-  units. It needs several units per layer to mean anything.
+Two corrections for concepts that match everything (DESIGN.md, step 4) are values of
+:mod:`lightning_neurons.explanation.correction`: :class:`ControlCorrection` (``"control"``) and :class:`SoftWPMI`
+(``"soft_wpmi"``); every function here takes either the value or its name.
 
 The explanation's ``score`` is the AUC (Mann-Whitney, ties count one half) of the chosen text's similarity
 over the unit's top crops against the control crops; its ``margin`` is the difference of the two means.
@@ -27,14 +21,20 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-Correction = Literal["control", "soft_wpmi"]
+from lightning_neurons.explanation.correction import (
+    ControlCorrection,
+    Correction,
+    CorrectionName,
+    SoftWPMI,
+    as_correction,
+    rank_weights,
+)
 
 
 def similarity(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
@@ -47,34 +47,12 @@ def similarity(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
     return image_embeddings.float() @ text_embeddings.float().to(image_embeddings.device).T
 
 
-def rank_weights(valid: Tensor) -> Tensor:
-    """Activation-rank weights: linearly falling with rank (best first), zero where empty, rows sum to 1.
-
-    Args:
-        valid: bool ``[U, k]``, which top slots hold a crop.
-
-    Example:
-        >>> rank_weights(torch.tensor([[True, True, False]])).tolist()
-        [[0.6000000238418579, 0.4000000059604645, 0.0]]
-    """
-    k = valid.shape[1]
-    w = (k - torch.arange(k, device=valid.device, dtype=torch.float32))[None].expand(valid.shape[0], k)
-    w = torch.where(valid, w, torch.zeros_like(w))
-    return w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
-
-
 def concept_scores(
     top_sims: Tensor,
     valid: Tensor,
     control_sims: Tensor,
-    correction: Correction = "control",
-    *,
-    temperature: float = 10.0,
-    lam: float = 1.0,
-    p_start: float = 0.998,
-    p_end: float = 0.97,
-    tie_break: float = 1e-3,
-    control_scale: str = "none",
+    correction: Correction | CorrectionName = "control",
+    **options: Any,
 ) -> Tensor:
     """Corrected concept scores of every unit of a layer.
 
@@ -82,47 +60,23 @@ def concept_scores(
         top_sims: ``[U, k, C]`` similarity of each unit's top crops (best first) with each concept.
         valid: bool ``[U, k]``, which top slots hold a crop.
         control_sims: ``[M, C]`` similarity of the control crops with each concept.
-        correction: ``"control"`` or ``"soft_wpmi"`` (see the module docstring).
-        temperature: Softmax scale of the similarities for soft-WPMI (CLIP-Dissect uses 10).
-        lam: Weight of the ``log p(c)`` term of soft-WPMI.
-        p_start: Soft membership of the best crop in the top set (soft-WPMI).
-        p_end: Soft membership of the ``k``-th crop.
-        tie_break: Weight of the mean per-crop ``log p(c | unit)`` added to soft-WPMI to break ties of
-            saturated scores (WPMI is at most ``log U``).
-        control_scale: ``"none"`` (plain mean subtraction, the default) or ``"std"``: also divide by the
-            concept's standard deviation over the control crops (a z-score). Measured on the offline benchmark,
-            the z-score lowered the class-name similarity and simulation of the embedded backend, so it is opt-in.
+        correction: A :class:`ControlCorrection` / :class:`SoftWPMI` value, or its name ``"control"`` /
+            ``"soft_wpmi"``.
+        **options: With a name, the options of :func:`~lightning_neurons.explanation.correction.as_correction`
+            (``control_scale``; ``temperature``, ``lam``, ``p_start``, ``p_end``, ``tie_break``).
 
     Returns:
         float32 ``[U, C]``.
 
     Raises:
         ValueError: For an unknown correction.
+
+    Example:
+        >>> sims = torch.tensor([[[0.9, 0.1]]])
+        >>> concept_scores(sims, torch.tensor([[True]]), sims[0], SoftWPMI(temperature=1.0)).argmax().item()
+        0
     """
-    if correction == "control":
-        weights = rank_weights(valid)
-        agg = torch.einsum("uk,ukc->uc", weights, top_sims.float())
-        if control_sims.numel() == 0:
-            return agg
-        ctrl = control_sims.float()
-        out = agg - ctrl.mean(dim=0)[None]
-        if control_scale not in ("none", "std"):
-            raise ValueError(f"control_scale must be 'none' or 'std', got {control_scale!r}")
-        if control_scale == "std" and ctrl.shape[0] > 1:
-            out = out / ctrl.std(dim=0)[None].clamp_min(1e-4)
-        return out
-    if correction == "soft_wpmi":
-        k = top_sims.shape[1]
-        probs = torch.softmax(temperature * top_sims.float(), dim=2)
-        member = p_start - torch.arange(k, device=top_sims.device, dtype=torch.float32) / k * (p_start - p_end)
-        member = torch.where(valid, member[None].expand_as(valid), torch.zeros_like(valid, dtype=torch.float32))
-        log_given_unit = torch.log1p(-member[:, :, None] * (1 - probs) + 1e-7).sum(dim=1)
-        log_prior = torch.logsumexp(log_given_unit, dim=0, keepdim=True) - math.log(log_given_unit.shape[0])
-        # WPMI saturates at log U for every concept that only this unit's crops match (few units per layer):
-        # break those ties towards the concept with the larger p(c | unit).
-        per_crop = log_given_unit / valid.sum(dim=1, keepdim=True).clamp_min(1)
-        return log_given_unit - lam * log_prior + tie_break * per_crop
-    raise ValueError(f"correction must be 'control' or 'soft_wpmi', got {correction!r}")
+    return as_correction(correction, **options).scores(top_sims, valid, control_sims)
 
 
 def mann_whitney_auc(positives: Tensor, negatives: Tensor) -> float:
@@ -201,7 +155,7 @@ def score_layer(
     crop_sims: Tensor,
     crop_index: Tensor,
     control_sims: Tensor,
-    correction: Correction = "control",
+    correction: Correction | CorrectionName = "control",
     num_alternatives: int = 4,
     **correction_options: Any,
 ) -> LayerScores:
@@ -211,9 +165,9 @@ def score_layer(
         crop_sims: ``[K, C]`` similarity of every unique crop with every concept.
         crop_index: int64 ``[U, k]`` the unique crop of each unit's top slot, best first; ``-1`` where empty.
         control_sims: ``[M, C]`` similarity of the control crops with every concept.
-        correction: ``"control"`` or ``"soft_wpmi"``.
+        correction: A correction value or its name (see :func:`concept_scores`).
         num_alternatives: Runner-up concepts to keep.
-        **correction_options: Passed to :func:`concept_scores`.
+        **correction_options: With a name, the correction's options (see :func:`concept_scores`).
 
     Returns:
         A :class:`LayerScores`.
@@ -228,8 +182,11 @@ def score_layer(
 
 
 __all__ = [
+    "ControlCorrection",
     "Correction",
+    "CorrectionName",
     "LayerScores",
+    "SoftWPMI",
     "batched_auc",
     "concept_scores",
     "mann_whitney_auc",

@@ -1,0 +1,258 @@
+"""Stages 2 and 3 of the explanation: the activated regions of every unit, their unique crops and embeddings.
+
+``find_regions`` thresholds each unit's maps at its activation quantile, boxes the activated regions, makes the
+previews and merges overlapping boxes of the same sample, so that each unique crop is embedded once and shared
+by every unit that uses it. ``embed_crops`` embeds the unique crops and the control crops (whole reservoir images
+plus random crops whose sizes follow the top boxes) in large encoder batches, split between ranks under DDP.
+
+Example:
+    >>> regions = find_regions(forward, {"layer4": [0, 1]}, ExplainConfig())  # doctest: +SKIP
+    >>> crops = embed_crops(encoder, forward, regions, ExplainConfig())  # doctest: +SKIP
+    >>> crops.num_unique == regions.crop_bank.numel()  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_neurons.backends.base import ImageTextEncoder
+from lightning_neurons.explanation.forward import ForwardResult, LayerMaps
+from lightning_neurons.explanation.settings import ExplainConfig
+from lightning_neurons.recording.types import LayerTopK
+from lightning_neurons.regions import (
+    crop_images,
+    crop_masks,
+    dedupe_boxes,
+    preview_images,
+    random_boxes,
+    region_boxes,
+    unit_thresholds,
+)
+from lightning_neurons.sharing import WorkShare
+
+#: ``(layer, unit)`` -> uint8 preview images of the unit's top crops with the region outlined.
+Previews = dict[tuple[str, int], Tensor]
+
+
+@dataclass(frozen=True)
+class Regions:
+    """The boxes of every ``(unit, top sample)`` pair of a round and the unique crops they share.
+
+    Pairs are the valid ``(unit, rank)`` slots of each layer in row-major order, layers one after the other.
+
+    Args:
+        bank_index: int64 ``[P]`` the image-bank row of each pair.
+        boxes: int64 ``[P, 4]`` the ``(x0, y0, x1, y1)`` region box of each pair.
+        spans: Per layer, its run of pairs.
+        crop_index: Per layer, int64 ``[U, k]`` the unique crop of each top slot, best first; ``-1`` where empty.
+        crop_bank: int64 ``[K]`` the image-bank row of each unique crop.
+        crop_boxes: int64 ``[K, 4]`` its box.
+        previews: The preview images of the preview units.
+    """
+
+    bank_index: Tensor
+    boxes: Tensor
+    spans: dict[str, slice]
+    crop_index: dict[str, Tensor]
+    crop_bank: Tensor
+    crop_boxes: Tensor
+    previews: Previews
+
+
+@dataclass(frozen=True)
+class CropEmbeddings:
+    """Embeddings of a round's unique crops followed by its control crops.
+
+    Args:
+        embeddings: CPU float32 ``[num_unique + num_control, D]``.
+        num_unique: Unique top crops (the first rows).
+        num_control: Control crops (the remaining rows).
+    """
+
+    embeddings: Tensor
+    num_unique: int
+    num_control: int
+
+
+@dataclass(frozen=True)
+class _LayerPairs:
+    """One layer's valid slots, their maps, thresholds and boxes."""
+
+    slots: Tensor  # [P_l] flat ``unit * k + rank``
+    k: int
+    maps: Tensor  # [P_l, h, w]
+    thresholds: Tensor  # [U]
+    bank_index: Tensor  # [P_l]
+    boxes: Tensor  # [P_l, 4]
+
+
+def preview_units(cfg: ExplainConfig, layers: dict[str, LayerTopK]) -> dict[str, list[int]]:
+    """``{layer: units}`` to make previews for: ``cfg.preview_units``, else the first 8 units of every layer."""
+    if cfg.preview_units is not None:
+        return {name: list(units) for name, units in cfg.preview_units.items() if name in layers}
+    return {name: list(range(min(8, lt.num_units))) for name, lt in layers.items()}
+
+
+def find_regions(forward: ForwardResult, previews_of: dict[str, list[int]], cfg: ExplainConfig) -> Regions:
+    """Boxes of every unit's activated regions, deduplicated into unique crops, and the previews.
+
+    Frees each layer's ``top_maps`` once its boxes are found (the maps are the largest part of a round).
+
+    Args:
+        forward: The forward stage's result.
+        previews_of: ``{layer: units}`` to make previews for.
+        cfg: Threshold, box, dedupe and preview settings.
+    """
+    device = forward.device
+    parts: dict[str, _LayerPairs] = {}
+    previews: Previews = {}
+    for name, lm in forward.layers.items():
+        parts[name] = _layer_pairs(lm, forward, cfg)
+        wanted = previews_of.get(name, [])
+        if wanted:
+            previews.update(_layer_previews(name, wanted, parts[name], forward, cfg))
+        lm.top_maps = lm.top_maps[:0]  # free the maps
+    bank = _cat([p.bank_index for p in parts.values()], torch.empty(0, dtype=torch.long, device=device))
+    boxes = _cat([p.boxes for p in parts.values()], torch.empty(0, 4, dtype=torch.long, device=device))
+    keep, assign = dedupe_boxes(bank, boxes, cfg.dedupe_iou)
+    spans: dict[str, slice] = {}
+    crop_index: dict[str, Tensor] = {}
+    offset = 0
+    for name, pairs in parts.items():
+        spans[name] = slice(offset, offset + pairs.slots.numel())
+        shape = forward.layers[name].sample_ids.shape
+        index = torch.full((shape.numel(),), -1, dtype=torch.long, device=device)
+        index[pairs.slots] = assign[spans[name]]
+        crop_index[name] = index.reshape(shape)
+        offset = spans[name].stop
+    return Regions(bank, boxes, spans, crop_index, bank[keep], boxes[keep], previews)
+
+
+def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
+    return torch.cat(parts) if parts else empty
+
+
+def _layer_pairs(lm: LayerMaps, forward: ForwardResult, cfg: ExplainConfig) -> _LayerPairs:
+    num_units, k = lm.sample_ids.shape
+    valid = lm.sample_ids >= 0
+    thresholds = unit_thresholds(lm.top_maps, lm.control_values(), cfg.quantile, valid)
+    slots = torch.nonzero(valid.flatten()).squeeze(1)
+    maps = lm.top_maps.reshape(num_units * k, *lm.top_maps.shape[2:])[slots]
+    boxes, _ = _regions(maps, thresholds[slots // k], forward.image_size, cfg)
+    bank_index = forward.bank_rows(lm.sample_ids.flatten()[slots])
+    return _LayerPairs(slots, k, maps, thresholds, bank_index, boxes)
+
+
+def _regions(
+    maps: Tensor, thresholds: Tensor, image_size: tuple[int, int], cfg: ExplainConfig, masks: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    return region_boxes(
+        maps,
+        thresholds,
+        image_size,
+        relative_threshold=cfg.relative_threshold,
+        padding=cfg.padding,
+        min_size=cfg.min_box,
+        mask_size=cfg.mask_size,
+        component=cfg.component,
+        return_masks=masks,
+        chunk_size=cfg.region_chunk,
+    )
+
+
+def _layer_previews(
+    name: str, units: list[int], pairs: _LayerPairs, forward: ForwardResult, cfg: ExplainConfig
+) -> Previews:
+    """The first ``preview_count`` top crops of each wanted unit, region outlined, as uint8 CPU images."""
+    unit_of = pairs.slots // pairs.k
+    rank_of = pairs.slots % pairs.k
+    wanted = torch.tensor(units, device=pairs.slots.device)
+    sel = torch.nonzero(torch.isin(unit_of, wanted) & (rank_of < cfg.preview_count)).squeeze(1)
+    if sel.numel() == 0 or cfg.preview_count <= 0:
+        return {}
+    image_size = forward.image_size
+    boxes, masks = _regions(pairs.maps[sel], pairs.thresholds[unit_of[sel]], image_size, cfg, masks=True)
+    assert masks is not None
+    crops = crop_images(forward.bank, pairs.bank_index[sel], boxes, cfg.preview_size)
+    cut = crop_masks(masks, boxes, image_size, cfg.preview_size)
+    images = preview_images(crops, cut).cpu()
+    sel_units = unit_of[sel].cpu()
+    previews: Previews = {}
+    for u in units:
+        rows = torch.nonzero(sel_units == u).squeeze(1)
+        if rows.numel():
+            previews[(name, int(u))] = images[rows]
+    return previews
+
+
+def control_crops(forward: ForwardResult, top_boxes: Tensor, cfg: ExplainConfig) -> tuple[Tensor, Tensor]:
+    """Whole reservoir images plus random crops whose sizes are drawn from the top boxes' sizes.
+
+    Returns:
+        ``(bank rows [M] on the work device, boxes [M, 4] on the CPU)``.
+    """
+    height, width = image_size = forward.image_size
+    reservoir = forward.samples.reservoir.to(forward.device)
+    bank_idx = forward.bank_rows(reservoir)
+    whole = torch.tensor([[0, 0, width, height]], dtype=torch.long).expand(reservoir.numel(), 4)
+    parts_bank, parts_boxes = [bank_idx], [whole]
+    n_random = reservoir.numel() * cfg.control_crops_per_image
+    if n_random:
+        tb = top_boxes.float().cpu()
+        fractions = torch.stack([(tb[:, 2] - tb[:, 0]) / width, (tb[:, 3] - tb[:, 1]) / height], dim=1)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        parts_boxes.append(random_boxes(n_random, image_size, fractions, gen))
+        parts_bank.append(bank_idx.repeat(cfg.control_crops_per_image))
+    return torch.cat(parts_bank), torch.cat(parts_boxes)
+
+
+def embed_crops(
+    encoder: ImageTextEncoder,
+    forward: ForwardResult,
+    regions: Regions,
+    cfg: ExplainConfig,
+    share: WorkShare | None = None,
+) -> CropEmbeddings:
+    """Embed the unique crops, then the control crops; under DDP each rank embeds its chunk and all gather.
+
+    Args:
+        encoder: The image side of the image-text encoder.
+        forward: The image bank.
+        regions: The unique crops.
+        cfg: ``crop_size``, ``encoder_batch_size``, control-crop settings.
+        share: This rank's share of the work (``None``: this process embeds every crop).
+    """
+    ctrl_bank, ctrl_boxes = control_crops(forward, regions.boxes, cfg)
+    jobs_bank = torch.cat([regions.crop_bank, ctrl_bank])
+    jobs_boxes = torch.cat([regions.crop_boxes, ctrl_boxes.to(forward.device)])
+    if share is not None and share.world_size > 1:
+        # DDP: each rank embeds one contiguous chunk of the crops; one gather gives every rank all embeddings.
+        part = share.chunk(jobs_bank.numel())
+        mine = slice(part.start, part.stop)
+        local = _embed(encoder, forward.bank, jobs_bank[mine], jobs_boxes[mine], cfg)
+        embeddings = share.gather_rows(local, jobs_bank.numel())
+    else:
+        embeddings = _embed(encoder, forward.bank, jobs_bank, jobs_boxes, cfg)
+    return CropEmbeddings(embeddings, int(regions.crop_bank.numel()), int(ctrl_bank.numel()))
+
+
+def _embed(encoder: ImageTextEncoder, bank: Tensor, bank_idx: Tensor, boxes: Tensor, cfg: ExplainConfig) -> Tensor:
+    """Cut and embed crops in encoder-sized batches; returns CPU float32 ``[n, D]``."""
+    out: list[Tensor] = []
+    starts = range(0, bank_idx.numel(), cfg.encoder_batch_size)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="explain: embed crops", disable=not cfg.show_progress, leave=False):
+            sl = slice(start, start + cfg.encoder_batch_size)
+            crops = crop_images(bank, bank_idx[sl], boxes[sl], cfg.crop_size)
+            out.append(encoder.encode_images(crops).float().cpu())
+    if not out:
+        return torch.empty(0, 0)
+    return torch.cat(out)
+
+
+__all__ = ["CropEmbeddings", "Previews", "Regions", "control_crops", "embed_crops", "find_regions", "preview_units"]

@@ -1,0 +1,137 @@
+"""Settings of the explanation stage: :class:`ExplainConfig` (importable from ``explanation.pipeline`` too).
+
+Example:
+    >>> ExplainConfig(quantile=0.99).correction_value.name
+    'control'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lightning_neurons.explanation.ablation import HurtMeasure
+from lightning_neurons.explanation.correction import Correction, CorrectionName, as_correction
+from lightning_neurons.recording.hooks import ForwardFn, SelectorSpec
+from lightning_neurons.recording.hooks import selector_for as _selector_for
+from lightning_neurons.recording.units import OutputSelector, TokenMode
+
+
+@dataclass
+class ExplainConfig:
+    """Settings of the explanation stage.
+
+    Args:
+        crop_size: Side of the square crops given to the image encoder.
+        quantile: Per-unit activation quantile that defines the activated region (Network Dissection: 0.995).
+        relative_threshold: Fallback threshold, as a fraction of a map's range, where the quantile leaves nothing.
+        padding: Padding added on each side of a region box, as a fraction of its size.
+        min_box: Minimum box side as a fraction of the image's shorter side.
+        mask_size: Long side of the resolution at which region masks are computed.
+        component: ``"peak"`` (the connected component holding the peak) or ``"all"`` (the whole mask's box).
+        dedupe_iou: Boxes of the same sample overlapping more than this become one crop.
+        num_alternatives: Runner-up concepts kept per unit.
+        correction: The correction for concepts that match everything: a value,
+            :class:`~lightning_neurons.explanation.correction.ControlCorrection` (minus the mean similarity on
+            control crops) or :class:`~lightning_neurons.explanation.correction.SoftWPMI` (CLIP-Dissect), or the
+            name ``"control"`` / ``"soft_wpmi"``. :attr:`correction_value` is the value the stage uses.
+        wpmi_temperature: Softmax scale for soft-WPMI when ``correction`` is the name ``"soft_wpmi"`` (a
+            ``SoftWPMI`` value carries its own ``temperature``).
+        control_crops_per_image: Random crops per reservoir image added to the control set (besides the whole image).
+        max_control_values: Reservoir activations kept per unit for the quantile threshold.
+        describe: Run the caption-and-summarise stage (needs a captioner and a text generator in the backend).
+        describe_crops: Top crops captioned per unit.
+        ablation: Run the ablation check (needs labels in the recording source).
+        ablation_units: Units to ablate per layer; ``None`` = the preview units.
+        ablation_top: Classes reported per ablated unit.
+        ablation_measure: How much zeroing a unit hurts a class: ``"probability"`` (default), the drop of the
+            class's mean true-class softmax probability; ``"accuracy"``, the drop of its top-1 accuracy, which
+            moves in steps of one image per class and is mostly noise on a reservoir of a few hundred samples.
+        batch_size: Probe samples per model forward.
+        encoder_batch_size: Crops per image-encoder call.
+        region_chunk: ``(unit, sample)`` pairs per vectorised region step.
+        image_mean: Per-channel mean the model inputs were normalised with (``None``: per-image min-max).
+        image_std: Per-channel standard deviation of that normalisation.
+        token_mode: How token outputs become patch grids (as in recording).
+        output_selector: Which part of a layer's output holds the units: one selector or
+            ``{layer name or glob: selector}`` (as in recording).
+        forward_fn: How to run the model on a batch of probe inputs, ``forward_fn(model, inputs)`` (``None``:
+            ``model(inputs)``), for models whose ``forward`` is not ``forward(images)``; used by the forward
+            pass and the ablation.
+        preview_size: Side of the preview images.
+        preview_count: Previews per unit.
+        preview_units: ``{layer: [units]}`` to make previews for; ``None`` = the first 8 units of every layer.
+        device: Device for region extraction and scoring; ``None`` = the model's device.
+        truncate_forward: Stop each explanation forward pass as soon as every recorded layer has produced its
+            output (the rest of the network is not needed: explaining early layers then costs a fraction of a
+            full forward). Leave ``False`` for models that call a recorded module more than once per forward.
+        seed: Seed of the random control crops.
+        show_progress: Show tqdm progress bars.
+
+    Example:
+        >>> ExplainConfig(correction="soft_wpmi", crop_size=128).crop_size
+        128
+        >>> ExplainConfig(correction="soft_wpmi", wpmi_temperature=5.0).correction_value
+        SoftWPMI(temperature=5.0, lam=1.0, p_start=0.998, p_end=0.97, tie_break=0.001)
+    """
+
+    crop_size: int = 224
+    quantile: float = 0.995
+    relative_threshold: float = 0.5
+    padding: float = 0.1
+    min_box: float = 0.1
+    mask_size: int = 112
+    component: Literal["peak", "all"] = "peak"
+    dedupe_iou: float = 0.8
+    num_alternatives: int = 4
+    correction: Correction | CorrectionName = "control"
+    wpmi_temperature: float = 10.0
+    control_crops_per_image: int = 1
+    max_control_values: int = 65536
+    describe: bool = False
+    describe_crops: int = 5
+    ablation: bool = False
+    ablation_units: dict[str, list[int]] | None = None
+    ablation_top: int = 3
+    ablation_measure: HurtMeasure = "probability"
+    batch_size: int = 64
+    encoder_batch_size: int = 256
+    region_chunk: int = 1024
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+    token_mode: TokenMode = "auto"
+    output_selector: SelectorSpec = None
+    forward_fn: ForwardFn | None = None
+    preview_size: int = 64
+    preview_count: int = 8
+    preview_units: dict[str, list[int]] | None = None
+    device: str | None = None
+    truncate_forward: bool = False
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.quantile <= 1.0:
+            raise ValueError(f"quantile must be in [0, 1], got {self.quantile}")
+        if not 0.0 <= self.relative_threshold <= 1.0:
+            raise ValueError(f"relative_threshold must be in [0, 1], got {self.relative_threshold}")
+        self.correction_value  # noqa: B018 - validates the correction (raises for an unknown name or value)
+        if self.component not in ("peak", "all"):
+            raise ValueError(f"component must be 'peak' or 'all', got {self.component!r}")
+        for name in ("crop_size", "batch_size", "encoder_batch_size", "region_chunk", "mask_size", "preview_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def correction_value(self) -> Correction:
+        """The correction as a value: ``correction`` itself, or the value its name stands for."""
+        if isinstance(self.correction, str):
+            return as_correction(self.correction, temperature=self.wpmi_temperature)
+        return as_correction(self.correction)
+
+    def selector_for(self, layer: str) -> OutputSelector | None:
+        """The output selector of one layer: an exact key of ``output_selector``, else its first matching glob."""
+        return _selector_for(self.output_selector, layer)
+
+
+__all__ = ["ExplainConfig"]
