@@ -7,6 +7,7 @@
 - Ablation check (the paper's): :func:`ablation_drops`, :func:`ablation_agreement`.
 - Baselines: :func:`random_baseline`, :func:`constant_baseline`, :func:`label_baseline`.
 - All of it on one round: :func:`evaluate_round`; TensorBoard: :func:`log_evaluation`.
+- The published protocols on your own model and ImageFolder: :func:`run_protocol`.
 - The offline benchmark behind ``lightning-neurons evaluate`` and ``benchmarks/quality.py`` moved to
   :mod:`lightning_neurons.benchmark` (the old names here still work, with a DeprecationWarning).
 
@@ -42,6 +43,7 @@ from lightning_neurons.evaluation.harness import (
     probe_for,
 )
 from lightning_neurons.evaluation.probe import Probe, build_probe, held_out_probe, layer_activations
+from lightning_neurons.evaluation.protocols import run_protocol
 from lightning_neurons.evaluation.simulation import simulation_scores
 from lightning_neurons.evaluation.stats import auc, mad, pearson
 
@@ -90,6 +92,7 @@ __all__ = [
     "mad",
     "pearson",
     "random_baseline",
+    "run_protocol",
     "simulation_scores",
     "embed_texts",
     "text_similarity",
