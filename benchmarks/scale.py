@@ -196,6 +196,7 @@ def main() -> None:
     parser.add_argument("--concepts", type=int, default=1000, help="concepts of the general vocabulary used")
     parser.add_argument("--history-rounds", type=int, default=100, help="rounds written for the history figures")
     parser.add_argument("--log-units", type=int, default=8, help="NeuronTensorBoardLogger log_units")
+    parser.add_argument("--table-rows", type=int, default=512, help="NeuronTensorBoardLogger table_rows")
     parser.add_argument("--skip-report", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -328,6 +329,16 @@ def main() -> None:
     result["history_rounds"] = n_rounds
     result["history_bytes_per_round"] = int(sum(per_round) / max(1, len(per_round)))
     result["history_add_round_s"] = {"first": round(add_s[0], 3), "last": round(add_s[-1], 3)}
+    t0 = time.perf_counter()
+    summary_last = history.summary(n_rounds - 1)
+    result["history_summary_epoch_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    history.summary()
+    result["history_summary_all_s"] = round(time.perf_counter() - t0, 3)
+    state = history.checkpoint_state()
+    result["checkpoint_state_bytes"] = len(json.dumps(state))
+    result["state_dict_bytes"] = len(json.dumps(history.state_dict()))
+    assert summary_last and "store" in state
     result["history_load_s"] = round(load_s, 3)
     result["history_load_s_100_rounds"] = round(load_s * 100 / max(1, n_rounds), 3)
     log(f"history: {result['history_bytes_per_round']} B/round, load of {n_rounds} rounds {load_s:.2f} s")
@@ -337,15 +348,18 @@ def main() -> None:
 
     from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger
 
-    tb_dir = tmp / "tb"
-    with SummaryWriter(tb_dir) as writer:
-        tb = NeuronTensorBoardLogger(writer, log_units=args.log_units)
-        tb.write_layout(rnd.layers)
-        before = event_bytes(tb_dir)
-        t0 = time.perf_counter()
-        tb.log_round(rnd, first_drift, history.summary(0), epoch=0)
-        result["tensorboard_log_s"] = round(time.perf_counter() - t0, 3)
-        result["tensorboard_bytes_per_round"] = event_bytes(tb_dir) - before
+    # (default table_rows, then every unit in the table as before the cap, for comparison)
+    for name, rows in (("", args.table_rows), ("_full_table", None)):
+        tb_dir = tmp / f"tb{name}"
+        with SummaryWriter(tb_dir) as writer:
+            tb = NeuronTensorBoardLogger(writer, log_units=args.log_units, table_rows=rows)
+            tb.write_layout(rnd.layers)
+            before = event_bytes(tb_dir)
+            t0 = time.perf_counter()
+            tb.log_round(rnd, first_drift, history.summary(0), epoch=0)
+            result[f"tensorboard_log_s{name}"] = round(time.perf_counter() - t0, 3)
+            result[f"tensorboard_bytes_per_round{name}"] = event_bytes(tb_dir) - before
+    result["tensorboard_table_rows"] = args.table_rows
 
     # 5. HTML report of the N-round history
     if not args.skip_report:
@@ -388,8 +402,9 @@ def main() -> None:
         "history_load_s_100_rounds": round(load_s * 100 / n_rounds * scale, 1),
         "tensorboard_bytes_per_round": int(per_unit["tensorboard_bytes_per_round"] * FULL_UNITS),
         "peak_mem_bytes": int(result["peak_mem_bytes"] + (FULL_UNITS - units) * state_bytes),
-        "note": "linear in units; the forward stage also grows with the model depth recorded, the history load "
-        "time and add_round grow faster than linearly with records held (see history_add_round_s first/last)",
+        "note": "linear in units; the forward stage also grows with the model depth recorded; add_round and "
+        "summary(epoch) cost one round's units, the history load is linear in records (see history_add_round_s "
+        "first/last)",
     }
     print(json.dumps(result, indent=1))
 
