@@ -395,3 +395,64 @@ def test_truncate_forward_gives_same_round_and_skips_the_rest(data):
     assert [u.description for u in cut.units] == [u.description for u in full.units]
     assert [u.boxes for u in cut.units] == [u.boxes for u in full.units]
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_correction_value_gives_the_round_of_its_name(data):
+    from lightning_neurons.explanation.correction import ControlCorrection, SoftWPMI
+    from lightning_neurons.explanation.scoring import concept_scores
+
+    images, _, _ = data
+    model = PlantedNet()
+    rec = record(model, ["pool"], images, top_k=4, reservoir=12)
+
+    def run(**kw):
+        return explain_recording(model, rec, ListSource(images), PlantedEncoder(), VOCAB, ExplainConfig(**kw, **CFG))
+
+    by_name, by_value = run(correction="soft_wpmi", wpmi_temperature=5.0), run(correction=SoftWPMI(temperature=5.0))
+    assert by_value.meta["correction"] == by_name.meta["correction"] == "soft_wpmi"
+    assert [(u.description, u.concept_score, u.score) for u in by_value.units] == [
+        (u.description, u.concept_score, u.score) for u in by_name.units
+    ]
+    # the temperature is the value's: a name's wpmi_temperature changes the scores, a value ignores it
+    assert run(correction="soft_wpmi").get("pool", 0).concept_score != by_name.get("pool", 0).concept_score
+    assert ExplainConfig(correction=SoftWPMI(5.0), wpmi_temperature=1.0).correction_value == SoftWPMI(5.0)
+    z = run(correction=ControlCorrection(scale="std"))
+    assert z.meta["correction"] == "control" and [u.description for u in z.units] == CONCEPTS
+    with pytest.raises(ValueError, match="correction"):
+        ExplainConfig(correction="nope")
+    with pytest.raises(TypeError, match="correction"):
+        ExplainConfig(correction=10.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temperature"):
+        SoftWPMI(temperature=0.0)
+    with pytest.raises(TypeError, match="value"):
+        concept_scores(torch.zeros(1, 1, 2), torch.ones(1, 1, dtype=torch.bool), torch.zeros(0, 2), SoftWPMI(), lam=2.0)
+
+
+def test_stages_run_by_hand_hand_each_other_their_values(data):
+    from lightning_neurons.explanation.crops import embed_crops, find_regions
+    from lightning_neurons.explanation.forward import RoundSamples, forward_samples
+    from lightning_neurons.explanation.units import RoundEvidence, build_units, concept_set, score_layers
+
+    images, _, _ = data
+    model = PlantedNet()
+    rec = record(model, ["pool"], images, top_k=8)
+    cfg, device, encoder = ExplainConfig(**CFG), torch.device("cpu"), PlantedEncoder()
+    samples = RoundSamples.of(rec)
+    forward = forward_samples(model, samples, ListSource(images), cfg, device)
+    assert forward.bank.dtype == torch.uint8 and forward.bank.shape[0] == samples.ids.numel()
+    assert forward.image_size == (SIZE, SIZE) and forward.layers["pool"].top_maps.shape == (4, 8, 16, 16)
+    regions = find_regions(forward, {"pool": [2]}, cfg)
+    assert forward.layers["pool"].top_maps.numel() == 0  # freed once boxed
+    assert regions.boxes.shape == (32, 4) and regions.spans == {"pool": slice(0, 32)}
+    assert regions.crop_index["pool"].shape == (4, 8) and int(regions.crop_index["pool"].max()) < len(regions.crop_bank)
+    assert list(regions.previews) == [("pool", 2)]
+    crops = embed_crops(encoder, forward, regions, cfg)
+    assert crops.embeddings.shape[0] == crops.num_unique + crops.num_control == encoder.images_seen
+    concepts = concept_set(VOCAB, encoder, batch_size=3)
+    scores = score_layers(crops, concepts, regions, cfg, device)
+    units = build_units(RoundEvidence(forward, regions, crops, concepts, scores), rec.epoch)
+    whole = explain_recording(model, rec, ListSource(images), PlantedEncoder(), VOCAB, cfg)
+    def key(u):
+        return u.description, u.score, u.boxes
+
+    assert [key(u) for u in units] == [key(u) for u in whole.units]
