@@ -62,3 +62,11 @@ def test_a_combination_round_trips_through_the_round_and_the_history(tmp_path) -
     assert records[0].to_dict()["combination"] == [{"text": "stripes", "score": 0.7}, {"text": "zebra", "score": 0.3}]
     assert "combination" not in records[1].to_dict()
     assert HistoryRecord.from_dict(records[0].to_dict()).explanation.combination == combo
+
+
+def test_units_below_the_confidence_threshold_show_no_clear_concept() -> None:
+    from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, confident, shown_description
+
+    assert confident(0.9, 0.8) and not confident(0.8, 0.8) and not confident(float("nan"), 0.5)
+    assert shown_description("stripes", 0.7, 0.8) == NO_CLEAR_CONCEPT == "no clear concept"
+    assert shown_description("stripes", 0.7, None) == "stripes" == shown_description("stripes", 0.9, 0.8)

@@ -181,7 +181,38 @@ def score_layer(
     return LayerScores(scores, top_indices, top_values, auc, margin)
 
 
+#: Description shown for a unit whose explanation score does not clear the confidence threshold.
+NO_CLEAR_CONCEPT = "no clear concept"
+
+
+def confident(score: float, threshold: float) -> bool:
+    """Whether an explanation's score (its AUC) clears a confidence threshold.
+
+    Calibrate the threshold with a model-randomisation check: explain the same network with random weights and
+    take a high quantile of its units' scores (``lightning_neurons.benchmark.randomisation_check``); a trained
+    unit below it is explained no better than a random one and should be shown as :data:`NO_CLEAR_CONCEPT`.
+
+    Example:
+        >>> confident(0.91, 0.8), confident(0.62, 0.8)
+        (True, False)
+    """
+    return bool(score == score and score > threshold)  # NaN scores are never confident
+
+
+def shown_description(description: str, score: float, threshold: float | None) -> str:
+    """The description to display: itself, or :data:`NO_CLEAR_CONCEPT` below ``threshold`` (``None``: no check).
+
+    Example:
+        >>> shown_description("stripes", 0.55, 0.8)
+        'no clear concept'
+    """
+    return description if threshold is None or confident(score, threshold) else NO_CLEAR_CONCEPT
+
+
 __all__ = [
+    "NO_CLEAR_CONCEPT",
+    "confident",
+    "shown_description",
     "ControlCorrection",
     "Correction",
     "CorrectionName",
