@@ -75,6 +75,18 @@ def _parquet_read(directory: Path) -> int:
     return sum(pq.read_table(p).num_rows for p in sorted(directory.glob("round_*.parquet")))
 
 
+def _parquet_records(directory: Path) -> int:
+    # What RunHistory would need: every row back as a HistoryRecord.
+    import pyarrow.parquet as pq
+
+    from lightning_neurons.drift.history import HistoryRecord
+
+    n = 0
+    for p in sorted(directory.glob("round_*.parquet")):
+        n += len([HistoryRecord.from_dict(row) for row in pq.read_table(p).to_pylist()])
+    return n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--units", type=int, default=20_000)
@@ -98,6 +110,13 @@ def main() -> None:
         read = time.perf_counter() - start
         assert len(loaded) == n
         size = path.stat().st_size
+        loaded.path = path  # as the run that writes the file holds it
+        result["checkpoint_bytes"] = {
+            "state_dict (every record)": len(json.dumps(loaded.state_dict())),
+            "checkpoint_state (file path, round ids, latest record per unit)": len(
+                json.dumps(loaded.checkpoint_state())
+            ),
+        }
         result["jsonl"] = {
             "bytes_per_record": round(size / n, 1),
             "write_us_per_record": round(write / n * 1e6, 2),
@@ -119,13 +138,18 @@ def main() -> None:
             start = time.perf_counter()
             assert _parquet_read(directory) == n
             read = time.perf_counter() - start
+            start = time.perf_counter()
+            assert _parquet_records(directory) == n
+            records = time.perf_counter() - start
             size = sum(p.stat().st_size for p in directory.iterdir())
             result["parquet"] = {
                 "bytes_per_record": round(size / n, 1),
                 "write_us_per_record": round(write / n * 1e6, 2),
                 "read_us_per_record (columns only, no RunHistory objects)": round(read / n * 1e6, 2),
+                "read_us_per_record (to HistoryRecord objects)": round(records / n * 1e6, 2),
                 "size_gb_100k_units_x_100_rounds": round(size / n * 1e7 / 1e9, 2),
                 "read_s_100k_units_x_100_rounds": round(read / n * 1e7, 1),
+                "read_s_100k_units_x_100_rounds (to HistoryRecord objects)": round(records / n * 1e7, 1),
             }
     print(json.dumps(result))
 
