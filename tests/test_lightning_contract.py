@@ -313,3 +313,40 @@ def test_sharded_strategies_are_refused_in_setup_not_left_to_hang(tmp_path):
     import inspect
 
     assert "refuse_sharded_strategy(trainer.strategy)" in inspect.getsource(NeuronExplainer.setup)
+
+
+# ---------------------------------------------------------------------- monitors and run folders
+class Frozen(Tiny):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_early_stopping_on_fraction_changed_stops_a_real_fit(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    stop = EarlyStopping(monitor="neurons/head/fraction_changed", mode="min", patience=1)
+    cb = explainer(layers=["head"])
+    t = trainer(tmp_path, [cb, stop], max_epochs=10, limit_train_batches=1)
+    t.fit(Frozen(), *loaders())
+    # frozen weights: 1.0 at the first round (nothing to compare), then 0.0, 0.0 -> no improvement -> stop
+    assert stop.stopped_epoch == 2 and t.current_epoch == 3
+    assert [r.epoch for r in cb.rounds] == [0, 1, 2]
+    assert float(t.callback_metrics["neurons/head/fraction_changed"]) == 0.0
+    assert "neurons/head/mean_score" in t.callback_metrics
+
+
+def test_every_run_gets_its_own_folder_with_mlflow_and_csv_loggers(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    folders = []
+    for run in range(2):
+        cb = explainer(layers=["head"])
+        mlflow = MLFlowLogger(experiment_name="neurons", tracking_uri=f"file:{tmp_path / 'mlruns'}")
+        t = trainer(tmp_path, cb, logger=[mlflow, CSVLogger(tmp_path, name="csv")], max_epochs=1)
+        t.fit(Tiny(), *loaders())
+        folders.append(cb.outputs()["History"].parent)
+        assert str(mlflow.run_id) in str(folders[-1])
+    assert folders[0] != folders[1]
+    for folder in folders:
+        assert load_history(folder).epochs == [0]  # no run appended to the other's history

@@ -71,6 +71,7 @@ _FLAT = {
     "history_dir": ("output", "history_dir"),
     "name": ("output", "name"),
     "show_progress": ("output", "show_progress"),
+    "projector": ("output", "projector"),
 }
 
 
@@ -143,6 +144,9 @@ class NeuronExplainer(Callback):
         forward_fn: How to run the model on a batch of probe images when its ``forward`` does not take images
             (e.g. Hugging Face style ``lambda module, x: module.model(pixel_values=x)``); ``None``: ``module(x)``.
             On the command line, the import path of a function ``(module, images) -> output``.
+        projector: Also write a TensorBoard Projector map of all units per layer and round (one point per unit:
+            its description's text embedding; its top crop as sprite; unit, description, score, changed as
+            metadata; at most 2,000 units per layer).
 
     Example:
         >>> from lightning_neurons import NeuronExplainer
@@ -182,6 +186,7 @@ class NeuronExplainer(Callback):
         show_progress: bool = True,
         name: str | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        projector: bool = False,
     ) -> None:
         super().__init__()
         self.config = RunConfig.from_arguments(
@@ -215,6 +220,7 @@ class NeuronExplainer(Callback):
             show_progress=show_progress,
             name=name,
             forward_fn=forward_fn,
+            projector=projector,
         )
         self.session: ExplanationSession | None = None
         self.last_recording: Recording | None = None
@@ -543,6 +549,7 @@ class NeuronExplainer(Callback):
                     step=step,
                     share=share,
                     keep_later=trainer.state.fn == TrainerFn.VALIDATING,
+                    global_step=int(trainer.global_step),
                 )
             self.rounds.append(rnd)
             self._publish_metrics(trainer)
@@ -617,6 +624,8 @@ class NeuronExplainer(Callback):
                 log_units=self._run_config.output.log_units,
                 prefix=self._run_config.output.prefix,
                 evaluation_metrics=evaluation_metrics,
+                projector=self._run_config.output.projector,
+                embed=session.backend.encode_descriptions if session.backend is not None else None,
             )
         )
 

@@ -138,12 +138,14 @@ class OutputConfig:
         history_dir: Directory of the history, per-round JSON, previews and report (``None``: the run's folder).
         log_units: Units per layer with per-unit logger cards: a count, unit indices, or ``None`` for all.
         show_progress: Progress bars while explaining.
+        projector: Also write TensorBoard Projector maps of all units (one point per unit and round).
     """
 
     name: str | None = None
     history_dir: str | None = None
     log_units: int | tuple[int, ...] | None = 8
     show_progress: bool = True
+    projector: bool = False
 
     @property
     def prefix(self) -> str:
@@ -254,6 +256,7 @@ class RunConfig:
         show_progress: bool = True,
         name: str | None = None,
         forward_fn: ForwardFn | None = None,
+        projector: bool = False,
     ) -> RunConfig:
         """Validate the flat arguments of :class:`~lightning_neurons.NeuronExplainer` and build the value.
 
@@ -369,6 +372,7 @@ class RunConfig:
                 history_dir=str(history_dir) if history_dir is not None else None,
                 log_units=tuple(log_units) if isinstance(log_units, (list, tuple)) else log_units,  # type: ignore[arg-type]
                 show_progress=show_progress,
+                projector=bool(projector),
             ),
             schedule=ScheduleConfig(
                 every_n_epochs=every_n_epochs,

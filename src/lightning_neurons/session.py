@@ -176,6 +176,7 @@ class ExplanationSession:
         step: int | None = None,
         share: WorkShare | None = None,
         keep_later: bool = False,
+        global_step: int | None = None,
     ) -> ExplanationRound:
         """Explain a recording, then record and log the round (history, writers, previews, report).
 
@@ -188,6 +189,7 @@ class ExplanationSession:
             share: This rank's share of the work under DDP (``None``: one process does everything).
             keep_later: The round re-explains an earlier epoch: replace it in the history and keep the later
                 epochs (``trainer.validate(ckpt_path=...)``) instead of rewinding the timeline.
+            global_step: The trainer's global step, for loggers whose step axis is the global step (W&B, CSV).
 
         Raises:
             RuntimeError: If :meth:`setup` did not run.
@@ -218,8 +220,7 @@ class ExplanationSession:
                 rnd.meta["evaluation"] = rnd.evaluation.metrics
                 rnd.meta["evaluation_baselines"] = rnd.evaluation.baselines
         rnd.meta.setdefault("timings", {})["total_s"] = round(time.perf_counter() - start, 3)
-        if self.writes:
-            self._write(rnd, key if key is not None else 0, step, keep_later)
+        self._record(rnd, key if key is not None else 0, step, keep_later, global_step)
         return rnd
 
     def _evaluate(
@@ -278,15 +279,18 @@ class ExplanationSession:
                 )
         return RoundEvaluation(self.backend.name, metrics, baselines)
 
-    def _write(self, rnd: ExplanationRound, key: int, step: int | None, keep_later: bool = False) -> None:
-        if self.output_dir is None:
+    def _record(
+        self, rnd: ExplanationRound, key: int, step: int | None, keep_later: bool, global_step: int | None
+    ) -> None:
+        """Add the round to the history (every rank, so that every rank has the round's figures) and publish it."""
+        if self.output_dir is None:  # post hoc without an output folder: nothing is kept
             return
         assert self.backend is not None
-        if self._foreign:  # post hoc into a folder the caller named: continue (and replace) its epochs there
+        if self.writes and self._foreign:  # post hoc into a folder the caller named: continue its epochs there
             self._foreign = False
             self.history.attach(self.output_dir / HISTORY_FILENAME)
         drift = self.history.add_round(rnd, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
-        output = RoundOutput(
+        self.last_output = RoundOutput(
             round=rnd,
             drift=drift,
             summaries=self.history.summary(key),
@@ -295,15 +299,22 @@ class ExplanationSession:
             evaluation=rnd.evaluation.methods() if rnd.evaluation is not None else {},
             output_dir=self.output_dir,
             prefix=self.config.output.prefix,
+            global_step=global_step,
         )
-        self.last_output = output
-        for writer in self.writers:
-            _write_round(writer, output)
+        if self.writes:
+            self._publish(self.last_output)
+
+    def _publish(self, output: RoundOutput) -> None:
+        """Files first (a writer such as MLflow uploads the report and the history), then every logger family."""
+        assert self.output_dir is not None
+        rnd, key = output.round, output.epoch
         NeuronTensorBoardLogger.save_previews(rnd, self.output_dir / PREVIEWS_DIRNAME, epoch=key)
         rnd.to_json(self.output_dir / f"round_epoch={key}.json")
         from lightning_neurons.logging.report import write_report
 
         write_report(self.history, self.output_dir / REPORT_FILENAME, previews_dir=self.output_dir / PREVIEWS_DIRNAME)
+        for writer in self.writers:
+            _write_round(writer, output)
 
     # ------------------------------------------------------------------ state
     def outputs(self) -> dict[str, Path]:
