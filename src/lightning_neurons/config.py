@@ -245,7 +245,7 @@ class RunConfig:
         describe: bool = False,
         ablation: bool = False,
         ablation_measure: str = "probability",
-        correction: str = "control",
+        correction: Any = "control",
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
         log_units: int | Sequence[int] | None = 8,
@@ -272,7 +272,8 @@ class RunConfig:
         )
         _check_choice("reduction", reduction, ("max", "mean"))
         _check_choice("token_mode", token_mode, ("auto", "drop_first", "keep_all"))
-        _check_choice("correction", correction, ("control", "soft_wpmi"))
+        if isinstance(correction, str):
+            _check_choice("correction", correction, ("control", "soft_wpmi"))
         _check_choice("ablation_measure", ablation_measure, ("probability", "accuracy"))
         _check_choice("on_error", on_error, ("warn", "raise"))
         if output_selector is not None:

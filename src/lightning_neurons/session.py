@@ -328,8 +328,12 @@ class ExplanationSession:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue the drift history."""
-        return {"history": self.history.state_dict()}
+        """What a resumed run needs to continue the drift history.
+
+        The history file, its round ids and each unit's latest record: the full history stays in the file, so a
+        checkpoint does not grow with the run.
+        """
+        return {"history": self.history.checkpoint_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; re-attaches the history file when the session is already open."""
