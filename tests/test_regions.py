@@ -172,17 +172,82 @@ def test_peak_component_scipy_and_torch_agree(seed):
         peak_component(mask, peak, method="nope")
 
 
-def test_region_boxes_same_on_torch_path(monkeypatch):
-    import lightning_neurons.regions as regions
+def _scipy_reference_boxes(maps, thr, image_size, **kw):
+    """Boxes of the peak's component labelled by SciPy (the implementation before the run graph)."""
+    from lightning_neurons.regions import mask_boxes, pad_boxes, peak_component, threshold_masks, working_size
+
+    mask_hw = working_size(image_size, kw.pop("mask_size", 112))
+    mask, peak = threshold_masks(maps, thr, mask_hw)
+    comp = peak_component(mask, peak, method="scipy")
+    return pad_boxes(mask_boxes(comp, image_size), image_size), comp
+
+
+def test_region_boxes_match_scipy_labelling_without_importing_scipy(monkeypatch):
+    import sys
 
     g = torch.Generator().manual_seed(3)
     maps = torch.nn.functional.interpolate(torch.randn(40, 1, 7, 7, generator=g), size=(14, 14), mode="bilinear")
     maps = maps[:, 0]
     thr = maps.flatten(1).quantile(0.9, dim=1)
-    ref, ref_masks = region_boxes(maps, thr, (224, 224), return_masks=True)
-    monkeypatch.setattr(regions, "_have_scipy", lambda: False)
+    ref, ref_masks = _scipy_reference_boxes(maps, thr, (224, 224))
+    monkeypatch.setitem(sys.modules, "scipy", None)  # any SciPy import now raises
+    monkeypatch.setitem(sys.modules, "scipy.ndimage", None)
     out, out_masks = region_boxes(maps, thr, (224, 224), return_masks=True)
     assert torch.equal(ref, out) and torch.equal(ref_masks, out_masks)
+    out_chunked, _ = region_boxes(maps, thr, (224, 224), chunk_size=7)
+    assert torch.equal(ref, out_chunked)
+
+
+def test_peak_component_connectivity_cases():
+    """8-connectivity exactly: diagonal steps join, masks stacked in one batch never join each other."""
+    from lightning_neurons.regions import peak_component
+
+    m = torch.zeros(4, 6, 6, dtype=torch.bool)
+    m[0, [0, 1, 2, 3], [0, 1, 2, 3]] = True  # a diagonal line: one component under 8-connectivity
+    m[1, 5, :] = True  # last row of mask 1 ...
+    m[2, 0, :] = True  # ... and first row of mask 2 are adjacent in memory, not in the image
+    m[2, 2, 0] = True  # an isolated pixel two rows down: its own component
+    m[3] = True  # a full mask
+    peak = torch.tensor([0, 30, 3, 35])
+    out = peak_component(m, peak)
+    assert torch.equal(out[0], m[0]) and torch.equal(out[1], m[1]) and torch.equal(out[3], m[3])
+    assert out[2, 0].all() and not out[2, 2, 0]
+    assert torch.equal(out, peak_component(m, peak, method="scipy"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_region_boxes_same_as_scipy_on_noisy_maps_of_every_scale(seed):
+    g = torch.Generator().manual_seed(10 + seed)
+    for side in (7, 28, 112):  # ResNet layer4 / layer2 / conv1 map sizes against a 112 working mask
+        maps = torch.randn(64, side, side, generator=g)
+        maps = maps + torch.nn.functional.avg_pool2d(maps[:, None], 3, 1, 1)[:, 0] * 3
+        thr = maps.flatten(1).quantile(torch.rand(1, generator=g).item() * 0.5 + 0.5, dim=1)
+        ref, ref_masks = _scipy_reference_boxes(maps, thr, (224, 224))
+        out, out_masks = region_boxes(maps, thr, (224, 224), return_masks=True)
+        assert torch.equal(ref, out) and torch.equal(ref_masks, out_masks), side
+
+
+def test_dedupe_matches_greedy_nms_with_ties():
+    """Same crops and assignment as torchvision's greedy nms per sample (larger first, ties by position)."""
+    from torchvision.ops import nms
+
+    g = torch.Generator().manual_seed(6)
+    n = 1500  # above torchvision's 1,000-box switch to a Python loop over samples
+    samples = torch.randint(0, 30, (n,), generator=g)
+    xy = torch.randint(0, 12, (n, 2), generator=g)
+    boxes = torch.cat([xy, xy + torch.randint(20, 24, (n, 1), generator=g)], dim=1)  # many equal areas
+    keep, assign = dedupe_boxes(samples, boxes, 0.8, pair_budget=5000)
+    # reference: exact duplicates, then one nms over sample-offset boxes, then best-IoU assignment
+    uniq, inverse = torch.unique(torch.cat([samples[:, None], boxes], 1), dim=0, return_inverse=True)
+    ub, us = uniq[:, 1:].float(), uniq[:, 0]
+    area = (ub[:, 2] - ub[:, 0]) * (ub[:, 3] - ub[:, 1])
+    kept = nms(ub + us[:, None].float() * 1000, area, 0.8)
+    kept = kept[torch.argsort(us[kept], stable=True)]
+    iou = box_iou_matrix(ub, ub[kept])
+    iou[us[:, None] != us[kept][None]] = -1
+    first = torch.full((uniq.shape[0],), n).scatter_reduce(0, inverse, torch.arange(n), reduce="amin")
+    assert torch.equal(keep, first[kept])
+    assert torch.equal(assign, iou.argmax(dim=1)[inverse])
 
 
 def test_unit_thresholds_partial_selection_matches_sort():
