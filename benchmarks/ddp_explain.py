@@ -68,7 +68,9 @@ def run(devices: int, args: argparse.Namespace, root: Path) -> dict:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Frozen(num_classes=12, width=args.width), DataLoader(data, batch_size=32), DataLoader(data, batch_size=32))
+    trainer.fit(
+        Frozen(num_classes=12, width=args.width), DataLoader(data, batch_size=32), DataLoader(data, batch_size=32)
+    )
     rnd = json.loads((root / f"p{devices}" / "round_epoch=0.json").read_text())
     return {"seconds": rnd["meta"]["timings"]["total_s"], "units": len(rnd["units"]), "crops": rnd["meta"].get("crops")}
 

@@ -7,13 +7,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from _cheap import StatsEncoder, cheap_backend
 from lightning_neurons import NeuronExplainer
+from lightning_neurons.backends.base import Backend
+from lightning_neurons.checkpoints import load_checkpoint
 from lightning_neurons.recording.recorder import ActivationRecorder, collect_top_k
 from lightning_neurons.recording.types import Recording
-from lightning_neurons.checkpoints import load_checkpoint
-
-from _cheap import StatsEncoder, cheap_backend
-from lightning_neurons.backends.base import Backend
 
 
 class FailingEncoder(StatsEncoder):
@@ -240,7 +239,9 @@ def test_explanation_failure_warns_or_raises():
     assert model.train_steps == 2 and cb.rounds == []  # training went on
     model = Tiny()
     with pytest.raises(RuntimeError, match="exploded"):
-        trainer(Explainer(layers=LAYERS, on_error="raise", backend=failing), max_epochs=2, limit_train_batches=1).fit(model, *loaders())
+        trainer(Explainer(layers=LAYERS, on_error="raise", backend=failing), max_epochs=2, limit_train_batches=1).fit(
+            model, *loaders()
+        )
     assert model.train_steps == 1 and hook_count(model) == 0
 
 

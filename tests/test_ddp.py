@@ -99,9 +99,9 @@ def test_ddp_spawn_two_processes_explain_exactly_what_one_does(tmp_path):
     rounds = sorted(p.name for p in two_dir.glob("round_epoch=*.json"))
     assert rounds == ["round_epoch=0.json", "round_epoch=1.json"]
     evaluation = json.loads((two_dir / "round_epoch=1.json").read_text())["evaluation"]
-    reference = json.loads(
-        (tmp_path / "one" / "run" / "version_0" / "neurons" / "round_epoch=1.json").read_text()
-    )["evaluation"]
+    reference = json.loads((tmp_path / "one" / "run" / "version_0" / "neurons" / "round_epoch=1.json").read_text())[
+        "evaluation"
+    ]
     assert evaluation["metrics"]["probe_samples"] == reference["metrics"]["probe_samples"] > 0
     assert evaluation["metrics"]["simulation"] == pytest.approx(reference["metrics"]["simulation"], abs=1e-4)
     assert set(evaluation["baselines"]) == set(reference["baselines"])

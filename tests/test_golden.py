@@ -14,8 +14,17 @@ import pytest
 from golden.reduced_quickstart import run
 
 FIXTURE = Path(__file__).parent / "golden" / "quickstart_history.jsonl"
-EXACT = ("layer", "unit", "epoch", "description", "source", "top_sample_ids", "previous_epoch",
-         "previous_description", "changed")
+EXACT = (
+    "layer",
+    "unit",
+    "epoch",
+    "description",
+    "source",
+    "top_sample_ids",
+    "previous_epoch",
+    "previous_description",
+    "changed",
+)
 CLOSE = ("score", "margin", "concept_score", "similarity", "jaccard", "score_delta")
 
 

@@ -67,7 +67,9 @@ def trainer(tmp_path, callbacks, logger=True, **kwargs):
         callbacks=callbacks if isinstance(callbacks, list) else [callbacks],
         logger=TensorBoardLogger(tmp_path, name="run") if logger is True else logger,
         default_root_dir=tmp_path,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in (callbacks if isinstance(callbacks, list) else [])),
+        enable_checkpointing=any(
+            isinstance(c, ModelCheckpoint) for c in (callbacks if isinstance(callbacks, list) else [])
+        ),
         enable_progress_bar=False,
         enable_model_summary=False,
         **kwargs,
@@ -96,7 +98,9 @@ def test_several_validation_passes_per_epoch_explain_the_end_of_epoch_pass_once(
     # the explained pass is the last one of the epoch: a fresh validation of the final weights matches it
     final = explainer()
     trainer(tmp_path / "check", final).validate(t.lightning_module, loaders()[1], verbose=False)
-    assert final.last_recording.layers["head"].sample_ids.tolist() == cb.last_recording.layers["head"].sample_ids.tolist()
+    assert (
+        final.last_recording.layers["head"].sample_ids.tolist() == cb.last_recording.layers["head"].sample_ids.tolist()
+    )
 
 
 def test_fast_dev_run_explains_nothing_and_says_so_once(tmp_path, caplog):
@@ -121,9 +125,7 @@ def test_schedule_that_validation_cannot_serve_warns_at_setup(tmp_path):
 
 def test_step_based_validation_keys_rounds_by_global_step(tmp_path):
     cb = explainer()
-    t = trainer(
-        tmp_path, cb, max_epochs=None, max_steps=9, check_val_every_n_epoch=None, val_check_interval=3
-    )
+    t = trainer(tmp_path, cb, max_epochs=None, max_steps=9, check_val_every_n_epoch=None, val_check_interval=3)
     t.fit(Tiny(), *loaders())  # 6 training batches per epoch: passes at steps 3, 6 (epoch 1), 9
     assert [r.epoch for r in cb.rounds] == [3, 6, 9]
     assert load_history(Path(t.log_dir) / "neurons").epochs == [3, 6, 9]
@@ -166,8 +168,13 @@ def test_resume_with_changed_layers_warns_and_continues_the_common_layers(tmp_pa
     trainer(tmp_path, [first, ckpt], logger=False, limit_train_batches=1).fit(Tiny(), *loaders())
     resumed = explainer(layers=["head"], top_k=4)  # another derived name, another state key
     with pytest.warns(UserWarning, match="layers changed"):
-        trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], logger=False, max_epochs=3,
-                limit_train_batches=1).fit(Tiny(), *loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+        trainer(
+            tmp_path,
+            [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+            logger=False,
+            max_epochs=3,
+            limit_train_batches=1,
+        ).fit(Tiny(), *loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     history = load_history(tmp_path / "neurons")
     assert history.epochs == [0, 1, 2]
     assert [r.key[2] for r in history.records if r.key[:2] == ("head", 0)] == [0, 1, 2]
@@ -203,7 +210,9 @@ class WithBlock(Tiny):
         return self.head(h.amax(dim=(2, 3)))
 
 
-@pytest.mark.parametrize(("block", "match"), [(TupleOut(), "output_selector"), (FiveD(), "shape"), (Tokens(), "square")])
+@pytest.mark.parametrize(
+    ("block", "match"), [(TupleOut(), "output_selector"), (FiveD(), "shape"), (Tokens(), "square")]
+)
 def test_unsupported_layer_outputs_fail_before_the_first_training_step(tmp_path, block, match):
     model = WithBlock(block)
     with pytest.raises(ValueError, match=match):
@@ -232,7 +241,9 @@ class HFStyle(pl.LightningModule):
         return nn.functional.cross_entropy(self.model(pixel_values=batch["pixel_values"]), batch["labels"])
 
     def validation_step(self, batch, batch_idx):
-        self.log("val_loss", nn.functional.cross_entropy(self.model(pixel_values=batch["pixel_values"]), batch["labels"]))
+        self.log(
+            "val_loss", nn.functional.cross_entropy(self.model(pixel_values=batch["pixel_values"]), batch["labels"])
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
@@ -340,7 +351,7 @@ def test_every_run_gets_its_own_folder_with_mlflow_and_csv_loggers(tmp_path, mon
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     folders = []
-    for run in range(2):
+    for _ in range(2):
         cb = explainer(layers=["head"])
         mlflow = MLFlowLogger(experiment_name="neurons", tracking_uri=f"file:{tmp_path / 'mlruns'}")
         t = trainer(tmp_path, cb, logger=[mlflow, CSVLogger(tmp_path, name="csv")], max_epochs=1)

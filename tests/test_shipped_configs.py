@@ -48,7 +48,7 @@ def test_vit_config_runs_one_reduced_epoch(tmp_path):
 
 
 @pytest.mark.slow  # the real hf backend: open_clip, BLIP captioner and causal LM (tiny random weights)
-def test_clip_config_runs_one_reduced_epoch_with_tiny_models(tmp_path, tiny_clip_name, tiny_blip_dir, tiny_llama_dir):
+def test_clip_config_runs_one_reduced_epoch_with_tiny_models(tmp_path, tiny_clip_name, tiny_blip_dir, tiny_llama_dir):  # noqa: F811
     kwargs = (
         f"{{encoder: clip, model_name: {tiny_clip_name}, pretrained: null, captioner: {tiny_blip_dir}, "
         f"generator: {tiny_llama_dir}}}"

@@ -208,6 +208,10 @@ class ExplanationRound:
         """Layer names in first-seen order."""
         return list(dict.fromkeys(u.layer for u in self.units))
 
+    def units_of(self, name: str) -> list[int]:
+        """The unit indices of one layer in this round, ascending."""
+        return sorted(u.unit for u in self.units if u.layer == name)
+
     def layer(self, name: str) -> list[UnitExplanation]:
         """The explanations of one layer, ordered by unit."""
         return sorted((u for u in self.units if u.layer == name), key=lambda u: u.unit)

@@ -465,19 +465,4 @@ def summarize_layer(
         if first is not None:
             first_stable[unit] = first
         n_stable += is_stable(past, stable_rounds)
-    compared = [d for d in now if d.compared]
-    n_changed = sum(d.changed for d in compared)
-    return LayerDriftSummary(
-        layer=layer,
-        epoch=epoch,
-        n_units=len(now),
-        n_compared=len(compared),
-        n_changed=n_changed,
-        fraction_changed=n_changed / len(compared) if compared else 0.0,
-        mean_score=sum(d.score for d in now) / len(now) if now else float("nan"),
-        mean_similarity=sum(d.similarity or 0.0 for d in compared) / len(compared) if compared else None,
-        mean_jaccard=sum(d.jaccard or 0.0 for d in compared) / len(compared) if compared else None,
-        stable_rounds=stable_rounds,
-        n_stable=n_stable,
-        first_stable_epoch=first_stable,
-    )
+    return _summary(layer, epoch, now, first_stable, n_stable, stable_rounds)

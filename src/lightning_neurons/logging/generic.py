@@ -23,11 +23,10 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from lightning_neurons.logging.base import RoundOutput
-from lightning_neurons.logging.metrics import round_metrics
+from lightning_neurons.logging.metrics import round_metrics, unit_metrics
 from lightning_neurons.logging.rows import layer_rows, round_label, rows_csv
 from lightning_neurons.logging.tensorboard import LogUnits, select_units
 
@@ -55,17 +54,10 @@ class LoggerRoundWriter:
 
     def write_round(self, output: RoundOutput) -> None:
         """Log the round's scalars and write its tables."""
-        prefix = output.prefix
         metrics = round_metrics(output, first_round_changed=None)
-        by_key = {(d.layer, d.unit): d for d in output.drift}
         for layer in output.round.layers:
-            for unit in select_units(self.log_units, layer, [u.unit for u in output.round.layer(layer)]):
-                u = output.round.get(layer, unit)
-                if math.isfinite(u.score):
-                    metrics[f"{prefix}/{layer}/{unit}/score"] = float(u.score)
-                d = by_key.get((layer, unit))
-                if d is not None and d.drift is not None:
-                    metrics[f"{prefix}/{layer}/{unit}/drift"] = float(d.drift)
+            logged = select_units(self.log_units, layer, output.round.units_of(layer))
+            metrics.update(unit_metrics(output, layer, logged))
             if self.write_tables and output.output_dir is not None:
                 folder = output.output_dir / TABLES_DIRNAME
                 folder.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.rows import is_dead
@@ -94,4 +95,25 @@ def round_metrics(output: RoundOutput, *, first_round_changed: float | None = 1.
     return metrics
 
 
-__all__ = ["LAYER_METRIC_NAMES", "metric_name", "round_metrics"]
+def unit_metrics(output: RoundOutput, layer: str, units: Sequence[int]) -> dict[str, float]:
+    """Per-unit scalars of the logged units: ``<prefix>/<layer>/<unit>/score`` and ``.../drift`` (finite only).
+
+    Example:
+        >>> from lightning_neurons.results import ExplanationRound, UnitExplanation
+        >>> rnd = ExplanationRound(0, [UnitExplanation("fc", 0, 0, "red", 0.75)])
+        >>> unit_metrics(RoundOutput(rnd, drift=[], summaries=[], step=0, epoch=0), "fc", [0])
+        {'neurons/fc/0/score': 0.75}
+    """
+    drift = {(d.layer, d.unit): d for d in output.drift if d.layer == layer}
+    metrics: dict[str, float] = {}
+    for unit in units:
+        u = output.round.get(layer, unit)
+        if math.isfinite(u.score):
+            metrics[f"{output.prefix}/{layer}/{unit}/score"] = float(u.score)
+        d = drift.get((layer, unit))
+        if d is not None and d.drift is not None:
+            metrics[f"{output.prefix}/{layer}/{unit}/drift"] = float(d.drift)
+    return metrics
+
+
+__all__ = ["LAYER_METRIC_NAMES", "metric_name", "round_metrics", "unit_metrics"]

@@ -26,12 +26,11 @@ Example:
 
 from __future__ import annotations
 
-import math
 import re
 from typing import TYPE_CHECKING
 
 from lightning_neurons.logging.base import RoundOutput
-from lightning_neurons.logging.metrics import round_metrics
+from lightning_neurons.logging.metrics import round_metrics, unit_metrics
 from lightning_neurons.logging.previews import preview_grid
 from lightning_neurons.logging.rows import hwc, layer_rows, round_label, rows_csv, rows_json
 from lightning_neurons.logging.tensorboard import LogUnits, select_units
@@ -79,18 +78,13 @@ class MLflowRoundWriter:
         run_id = self.logger.run_id
         prefix, step = output.prefix, output.step
         metrics = round_metrics(output, first_round_changed=None)
-        by_key = {(d.layer, d.unit): d for d in output.drift}
         for layer in output.round.layers:
             rows = layer_rows(output, layer)
             client.log_text(run_id, rows_csv(rows), f"{prefix}/{layer}/table_{round_label(output)}.csv")
             client.log_text(run_id, rows_json(rows), f"{prefix}/{layer}/table_{round_label(output)}.json")
-            for unit in select_units(self.log_units, layer, [u.unit for u in output.round.layer(layer)]):
-                u = output.round.get(layer, unit)
-                if math.isfinite(u.score):
-                    metrics[f"{prefix}/{layer}/{unit}/score"] = float(u.score)
-                d = by_key.get((layer, unit))
-                if d is not None and d.drift is not None:
-                    metrics[f"{prefix}/{layer}/{unit}/drift"] = float(d.drift)
+            logged = select_units(self.log_units, layer, output.round.units_of(layer))
+            metrics.update(unit_metrics(output, layer, logged))
+            for unit in logged:
                 previews = output.round.previews.get((layer, unit))
                 if previews is not None and previews.numel() > 0:
                     grid = hwc(preview_grid(previews, nrow=self.preview_nrow))

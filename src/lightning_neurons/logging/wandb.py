@@ -23,11 +23,10 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 from lightning_neurons.logging.base import RoundOutput
-from lightning_neurons.logging.metrics import round_metrics
+from lightning_neurons.logging.metrics import round_metrics, unit_metrics
 from lightning_neurons.logging.previews import preview_grid
 from lightning_neurons.logging.rows import ROW_COLUMNS, hwc, layer_rows, top_crop
 from lightning_neurons.logging.tensorboard import LogUnits, select_units
@@ -80,14 +79,10 @@ class WandbRoundWriter:
                 image = wandb.Image(hwc(crop), caption=row["description"]) if crop is not None else None
                 table.add_data(*[row[c] for c in ROW_COLUMNS], image)
             payload[f"{prefix}/{layer}/table"] = table
-            by_key = {(d.layer, d.unit): d for d in output.drift}
-            for unit in select_units(self.log_units, layer, [u.unit for u in output.round.layer(layer)]):
+            logged = select_units(self.log_units, layer, output.round.units_of(layer))
+            payload.update(unit_metrics(output, layer, logged))
+            for unit in logged:
                 u = output.round.get(layer, unit)
-                if math.isfinite(u.score):
-                    payload[f"{prefix}/{layer}/{unit}/score"] = float(u.score)
-                d = by_key.get((layer, unit))
-                if d is not None and d.drift is not None:
-                    payload[f"{prefix}/{layer}/{unit}/drift"] = float(d.drift)
                 previews = output.round.previews.get((layer, unit))
                 if previews is not None and previews.numel() > 0:
                     grid = preview_grid(previews, nrow=self.preview_nrow)
