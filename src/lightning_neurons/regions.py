@@ -252,9 +252,11 @@ class MaskRuns:
         ends = torch.empty_like(mask)
         ends[..., -1] = mask[..., -1]
         torch.gt(mask[..., :-1], mask[..., 1:], out=ends[..., :-1])
-        # one host synchronisation each (the number of runs); everything else stays on the device
-        self.start = torch.nonzero(begins.reshape(-1)).squeeze(1)
-        end = torch.nonzero(ends.reshape(-1)).squeeze(1)
+        # One scan for both (a host synchronisation: the number of runs; everything else stays on the device):
+        # in flat order the marks alternate start, end, start, end (a one-pixel run is both at once).
+        marks = torch.nonzero((begins | ends).reshape(-1)).squeeze(1)
+        self.start = marks[begins.reshape(-1)[marks]]
+        end = marks[ends.reshape(-1)[marks]]
         self.row = torch.div(self.start, width, rounding_mode="floor")
         self.x0 = self.start - self.row * width
         self.x1 = end - self.row * width
