@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.checkpoints import load_checkpoint, load_model, load_model_weights
 from lightning_neurons.config import RunConfig
+from lightning_neurons.recording.hooks import evaluating
 from lightning_neurons.recording.recorder import collect_top_k
 from lightning_neurons.recording.samples import DataLoaderSampleSource
 from lightning_neurons.results import ExplanationRound
@@ -202,13 +203,8 @@ def explain_with(
     source = DataLoaderSampleSource(
         dataloader, input_key=recording_config.input_key, target_key=recording_config.target_key
     )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return session.explain(model, recording, source, epoch=epoch if epoch is not None else 0)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        return session.explain(model, recording, source, epoch=epoch if epoch is not None else 0)
 
 
 class _ClosingWriter:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lightning_neurons.evaluation.final_layer import EmbedFn, embed_texts, normalize_text
 from lightning_neurons.evaluation.stats import auc
 from lightning_neurons.explanation.ablation import HurtMeasure, ablate_units
-from lightning_neurons.recording.hooks import ForwardFn, LayerTaps, SelectorSpec
+from lightning_neurons.recording.hooks import ForwardFn, LayerTaps, SelectorSpec, evaluating
 from lightning_neurons.recording.types import UnitKind
 
 Hurt = list[tuple[str, float]]
@@ -158,9 +158,7 @@ def ablation_drops(
     taps = LayerTaps.from_names(model, [layer], output_selector)  # KeyError for an unknown layer
     if bool((labels < 0).any()):
         raise ValueError("the ablation check needs class labels for every probe sample")
-    was_training = model.training
-    try:
-        model.eval()
+    with evaluating(model):
         kind = layer_kind(model, layer, inputs, output_selector=output_selector, forward_fn=forward_fn)
         return ablate_units(
             model,
@@ -176,8 +174,6 @@ def ablation_drops(
             output_selector=taps.selector_for(layer),
             forward_fn=forward_fn,
         )
-    finally:
-        model.train(was_training)
 
 
 def ablation_agreement(

@@ -41,7 +41,7 @@ from lightning_neurons.explanation.forward import ForwardResult, RoundSamples, f
 from lightning_neurons.explanation.phrases import rephrase_units
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.explanation.units import RoundEvidence, build_units, concept_set, score_layers
-from lightning_neurons.recording.hooks import model_device
+from lightning_neurons.recording.hooks import evaluating, model_device
 from lightning_neurons.recording.samples import SampleSource
 from lightning_neurons.recording.types import LayerTopK, Recording
 from lightning_neurons.regions import box_area_fraction
@@ -167,16 +167,6 @@ def _counts(evidence: RoundEvidence, units: list[UnitExplanation]) -> dict[str, 
     }
 
 
-@contextmanager
-def _train_mode_restored(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    try:
-        model.eval()
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _ablation(
     model: nn.Module,
     units: list[UnitExplanation],
@@ -194,7 +184,7 @@ def _ablation(
     chosen = cfg.ablation_units if cfg.ablation_units is not None else preview_units(cfg, samples.layers)
     modules = dict(model.named_modules(remove_duplicate=False))
     by_key = {u.key: u for u in units}
-    with _train_mode_restored(model):
+    with evaluating(model):
         for name, unit_list in chosen.items():
             if name not in samples.layers or not unit_list:
                 continue

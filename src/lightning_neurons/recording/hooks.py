@@ -352,6 +352,26 @@ def _force_eager() -> Any:
     return set_stance("force_eager") if set_stance is not None else None  # the constructor sets the stance
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in ``eval()`` mode inside the block and restore its training mode afterwards, also on error.
+
+    Example:
+        >>> model = nn.Dropout().train()
+        >>> with evaluating(model):
+        ...     model.training
+        False
+        >>> model.training
+        True
+    """
+    was_training = model.training
+    try:
+        model.eval()
+        yield model
+    finally:
+        model.train(was_training)
+
+
 # ---------------------------------------------------------------------- set-up checks
 def compiled_parts(model: nn.Module) -> list[str]:
     """Names of the parts of ``model`` that ``torch.compile`` wraps (``""`` for the model itself).
@@ -444,10 +464,8 @@ def check_layer_outputs(
     # Raw hooks (not taps.hooks): a selector that does not apply must become a listed problem, not an exception.
     handles = [module.register_forward_hook(grab(name, module)) for name, module in taps.layers.items()]
     stance = _force_eager()
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             run_model(model, prepare_inputs(model, inputs), forward_fn)
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward: say how the model is run
         how = "forward_fn(model, images)" if forward_fn is not None else "model(images)"
@@ -468,7 +486,6 @@ def check_layer_outputs(
             handle.remove()
         if stance is not None:
             stance.__exit__(None, None, None)
-        model.train(was_training)
 
     for name in taps.layers:
         if name not in outputs:
