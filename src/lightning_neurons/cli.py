@@ -138,6 +138,22 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="built-in benchmark: seeds to average (default 0 1 2)"
     )
+    evaluate.add_argument(
+        "--protocol",
+        choices=["final-layer", "simulation"],
+        default=None,
+        help="a published protocol on your model and data: CLIP-Dissect's final-layer accuracy or Linear "
+        "Explanations' simulation correlation (needs --model and --probe)",
+    )
+    evaluate.add_argument("--model", default=None, help="--protocol: torchvision:<name> (e.g. torchvision:resnet50)")
+    evaluate.add_argument("--weights", default="DEFAULT", help="--protocol: torchvision weights tag, 'none' for random")
+    evaluate.add_argument("--probe", default=None, help="--protocol: an ImageFolder (one folder per class)")
+    evaluate.add_argument("--layer", default=None, help="--protocol: the layer (default: the last Linear)")
+    evaluate.add_argument("--backend", default="clip", help="--protocol: clip (open_clip) or embedded")
+    evaluate.add_argument("--backend-args", default="{}", help="--protocol: JSON backend arguments")
+    evaluate.add_argument("--max-images", type=int, default=None, help="--protocol: a seeded subset of the probe")
+    evaluate.add_argument("--image-size", type=int, default=224, help="--protocol: input side (default 224)")
+    evaluate.add_argument("--top-k", type=int, default=10, help="--protocol: top samples per unit (default 10)")
     evaluate.add_argument("-o", "--output", default=None, help="write the JSON result here")
     evaluate.set_defaults(handler=_evaluate)
     return parser
@@ -239,6 +255,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.protocol is not None:
+        return _protocol(args)
     if args.run_dir is not None:
         from lightning_neurons.posthoc import evaluate_run
 
@@ -259,6 +277,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.output:
         Path(args.output).write_text(text)
     print(text)
+    return 0
+
+
+def _protocol(args: argparse.Namespace) -> int:
+    from lightning_neurons.evaluation.protocols import run_protocol
+
+    if not args.model or not args.probe:
+        raise SystemExit("error: --protocol needs --model (e.g. torchvision:resnet50) and --probe (an ImageFolder)")
+    result = run_protocol(
+        args.protocol,
+        args.model,
+        args.probe,
+        args.backend,
+        layer=args.layer,
+        weights=None if str(args.weights).lower() == "none" else args.weights,
+        max_images=args.max_images,
+        image_size=args.image_size,
+        top_k=args.top_k,
+        backend_kwargs=json.loads(args.backend_args),
+    )
+    print(result["table"])
+    if args.output:
+        Path(args.output).write_text(dumps_strict(result, indent=1))
     return 0
 
 
