@@ -278,3 +278,18 @@ def test_region_step_is_fast_at_resnet_scale():
     seconds = time.perf_counter() - t0
     assert boxes.shape == (512, 4)
     assert seconds < 5.0, f"region step took {seconds:.2f} s for 512 pairs (was ~20 s with the iterated flood fill)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_region_stage_on_cuda_matches_cpu_and_stays_on_device():
+    g = torch.Generator().manual_seed(7)
+    maps = torch.nn.functional.interpolate(torch.randn(300, 1, 7, 7, generator=g), size=(28, 28), mode="bilinear")[:, 0]
+    thr = maps.flatten(1).quantile(0.95, dim=1)
+    ref, ref_masks = region_boxes(maps, thr, (224, 224), return_masks=True)
+    out, out_masks = region_boxes(maps.cuda(), thr.cuda(), (224, 224), return_masks=True)
+    assert out.is_cuda and out_masks is not None and out_masks.is_cuda
+    assert torch.equal(ref, out.cpu()) and torch.equal(ref_masks, out_masks.cpu())
+    samples = torch.randint(0, 20, (300,), generator=g)
+    keep, assign = dedupe_boxes(samples, ref)
+    keep_c, assign_c = dedupe_boxes(samples.cuda(), out)
+    assert keep_c.is_cuda and torch.equal(keep, keep_c.cpu()) and torch.equal(assign, assign_c.cpu())
