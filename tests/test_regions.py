@@ -194,8 +194,8 @@ def test_region_boxes_match_scipy_labelling_without_importing_scipy(monkeypatch)
     monkeypatch.setitem(sys.modules, "scipy.ndimage", None)
     out, out_masks = region_boxes(maps, thr, (224, 224), return_masks=True)
     assert torch.equal(ref, out) and torch.equal(ref_masks, out_masks)
-    out_chunked, _ = region_boxes(maps, thr, (224, 224), chunk_size=7)
-    assert torch.equal(ref, out_chunked)
+    out_chunked, masks_chunked = region_boxes(maps, thr, (224, 224), chunk_size=7, return_masks=True)
+    assert torch.equal(ref, out_chunked) and torch.equal(ref_masks, masks_chunked)
 
 
 def test_peak_component_connectivity_cases():

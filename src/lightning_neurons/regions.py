@@ -260,8 +260,27 @@ class MaskRuns:
         self.row = torch.div(self.start, width, rounding_mode="floor")
         self.x0 = self.start - self.row * width
         self.x1 = end - self.row * width
-        self.begins = begins
-        self.mask = mask
+        self.begins: Tensor | None = begins
+        self.mask: Tensor | None = mask
+
+    @classmethod
+    def cat(cls, parts: Sequence[MaskRuns]) -> MaskRuns:
+        """The runs of the parts' masks stacked in order, without their pixels (no :meth:`paint`).
+
+        Lets one component search and one set of box reductions serve many chunks of masks: the runs are
+        compact, and fewer, larger tensor ops are what both a GPU and a busy CPU run fastest.
+        """
+        _, height, width = parts[0].shape
+        out = cls.__new__(cls)
+        counts = [p.shape[0] for p in parts]
+        bases = [sum(counts[:i]) for i in range(len(parts))]
+        out.shape = (sum(counts), height, width)
+        out.start = torch.cat([p.start + b * height * width for p, b in zip(parts, bases)])
+        out.row = torch.cat([p.row + b * height for p, b in zip(parts, bases)])
+        out.x0 = torch.cat([p.x0 for p in parts])
+        out.x1 = torch.cat([p.x1 for p in parts])
+        out.begins = out.mask = None
+        return out
 
     @property
     def map_index(self) -> Tensor:
@@ -313,6 +332,8 @@ class MaskRuns:
 
     def paint(self, selected: Tensor) -> Tensor:
         """The pixels of the selected runs (``selected``: bool ``[R]``), as bool ``[P, H, W]``."""
+        if self.begins is None or self.mask is None:
+            raise ValueError("these runs were concatenated without their pixels; paint each part instead")
         run_of_pixel = torch.cumsum(self.begins.reshape(-1), 0) - 1  # outside pixels: the run before them
         return selected[run_of_pixel.clamp_min(0)].reshape(self.shape) & self.mask
 
@@ -519,17 +540,26 @@ def region_boxes(
         if masks is not None:
             masks[:] = True
         return boxes, masks
+    # Per chunk only the pixel work (upsample, threshold, runs); the runs of all chunks then get one component
+    # search and one set of box reductions. Boxes come straight from the runs of the peak's component: the
+    # component mask itself is painted only when asked for (previews, chunk by chunk).
+    parts: list[MaskRuns] = []
+    peaks: list[Tensor] = []
     for start in range(0, num, chunk_size):
         sl = slice(start, min(num, start + chunk_size))
-        # Boxes straight from the runs of the peak's component: the component mask itself is painted only when
-        # asked for (previews).
         mask, peak_idx = threshold_masks(maps[sl], thresholds[sl], mask_hw, relative_threshold)
         runs = MaskRuns(mask)
-        selected = peak_runs(runs, peak_idx) if component == "peak" else None
-        tight = _to_image_pixels(runs.boxes(selected), mask_hw, image_size)
-        boxes[sl] = pad_boxes(tight, image_size, padding, min_size, square)
         if masks is not None:
-            masks[sl] = mask if selected is None else runs.paint(selected)
+            masks[sl] = mask if component == "all" else runs.paint(peak_runs(runs, peak_idx))
+        runs.begins = runs.mask = None  # free the chunk's pixels
+        parts.append(runs)
+        peaks.append(peak_idx)
+    if not parts:
+        return boxes, masks
+    runs = MaskRuns.cat(parts) if len(parts) > 1 else parts[0]
+    selected = peak_runs(runs, torch.cat(peaks)) if component == "peak" else None
+    tight = _to_image_pixels(runs.boxes(selected), mask_hw, image_size)
+    boxes[:] = pad_boxes(tight, image_size, padding, min_size, square)
     return boxes, masks
 
 
