@@ -632,7 +632,7 @@ def run_benchmark_seeds(
             else all(run["checks"][metric][base_] for run in runs)
             for base_ in BASELINES_TO_BEAT
         }
-        for metric in HEADLINE_METRICS
+        for metric in runs[0]["checks"]
     }
     result["per_seed"] = per_seed
     first = runs[0]["setup"]
@@ -649,6 +649,7 @@ def _checks(result: dict[str, Any]) -> dict[str, dict[str, bool | None]]:
     return {
         metric: {base: _beats(result["embedded"].get(metric), result[base].get(metric)) for base in BASELINES_TO_BEAT}
         for metric in HEADLINE_METRICS
+        if metric in result["embedded"]
     }
 
 
