@@ -521,7 +521,8 @@ def region_boxes(
         mask_size: Long side of the working resolution of the masks.
         component: ``"peak"`` or ``"all"``, see the module docstring.
         return_masks: Also return the masks (``[P, mh, mw]`` bool over the whole image).
-        chunk_size: Pairs per vectorised step (bounds memory).
+        chunk_size: Pairs per vectorised pixel step (upsample, threshold, runs; bounds memory). The component
+            search and the box reductions then run once over the compact runs of all chunks.
 
     Returns:
         ``(boxes int64 [P, 4], masks or None)``.
