@@ -293,3 +293,35 @@ def test_region_stage_on_cuda_matches_cpu_and_stays_on_device():
     keep, assign = dedupe_boxes(samples, ref)
     keep_c, assign_c = dedupe_boxes(samples.cuda(), out)
     assert keep_c.is_cuda and torch.equal(keep, keep_c.cpu()) and torch.equal(assign, assign_c.cpu())
+
+
+def _crop_jobs(device):
+    g = torch.Generator().manual_seed(8)
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=g)
+    xy = torch.randint(0, 20, (23, 2), generator=g)
+    boxes = torch.cat([xy, xy + torch.randint(4, 20, (23, 1), generator=g)], dim=1)
+    return images.to(device), torch.randint(0, 6, (23,), generator=g).to(device), boxes.to(device)
+
+
+def test_crop_batches_are_crop_images_in_order():
+    from lightning_neurons.regions import crop_batches
+
+    images, idx, boxes = _crop_jobs("cpu")
+    whole = crop_images(images, idx, boxes, 16)
+    batches = list(crop_batches(images, idx, boxes, 16, 5))
+    assert [b.shape[0] for b in batches] == [5, 5, 5, 5, 3]
+    assert torch.equal(torch.cat(batches), whole)
+    with pytest.raises(ValueError, match="batch_size"):
+        list(crop_batches(images, idx, boxes, 16, 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_crop_batches_prefetch_on_a_side_stream_gives_the_same_crops():
+    from lightning_neurons.regions import crop_batches
+
+    images, idx, boxes = _crop_jobs("cuda")
+    whole = crop_images(images, idx, boxes, 16)
+    got = []
+    for batch in crop_batches(images, idx, boxes, 16, 5):
+        got.append((batch * 2).cpu())  # the caller's work on the current stream
+    assert torch.allclose(torch.cat(got), (whole * 2).cpu(), atol=1e-6)

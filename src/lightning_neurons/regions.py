@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -758,6 +758,63 @@ def crop_images(images: Tensor, sample_index: Tensor, boxes: Tensor, size: int |
     return crops.clamp(0.0, 1.0)
 
 
+def crop_batches(
+    images: Tensor,
+    sample_index: Tensor,
+    boxes: Tensor,
+    size: int | tuple[int, int],
+    batch_size: int,
+    *,
+    prefetch: bool = True,
+) -> Iterator[Tensor]:
+    """:func:`crop_images` in batches, in order; on CUDA the next batch is cut while the caller uses this one.
+
+    On a CUDA device (with ``prefetch``) every batch is cut on a side stream one batch ahead: while the caller
+    encodes batch ``i`` on the current stream, batch ``i + 1`` is being cut, so the encoder does not wait for
+    the crops. Elsewhere the batches are cut when asked for. The crops are the same either way.
+
+    Args:
+        images: See :func:`crop_images`.
+        sample_index: int64 ``[K]`` image of each box.
+        boxes: ``[K, 4]``.
+        size: Output side (or ``(h, w)``).
+        batch_size: Crops per batch.
+        prefetch: Cut one batch ahead on a side stream (CUDA only).
+
+    Yields:
+        float32 ``[<= batch_size, C, size, size]`` in ``[0, 1]``.
+
+    Example:
+        >>> boxes = torch.tensor([[0, 0, 8, 8]] * 3)
+        >>> batches = crop_batches(torch.rand(2, 3, 16, 16), torch.tensor([0, 1, 1]), boxes, 4, batch_size=2)
+        >>> [b.shape[0] for b in batches]
+        [2, 1]
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = list(range(0, boxes.shape[0], batch_size))
+    if not prefetch or images.device.type != "cuda" or len(starts) < 2:
+        for s in starts:
+            yield crop_images(images, sample_index[s : s + batch_size], boxes[s : s + batch_size], size)
+        return
+    main = torch.cuda.current_stream(images.device)
+    side = torch.cuda.Stream(device=images.device)
+    side.wait_stream(main)  # the images and boxes were made on the current stream
+
+    def cut(s: int) -> Tensor:
+        with torch.cuda.stream(side):
+            return crop_images(images, sample_index[s : s + batch_size], boxes[s : s + batch_size], size)
+
+    ready = cut(starts[0])
+    for following in [*starts[1:], None]:
+        main.wait_stream(side)  # this batch is cut before the caller's work on it starts
+        ready.record_stream(main)  # and its memory stays reserved until that work is done
+        current = ready
+        if following is not None:
+            ready = cut(following)  # queued now: runs while the caller encodes ``current``
+        yield current
+
+
 def crop_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], size: int) -> Tensor:
     """Cut each pair's box out of its own whole-image mask and resize it.
 
@@ -851,6 +908,7 @@ def box_area_fraction(boxes: Tensor, image_size: tuple[int, int]) -> float:
 __all__ = [
     "box_area_fraction",
     "box_iou_matrix",
+    "crop_batches",
     "crop_images",
     "crop_masks",
     "dedupe_boxes",
