@@ -147,13 +147,13 @@ def test_embedded_session_leaves_its_basis_names_out_of_the_general_vocabulary(b
     explainer = NeuronExplainer(
         layers=["head"], backend="embedded", backend_kwargs={"device": "cpu"}, class_names=["goldfish", "rocket"]
     )
-    session = ExplanationSession(explainer)
-    session._load(["goldfish", "rocket"])
+    session = ExplanationSession(explainer.config)
+    session.setup()
     assert session.concepts is not None
-    texts = session.concepts[0]
+    texts = list(session.concepts.texts)
     assert "goldfish" in texts and "rocket" in texts and "cat" in texts
     assert "espresso" not in texts and "egyptian cat" not in texts
-    assert session.concepts[1].shape[0] == len(texts)
+    assert session.concepts.embeddings.shape[0] == len(texts)
     names = {n.lower() for n in imagenet_class_names()}
     assert [t for t in texts if t in names] == ["goldfish"]  # only the class name
     from lightning_neurons.backends import load_backend

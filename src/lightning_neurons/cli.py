@@ -270,7 +270,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "baselines": evaluation.baselines if evaluation is not None else {},
         }
     else:
-        from lightning_neurons.evaluation import run_benchmark_seeds
+        from lightning_neurons.benchmark import run_benchmark_seeds
 
         result = run_benchmark_seeds(args.seeds)
     text = dumps_strict(result, indent=1)
