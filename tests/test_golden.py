@@ -1,8 +1,12 @@
 """Behaviour is unchanged where it was right: a reduced quickstart gives the history committed before the redesign.
 
 The fixture ``golden/quickstart_history.jsonl`` was written by ``golden/reduced_quickstart.py`` on the code before
-the settings/session redesign (commit 8e45e94). Texts, sample ids and drift flags must match exactly; scores within
-float tolerance (the same kernels on another CPU may round differently in the last bits).
+the settings/session redesign (commit 8e45e94), with the offline models built before the run
+(``golden/make_fixture_with_old_code.py``): the old callback's setup drew from the global RNG when it built them
+(weight init before the weights are read), which shifted the training's random stream whenever a process had not
+built them yet; the callback now keeps that stream untouched, so the fixture is the old code's run in the state where
+it did so too. Texts, sample ids and drift flags must match exactly; scores within float tolerance (the same kernels
+on another CPU may round differently in the last bits).
 """
 
 import json

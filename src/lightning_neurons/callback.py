@@ -325,7 +325,11 @@ class NeuronExplainer(Callback):
             if self._session_state is not None:  # a later fit/validate of this callback continues its history
                 session.load_state_dict(self._session_state)
                 self._session_state = None
-            session.setup(class_names=_trainer_class_names(trainer))  # may raise: fail before training starts
+            # Loading models may draw from the global RNG (weight init before the checkpoint is read): keep training's
+            # random stream as it would be without the explainer.
+            devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                session.setup(class_names=_trainer_class_names(trainer))  # may raise: fail before training starts
             session.open(output_dir, self._writers(trainer, session) if trainer.is_global_zero else [])
             self.session = session
 

@@ -25,6 +25,7 @@ from lightning_neurons.explanation.forward import ForwardResult, LayerMaps
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.recording.types import LayerTopK
 from lightning_neurons.regions import (
+    crop_batches,
     crop_images,
     crop_masks,
     dedupe_boxes,
@@ -244,11 +245,12 @@ def embed_crops(
 def _embed(encoder: ImageTextEncoder, bank: Tensor, bank_idx: Tensor, boxes: Tensor, cfg: ExplainConfig) -> Tensor:
     """Cut and embed crops in encoder-sized batches; returns CPU float32 ``[n, D]``."""
     out: list[Tensor] = []
-    starts = range(0, bank_idx.numel(), cfg.encoder_batch_size)
+    total = -(-bank_idx.numel() // cfg.encoder_batch_size)
+    # On CUDA the next batch is cut on a side stream while the encoder works on this one (regions.crop_batches).
+    batches = crop_batches(bank, bank_idx, boxes, cfg.crop_size, cfg.encoder_batch_size)
+    progress = tqdm(batches, total=total, desc="explain: embed crops", disable=not cfg.show_progress, leave=False)
     with torch.no_grad():
-        for start in tqdm(starts, desc="explain: embed crops", disable=not cfg.show_progress, leave=False):
-            sl = slice(start, start + cfg.encoder_batch_size)
-            crops = crop_images(bank, bank_idx[sl], boxes[sl], cfg.crop_size)
+        for crops in progress:
             out.append(encoder.encode_images(crops).float().cpu())
     if not out:
         return torch.empty(0, 0)
