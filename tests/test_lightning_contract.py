@@ -361,3 +361,23 @@ def test_every_run_gets_its_own_folder_with_mlflow_and_csv_loggers(tmp_path, mon
     assert folders[0] != folders[1]
     for folder in folders:
         assert load_history(folder).epochs == [0]  # no run appended to the other's history
+
+
+def test_a_new_run_never_appends_to_another_runs_history(tmp_path):
+    first = explainer(layers=["head"])
+    trainer(tmp_path, first, logger=False, max_epochs=1).fit(Tiny(), *loaders())
+    assert first.outputs()["History"] == tmp_path / "neurons" / "history.jsonl"
+    # no logger, same default_root_dir: the second run gets a folder of its own (and says so)
+    second = explainer(layers=["head"])
+    with pytest.warns(UserWarning, match="already holds another run's history"):
+        trainer(tmp_path, second, logger=False, max_epochs=1).fit(Tiny(), *loaders())
+    assert second.outputs()["History"] == tmp_path / "neurons_1" / "history.jsonl"
+    assert len(load_history(tmp_path / "neurons")) == len(load_history(tmp_path / "neurons_1")) == 3
+    # an explicit history_dir holding another run's history is refused before the first training step
+    model = Tiny()
+    with pytest.raises(FileExistsError, match="another run's history"):
+        trainer(tmp_path, explainer(layers=["head"], history_dir=str(tmp_path / "neurons")), logger=False).fit(
+            model, *loaders()
+        )
+    assert model.train_steps == 0
+    assert len(load_history(tmp_path / "neurons")) == 3  # untouched
