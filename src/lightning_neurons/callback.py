@@ -13,11 +13,12 @@ checkpoint's epoch when ``ckpt_path`` is given); ``fast_dev_run`` explains nothi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -327,8 +328,7 @@ class NeuronExplainer(Callback):
                 self._session_state = None
             # Loading models may draw from the global RNG (weight init before the checkpoint is read): keep training's
             # random stream as it would be without the explainer.
-            devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
+            with _training_rng_kept(pl_module):
                 session.setup(class_names=_trainer_class_names(trainer))  # may raise: fail before training starts
             session.open(output_dir, self._writers(trainer, session) if trainer.is_global_zero else [])
             self.session = session
@@ -517,9 +517,8 @@ class NeuronExplainer(Callback):
             loader = _probe_loader(trainer)
         except RuntimeError:
             return  # no validation loader yet: the recorder's own checks apply at the first recorded batch
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         # Starting a DataLoader iterator draws from the global RNG: keep training's random stream untouched.
-        with torch.random.fork_rng(devices=devices):
+        with _training_rng_kept(pl_module):
             batch = next(iter(loader), None)
             if batch is None:
                 return
@@ -572,10 +571,8 @@ class NeuronExplainer(Callback):
         """Put the round's per-layer figures into ``trainer.callback_metrics`` (EarlyStopping, ModelCheckpoint)."""
         if self.session is None:
             return
-        try:
-            from lightning_neurons.logging.metrics import round_metrics
-        except ImportError:  # pragma: no cover - the metrics module ships with the package
-            return
+        from lightning_neurons.logging.metrics import round_metrics
+
         output = self.session.last_output
         if output is None:
             return
@@ -592,42 +589,23 @@ class NeuronExplainer(Callback):
 
     def _output_dir(self, trainer: pl.Trainer) -> Path:
         """The run's output folder (read on every rank: ``trainer.log_dir`` may broadcast)."""
+        from lightning_neurons.logging.writers import run_output_dir
+
         if self._run_config.output.history_dir:
             return Path(self._run_config.output.history_dir)
-        try:
-            from lightning_neurons.logging.writers import run_output_dir
-        except ImportError:
-            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        else:
-            run_dir = Path(run_output_dir(trainer.loggers, trainer.default_root_dir))
+        run_dir = Path(run_output_dir(trainer.loggers, trainer.default_root_dir))
         return run_dir / self._run_config.output.folder
 
     def _writers(self, trainer: pl.Trainer, session: ExplanationSession) -> list[Any]:
         """One round writer per logger family of the Trainer (rank 0 only)."""
-        try:
-            from lightning_neurons.logging.writers import round_writers
-        except ImportError:
-            from lightning_neurons.logging.tensorboard import find_tensorboard_writer
+        from lightning_neurons.logging.writers import round_writers
 
-            writer = find_tensorboard_writer(trainer)
-            if writer is None:
-                rank_zero_warn(
-                    "NeuronExplainer: the trainer has no TensorBoardLogger, so nothing goes to TensorBoard; the "
-                    f"history and the report are still written to {session.output_dir}"
-                )
-                return []
-            return [session.tensorboard_writer(writer)]
-        evaluation_metrics: list[str] = []
-        if self._run_config.evaluate:
-            from lightning_neurons.evaluation.harness import LAYER_METRICS
-
-            evaluation_metrics = list(LAYER_METRICS)
         return list(
             round_writers(
                 trainer.loggers,
                 log_units=self._run_config.output.log_units,
                 prefix=self._run_config.output.prefix,
-                evaluation_metrics=evaluation_metrics,
+                evaluation_metrics=session.evaluation_metrics(),
                 projector=self._run_config.output.projector,
                 embed=session.backend.encode_descriptions if session.backend is not None else None,
             )
@@ -718,6 +696,14 @@ def refuse_sharded_strategy(strategy: Any) -> None:
             "would need all ranks in lock step); use strategy='ddp' for the explained run, or explain a saved "
             "checkpoint afterwards with lightning_neurons.explain_checkpoints / `lightning-neurons explain`"
         )
+
+
+@contextlib.contextmanager
+def _training_rng_kept(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Work in the block draws from a fork of the global RNG, so the training's random stream stays as it was."""
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def _step_based(trainer: pl.Trainer) -> bool:

@@ -215,14 +215,10 @@ class _ClosingWriter:
         self.summary_writer = summary_writer
 
     def write_round(self, output: Any) -> None:
-        from lightning_neurons.session import _write_round
-
-        _write_round(self.writer, output)
+        self.writer.write_round(output)
 
     def close(self) -> None:
-        close = getattr(self.writer, "close", None)
-        if callable(close):
-            close()
+        self.writer.close()
         self.summary_writer.close()
 
 

@@ -150,18 +150,21 @@ class ExplanationSession:
         self.history.attach(self.output_dir / HISTORY_FILENAME)
         return self.output_dir
 
+    def evaluation_metrics(self) -> list[str]:
+        """The per-layer evaluation metrics the writers chart (none unless ``evaluate=True``)."""
+        if not self.config.evaluate:
+            return []
+        from lightning_neurons.evaluation.harness import LAYER_METRICS
+
+        return list(LAYER_METRICS)
+
     def tensorboard_writer(self, summary_writer: Any) -> RoundWriter:
         """A TensorBoard round writer on ``summary_writer`` with this run's unit selection and metrics."""
-        metrics: list[str] = []
-        if self.config.evaluate:
-            from lightning_neurons.evaluation.harness import LAYER_METRICS
-
-            metrics = list(LAYER_METRICS)
         logger = NeuronTensorBoardLogger(
             summary_writer,
             log_units=_log_units(self.config.output.log_units),
             prefix=self.config.output.prefix,
-            evaluation_metrics=metrics,
+            evaluation_metrics=self.evaluation_metrics(),
         )
         return logger  # type: ignore[return-value]
 
@@ -314,7 +317,7 @@ class ExplanationSession:
 
         write_report(self.history, self.output_dir / REPORT_FILENAME, previews_dir=self.output_dir / PREVIEWS_DIRNAME)
         for writer in self.writers:
-            _write_round(writer, output)
+            writer.write_round(output)
 
     # ------------------------------------------------------------------ state
     def outputs(self) -> dict[str, Path]:
@@ -345,13 +348,7 @@ class ExplanationSession:
     def teardown(self) -> None:
         """Flush and close the writers and release the models (the history stays for a later run)."""
         for writer in self.writers:
-            close = getattr(writer, "close", None)
-            if callable(close):
-                close()
-            else:
-                flush = getattr(getattr(writer, "writer", None), "flush", None)
-                if callable(flush):
-                    flush()
+            writer.close()
         self.writers = []
         self.history.close()  # releases the history file's lock
         self.output_dir = None
@@ -359,18 +356,6 @@ class ExplanationSession:
         self.concepts = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _write_round(writer: Any, output: RoundOutput) -> None:
-    """Hand the round to a writer (a TensorBoard logger without ``write_round`` gets its older ``log_round``)."""
-    if hasattr(writer, "write_round"):
-        writer.write_round(output)
-        return
-    writer.log_round(output.round, output.drift, output.summaries, epoch=output.step)
-    if output.evaluation:
-        from lightning_neurons.evaluation import log_evaluation
-
-        log_evaluation(writer.writer, dict(output.evaluation), output.step)
 
 
 def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | None:
