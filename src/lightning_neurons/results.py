@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_neurons.files import write_text_atomic
 
 
 def json_safe(value: Any) -> Any:
@@ -252,16 +253,7 @@ class ExplanationRound:
         """
         text = dumps_strict(self.to_dict(), indent=1, ensure_ascii=False)
         if path is not None:
-            target = Path(path)
-            tmp = target.with_name(f".{target.name}.tmp")
-            try:
-                with tmp.open("w", encoding="utf-8") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                tmp.replace(target)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_text_atomic(path, text)
         return text
 
     @classmethod

@@ -88,6 +88,7 @@ from lightning_neurons.drift.metrics import (
     compare_units,
     summarize_units,
 )
+from lightning_neurons.files import write_text_atomic
 from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation, dumps_strict
 
 #: File name of the history inside a run's log directory.
@@ -737,7 +738,7 @@ class RunHistory:
     def to_jsonl(self, path: str | Path) -> Path:
         """Write all records to a new JSON Lines file (overwriting it); returns the path."""
         text = "".join(json.dumps(r.to_dict(), ensure_ascii=False, allow_nan=False) + "\n" for r in self.records)
-        return _write_atomic(Path(path), text)
+        return write_text_atomic(path, text)
 
     def to_json(self, path: str | Path) -> Path:
         """Write one JSON document: :meth:`state_dict` plus ``"summary"`` (all per-layer summaries).
@@ -747,7 +748,7 @@ class RunHistory:
             'history.json'
         """
         data = {**self.state_dict(), "summary": [s.to_dict() for s in self.summary()]}
-        return _write_atomic(Path(path), dumps_strict(data, indent=1, ensure_ascii=False))
+        return write_text_atomic(path, dumps_strict(data, indent=1, ensure_ascii=False))
 
     def to_csv(self, path: str | Path) -> Path:
         """Write one CSV row per record (the JSON Lines fields; lists joined: ``"text=score; ..."``, ``"3 1 7"``).
@@ -835,21 +836,6 @@ def _encode_rounds_with_ids(records: Iterable[HistoryRecord]) -> list[tuple[int,
 def _encode_rounds(records: Iterable[HistoryRecord]) -> list[bytes]:
     # The bytes of each round as _append writes them (consecutive records of one epoch form a round).
     return [chunk for _, _, chunk in _encode_rounds_with_ids(records)]
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    # Exports: a temporary file, fsynced and renamed, so a crash never leaves half a file under the real name.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from lightning_neurons.files import write_text_atomic
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics, unit_metrics
 from lightning_neurons.logging.rows import layer_rows, round_label, rows_csv
@@ -59,12 +60,8 @@ class LoggerRoundWriter:
             logged = select_units(self.log_units, layer, output.round.units_of(layer))
             metrics.update(unit_metrics(output, layer, logged))
             if self.write_tables and output.output_dir is not None:
-                folder = output.output_dir / TABLES_DIRNAME
-                folder.mkdir(parents=True, exist_ok=True)
-                path = folder / f"{layer}_{round_label(output)}.csv"
-                tmp = path.with_suffix(".csv.tmp")
-                tmp.write_text(rows_csv(layer_rows(output, layer)))
-                tmp.replace(path)  # atomic: a reader never sees half a table
+                path = output.output_dir / TABLES_DIRNAME / f"{layer}_{round_label(output)}.csv"
+                write_text_atomic(path, rows_csv(layer_rows(output, layer)))  # a reader never sees half a table
         metrics["epoch"] = float(output.epoch)
         step = output.global_step if output.global_step is not None else output.step
         self.logger.log_metrics(metrics, step=step)

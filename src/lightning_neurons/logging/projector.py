@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_neurons.files import write_text_atomic
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.results import UnitExplanation
 
@@ -216,9 +216,7 @@ class ProjectorWriter:
             info.sprite.image_path = (rel / "sprite.png").as_posix()
             info.sprite.single_image_dim.extend([self.thumbnail, self.thumbnail])
             config.embeddings.append(info)
-        tmp = config_path.with_suffix(".pbtxt.tmp")
-        tmp.write_text(text_format.MessageToString(config))
-        os.replace(tmp, config_path)  # atomic: TensorBoard may read the config at any time
+        write_text_atomic(config_path, text_format.MessageToString(config))  # TensorBoard may read it at any time
 
     def close(self) -> None:
         """Nothing is buffered (every call writes its files)."""
