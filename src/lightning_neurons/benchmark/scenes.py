@@ -130,6 +130,13 @@ def _textiles(folder: str) -> tuple[Path, ...]:
     return tuple(sorted((root / folder).glob("*.jpg")))
 
 
+@functools.lru_cache(maxsize=64)
+def _photo(name: str) -> Tensor:
+    # Decoding a photo (up to ~1,000 px) took most of a run's data time when it was repeated for every crop; the
+    # crops only read the cached tensor (slice, flip and resize copy it), so caching changes no pixel.
+    return load_photo(name)
+
+
 def _read_textile(path: Path) -> Tensor:
     from PIL import Image
 
@@ -239,7 +246,7 @@ class SceneCrops(Dataset[tuple[Tensor, int]]):
     def _source(self, index: int, scene: SceneClass) -> Tensor:
         kind, _, what = scene.source.partition(":")
         if kind == "photo":
-            return load_photo(what)
+            return _photo(what)
         if kind == "textile":
             files = _textiles(what)
             return _read_textile(files[int(float(self._params[index, 4]) * len(files)) % len(files)])
