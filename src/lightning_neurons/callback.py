@@ -66,6 +66,8 @@ _FLAT = {
     "ablation": ("explain", "ablation"),
     "ablation_measure": ("explain", "ablation_measure"),
     "correction": ("explain", "correction"),
+    "confidence_threshold": ("explain", "confidence_threshold"),
+    "frequency_penalty": ("explain", "frequency_penalty"),
     "image_mean": ("explain", "image_mean"),
     "image_std": ("explain", "image_std"),
     "log_units": ("output", "log_units"),
@@ -125,6 +127,14 @@ class NeuronExplainer(Callback):
             ``"accuracy"`` (drop of its top-1 accuracy, the paper's measure; steps of one image per class).
         correction: Correction for concepts that match everything: ``"control"`` (subtract the concept's mean
             similarity on control crops) or ``"soft_wpmi"`` (CLIP-Dissect's soft-WPMI).
+        confidence_threshold: Units whose explanation confidence (how often the unit's best concept beats the best
+            concept of a random set of its layer's top crops; 0.5 = chance) is at or below this are shown as
+            "no clear concept" in TensorBoard and the report; the history keeps the best concept and its
+            confidence. Calibrated on a random-weight network (the benchmark's randomisation check); ``None``:
+            show every description.
+        frequency_penalty: Weight of the penalty on concepts that win across a layer (each unit's concept scores
+            minus this times the concept's mean score over the layer's units that do not share its top samples);
+            ``0`` turns it off.
         image_mean: Per-channel mean the inputs were normalised with (to show and embed them); ``None``:
             per-image min-max scaling.
         image_std: Per-channel std the inputs were normalised with.
@@ -177,6 +187,8 @@ class NeuronExplainer(Callback):
         ablation: bool = False,
         ablation_measure: Literal["probability", "accuracy"] = "probability",
         correction: Literal["control", "soft_wpmi"] = "control",
+        confidence_threshold: float | None = 0.85,
+        frequency_penalty: float = 1.0,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         log_units: int | list[int] | None = 8,
@@ -211,6 +223,8 @@ class NeuronExplainer(Callback):
             ablation=ablation,
             ablation_measure=ablation_measure,
             correction=correction,
+            confidence_threshold=confidence_threshold,
+            frequency_penalty=frequency_penalty,
             image_mean=image_mean,
             image_std=image_std,
             log_units=log_units,

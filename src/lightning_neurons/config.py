@@ -246,6 +246,8 @@ class RunConfig:
         ablation: bool = False,
         ablation_measure: str = "probability",
         correction: Any = "control",
+        confidence_threshold: float | None = 0.85,
+        frequency_penalty: float = 1.0,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
         log_units: int | Sequence[int] | None = 8,
@@ -275,6 +277,21 @@ class RunConfig:
         if isinstance(correction, str):
             _check_choice("correction", correction, ("control", "soft_wpmi"))
         _check_choice("ablation_measure", ablation_measure, ("probability", "accuracy"))
+        _check(
+            confidence_threshold is None
+            or (
+                isinstance(confidence_threshold, (int, float))
+                and not isinstance(confidence_threshold, bool)
+                and 0.0 <= confidence_threshold <= 1.0
+            ),
+            f"confidence_threshold must be a number in [0, 1] or None, got {confidence_threshold!r}",
+        )
+        _check(
+            isinstance(frequency_penalty, (int, float))
+            and not isinstance(frequency_penalty, bool)
+            and frequency_penalty >= 0.0,
+            f"frequency_penalty must be a number >= 0, got {frequency_penalty!r}",
+        )
         _check_choice("on_error", on_error, ("warn", "raise"))
         if output_selector is not None:
             _check(
@@ -344,6 +361,8 @@ class RunConfig:
         )
         explain = ExplainConfig(
             correction=correction,  # type: ignore[arg-type]
+            confidence_threshold=None if confidence_threshold is None else float(confidence_threshold),
+            frequency_penalty=float(frequency_penalty),
             describe=describe,
             ablation=ablation,
             ablation_measure=ablation_measure,  # type: ignore[arg-type]

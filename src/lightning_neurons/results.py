@@ -103,6 +103,9 @@ class UnitExplanation:
         combination: A multi-concept explanation, ``[Alternative(concept, weight), ...]`` heaviest first (a
             sparse non-negative combination fitted to the unit's activations, kept only where it predicts them
             better than the description; :mod:`lightning_neurons.explanation.multi_concept`), or ``None``.
+        confidence: How often the description beats the best concept of a random set of the layer's top crops, in
+            ``[0, 1]`` (0.5 = chance; a random-weight network sits near it), or ``None`` where not computed.
+            Below ``ExplainConfig.confidence_threshold`` the unit is shown as "no clear concept".
     """
 
     layer: str
@@ -119,6 +122,7 @@ class UnitExplanation:
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     ablation: list[tuple[str, float]] | None = None
     combination: list[Alternative] | None = None
+    confidence: float | None = None
 
     @property
     def key(self) -> tuple[str, int]:

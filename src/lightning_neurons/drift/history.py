@@ -13,6 +13,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     score                 float  AUC of the description in [0, 1] (null when not finite)
     margin                float  mean top-crop similarity minus mean control similarity
     concept_score         float  corrected concept score that chose the description
+    confidence            float? confidence of the description in [0, 1] (0.5 = chance; absent in older files
+                                 and where not computed); the description stays the raw best concept
     source                str    "concept" or "describe"
     alternatives          list   [{"text": str, "score": float}, ...] runner-up concepts
     top_sample_ids        list   probe-sample ids of the top activations, best first
@@ -27,6 +29,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     jaccard               float? Jaccard index of the two top-k sample-id sets
     score_delta           float? score minus the previous score
     threshold             float  change threshold used
+    confidence_threshold  float? confidence at or below which the unit is shown as "no clear concept" (the
+                                 round's ``confidence_threshold``; absent in older files and when off)
     revisit               bool?  true when the round re-explains an earlier epoch and keeps the later ones
                                  (``trainer.validate(ckpt_path=...)`` of an older checkpoint); absent otherwise
     round_id              str    which write of a round the record belongs to (absent in older files)
@@ -121,11 +125,14 @@ class HistoryRecord:
         drift: Its drift against the unit's previous explained epoch.
         revisit: The record re-explains an earlier epoch (``trainer.validate(ckpt_path=...)`` of an older
             checkpoint): reading it replaces that epoch only and keeps the later ones.
+        confidence_threshold: The round's confidence threshold: at or below it the unit is shown as "no clear
+            concept" (``None``: the round showed every description).
     """
 
     explanation: UnitExplanation
     drift: UnitDrift
     revisit: bool = False
+    confidence_threshold: float | None = None
 
     @property
     def key(self) -> Key:
@@ -144,6 +151,7 @@ class HistoryRecord:
             "score": _finite(e.score),
             "margin": _finite(e.margin),
             "concept_score": _finite(e.concept_score),
+            **({"confidence": _finite(e.confidence)} if e.confidence is not None else {}),
             "source": e.source,
             "alternatives": [{"text": a.text, "score": _finite(a.score)} for a in e.alternatives],
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
@@ -160,6 +168,7 @@ class HistoryRecord:
             "jaccard": _finite(d.jaccard),
             "score_delta": _finite(d.score_delta),
             "threshold": d.threshold,
+            **({"confidence_threshold": self.confidence_threshold} if self.confidence_threshold is not None else {}),
             **({"revisit": True} if self.revisit else {}),
         }
 
@@ -195,6 +204,7 @@ class HistoryRecord:
             top_sample_ids=[int(i) for i in data.get("top_sample_ids", [])],
             ablation=[(str(a["class"]), num_or_nan(a["drop"])) for a in data.get("ablation") or []] or None,
             combination=[Alternative(a["text"], num_or_nan(a["score"])) for a in data.get("combination") or []] or None,
+            confidence=None if data.get("confidence") is None else float(data["confidence"]),
         )
         get = data.get
         drift = UnitDrift(  # built directly (not UnitDrift.from_dict): loading a long history makes millions
@@ -211,7 +221,13 @@ class HistoryRecord:
             get("score_delta"),
             get("threshold", DEFAULT_CHANGE_THRESHOLD),
         )
-        return cls(explanation=explanation, drift=drift, revisit=bool(data.get("revisit", False)))
+        shown_at = data.get("confidence_threshold")
+        return cls(
+            explanation=explanation,
+            drift=drift,
+            revisit=bool(data.get("revisit", False)),
+            confidence_threshold=None if shown_at is None else float(shown_at),
+        )
 
 
 def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
@@ -229,6 +245,7 @@ def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
         top_sample_ids=[int(i) for i in u.top_sample_ids],
         ablation=[(str(c), float(v)) for c, v in u.ablation] if u.ablation else None,
         combination=[Alternative(a.text, float(a.score)) for a in u.combination] if u.combination else None,
+        confidence=None if u.confidence is None else float(u.confidence),
     )
 
 
@@ -459,7 +476,9 @@ class RunHistory:
                     previous[u.key] = timeline[e].explanation  # type: ignore[index]
                     break
         drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep)
-        new = [HistoryRecord(u, d, revisit=revisit) for u, d in zip(units, drifts)]
+        shown_at = round.meta.get("confidence_threshold")
+        shown_at = None if shown_at is None else float(shown_at)
+        new = [HistoryRecord(u, d, revisit=revisit, confidence_threshold=shown_at) for u, d in zip(units, drifts)]
         ids = self._append(new) if self.path is not None else []  # first on disk: a failed write changes nothing
         self._start_round(ep, revisit)
         for record in new:
@@ -774,7 +793,7 @@ class RunHistory:
                 row["ablation"] = "; ".join(
                     f"{a['class']}={a['drop']:.4g}" if a["drop"] is not None else a["class"] for a in hurt
                 )
-                writer.writerow({c: "" if row[c] is None else row[c] for c in columns})
+                writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
         return path
 
 
@@ -790,6 +809,7 @@ _CSV_COLUMNS = [
     "score",
     "margin",
     "concept_score",
+    "confidence",
     "source",
     "previous_epoch",
     "previous_description",

@@ -147,6 +147,9 @@ def _round_meta(
         "backend": getattr(backend, "name", type(backend).__name__),
         "encoder": getattr(encoder, "name", type(encoder).__name__),
         "correction": cfg.correction_value.name,
+        # Writers show units at or below the threshold as "no clear concept" and print the threshold itself.
+        "confidence_threshold": cfg.confidence_threshold if cfg.confidence_samples > 0 else None,
+        "frequency_penalty": cfg.frequency_penalty,
         "quantile": cfg.quantile,
         "top_k": recording.top_k,
         "samples": int(samples.ids.numel()),

@@ -120,6 +120,7 @@ class LayerScores:
         top_values: The matching corrected scores.
         auc: ``[U]`` AUC of the best concept's similarity over the top crops against the control crops.
         margin: ``[U]`` mean top-crop similarity minus mean control similarity of the best concept.
+        confidence: ``[U]`` the best concept's confidence (:func:`confidence_scores`), or ``None`` when not computed.
     """
 
     scores: Tensor
@@ -127,6 +128,7 @@ class LayerScores:
     top_values: Tensor
     auc: Tensor
     margin: Tensor
+    confidence: Tensor | None = None
 
 
 def separation(top_sims: Tensor, valid: Tensor, control_sims: Tensor, concept: Tensor) -> tuple[Tensor, Tensor]:
@@ -151,12 +153,137 @@ def separation(top_sims: Tensor, valid: Tensor, control_sims: Tensor, concept: T
     return auc, mean_pos - mean_neg
 
 
+def shared_units(crop_sample: Tensor, valid: Tensor, overlap: float, chunk: int = 1024) -> Tensor:
+    """Which units of a layer share their top samples: bool ``[U, U]``, True where two units' top-sample sets
+    overlap by at least ``overlap`` of the smaller set (every unit shares with itself).
+
+    Args:
+        crop_sample: int64 ``[U, k]`` the probe sample (image) of each top slot.
+        valid: bool ``[U, k]``.
+        overlap: Fraction of the smaller top set the two sets must have in common.
+        chunk: Rows per step (the ``[U, U]`` product is built in row blocks).
+
+    Example:
+        >>> shared_units(torch.tensor([[0, 1], [1, 0], [2, 3]]), torch.ones(3, 2, dtype=torch.bool), 0.5).tolist()
+        [[True, True, False], [True, True, False], [False, False, True]]
+    """
+    ids = torch.where(valid, crop_sample, torch.full_like(crop_sample, -1))
+    _, inverse = torch.unique(ids, return_inverse=True)
+    num = int(inverse.max()) + 1 if inverse.numel() else 0
+    incidence = torch.zeros(ids.shape[0], num + 1, device=ids.device)
+    incidence.scatter_(1, torch.where(valid, inverse + 1, torch.zeros_like(inverse)), 1.0)
+    incidence[:, 0] = 0.0  # column 0 collects the empty slots
+    sizes = incidence.sum(dim=1)
+    out = torch.empty(ids.shape[0], ids.shape[0], dtype=torch.bool, device=ids.device)
+    for start in range(0, ids.shape[0], chunk):
+        common = incidence[start : start + chunk] @ incidence.T
+        smaller = torch.minimum(sizes[start : start + chunk, None], sizes[None]).clamp_min(1)
+        out[start : start + chunk] = common >= overlap * smaller
+    out.fill_diagonal_(True)
+    return out
+
+
+def frequency_penalty(scores: Tensor, shared: Tensor | None, weight: float) -> Tensor:
+    """Penalise concepts that win across a layer: subtract ``weight`` x the concept's mean score over the other units.
+
+    A concept that scores high for most units of a layer (a generic look of the probe: dark corners, a common
+    background) then loses against the concept specific to each unit. Units that really share a concept, because
+    they fire on the same samples (``shared``), are left out of each other's mean, so a concept that many units
+    share on the same evidence keeps winning.
+
+    Args:
+        scores: ``[U, C]`` corrected concept scores.
+        shared: bool ``[U, U]`` from :func:`shared_units` (``None``: every unit shares only with itself).
+        weight: The penalty weight (``0``: no penalty).
+
+    Returns:
+        ``[U, C]`` penalised scores.
+
+    Example:
+        >>> scores = torch.tensor([[1.0, 0.8], [1.0, 0.0], [1.0, 0.0]])  # concept 0 wins everywhere
+        >>> frequency_penalty(scores, None, 1.0).argmax(dim=1).tolist()
+        [1, 0, 0]
+    """
+    if weight == 0 or scores.shape[0] < 2:
+        return scores
+    others = torch.ones(scores.shape[0], scores.shape[0], device=scores.device) if shared is None else (~shared).float()
+    if shared is None:
+        others.fill_diagonal_(0.0)
+    counts = others.sum(dim=1, keepdim=True)
+    mean_others = (others @ scores.float()) / counts.clamp_min(1)
+    return scores - weight * torch.where(counts > 0, mean_others, torch.zeros_like(mean_others))
+
+
+def confidence_scores(
+    statistic: Tensor,
+    pool_sims: Tensor,
+    reference: Tensor,
+    k: int,
+    *,
+    samples: int = 256,
+    seed: int = 0,
+    chunk: int = 64,
+) -> Tensor:
+    """How often a unit's explanation beats the best explanation of a random set of the layer's crops.
+
+    The best concept of a vocabulary always matches a unit's top crops better than random controls (a maximum over
+    many concepts is biased upward, and even a random-weight unit has consistent low-level top crops). The null
+    here is the same maximum for ``samples`` random ``k``-subsets of the layer's own top crops (and the control
+    crops, whatever ``pool_sims`` holds): a unit whose best concept beats those subsets' best concepts is specific
+    to its own crops. The result is an AUC in ``[0, 1]`` of the unit's statistic against that null (ties count
+    one half): about 0.5 for a unit no more coherent than a random unit of its layer.
+
+    Args:
+        statistic: ``[U]`` each unit's corrected score of its chosen concept.
+        pool_sims: ``[P, C]`` similarities of the crops random subsets are drawn from.
+        reference: ``[C]`` what the correction subtracts from a subset's rank-weighted mean (e.g. the control mean).
+        k: Crops per random subset (the layer's top-k).
+        samples: Random subsets.
+        seed: Seed of the subsets.
+        chunk: Subsets per step.
+
+    Returns:
+        float32 ``[U]``; NaN where the statistic is NaN or the pool is empty.
+
+    Example:
+        >>> pool = torch.tensor([[0.1, 0.2], [0.2, 0.1], [0.15, 0.15]])
+        >>> confidence_scores(torch.tensor([0.9, -1.0]), pool, torch.zeros(2), 2, samples=16).tolist()
+        [1.0, 0.0]
+    """
+    if pool_sims.shape[0] == 0 or k < 1:
+        return torch.full_like(statistic.float(), float("nan"))
+    k = min(k, pool_sims.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    weights = rank_weights(torch.ones(1, k, dtype=torch.bool))[0].to(pool_sims.device)
+    chunk = max(1, min(chunk, (1 << 24) // max(1, k * pool_sims.shape[1])))  # at most 64 MiB of gathered rows
+    nulls = []
+    for start in range(0, samples, chunk):
+        n = min(chunk, samples - start)
+        pick = torch.rand(n, pool_sims.shape[0], generator=gen).argsort(dim=1)[:, :k].to(pool_sims.device)
+        agg = torch.einsum("k,bkc->bc", weights, pool_sims.float()[pick])
+        nulls.append((agg - reference.float()[None]).max(dim=1).values)
+    null = torch.sort(torch.cat(nulls)).values
+    stat = statistic.float().to(null.device)
+    below = torch.searchsorted(null, stat, right=False).float()
+    upto = torch.searchsorted(null, stat, right=True).float()
+    conf = (below + 0.5 * (upto - below)) / null.numel()
+    return torch.where(stat == stat, conf, torch.full_like(conf, float("nan")))
+
+
 def score_layer(
     crop_sims: Tensor,
     crop_index: Tensor,
     control_sims: Tensor,
     correction: Correction | CorrectionName = "control",
     num_alternatives: int = 4,
+    *,
+    crop_sample: Tensor | None = None,
+    frequency_weight: float = 0.0,
+    shared_overlap: float = 0.5,
+    confidence: bool = False,
+    confidence_samples: int = 256,
+    confidence_pool: str = "layer",
+    seed: int = 0,
     **correction_options: Any,
 ) -> LayerScores:
     """Pick each unit's description and alternatives and score them.
@@ -167,6 +294,16 @@ def score_layer(
         control_sims: ``[M, C]`` similarity of the control crops with every concept.
         correction: A correction value or its name (see :func:`concept_scores`).
         num_alternatives: Runner-up concepts to keep.
+        crop_sample: int64 ``[K]`` the probe sample of each unique crop, for telling which units share their top
+            samples (``None``: the unique crops themselves).
+        frequency_weight: Weight of the :func:`frequency_penalty` (``0``: off).
+        shared_overlap: Top-sample overlap at which two units count as sharing their concept (see
+            :func:`shared_units`); only with a frequency penalty.
+        confidence: Also compute each unit's :func:`confidence_scores`.
+        confidence_samples: Random subsets of the confidence null.
+        confidence_pool: Where the null's subsets come from: ``"layer"`` (the layer's top crops), ``"control"``
+            (the control crops) or ``"both"``.
+        seed: Seed of the confidence null.
         **correction_options: With a name, the correction's options (see :func:`concept_scores`).
 
     Returns:
@@ -174,39 +311,100 @@ def score_layer(
     """
     valid = crop_index >= 0
     top_sims = crop_sims[crop_index.clamp_min(0)]  # [U, k, C]
-    scores = concept_scores(top_sims, valid, control_sims, correction, **correction_options)
+    corr = as_correction(correction, **correction_options)
+    scores = corr.scores(top_sims, valid, control_sims)
+    if frequency_weight:
+        samples_of = crop_index if crop_sample is None else crop_sample.to(crop_index.device)[crop_index.clamp_min(0)]
+        shared = shared_units(samples_of, valid, shared_overlap)
+        scores = frequency_penalty(scores, shared, frequency_weight)
     n = min(scores.shape[1], 1 + num_alternatives)
     top_values, top_indices = torch.topk(scores, n, dim=1)
     auc, margin = separation(top_sims, valid, control_sims, top_indices[:, 0])
-    return LayerScores(scores, top_indices, top_values, auc, margin)
+    conf = None
+    if confidence:
+        options = {"frequency_weight": frequency_weight, "pool": confidence_pool, "samples": confidence_samples}
+        conf = _confidence(top_sims, valid, crop_sims, crop_index, control_sims, corr, top_indices, options, seed)
+    return LayerScores(scores, top_indices, top_values, auc, margin, conf)
 
 
-#: Description shown for a unit whose explanation score does not clear the confidence threshold.
+def _confidence(
+    top_sims: Tensor,
+    valid: Tensor,
+    crop_sims: Tensor,
+    crop_index: Tensor,
+    control_sims: Tensor,
+    corr: Correction,
+    top_indices: Tensor,
+    options: dict[str, Any],
+    seed: int,
+) -> Tensor:
+    """The confidence of each unit's chosen concept under the control statistic (any correction picks the concept)."""
+    # The statistic is the control-corrected score, whatever correction chose the concept: soft-WPMI values are
+    # layer-relative log-probabilities, not comparable with a random subset's.
+    control = corr if isinstance(corr, ControlCorrection) else ControlCorrection()
+    base = control.scores(top_sims, valid, control_sims)
+    reference = control_sims.float().mean(dim=0) if control_sims.shape[0] else torch.zeros(crop_sims.shape[1])
+    weight = options["frequency_weight"]
+    # Each unit pays the layer-wide penalty, like the null subsets (which share their crops with no unit).
+    stat_scores = base - weight * base.mean(dim=0, keepdim=True) if weight and base.shape[0] > 1 else base
+    pool_sims = _pool(crop_sims, crop_index, valid, control_sims, options["pool"])
+    if isinstance(corr, ControlCorrection) and corr.scale == "std" and control_sims.shape[0] > 1:
+        # The same z-scaling for the null subsets: divide their difference by the control deviation.
+        std = control_sims.float().std(dim=0).clamp_min(1e-4)
+        pool_sims, reference = pool_sims / std[None], reference / std
+    if weight and base.shape[0] > 1:
+        reference = reference + weight * base.float().mean(dim=0)
+    statistic = stat_scores.gather(1, top_indices[:, :1]).squeeze(1)
+    statistic = torch.where(valid.any(dim=1), statistic, torch.full_like(statistic, float("nan")))
+    return confidence_scores(
+        statistic, pool_sims, reference, crop_index.shape[1], samples=options["samples"], seed=seed
+    )
+
+
+def _pool(crop_sims: Tensor, crop_index: Tensor, valid: Tensor, control_sims: Tensor, pool: str) -> Tensor:
+    """Similarities of the crops the confidence null draws from: every valid top slot of the layer and/or controls."""
+    if pool not in ("layer", "control", "both"):
+        raise ValueError(f"confidence_pool must be 'layer', 'control' or 'both', got {pool!r}")
+    parts = []
+    if pool in ("layer", "both"):
+        parts.append(crop_sims[crop_index[valid]])
+    if pool in ("control", "both"):
+        parts.append(control_sims)
+    return torch.cat(parts).float()
+
+
+#: Description shown for a unit whose explanation confidence does not clear the confidence threshold.
 NO_CLEAR_CONCEPT = "no clear concept"
 
 
-def confident(score: float, threshold: float) -> bool:
-    """Whether an explanation's score (its AUC) clears a confidence threshold.
+def confident(confidence: float | None, threshold: float | None) -> bool:
+    """Whether an explanation's confidence clears a threshold (``None`` confidence or threshold: no check).
 
-    Calibrate the threshold with a model-randomisation check: explain the same network with random weights and
-    take a high quantile of its units' scores (``lightning_neurons.benchmark.randomisation_check``); a trained
-    unit below it is explained no better than a random one and should be shown as :data:`NO_CLEAR_CONCEPT`.
-
-    Example:
-        >>> confident(0.91, 0.8), confident(0.62, 0.8)
-        (True, False)
-    """
-    return bool(score == score and score > threshold)  # NaN scores are never confident
-
-
-def shown_description(description: str, score: float, threshold: float | None) -> str:
-    """The description to display: itself, or :data:`NO_CLEAR_CONCEPT` below ``threshold`` (``None``: no check).
+    The threshold is calibrated with the model-randomisation check: the same network with random weights is
+    explained like the trained one (``lightning_neurons.benchmark.randomisation_check``); a unit at or below it is
+    explained no better than a random network's typical unit and is shown as :data:`NO_CLEAR_CONCEPT`.
 
     Example:
-        >>> shown_description("stripes", 0.55, 0.8)
-        'no clear concept'
+        >>> confident(0.97, 0.85), confident(0.62, 0.85), confident(None, 0.85)
+        (True, False, True)
     """
-    return description if threshold is None or confident(score, threshold) else NO_CLEAR_CONCEPT
+    if threshold is None or confidence is None:
+        return True
+    return bool(confidence == confidence and confidence > threshold)  # NaN is never confident
+
+
+def shown_description(description: str, confidence: float | None, threshold: float | None) -> str:
+    """The description to display: itself, or :data:`NO_CLEAR_CONCEPT` at or below ``threshold``.
+
+    An empty description (a unit without crops) stays empty; ``None`` confidence or threshold shows it as it is.
+
+    Example:
+        >>> shown_description("stripes", 0.55, 0.85), shown_description("stripes", 0.99, 0.85)
+        ('no clear concept', 'stripes')
+    """
+    if not description or confident(confidence, threshold):
+        return description
+    return NO_CLEAR_CONCEPT
 
 
 __all__ = [
@@ -220,6 +418,9 @@ __all__ = [
     "SoftWPMI",
     "batched_auc",
     "concept_scores",
+    "confidence_scores",
+    "frequency_penalty",
+    "shared_units",
     "mann_whitney_auc",
     "rank_weights",
     "score_layer",

@@ -38,6 +38,18 @@ class ExplainConfig:
         wpmi_temperature: Softmax scale for soft-WPMI when ``correction`` is the name ``"soft_wpmi"`` (a
             ``SoftWPMI`` value carries its own ``temperature``).
         control_crops_per_image: Random crops per reservoir image added to the control set (besides the whole image).
+        confidence_threshold: Units whose explanation confidence (``UnitExplanation.confidence``: how often the
+            unit's best concept beats the best concept of a random set of its layer's top crops, 0.5 = chance) is
+            at or below this are shown as "no clear concept" in TensorBoard and the report (the history keeps the
+            best concept and the confidence); ``None``: show every description. The default was calibrated with
+            the model-randomisation check on the broad benchmark's development split (``benchmarks/
+            sanity_experiment.py``).
+        confidence_samples: Random top-crop sets of the confidence null (``0``: no confidence, ``confidence`` is
+            ``None`` and nothing is hidden).
+        frequency_penalty: Weight of the penalty on concepts that win across a layer: each unit's concept scores
+            minus this times the concept's mean score over the layer's other units, leaving out the units that
+            share the unit's top samples (a concept the units really share keeps winning). ``0``: off.
+        shared_overlap: Fraction of the smaller top-sample set two units must have in common to count as sharing.
         max_control_values: Reservoir activations kept per unit for the quantile threshold.
         describe: Run the caption-and-summarise stage (needs a captioner and a text generator in the backend).
         describe_crops: Top crops captioned per unit.
@@ -87,6 +99,10 @@ class ExplainConfig:
     correction: Correction | CorrectionName = "control"
     wpmi_temperature: float = 10.0
     control_crops_per_image: int = 1
+    confidence_threshold: float | None = 0.85
+    confidence_samples: int = 256
+    frequency_penalty: float = 1.0
+    shared_overlap: float = 0.5
     max_control_values: int = 65536
     describe: bool = False
     describe_crops: int = 5
@@ -118,6 +134,14 @@ class ExplainConfig:
         self.correction_value  # noqa: B018 - validates the correction (raises for an unknown name or value)
         if self.component not in ("peak", "all"):
             raise ValueError(f"component must be 'peak' or 'all', got {self.component!r}")
+        if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1] or None, got {self.confidence_threshold}")
+        if self.confidence_samples < 0:
+            raise ValueError(f"confidence_samples must be >= 0, got {self.confidence_samples}")
+        if not self.frequency_penalty >= 0.0:
+            raise ValueError(f"frequency_penalty must be >= 0, got {self.frequency_penalty}")
+        if not 0.0 < self.shared_overlap <= 1.0:
+            raise ValueError(f"shared_overlap must be in (0, 1], got {self.shared_overlap}")
         for name in ("crop_size", "batch_size", "encoder_batch_size", "region_chunk", "mask_size", "preview_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -91,12 +91,30 @@ def _vocabulary_texts(vocabulary: Any) -> list[str]:
 def score_layers(
     crops: CropEmbeddings, concepts: ConceptSet, regions: Regions, cfg: ExplainConfig, device: torch.device
 ) -> dict[str, LayerScores]:
-    """Each layer's concept scores, from one similarity product of every crop with every concept."""
+    """Each layer's concept scores, from one similarity product of every crop with every concept.
+
+    With ``cfg.frequency_penalty`` the scores pay for concepts that win across the layer; with
+    ``cfg.confidence_samples`` each unit also gets the confidence of its best concept
+    (:func:`~lightning_neurons.explanation.scoring.score_layer`).
+    """
     sims = similarity(crops.embeddings.to(device), concepts.embeddings.to(device))  # [K + M, C]
     crop_sims, control_sims = sims[: crops.num_unique], sims[crops.num_unique :]
     correction = cfg.correction_value
+    crop_sample = regions.crop_bank.to(device)  # units that fire on the same images share their concept
     return {
-        name: score_layer(crop_sims, index, control_sims, correction, cfg.num_alternatives)
+        name: score_layer(
+            crop_sims,
+            index.to(device),
+            control_sims,
+            correction,
+            cfg.num_alternatives,
+            crop_sample=crop_sample,
+            frequency_weight=cfg.frequency_penalty,
+            shared_overlap=cfg.shared_overlap,
+            confidence=cfg.confidence_samples > 0,
+            confidence_samples=max(1, cfg.confidence_samples),
+            seed=cfg.seed,
+        )
         for name, index in regions.crop_index.items()
     }
 
@@ -126,6 +144,7 @@ def _layer_units(name: str, evidence: RoundEvidence, boxes: list[tuple], epoch: 
     texts = evidence.concepts.texts
     top_idx, top_val = sc.top_indices.cpu().tolist(), sc.top_values.cpu().tolist()
     auc, margin = sc.auc.cpu().tolist(), sc.margin.cpu().tolist()
+    confidence = sc.confidence.cpu().tolist() if sc.confidence is not None else [None] * len(auc)
     ids_cpu, vals_cpu = lt.sample_ids.cpu(), lt.values.cpu().float()
     valid = ids_cpu >= 0
     # The layer's pairs are its valid (unit, rank) slots in row-major order, so unit u's boxes, ids and
@@ -155,6 +174,7 @@ def _layer_units(name: str, evidence: RoundEvidence, boxes: list[tuple], epoch: 
                     top_sample_ids=flat_ids[start:end],
                     activations=flat_vals[start:end],
                     boxes=boxes[start:end],  # type: ignore[arg-type]
+                    confidence=confidence[u],
                 )
             )
         start = end

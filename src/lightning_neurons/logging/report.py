@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lightning_neurons.drift.history import HistoryRecord, RunHistory, find_history_file, load_history
 from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift, summarize_layer_epochs
+from lightning_neurons.explanation.scoring import shown_description
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
 
 _CSS = """
@@ -157,19 +158,28 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
         tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
         hurt = r.explanation.ablation
         hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
+        shown = _shown(r)
+        unclear = f'<div class="s">best concept {_esc(d.description)}</div>' if shown != d.description else ""
+        conf = r.explanation.confidence
+        confidence = f" · conf {_num(conf, 2)}" if conf is not None else ""
         cells.append(
             f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
-            f'<div class="d">{_esc(d.description)}</div>'
-            f'<div class="s">score {_num(d.score, 2)}{sim}</div>{hurts}</div>'
+            f'<div class="d">{_esc(shown)}</div>{unclear}'
+            f'<div class="s">score {_num(d.score, 2)}{confidence}{sim}</div>{hurts}</div>'
         )
     return "".join(cells)
 
 
-def _description_index(layer: str, latest: dict[int, UnitDrift], rows: set[int]) -> str:
-    """Per latest description, its unit count and every unit (linked where the unit has a row in the report)."""
+def _shown(record: HistoryRecord) -> str:
+    """The record's description as shown: "no clear concept" at or below its round's confidence threshold."""
+    return shown_description(record.drift.description, record.explanation.confidence, record.confidence_threshold)
+
+
+def _description_index(layer: str, latest: dict[int, str], rows: set[int]) -> str:
+    """Per latest shown description, its unit count and every unit (linked where the unit has a row)."""
     by_text: dict[str, list[int]] = {}
     for unit in sorted(latest):
-        by_text.setdefault(latest[unit].description, []).append(unit)
+        by_text.setdefault(latest[unit], []).append(unit)
     ranked = sorted(by_text.items(), key=lambda kv: (-len(kv[1]), kv[0]))
     top = ", ".join(f"{_esc(text or '(none)')} ({len(units)})" for text, units in ranked[:TOP_DESCRIPTIONS])
     out = [f'<p class="meta">{len(by_text)} distinct descriptions; most units: {top}</p>']
@@ -209,7 +219,7 @@ def _layer_section(
         # Units with saved crops (the ones logged to TensorBoard) first: they are the ones the user chose to watch.
         with_crops = [u for u in units if previews is not None and latest_preview(previews, layer, u) is not None]
         units = sorted(dict.fromkeys([*with_crops, *units][:max_units]))
-    latest = {u: timelines[u][-1].drift for u in all_units}
+    latest = {u: _shown(timelines[u][-1]) for u in all_units}
     out.append(_description_index(layer, latest, set(units)))
     pages = [units[i : i + page_size] for i in range(0, len(units), page_size)] or [[]]
     if len(pages) > 1:
@@ -309,6 +319,12 @@ def render_report(
         + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
         + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}"
     )
+    shown_at = next((r.confidence_threshold for r in reversed(records) if r.confidence_threshold is not None), None)
+    if shown_at is not None:
+        meta += (
+            f" · units with confidence &le; {shown_at:g} (the confidence threshold; 0.5 = chance) are shown as "
+            "<em>no clear concept</em>, with their best concept below"
+        )
     body = [
         _layer_section(layer, by_layer[layer], timelines[layer], previews, max_units, page_size, max_epochs)
         for layer in history.layers

@@ -10,6 +10,10 @@ Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
   (with ``ablation=True``), and the change if any.
 - ``<prefix>/<layer>/<unit>/top_k`` (image): grid of the unit's preview crops (region outlined).
 - ``<prefix>/<layer>/<unit>/score`` (scalar): the description's AUC.
+- ``<prefix>/<layer>/<unit>/confidence`` (scalar): the description's confidence (0.5 = chance); units at or below
+  the round's ``confidence_threshold`` are shown as "no clear concept" in the table and the description text.
+- ``<prefix>/confidence_threshold`` (scalar) and ``<prefix>/<layer>/confident_fraction`` (scalar): the threshold
+  and the share of the layer's units above it.
 - ``<prefix>/<layer>/<unit>/drift`` (scalar): ``1 - similarity`` to the previous description (from the unit's
   second explained epoch on).
 - ``<prefix>/<layer>/mean_score``, ``<prefix>/<layer>/fraction_changed``, ``<prefix>/<layer>/mean_similarity``
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift
+from lightning_neurons.explanation.scoring import confident, shown_description
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.previews import preview_grid
 from lightning_neurons.logging.previews import save_previews as _save_previews
@@ -254,11 +259,18 @@ class NeuronTensorBoardLogger:
             self.write_layout(round.layers)
         by_key = {(d.layer, d.unit): d for d in drift}
         by_layer = {s.layer: s for s in summaries}
+        threshold = round.meta.get("confidence_threshold")
+        if threshold is not None:
+            self._scalar(f"{self.prefix}/confidence_threshold", threshold, step)
         for layer in round.layers:
             units = round.layer(layer)
             summary = by_layer.get(layer)
-            table = self.table(units, by_key, summary, rows=self.table_rows)
+            table = self.table(units, by_key, summary, rows=self.table_rows, threshold=threshold)
             self.writer.add_text(self._tag(layer, "table"), table, step)
+            rated = [u for u in units if u.confidence is not None and u.description]
+            if threshold is not None and rated:
+                share = sum(confident(u.confidence, threshold) for u in rated) / len(rated)
+                self._scalar(self._tag(layer, "confident_fraction"), share, step)
             if summary is not None:
                 self._scalar(self._tag(layer, "mean_score"), summary.mean_score, step)
                 if summary.n_compared:
@@ -267,12 +279,15 @@ class NeuronTensorBoardLogger:
             selected = set(self.selected_units(layer, [u.unit for u in units]))
             for u in units:
                 if u.unit in selected:
-                    self._log_unit(round, u, by_key.get(u.key), step)
+                    self._log_unit(round, u, by_key.get(u.key), step, threshold)
         self.writer.flush()
 
-    def _log_unit(self, round: ExplanationRound, u: UnitExplanation, d: UnitDrift | None, step: int) -> None:
-        self.writer.add_text(self._tag(u.layer, u.unit, "description"), self.unit_text(u, d), step)
+    def _log_unit(
+        self, round: ExplanationRound, u: UnitExplanation, d: UnitDrift | None, step: int, threshold: float | None
+    ) -> None:
+        self.writer.add_text(self._tag(u.layer, u.unit, "description"), self.unit_text(u, d, threshold), step)
         self._scalar(self._tag(u.layer, u.unit, "score"), u.score, step)
+        self._scalar(self._tag(u.layer, u.unit, "confidence"), u.confidence, step)
         if d is not None and d.drift is not None:
             self._scalar(self._tag(u.layer, u.unit, "drift"), d.drift, step)
         previews = round.previews.get(u.key)
@@ -293,8 +308,12 @@ class NeuronTensorBoardLogger:
         drift: Mapping[tuple[str, int], UnitDrift],
         summary: LayerDriftSummary | None = None,
         rows: int | None = None,
+        threshold: float | None = None,
     ) -> str:
         """The Markdown table of one layer (a one-line summary above it when ``summary`` is given).
+
+        Units whose confidence is at or below ``threshold`` show "no clear concept" (their best concept stays in
+        the history and the description text); the summary line then names the threshold.
 
         With more than ``rows`` units, the table lists ``rows`` of them, the changed ones first, then by score
         (best first), and a last line says how many more the history and the report hold.
@@ -315,12 +334,14 @@ class NeuronTensorBoardLogger:
                     f" · mean similarity {_fmt(summary.mean_similarity)}"
                     f" · stable for {summary.stable_rounds} rounds: {summary.n_stable}"
                 )
+            if threshold is not None:
+                head += f" · confidence threshold {_fmt(threshold)}"
             lines += [head, ""]
         lines += ["| unit | description | score | previous description | similarity |", "|---:|---|---:|---|---:|"]
         shown = list(units) if rows is None or len(units) <= rows else _table_units(units, drift, rows)
         for u in shown:
             d = drift.get(u.key)
-            desc = _cell(u.description)
+            desc = _cell(shown_description(u.description, u.confidence, threshold))
             if d is not None and d.changed:
                 desc = f"**{desc}**"
             prev = _cell(d.previous_description) if d is not None and d.previous_description is not None else "–"
@@ -335,15 +356,29 @@ class NeuronTensorBoardLogger:
         return "\n".join(lines)
 
     @staticmethod
-    def unit_text(u: UnitExplanation, d: UnitDrift | None = None) -> str:
+    def unit_text(u: UnitExplanation, d: UnitDrift | None = None, threshold: float | None = None) -> str:
         """The Markdown description text of one unit.
+
+        Below the confidence ``threshold`` the unit reads "no clear concept", followed by its best concept, its
+        confidence and the threshold.
 
         Example:
             >>> print(NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "dots", 0.8)))
             **dots** (score 0.800)
+            >>> print(NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "dots", 0.8, confidence=0.6), None, 0.85))
+            **no clear concept** (best concept *dots*, score 0.800, confidence 0.600 <= threshold 0.850)
         """
         esc = escape_markdown  # every text from a vocabulary file or a language model is shown literally
-        text = f"**{esc(u.description)}** (score {_fmt(u.score)})"
+        shown = shown_description(u.description, u.confidence, threshold)
+        if shown != u.description:
+            text = (
+                f"**{esc(shown)}** (best concept *{esc(u.description)}*, score {_fmt(u.score)}, "
+                f"confidence {_fmt(u.confidence)} <= threshold {_fmt(threshold)})"
+            )
+        else:
+            text = f"**{esc(u.description)}** (score {_fmt(u.score)})"
+            if u.confidence is not None:
+                text = text[:-1] + f", confidence {_fmt(u.confidence)})"
         if u.alternatives:
             text += "\n\nalternatives: " + ", ".join(f"{esc(a.text)} ({_fmt(a.score)})" for a in u.alternatives)
         if u.ablation:
