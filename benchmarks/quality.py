@@ -131,8 +131,19 @@ def summary_table(split: str, out: dict) -> list[str]:
     lines.append(
         f"randomisation check: explanation score trained {sanity['trained_score']:.3f} / random weights "
         f"{sanity['random_score']:.3f}; held-out simulation {sanity['trained_simulation']:.3f} / "
-        f"{sanity['random_simulation']:.3f}; trained units above the random network's 90% score "
-        f"({sanity['threshold']:.3f}): {sanity['trained_confident']:.0%}"
+        f"{sanity['random_simulation']:.3f}; confidence trained {sanity['trained_confidence']:.3f} / random "
+        f"{sanity['random_confidence']:.3f} (0.5 = chance); units above the confidence threshold "
+        f"({sanity['threshold']:.2f}): trained {sanity['trained_confident']:.0%} / random "
+        f"{sanity['random_confident']:.0%}; distinct descriptions / top share, trained "
+        f"{sanity['trained_distinct']:.0f} / {sanity['trained_top_share']:.0%}, random {sanity['random_distinct']:.0f} / "
+        f"{sanity['random_top_share']:.0%}"
+        + (
+            f" (without the frequency penalty: trained {sanity['trained_distinct_unpenalised']:.0f} / "
+            f"{sanity['trained_top_share_unpenalised']:.0%}, random {sanity['random_distinct_unpenalised']:.0f} / "
+            f"{sanity['random_top_share_unpenalised']:.0%})"
+            if "trained_distinct_unpenalised" in sanity
+            else ""
+        )
     )
     return lines
 

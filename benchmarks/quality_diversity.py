@@ -2,9 +2,11 @@
 
 Explains the units of one MobileNetV2 block (default ``features.14``, 160 units) on crops of the broad benchmark's
 images (both splits), once with the packaged ImageNet weights and once with random weights, with the embedded
-backend and the built-in general vocabulary, and prints one JSON object: per network the number of distinct
-descriptions, the share and text of the most frequent one, the mean explanation score (AUC) and the share of
-units above the random network's 90% score quantile (the calibrated "no clear concept" threshold).
+backend and the built-in general vocabulary, with and without the frequency penalty (``ExplainConfig.frequency_penalty``,
+the crops are embedded once), and prints one JSON object: per network and setting the number of distinct descriptions,
+the share and text of the most frequent one, the mean explanation score (AUC), the mean confidence
+(``UnitExplanation.confidence``, 0.5 = chance) and the share of units above the default confidence threshold (the
+others are shown as "no clear concept").
 
     HF_HUB_OFFLINE=1 python benchmarks/quality_diversity.py [--layer features.14] [--per-class 4] [-o out.json]
 """
@@ -27,13 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args(argv)
 
+    import dataclasses
+
     import torch
     from torch.utils.data import ConcatDataset, DataLoader
     from torchvision.models import mobilenet_v2
 
     from lightning_neurons.backends import load_backend
     from lightning_neurons.backends.embedded import load_mobilenet
-    from lightning_neurons.benchmark.quality import description_diversity
+    from lightning_neurons.benchmark.quality import MemoEncoder, description_diversity
     from lightning_neurons.benchmark.scenes import SceneCrops, split_classes
     from lightning_neurons.concepts.vocabulary import Vocabulary
     from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD
@@ -42,30 +46,36 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_neurons.recording.recorder import collect_top_k
     from lightning_neurons.recording.samples import DataLoaderSampleSource
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # the benchmark machines are shared
     data = ConcatDataset(
         [SceneCrops(split_classes(s), args.per_class, 128, seed=7) for s in ("development", "held_out")]
     )
     loader = DataLoader(data, batch_size=32)
-    backend = load_backend("embedded", device="cpu", generator=False)
-    vocabulary = Vocabulary(["general"], exclude_general=backend.basis_concepts, show_progress=False)
+    loaded = load_backend("embedded", device="cpu", generator=False)
+    backend = dataclasses.replace(loaded, encoder=MemoEncoder(loaded.encoder))  # each crop embedded once
+    vocabulary = Vocabulary(["general"], exclude_general=loaded.basis_concepts, show_progress=False)
     cfg = ExplainConfig(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, show_progress=False, preview_units={})
+    threshold = cfg.confidence_threshold
     torch.manual_seed(0)
     networks = {"pretrained": load_mobilenet("cpu"), "random": mobilenet_v2().eval()}
-    rounds = {}
+    result: dict = {
+        "layer": args.layer,
+        "images": len(data),
+        "confidence_threshold": threshold,
+        "frequency_penalty": cfg.frequency_penalty,
+    }
     for name, net in networks.items():
         recording = collect_top_k(net, loader, [args.layer], args.top_k, reservoir_size=48, show_progress=False)
-        rounds[name] = explain_recording(net, recording, DataLoaderSampleSource(loader), backend, vocabulary, cfg)
-    random_scores = torch.tensor([u.score for u in rounds["random"]])
-    threshold = float(random_scores.quantile(0.9))
-    result = {"layer": args.layer, "images": len(data), "threshold": threshold}
-    for name, rnd in rounds.items():
-        units = rnd.layer(args.layer)
-        result[name] = {
-            **description_diversity(units),
-            "mean_score": sum(u.score for u in units) / len(units),
-            "above_threshold": sum(u.score > threshold for u in units) / len(units),
-        }
+        for setting, explain_cfg in (("", cfg), ("_unpenalised", dataclasses.replace(cfg, frequency_penalty=0.0))):
+            rnd = explain_recording(net, recording, DataLoaderSampleSource(loader), backend, vocabulary, explain_cfg)
+            units = rnd.layer(args.layer)
+            conf = torch.tensor([u.confidence for u in units], dtype=torch.float32)
+            result[name + setting] = {
+                **description_diversity(units),
+                "mean_score": sum(u.score for u in units) / len(units),
+                "mean_confidence": float(conf.mean()),
+                "above_threshold": float((conf > threshold).float().mean()),
+            }
     text = json.dumps(result, indent=1)
     if args.output:
         Path(args.output).write_text(text)

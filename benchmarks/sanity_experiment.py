@@ -96,6 +96,8 @@ def _evaluate(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     from lightning_neurons.explanation.scoring import score_layer, similarity
 
     texts = data["texts"]
+    settings = dict(settings)
+    threshold = settings.pop("threshold", 0.85)
     result: dict[str, Any] = {}
     for name in ("trained", "random"):
         net = data[name]
@@ -105,7 +107,6 @@ def _evaluate(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         desc = [texts[i] for i in res.top_indices[:, 0].tolist()]
         counts = Counter(desc)
         conf = res.confidence if res.confidence is not None else res.auc
-        threshold = settings.get("threshold", 0.9)
         row = {
             "auc": float(res.auc.mean()),
             "confidence": float(conf.mean()),

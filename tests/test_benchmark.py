@@ -86,3 +86,6 @@ def test_held_out_split_end_to_end_on_a_reduced_classifier() -> None:
     assert multi["simulation_single"] == pytest.approx(out["embedded"]["simulation"], abs=1e-3)
     sanity = out["sanity"]
     assert 0 <= sanity["trained_confident"] <= 1 and 1 <= sanity["trained_distinct"] <= 32
+    assert 0 <= sanity["random_confident"] <= 1 and 0 <= sanity["random_confidence"] <= 1
+    assert sanity["threshold"] == pytest.approx(0.85)
+    assert 1 <= sanity["trained_distinct_unpenalised"] <= 32 and 0 < sanity["random_top_share_unpenalised"] <= 1

@@ -348,7 +348,22 @@ def run_benchmark(
             untrained, (eval_inputs, eval_labels), [cfg.conv_layer], image_mean=IMAGE_MEAN, image_std=IMAGE_STD
         )
         random_probe.image_embeddings = probe.image_embeddings
-        sanity = randomisation_check(conv_round, random_round, cfg.conv_layer, probe, random_probe, backend.encoder)
+        # The same rounds without the frequency penalty (the crops are memoised: only the scoring is redone), for
+        # the diversity before and after it.
+        plain_cfg = dataclasses.replace(explain_cfg, frequency_penalty=0.0)
+        unpenalised = {
+            name: explain_recording(net, rec, source, backend, default, plain_cfg, class_names=class_names)
+            for name, net, rec in (("trained", model, conv_recording), ("random", untrained, random_recording))
+        }
+        sanity = randomisation_check(
+            conv_round,
+            random_round,
+            cfg.conv_layer,
+            probe,
+            random_probe,
+            backend.encoder,
+            unpenalised=(unpenalised["trained"], unpenalised["random"]),
+        )
         lap("randomisation_check")
 
     general_texts = list(general.concepts)
@@ -507,34 +522,46 @@ def randomisation_check(
     random_probe: Any,
     encoder: ImageTextEncoder,
     *,
+    unpenalised: tuple[ExplanationRound, ExplanationRound] | None = None,
     quantile: float = 0.9,
 ) -> dict[str, Any]:
     """The model-randomisation check and the diversity of the descriptions, for one layer.
 
-    The same network with random weights is explained like the trained one. Its units' explanation scores
-    (AUC of the description over the unit's top crops against control crops) calibrate a threshold, the
-    ``quantile`` of the random network's scores; ``trained_confident`` is the share of trained units above it
-    (a tool that is as sure about random units as about trained ones misleads). Simulation on the held-out probe
-    is reported for both networks (a random network should sit near 0).
+    The same network with random weights is explained like the trained one. Per network: the mean explanation
+    score (AUC against control crops, which a random network passes too), the mean confidence
+    (``UnitExplanation.confidence``, 0.5 = chance) and the share of units above the rounds' confidence threshold
+    (``round.meta["confidence_threshold"]``: the others are shown as "no clear concept"), the held-out simulation
+    (a random network should sit near 0), distinct descriptions and the share of the most frequent one, after
+    and, with ``unpenalised`` (the same rounds explained with ``frequency_penalty=0``), before the frequency
+    penalty. ``random_confidence_q90`` is the ``quantile`` of the random network's confidences.
+
+    Example:
+        >>> sanity = randomisation_check(trained, untrained, "layer3", probe, random_probe, encoder)  # doctest: +SKIP
+        >>> sanity["trained_confident"] > sanity["random_confident"]  # doctest: +SKIP
+        True
     """
-    trained_units, random_units = trained.layer(layer), untrained.layer(layer)
-    random_scores = torch.tensor([u.score for u in random_units])
-    threshold = float(random_scores.quantile(quantile))
-    return {
-        "threshold": threshold,
-        "trained_confident": sum(u.score > threshold for u in trained_units) / max(1, len(trained_units)),
-        "trained_score": sum(u.score for u in trained_units) / max(1, len(trained_units)),
-        "random_score": float(random_scores.mean()),
-        "trained_simulation": _layer_simulation(trained, layer, probe, encoder, {}),
-        "random_simulation": _layer_simulation(untrained, layer, random_probe, encoder, {}),
-        **{
-            f"{name}_{k}": float(v)
-            for name, units in (("trained", trained_units), ("random", random_units))
-            for k, v in description_diversity(units).items()
-            if k in ("distinct", "top_share")
-        },
-        "trained_top_description": description_diversity(trained_units)["top"],
-    }
+    threshold = trained.meta.get("confidence_threshold")
+    out: dict[str, Any] = {"threshold": float("nan") if threshold is None else float(threshold)}
+    for name, rnd, sim_probe in (("trained", trained, probe), ("random", untrained, random_probe)):
+        units = [u for u in rnd.layer(layer) if u.description]
+        conf = torch.tensor([float("nan") if u.confidence is None else u.confidence for u in units])
+        diversity = description_diversity(units)
+        out[f"{name}_score"] = sum(u.score for u in units) / max(1, len(units))
+        out[f"{name}_confidence"] = float(conf.nanmean()) if len(units) else float("nan")
+        out[f"{name}_confident"] = float((conf > threshold).float().mean()) if threshold is not None else 1.0
+        out[f"{name}_simulation"] = _layer_simulation(rnd, layer, sim_probe, encoder, {})
+        out[f"{name}_distinct"] = float(diversity["distinct"])
+        out[f"{name}_top_share"] = float(diversity["top_share"])
+        out[f"{name}_top_description"] = diversity["top"]
+        if name == "random" and len(units):
+            out["random_confidence_q90"] = float(conf.nan_to_num(0.5).quantile(quantile))
+    if unpenalised is not None:
+        for name, rnd in zip(("trained", "random"), unpenalised):
+            diversity = description_diversity([u for u in rnd.layer(layer) if u.description])
+            out[f"{name}_distinct_unpenalised"] = float(diversity["distinct"])
+            out[f"{name}_top_share_unpenalised"] = float(diversity["top_share"])
+        out["trained_simulation_unpenalised"] = _layer_simulation(unpenalised[0], layer, probe, encoder, {})
+    return out
 
 
 def description_diversity(units: Sequence[Any]) -> dict[str, Any]:

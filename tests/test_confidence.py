@@ -1,0 +1,202 @@
+"""Sanity and diversity: the explanation confidence, the "no clear concept" threshold and the frequency penalty.
+
+The real pipeline explains two 1x1-conv networks on colour images with a colour encoder: one whose units are
+colour detectors (what training makes here) and one with random positive weights, whose units all follow
+brightness and so fire on the same brightest images whatever their colour (what a random network's units that
+all look alike do). AUC against random controls cannot tell them apart well; the confidence must.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from collections import Counter, OrderedDict
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from _explained import COLOURS, ColourEncoder, ColourImages
+from lightning_neurons import explain
+from lightning_neurons.config import RunConfig
+from lightning_neurons.backends.base import Backend
+from lightning_neurons.drift.history import HistoryRecord, RunHistory
+from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
+from lightning_neurons.explanation.settings import ExplainConfig
+from lightning_neurons.logging.base import RoundOutput
+from lightning_neurons.logging.report import render_report
+from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger
+
+UNITS = 6
+
+
+def _model(weight: torch.Tensor) -> nn.Sequential:
+    model = nn.Sequential(OrderedDict(feat=nn.Conv2d(3, UNITS, 1, bias=False), pool=nn.AdaptiveAvgPool2d(1)))
+    with torch.no_grad():
+        model.feat.weight.copy_(weight[:, :, None, None])
+    return model.eval()
+
+
+def _explain(weight: torch.Tensor, **settings):
+    loader = DataLoader(ColourImages(n=48), batch_size=16)
+    return explain(
+        _model(weight),
+        loader,
+        ["feat"],
+        top_k=4,
+        epoch=0,
+        backend=Backend("colour", ColourEncoder()),
+        vocabulary=["classes"],
+        class_names=[*COLOURS, "thing"],
+        log_units=None,
+        show_progress=False,
+        **settings,
+    )
+
+
+def _trained() -> torch.Tensor:
+    return torch.eye(3).repeat(2, 1) * torch.tensor([1.0, 1.0, 1.0, 0.8, 0.8, 0.8])[:, None]  # colour detectors
+
+
+def _random() -> torch.Tensor:
+    return 0.5 + 0.1 * torch.rand(UNITS, 3, generator=torch.Generator().manual_seed(0))  # brightness followers
+
+
+@pytest.fixture(scope="module")
+def rounds():
+    return _explain(_trained()), _explain(_random())
+
+
+def test_random_weights_sit_near_chance_and_trained_units_clear_the_threshold(rounds):
+    trained, random = rounds
+    threshold = ExplainConfig().confidence_threshold
+    assert trained.meta["confidence_threshold"] == threshold
+    t_conf = torch.tensor([u.confidence for u in trained.units])
+    r_conf = torch.tensor([u.confidence for u in random.units])
+    assert (t_conf > threshold).all(), t_conf
+    assert abs(float(r_conf.mean()) - 0.5) < 0.2, r_conf
+    assert float((r_conf > threshold).float().mean()) <= 0.2, r_conf
+    # The old score (AUC against random controls) is not what tells them apart: random units pass it too.
+    assert min(u.score for u in random.units) > 0.5
+    assert {u.description for u in trained.units} == set(COLOURS)
+
+
+def test_threshold_none_shows_every_description(rounds):
+    _, random = rounds
+    assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(random.units, {}, threshold=0.85)
+    assert NO_CLEAR_CONCEPT not in NeuronTensorBoardLogger.table(random.units, {}, threshold=None)
+    assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
+
+
+def _generic_layer(shared: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """10 units of 4 crops each. Concept 0 is generic: a little above the controls on every unit's crops, more than
+    each unit's own concept ``1 + u``. The first ``shared`` units fire on the same crops, which really match
+    concept 11 strongly."""
+    g = torch.Generator().manual_seed(0)
+    units, k, num_c = 10, 4, 12
+    crop_sims = 0.1 * torch.rand(units * k + 40, num_c, generator=g)
+    crop_sims[: units * k, 0] += 0.5
+    for u in range(units):
+        crop_sims[u * k : (u + 1) * k, 1 + u] += 0.4
+    crop_index = torch.arange(units * k).reshape(units, k)
+    crop_index[:shared] = crop_index[0]
+    if shared:
+        crop_sims[:k, 11] += 0.7
+    return crop_sims, crop_index, crop_sims[units * k :]
+
+
+def test_frequency_penalty_lowers_the_top_share_of_a_generic_concept():
+    crop_sims, crop_index, control = _generic_layer(shared=0)
+    plain = score_layer(crop_sims, crop_index, control)
+    penalised = score_layer(crop_sims, crop_index, control, frequency_weight=1.0)
+    assert plain.top_indices[:, 0].tolist() == [0] * 10  # the generic concept wins everywhere
+    assert penalised.top_indices[:, 0].tolist() == list(range(1, 11))  # each unit's own concept
+    assert max(Counter(penalised.top_indices[:, 0].tolist()).values()) == 1
+
+
+def test_frequency_penalty_keeps_a_concept_the_units_really_share():
+    crop_sims, crop_index, control = _generic_layer(shared=5)
+    penalised = score_layer(crop_sims, crop_index, control, frequency_weight=1.0)
+    assert penalised.top_indices[:5, 0].tolist() == [11] * 5  # same top samples: the shared concept stays
+    assert penalised.top_indices[5:, 0].tolist() == list(range(6, 11))
+    sharing = shared_units(crop_index, crop_index >= 0, 0.5)
+    assert sharing[:5, :5].all() and not sharing[:5, 5:].any()
+    # Every unit shares only with itself: the penalty is the plain mean over the other units.
+    scores = score_layer(crop_sims, crop_index, control).scores
+    others = (scores.sum(dim=0, keepdim=True) - scores) / (scores.shape[0] - 1)
+    assert torch.allclose(frequency_penalty(scores, None, 1.0), scores - others, atol=1e-6)
+
+
+def test_shared_units_by_top_sample_overlap():
+    samples = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 9], [5, 6, 7, 8]])
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    assert shared_units(samples, valid, 0.5).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    assert shared_units(samples, valid, 1.0)[0, 1].item() is False
+
+
+def test_tensorboard_and_report_show_no_clear_concept_and_the_threshold(rounds, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    _, random = rounds
+    history = RunHistory()
+    drift = history.add_round(random, Backend("colour", ColourEncoder()).encode_descriptions, epoch=0)
+    writer = SummaryWriter(str(tmp_path))
+    NeuronTensorBoardLogger(writer, log_units=None).write_round(
+        RoundOutput(random, drift, history.summary(0), step=0, epoch=0)
+    )
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    threshold = random.meta["confidence_threshold"]
+    assert acc.Scalars("neurons/confidence_threshold")[0].value == pytest.approx(threshold)
+    unclear = [u for u in random.units if u.confidence <= threshold]
+    assert unclear
+    table = acc.Tensors("neurons/feat/table/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert NO_CLEAR_CONCEPT in table and f"confidence threshold {threshold:.3f}" in table
+    text = acc.Tensors(f"neurons/feat/{unclear[0].unit}/description/text_summary")[0].tensor_proto.string_val[0]
+    assert text.decode().startswith(f"**{NO_CLEAR_CONCEPT}** (best concept *{unclear[0].description}*")
+    share = acc.Scalars("neurons/feat/confident_fraction")[0].value
+    assert share == pytest.approx(1 - len(unclear) / len(random.units))
+
+    html = render_report(history)
+    assert NO_CLEAR_CONCEPT in html and f"units with confidence &le; {threshold:g}" in html
+    # The history keeps the raw best concept, its confidence and the threshold.
+    record = history.records[[r.explanation.unit for r in history.records].index(unclear[0].unit)]
+    back = HistoryRecord.from_dict(record.to_dict())
+    assert back.explanation.description == unclear[0].description != NO_CLEAR_CONCEPT
+    assert back.explanation.confidence == pytest.approx(unclear[0].confidence)
+    assert back.confidence_threshold == pytest.approx(threshold)
+
+
+def test_old_history_records_load_without_confidence():
+    record = HistoryRecord.from_dict({"layer": "l", "unit": 0, "epoch": 0, "description": "red", "score": 0.9})
+    assert record.explanation.confidence is None and record.confidence_threshold is None
+    assert "confidence" not in record.to_dict() and "confidence_threshold" not in record.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"confidence_threshold": 1.5}, "confidence_threshold"),
+        ({"confidence_threshold": True}, "confidence_threshold"),
+        ({"frequency_penalty": -0.1}, "frequency_penalty"),
+        ({"frequency_penalty": "high"}, "frequency_penalty"),
+    ],
+)
+def test_flat_arguments_are_validated(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig.from_arguments("feat", **arguments)
+
+
+def test_explain_config_validation_and_flat_views():
+    for bad in ({"confidence_samples": -1}, {"shared_overlap": 0.0}, {"frequency_penalty": -1.0}):
+        with pytest.raises(ValueError):
+            ExplainConfig(**bad)
+    cfg = RunConfig.from_arguments("feat", confidence_threshold=None, frequency_penalty=0.0).explain
+    assert cfg.confidence_threshold is None and cfg.frequency_penalty == 0.0
+    from lightning_neurons import NeuronExplainer
+
+    explainer = NeuronExplainer("feat", confidence_threshold=0.7, frequency_penalty=0.5)
+    assert explainer.confidence_threshold == 0.7 and explainer.frequency_penalty == 0.5
