@@ -63,6 +63,7 @@ _FLAT = {
     "class_names": ("backend", "class_names"),
     "llm_vocabulary": ("backend", "llm_vocabulary"),
     "describe": ("explain", "describe"),
+    "multi_concept": ("explain", "multi_concept"),
     "ablation": ("explain", "ablation"),
     "ablation_measure": ("explain", "ablation_measure"),
     "correction": ("explain", "correction"),
@@ -121,6 +122,10 @@ class NeuronExplainer(Callback):
         class_names: Names of the dataset's classes, by class index.
         llm_vocabulary: Also ask the text generator for domain concepts (same as adding ``"llm"``).
         describe: Run the describe stage (caption the crops, let the LLM summarise into one phrase).
+        multi_concept: Also explain each unit as a weighted combination of up to 3 concepts ("stripes (0.62) +
+            zebra (0.38)"), fitted to its activations on its top crops and the reservoir images; kept (shown in
+            TensorBoard, the report and the history) only where it predicts held-out samples better than the
+            single description.
         ablation: Run the ablation check for the logged units: zero the unit and report the classes whose true-class
             probability drops most on the reservoir samples (needs labels in the validation batches).
         ablation_measure: ``"probability"`` (drop of each class's mean true-class probability, continuous) or
@@ -184,6 +189,7 @@ class NeuronExplainer(Callback):
         class_names: list[str] | None = None,
         llm_vocabulary: bool = False,
         describe: bool = False,
+        multi_concept: bool = True,
         ablation: bool = False,
         ablation_measure: Literal["probability", "accuracy"] = "probability",
         correction: Literal["control", "soft_wpmi"] = "control",
@@ -220,6 +226,7 @@ class NeuronExplainer(Callback):
             class_names=class_names,
             llm_vocabulary=llm_vocabulary,
             describe=describe,
+            multi_concept=multi_concept,
             ablation=ablation,
             ablation_measure=ablation_measure,
             correction=correction,

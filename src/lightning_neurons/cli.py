@@ -101,6 +101,12 @@ def _build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--image-std", type=float, nargs=3, default=None, help="input normalisation std")
     explain.add_argument("--describe", action="store_true", help="caption crops and summarise them with the LLM")
     explain.add_argument(
+        "--no-multi-concept",
+        dest="multi_concept",
+        action="store_false",
+        help="do not fit multi-concept explanations (weighted combinations of up to 3 concepts)",
+    )
+    explain.add_argument(
         "--evaluate", action="store_true", help="also measure explanation quality on held-out probe samples"
     )
     explain.add_argument("-o", "--output-dir", default="neurons_posthoc", help="where history/TensorBoard/report go")
@@ -215,6 +221,7 @@ def _explain(args: argparse.Namespace) -> int:
         image_mean=args.image_mean,
         image_std=args.image_std,
         describe=args.describe,
+        multi_concept=args.multi_concept,
         evaluate=args.evaluate,
     )
     for rnd in rounds:

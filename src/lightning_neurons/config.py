@@ -243,6 +243,7 @@ class RunConfig:
         class_names: Sequence[str] | None = None,
         llm_vocabulary: bool = False,
         describe: bool = False,
+        multi_concept: bool = True,
         ablation: bool = False,
         ablation_measure: str = "probability",
         correction: Any = "control",
@@ -346,6 +347,7 @@ class RunConfig:
             f"name must be letters, digits, '_', '.' or '-' (it names a folder and a tag prefix), got {name!r}",
         )
         _check(forward_fn is None or callable(forward_fn), f"forward_fn must be a callable, got {forward_fn!r}")
+        _check(isinstance(multi_concept, bool), f"multi_concept must be True or False, got {multi_concept!r}")
 
         recording = RecordingConfig(
             layers=list(layers) if isinstance(layers, (list, tuple)) else layers,
@@ -364,6 +366,7 @@ class RunConfig:
             confidence_threshold=None if confidence_threshold is None else float(confidence_threshold),
             frequency_penalty=float(frequency_penalty),
             describe=describe,
+            multi_concept=multi_concept,
             ablation=ablation,
             ablation_measure=ablation_measure,  # type: ignore[arg-type]
             image_mean=tuple(float(v) for v in image_mean) if image_mean else None,

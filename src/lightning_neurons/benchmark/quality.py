@@ -49,7 +49,7 @@ from lightning_neurons.evaluation.final_layer import final_layer_accuracy
 from lightning_neurons.evaluation.harness import DIAGNOSTIC_METRICS, LAYER_METRICS, EvaluationConfig, evaluate_round
 from lightning_neurons.evaluation.probe import build_probe
 from lightning_neurons.evaluation.simulation import simulation_scores
-from lightning_neurons.explanation.multi_concept import combination_embedding, explain_combinations, format_combination
+from lightning_neurons.explanation.multi_concept import combination_embedding, format_combination
 from lightning_neurons.results import ExplanationRound
 
 #: Metrics on which the method must beat the random and constant baselines (higher is better for all).
@@ -274,6 +274,7 @@ def run_benchmark(
         seed=cfg.seed,
         show_progress=False,
         preview_units={},
+        multi_concept=cfg.multi_concept,
     )
     head_recording = type(recording)(
         **{**recording.__dict__, "layers": {cfg.final_layer: recording.layers[cfg.final_layer]}}
@@ -315,20 +316,9 @@ def run_benchmark(
     multi: dict[str, Any] | None = None
     sanity: dict[str, Any] | None = None
     if cfg.multi_concept:
-        probe_inputs = torch.stack([probe_set[i][0] for i in range(len(probe_set))])
-        probe_labels = torch.tensor([probe_set[i][1] for i in range(len(probe_set))])
-        # The samples the explanations were made from (never the held-out probe): where combinations are fitted.
-        fit_probe = build_probe(
-            model,
-            (probe_inputs, probe_labels),
-            [cfg.conv_layer],
-            backend.encoder,
-            image_mean=IMAGE_MEAN,
-            image_std=IMAGE_STD,
-        )
-        multi = multi_concept_metrics(
-            conv_round, cfg.conv_layer, fit_probe, probe, backend.encoder, list(default.concepts), seed=cfg.seed
-        )
+        # The combinations the pipeline itself fitted (explain_recording's multi_concept stage, the users' code
+        # path), scored on the held-out probe.
+        multi = multi_concept_metrics(conv_round, cfg.conv_layer, probe, backend.encoder)
         lap("multi_concept")
     if cfg.randomisation_check:
         untrained = train_classifier(dataclasses.replace(cfg, epochs=0), train_set)
@@ -480,37 +470,33 @@ def _layer_simulation(
 
 
 def multi_concept_metrics(
-    round: ExplanationRound,
-    layer: str,
-    fit_probe: Any,
-    eval_probe: Any,
-    encoder: ImageTextEncoder,
-    concepts: Sequence[str],
-    *,
-    seed: int = 0,
+    round: ExplanationRound, layer: str, eval_probe: Any, encoder: ImageTextEncoder
 ) -> dict[str, Any]:
-    """Fit multi-concept explanations on the explaining samples; score single and multi simulation held out.
+    """Held-out simulation of a layer with its single descriptions and with the pipeline's combinations.
+
+    The combinations are the ones ``explain_recording`` fitted (``ExplainConfig.multi_concept``: each unit's top
+    crops and the reservoir images, kept where they beat the description on held-out samples); here each kept
+    combination's text embedding ``sum_j w_j * e_j`` replaces the unit's description embedding.
 
     Returns:
         ``{"simulation_single", "simulation", "kept", "examples"}``: mean held-out simulation with the single
         descriptions and with the kept combinations in their place, the share of units whose combination was
         kept, and a few combinations as text.
     """
-    concept_embeddings = encoder.encode_texts(list(concepts))
-    kept = explain_combinations(
-        round, layer, fit_probe.activations[layer], fit_probe.image_embeddings, concepts, concept_embeddings, seed=seed
-    )
-    index = {text: i for i, text in enumerate(concepts)}
-    overrides = {
-        unit: combination_embedding([(index[a.text], a.score) for a in combo], concept_embeddings)
-        for unit, combo in kept.items()
-    }
     units = round.layer(layer)
+    overrides: dict[int, Tensor] = {}
+    for unit in units:
+        if unit.combination:
+            texts = [a.text for a in unit.combination]
+            overrides[unit.unit] = combination_embedding(
+                [(i, a.score) for i, a in enumerate(unit.combination)], encoder.encode_texts(texts)
+            )
+    examples = {str(u.unit): format_combination(u.combination) for u in units if u.combination}
     return {
         "simulation_single": _layer_simulation(round, layer, eval_probe, encoder, {}),
         "simulation": _layer_simulation(round, layer, eval_probe, encoder, overrides),
-        "kept": len(kept) / max(1, len(units)),
-        "examples": {str(u): format_combination(c) for u, c in list(kept.items())[:6]},
+        "kept": len(overrides) / max(1, len(units)),
+        "examples": dict(list(examples.items())[:6]),
     }
 
 

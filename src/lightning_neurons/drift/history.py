@@ -25,7 +25,10 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     previous_epoch        int?   the unit's previous explained epoch (null on its first)
     previous_description  str?   the description at previous_epoch
     similarity            float? cosine similarity of the two descriptions' text embeddings
-    changed               bool   similarity < threshold (false on the first epoch)
+    changed               bool   similarity < threshold, or where either epoch has a combination, concept-set
+                                 Jaccard < 0.5 (drift.metrics.COMBINATION_CHANGE_JACCARD; false on the first epoch)
+    concept_jaccard       float? Jaccard index of the two epochs' concept sets (combination concepts, else the
+                                 description); only where either epoch has a combination, absent otherwise
     jaccard               float? Jaccard index of the two top-k sample-id sets
     score_delta           float? score minus the previous score
     threshold             float  change threshold used
@@ -168,6 +171,7 @@ class HistoryRecord:
             "jaccard": _finite(d.jaccard),
             "score_delta": _finite(d.score_delta),
             "threshold": d.threshold,
+            **({"concept_jaccard": _finite(d.concept_jaccard)} if d.concept_jaccard is not None else {}),
             **({"confidence_threshold": self.confidence_threshold} if self.confidence_threshold is not None else {}),
             **({"revisit": True} if self.revisit else {}),
         }
@@ -220,6 +224,7 @@ class HistoryRecord:
             get("jaccard"),
             get("score_delta"),
             get("threshold", DEFAULT_CHANGE_THRESHOLD),
+            get("concept_jaccard"),
         )
         shown_at = data.get("confidence_threshold")
         return cls(

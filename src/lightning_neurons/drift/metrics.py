@@ -11,6 +11,13 @@ backend's text encoder), where paraphrases score above it and different concepts
 0.66, ``"grass" / "sky"`` 0.47. CLIP text towers give higher similarities to unrelated texts; raise the threshold
 (about 0.85-0.9) with them.
 
+Multi-concept explanations are compared as sets: a unit's *concept set* is the concepts of its combination
+(``UnitExplanation.combination``), or its description alone when it has none. ``concept_jaccard`` is the Jaccard
+index of the two rounds' concept sets, and when at least one of the two rounds has a combination the meaning also
+counts as changed when that index is below :data:`COMBINATION_CHANGE_JACCARD` (fewer than half the concepts
+shared: ``{stripes, zebra}`` -> ``{stripes, grass}`` changed; ``{stripes, zebra, grass}`` -> ``{stripes, zebra}``
+or ``{stripes}`` -> ``{stripes, zebra}`` not). Two single descriptions are compared by similarity only, as before.
+
 Example:
     >>> import torch
     >>> from lightning_neurons.results import UnitExplanation
@@ -25,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +43,9 @@ from lightning_neurons.results import UnitExplanation
 
 #: Cosine similarity below which two descriptions of a unit count as different meanings (MiniLM-like encoders).
 DEFAULT_CHANGE_THRESHOLD = 0.75
+
+#: Jaccard index of two rounds' concept sets below which a unit with a combination counts as changed.
+COMBINATION_CHANGE_JACCARD = 0.5
 
 #: Number of most recent comparisons without a change for a unit to count as stable.
 DEFAULT_STABLE_ROUNDS = 3
@@ -59,10 +69,13 @@ class UnitDrift:
         previous_epoch: The unit's previous explained epoch, ``None`` if this is its first.
         previous_description: The description at ``previous_epoch``.
         similarity: Cosine similarity of the two descriptions' text embeddings (1.0 for identical texts).
-        changed: ``similarity < threshold``: the meaning changed.
+        changed: The meaning changed: ``similarity < threshold``, or, where either round has a multi-concept
+            combination, ``concept_jaccard <`` :data:`COMBINATION_CHANGE_JACCARD`.
         jaccard: Jaccard index of the two top-k sample-id sets.
         score_delta: Current score minus previous score.
         threshold: The change threshold that was applied.
+        concept_jaccard: Jaccard index of the two rounds' concept sets (:func:`concept_set`); ``None`` on the first
+            round and where neither round has a combination.
     """
 
     layer: str
@@ -77,6 +90,7 @@ class UnitDrift:
     jaccard: float | None = None
     score_delta: float | None = None
     threshold: float = DEFAULT_CHANGE_THRESHOLD
+    concept_jaccard: float | None = None
 
     @property
     def compared(self) -> bool:
@@ -191,8 +205,8 @@ def description_similarity(previous: Sequence[str], current: Sequence[str], embe
     return out
 
 
-def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
-    """Jaccard index of two id sets (1.0 when both are empty).
+def jaccard(a: Iterable[Hashable], b: Iterable[Hashable]) -> float:
+    """Jaccard index of two sets (sample ids, concept texts; 1.0 when both are empty).
 
     Example:
         >>> jaccard([1, 2, 3], [2, 3, 4])
@@ -201,6 +215,20 @@ def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
     sa, sb = set(a), set(b)
     union = sa | sb
     return 1.0 if not union else len(sa & sb) / len(union)
+
+
+def concept_set(u: UnitExplanation) -> frozenset[str]:
+    """The concepts a unit's explanation names: its combination's concepts, else its description alone.
+
+    Example:
+        >>> from lightning_neurons.results import Alternative
+        >>> sorted(concept_set(UnitExplanation("fc", 0, 0, "stripes", 0.8, combination=[Alternative("zebra", 1.0),
+        ...     Alternative("stripes", 0.5)])))
+        ['stripes', 'zebra']
+    """
+    if u.combination:
+        return frozenset(a.text.strip().casefold() for a in u.combination)
+    return frozenset([u.description.strip().casefold()]) if u.description else frozenset()
 
 
 def compare_units(
@@ -248,6 +276,9 @@ def compare_units(
             d.previous_description = p.description
             d.similarity = s
             d.changed = s < threshold
+            if p.combination or u.combination:  # multi-concept explanations are compared as concept sets
+                d.concept_jaccard = jaccard(concept_set(p), concept_set(u))
+                d.changed = d.changed or d.concept_jaccard < COMBINATION_CHANGE_JACCARD
             d.jaccard = jaccard(p.top_sample_ids, u.top_sample_ids)
             d.score_delta = float(u.score) - float(p.score)
         out.append(d)

@@ -14,7 +14,9 @@ one a small dataclass, each timed in ``round.meta["timings"]``:
    ``embed_concepts`` (:mod:`.units`): -> :class:`~lightning_neurons.concepts.concept_set.ConceptSet`.
 4. ``score`` (:mod:`.units`): one similarity product, then per layer the batched concept scores with the
    correction value (:mod:`.correction`), AUC and margin; :class:`RoundEvidence` -> ``UnitExplanation`` list.
-5. optional ``describe`` (:mod:`.phrases`) and ``ablation``.
+5. ``multi_concept`` (:mod:`.multi_concept`, ``ExplainConfig.multi_concept``): each unit's combination of up to
+   ``max_concepts`` concepts, fitted on its top crops and the reservoir images, kept where it simulates better.
+6. optional ``describe`` (:mod:`.phrases`) and ``ablation``.
 
 Example:
     >>> backend = load_backend("embedded")  # doctest: +SKIP
@@ -38,6 +40,7 @@ from lightning_neurons.backends.base import Backend, ImageTextEncoder
 from lightning_neurons.explanation.ablation import ablate_units
 from lightning_neurons.explanation.crops import CropEmbeddings, Regions, embed_crops, find_regions, preview_units
 from lightning_neurons.explanation.forward import ForwardResult, RoundSamples, forward_samples
+from lightning_neurons.explanation.multi_concept import combine_units
 from lightning_neurons.explanation.phrases import rephrase_units
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.explanation.units import RoundEvidence, build_units, concept_set, score_layers
@@ -112,6 +115,9 @@ def explain_recording(
         scores = score_layers(crops, concept_values, regions, cfg, device)
     evidence = RoundEvidence(forward, regions, crops, concept_values, scores)
     units = build_units(evidence, epoch)
+    if cfg.multi_concept:
+        with _timed(timings, "multi_concept"):
+            meta["combinations"] = combine_units(units, evidence, cfg, reduction=recording.reduction)
     if cfg.describe:
         with _timed(timings, "describe"):
             rephrase_units(units, evidence, backend, encoder, cfg)

@@ -51,6 +51,12 @@ class ExplainConfig:
             share the unit's top samples (a concept the units really share keeps winning). ``0``: off.
         shared_overlap: Fraction of the smaller top-sample set two units must have in common to count as sharing.
         max_control_values: Reservoir activations kept per unit for the quantile threshold.
+        multi_concept: Fit each unit's multi-concept explanation (``UnitExplanation.combination``, e.g.
+            "stripes (0.62) + zebra (0.38)"): a sparse non-negative combination of up to ``max_concepts`` concepts
+            fitted to the unit's activations on its top crops and the reservoir images, kept only where it
+            predicts held-out samples better than the description (:mod:`.multi_concept`).
+        max_concepts: Largest number of concepts in a combination.
+        combination_margin: Held-out correlation a combination must gain over the description to be kept.
         describe: Run the caption-and-summarise stage (needs a captioner and a text generator in the backend).
         describe_crops: Top crops captioned per unit.
         ablation: Run the ablation check (needs labels in the recording source).
@@ -104,6 +110,9 @@ class ExplainConfig:
     frequency_penalty: float = 1.0
     shared_overlap: float = 0.5
     max_control_values: int = 65536
+    multi_concept: bool = True
+    max_concepts: int = 3
+    combination_margin: float = 0.05
     describe: bool = False
     describe_crops: int = 5
     ablation: bool = False
@@ -142,6 +151,10 @@ class ExplainConfig:
             raise ValueError(f"frequency_penalty must be >= 0, got {self.frequency_penalty}")
         if not 0.0 < self.shared_overlap <= 1.0:
             raise ValueError(f"shared_overlap must be in (0, 1], got {self.shared_overlap}")
+        if not 1 <= self.max_concepts <= 5:
+            raise ValueError(f"max_concepts must be an integer in [1, 5], got {self.max_concepts}")
+        if not 0.0 <= self.combination_margin < 2.0:
+            raise ValueError(f"combination_margin must be in [0, 2), got {self.combination_margin}")
         for name in ("crop_size", "batch_size", "encoder_batch_size", "region_chunk", "mask_size", "preview_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lightning_neurons.drift.history import HistoryRecord, RunHistory, find_history_file, load_history
 from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift, summarize_layer_epochs
+from lightning_neurons.explanation.multi_concept import format_combination
 from lightning_neurons.explanation.scoring import shown_description
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
 
@@ -42,6 +43,7 @@ table.units td,table.units th{border-top:1px solid #eaeef2;padding:6px;vertical-
 font-size:.85em;background:#f6f8fa}
 .ep.changed{background:#fff1e5;border-color:#fb8f44}
 .ep .e{color:#57606a;font-size:.8em}.ep .d{font-weight:600;overflow-wrap:anywhere}.ep .s{color:#57606a}
+.ep .c{color:#0a3069;font-size:.85em;overflow-wrap:anywhere}
 .none{color:#8c959f;font-size:.85em}
 .index{max-height:320px;overflow-y:auto;border:1px solid #d0d7de;border-radius:6px;padding:6px 10px;font-size:.85em}
 .index dt{font-weight:600;margin-top:4px}.index dd{margin:0 0 0 16px;color:#57606a;overflow-wrap:anywhere}
@@ -158,6 +160,11 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
         tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
         hurt = r.explanation.ablation
         hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
+        combo = r.explanation.combination  # the multi-concept explanation, e.g. "stripes (0.62) + zebra (0.38)"
+        overlap = f" · concept overlap {_num(d.concept_jaccard, 2)}" if d.concept_jaccard is not None else ""
+        if combo or overlap:
+            shown_combo = f"= {_esc(format_combination(combo))}" if combo else "no combination"
+            hurts = f'<div class="c">{shown_combo}{overlap}</div>' + hurts
         shown = _shown(r)
         unclear = f'<div class="s">best concept {_esc(d.description)}</div>' if shown != d.description else ""
         conf = r.explanation.confidence

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from lightning_neurons.explanation.multi_concept import format_combination
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.results import UnitExplanation
 
@@ -36,6 +37,8 @@ ROW_COLUMNS = (
     "changed",
     "jaccard",
     "alternatives",
+    "combination",
+    "concept_jaccard",
 )
 
 
@@ -63,6 +66,9 @@ def is_dead(u: UnitExplanation) -> bool:
 def layer_rows(output: RoundOutput, layer: str) -> list[dict[str, Any]]:
     """One row per unit of ``layer`` in ``output``: description, score and its drift against the previous round.
 
+    ``combination`` is the unit's multi-concept explanation as text (``"stripes (0.62) + zebra (0.38)"``) and
+    ``concept_jaccard`` the Jaccard index of its concept set and the previous round's (multi-concept units only).
+
     Missing values are ``None`` (JSON ``null``, an empty CSV cell), never NaN.
     """
     by_key = {(d.layer, d.unit): d for d in output.drift}
@@ -81,6 +87,9 @@ def layer_rows(output: RoundOutput, layer: str) -> list[dict[str, Any]]:
                 "changed": bool(d.changed) if d is not None else False,
                 "jaccard": _num(d.jaccard) if d is not None else None,
                 "alternatives": "; ".join(a.text for a in u.alternatives),
+                # "stripes (0.62) + zebra (0.38)": the multi-concept explanation, weights summing to 1 (None without)
+                "combination": format_combination(u.combination) if u.combination else None,
+                "concept_jaccard": _num(d.concept_jaccard) if d is not None else None,
             }
         )
     return rows

@@ -8,6 +8,8 @@ Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
   in the history and the HTML report.
 - ``<prefix>/<layer>/<unit>/description`` (text): description, score, alternatives, the classes its ablation hurts
   (with ``ablation=True``), and the change if any.
+- Units with a multi-concept explanation show it after the description in the table and in the description
+  text (``combination: stripes (0.62) + zebra (0.38)``; weights normalised to sum to 1).
 - ``<prefix>/<layer>/<unit>/top_k`` (image): grid of the unit's preview crops (region outlined).
 - ``<prefix>/<layer>/<unit>/score`` (scalar): the description's AUC.
 - ``<prefix>/<layer>/<unit>/confidence`` (scalar): the description's confidence (0.5 = chance); units at or below
@@ -45,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift
+from lightning_neurons.explanation.multi_concept import format_combination
 from lightning_neurons.explanation.scoring import confident, shown_description
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.previews import preview_grid
@@ -342,6 +345,8 @@ class NeuronTensorBoardLogger:
         for u in shown:
             d = drift.get(u.key)
             desc = _cell(shown_description(u.description, u.confidence, threshold))
+            if u.combination:
+                desc += " · " + _cell(format_combination(u.combination))
             if d is not None and d.changed:
                 desc = f"**{desc}**"
             prev = _cell(d.previous_description) if d is not None and d.previous_description is not None else "–"
@@ -379,6 +384,8 @@ class NeuronTensorBoardLogger:
             text = f"**{esc(u.description)}** (score {_fmt(u.score)})"
             if u.confidence is not None:
                 text = text[:-1] + f", confidence {_fmt(u.confidence)})"
+        if u.combination:  # the multi-concept explanation, weights normalised to sum to 1
+            text += "\n\ncombination: " + esc(format_combination(u.combination))
         if u.alternatives:
             text += "\n\nalternatives: " + ", ".join(f"{esc(a.text)} ({_fmt(a.score)})" for a in u.alternatives)
         if u.ablation:
