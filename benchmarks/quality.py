@@ -135,8 +135,8 @@ def summary_table(split: str, out: dict) -> list[str]:
         f"{sanity['random_confidence']:.3f} (0.5 = chance); units above the confidence threshold "
         f"({sanity['threshold']:.2f}): trained {sanity['trained_confident']:.0%} / random "
         f"{sanity['random_confident']:.0%}; distinct descriptions / top share, trained "
-        f"{sanity['trained_distinct']:.0f} / {sanity['trained_top_share']:.0%}, random {sanity['random_distinct']:.0f} / "
-        f"{sanity['random_top_share']:.0%}"
+        f"{sanity['trained_distinct']:.0f} / {sanity['trained_top_share']:.0%}, random "
+        f"{sanity['random_distinct']:.0f} / {sanity['random_top_share']:.0%}"
         + (
             f" (without the frequency penalty: trained {sanity['trained_distinct_unpenalised']:.0f} / "
             f"{sanity['trained_top_share_unpenalised']:.0%}, random {sanity['random_distinct_unpenalised']:.0f} / "

@@ -2,9 +2,10 @@
 
 Explains the units of one MobileNetV2 block (default ``features.14``, 160 units) on crops of the broad benchmark's
 images (both splits), once with the packaged ImageNet weights and once with random weights, with the embedded
-backend and the built-in general vocabulary, with and without the frequency penalty (``ExplainConfig.frequency_penalty``,
-the crops are embedded once), and prints one JSON object: per network and setting the number of distinct descriptions,
-the share and text of the most frequent one, the mean explanation score (AUC), the mean confidence
+backend and the built-in general vocabulary, with and without the frequency penalty
+(``ExplainConfig.frequency_penalty``; the crops are embedded once), and prints one JSON object: per network and
+setting the number of distinct descriptions, the share and text of the most frequent one, the mean explanation
+score (AUC), the mean confidence
 (``UnitExplanation.confidence``, 0.5 = chance) and the share of units above the default confidence threshold (the
 others are shown as "no clear concept").
 

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from _explained import COLOURS, ColourEncoder, ColourImages
 from lightning_neurons import explain
-from lightning_neurons.config import RunConfig
 from lightning_neurons.backends.base import Backend
+from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.history import HistoryRecord, RunHistory
 from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
 from lightning_neurons.explanation.settings import ExplainConfig
@@ -131,7 +131,8 @@ def test_frequency_penalty_keeps_a_concept_the_units_really_share():
 def test_shared_units_by_top_sample_overlap():
     samples = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 9], [5, 6, 7, 8]])
     valid = torch.ones(3, 4, dtype=torch.bool)
-    assert shared_units(samples, valid, 0.5).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    expected = [[True, True, False], [True, True, False], [False, False, True]]
+    assert shared_units(samples, valid, 0.5).tolist() == expected
     assert shared_units(samples, valid, 1.0)[0, 1].item() is False
 
 

@@ -154,8 +154,10 @@ def separation(top_sims: Tensor, valid: Tensor, control_sims: Tensor, concept: T
 
 
 def shared_units(crop_sample: Tensor, valid: Tensor, overlap: float, chunk: int = 1024) -> Tensor:
-    """Which units of a layer share their top samples: bool ``[U, U]``, True where two units' top-sample sets
-    overlap by at least ``overlap`` of the smaller set (every unit shares with itself).
+    """Which units of a layer share their top samples: bool ``[U, U]``.
+
+    True where two units' top-sample sets overlap by at least ``overlap`` of the smaller set (every unit shares
+    with itself).
 
     Args:
         crop_sample: int64 ``[U, k]`` the probe sample (image) of each top slot.

@@ -165,13 +165,13 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
         if combo or overlap:
             shown_combo = f"= {_esc(format_combination(combo))}" if combo else "no combination"
             hurts = f'<div class="c">{shown_combo}{overlap}</div>' + hurts
-        shown = _shown(r)
-        unclear = f'<div class="s">best concept {_esc(d.description)}</div>' if shown != d.description else ""
+        text = _shown(r)
+        unclear = f'<div class="s">best concept {_esc(d.description)}</div>' if text != d.description else ""
         conf = r.explanation.confidence
         confidence = f" · conf {_num(conf, 2)}" if conf is not None else ""
         cells.append(
             f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
-            f'<div class="d">{_esc(shown)}</div>{unclear}'
+            f'<div class="d">{_esc(text)}</div>{unclear}'
             f'<div class="s">score {_num(d.score, 2)}{confidence}{sim}</div>{hurts}</div>'
         )
     return "".join(cells)

@@ -370,7 +370,8 @@ class NeuronTensorBoardLogger:
         Example:
             >>> print(NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "dots", 0.8)))
             **dots** (score 0.800)
-            >>> print(NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "dots", 0.8, confidence=0.6), None, 0.85))
+            >>> unclear = UnitExplanation("fc", 0, 1, "dots", 0.8, confidence=0.6)
+            >>> print(NeuronTensorBoardLogger.unit_text(unclear, None, 0.85))
             **no clear concept** (best concept *dots*, score 0.800, confidence 0.600 <= threshold 0.850)
         """
         esc = escape_markdown  # every text from a vocabulary file or a language model is shown literally
