@@ -194,7 +194,7 @@ class NeuronExplainer(Callback):
         ablation_measure: Literal["probability", "accuracy"] = "probability",
         correction: Literal["control", "soft_wpmi"] = "control",
         confidence_threshold: float | None = 0.85,
-        frequency_penalty: float = 1.0,
+        frequency_penalty: float = 0.5,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         log_units: int | list[int] | None = 8,

@@ -248,7 +248,7 @@ class RunConfig:
         ablation_measure: str = "probability",
         correction: Any = "control",
         confidence_threshold: float | None = 0.85,
-        frequency_penalty: float = 1.0,
+        frequency_penalty: float = 0.5,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
         log_units: int | Sequence[int] | None = 8,

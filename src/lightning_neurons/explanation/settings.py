@@ -107,7 +107,7 @@ class ExplainConfig:
     control_crops_per_image: int = 1
     confidence_threshold: float | None = 0.85
     confidence_samples: int = 256
-    frequency_penalty: float = 1.0
+    frequency_penalty: float = 0.5
     shared_overlap: float = 0.5
     max_control_values: int = 65536
     multi_concept: bool = True
