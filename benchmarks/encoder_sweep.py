@@ -13,8 +13,12 @@ and of final-layer top-1 with the class names and with the phrases as vocabulary
 
 Usage::
 
-    HF_HUB_OFFLINE=1 python benchmarks/encoder_sweep.py --splits development --seeds 0 1 \\
-        [--settings default previous centre] [--cache /tmp/encoder_sweep]
+    HF_HUB_OFFLINE=1 python benchmarks/encoder_sweep.py --splits development --seeds 0 1 2 3 4 \\
+        [--settings default template previous '{"colour_weight": 0.2}'] [--cache /tmp/encoder_sweep]
+
+The numbers equal ``run_benchmark``'s ``final_top1``, ``final_phrase_top1`` and ``encoder_ceiling`` for the same
+split, seed and encoder (checked on seed 0 of both splits with the text-space encoder). The settings behind the
+default and the held-out figures are in ``benchmarks/results/encoder_sweep.json``.
 
 A setting is a name of :data:`SETTINGS` or a JSON object of ``ConSEEncoder`` keyword arguments.
 """
