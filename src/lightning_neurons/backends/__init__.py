@@ -98,7 +98,9 @@ def load_backend(
         device: Target device; ``None`` picks CUDA, then MPS, then CPU.
         **kwargs: Backend options.
             ``embedded``: ``top_t``, ``template_weight``, ``generator`` (bool), ``lazy_generator``, ``batch_size``,
-            ``resize_mode``, ``temperature``, ``image_size``.
+            ``resize_mode``, ``temperature``, ``image_size``, ``views``, ``centre``, ``space``,
+            ``text_temperature``, ``hypernym_weight``, ``hypernym_levels``, ``colour_weight``, ``colour_threshold``,
+            ``keep_basis_concepts`` (see :func:`~lightning_neurons.backends.embedded.load_embedded_backend`).
             ``clip``: ``model_name`` (default ``"ViT-B-16"``), ``pretrained`` (tag, checkpoint path, or ``None`` for
             random weights; default ``"laion2b_s34b_b88k"``), ``cache_dir``, ``batch_size``, ``resize_mode``,
             ``captioner`` / ``generator`` (hub id or local path, default ``None``).
