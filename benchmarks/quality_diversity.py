@@ -9,7 +9,8 @@ score (AUC), the mean confidence
 (``UnitExplanation.confidence``, 0.5 = chance) and the share of units above the default confidence threshold (the
 others are shown as "no clear concept").
 
-    HF_HUB_OFFLINE=1 python benchmarks/quality_diversity.py [--layer features.14] [--per-class 4] [-o out.json]
+    HF_HUB_OFFLINE=1 python benchmarks/quality_diversity.py [--layer features.14] [--per-class 4]
+        [--frequency-penalty 0.5] [-o out.json]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", default="features.14")
     parser.add_argument("--per-class", type=int, default=4, help="crops per benchmark class")
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--frequency-penalty", type=float, default=None, help="default: ExplainConfig's")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args(argv)
 
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = dataclasses.replace(loaded, encoder=MemoEncoder(loaded.encoder))  # each crop embedded once
     vocabulary = Vocabulary(["general"], exclude_general=loaded.basis_concepts, show_progress=False)
     cfg = ExplainConfig(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, show_progress=False, preview_units={})
+    if args.frequency_penalty is not None:
+        cfg = dataclasses.replace(cfg, frequency_penalty=args.frequency_penalty)
     threshold = cfg.confidence_threshold
     torch.manual_seed(0)
     networks = {"pretrained": load_mobilenet("cpu"), "random": mobilenet_v2().eval()}
