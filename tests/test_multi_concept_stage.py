@@ -56,6 +56,8 @@ def test_the_pipeline_gives_a_two_concept_unit_a_combination_of_both(two_concept
     unit = rnd.get("act", 3)
     assert unit.combination is not None and {"red", "green"} <= {a.text for a in unit.combination}
     assert all(a.score > 0 for a in unit.combination) and len(unit.combination) <= 3
+    # A one-colour unit is simulated as well by its description: no combination is kept for it.
+    assert [rnd.get("act", u).combination for u in range(3)] == [None, None, None]
     assert rnd.meta["combinations"] == sum(u.combination is not None for u in rnd.units) >= 1
     assert "multi_concept" in rnd.meta["timings"]
     assert all(u.combination is None for u in off.units) and "multi_concept" not in off.meta["timings"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -204,24 +204,29 @@ def combine_units(
     cfg: ExplainConfig,
     *,
     reduction: str = "max",
+    top_crops: Literal["fit", "both", "none"] = "fit",
 ) -> int:
     """The pipeline's multi-concept stage: set ``combination`` on every unit whose combination is kept.
 
     Each unit is fitted on its own top crops (crop embeddings, recorded activations) and the whole reservoir images
     (the first control crops; the unit's value on each is the ``reduction`` of the values the forward stage kept
     of its map there: exact for small maps, a random subsample of positions for maps larger than
-    ``ExplainConfig.max_control_values / reservoir``). The samples are split in two halves at random (seeded by
-    ``cfg.seed``); the combination fitted on one half is kept when its prediction correlates with the activations
-    on the other half better than the unit's description does by more than ``cfg.combination_margin``, and is then
-    refitted on all samples. A description that is not one of the concepts (a describe-stage phrase) counts as a
-    correlation of 0. Deterministic; every DDP rank holds the same evidence, so every rank computes the same
-    combinations (no collective: the stage is a few batched products, cheap next to the crop embedding).
+    ``ExplainConfig.max_control_values / reservoir``). The reservoir images are split in two halves at random
+    (seeded by ``cfg.seed``); the combination fitted on the top crops and one half is kept when its prediction
+    correlates with the unit's activations on the other half better than the unit's description does by more than
+    ``cfg.combination_margin``, and is then refitted on all samples. The keep decision reads whole images only, the
+    samples simulation is about: on the benchmark's development split (seeds 0-2) that beat splitting the top
+    crops too (``top_crops="both"``) and leaving them out (``"none"``). A description that is not one of the
+    concepts (a describe-stage phrase) counts as a correlation of 0. Deterministic; every DDP rank holds the same
+    evidence, so every rank computes the same combinations (no collective: the stage is a few batched products).
 
     Args:
         units: The round's explanations (changed in place: ``combination`` set or left ``None``).
         evidence: The round's evidence (crop embeddings, crop index, forward-stage values, concepts).
         cfg: ``max_concepts``, ``combination_margin``, ``seed``.
         reduction: How the recording reduced a map to one value per sample (``"max"`` or ``"mean"``).
+        top_crops: Where the top crops go: ``"fit"`` (all into the fit, the default), ``"both"`` (split at random
+            like the reservoir images) or ``"none"`` (left out).
 
     Returns:
         The number of units that got a combination.
@@ -265,6 +270,7 @@ def combine_units(
                 single[rows].to(device),
                 max_concepts=cfg.max_concepts,
                 margin=cfg.combination_margin,
+                top_crops=top_crops,
             )
             for row, pairs in found.items():
                 unit = by_key.get((name, start + row))
@@ -296,6 +302,7 @@ def _combine_chunk(
     *,
     max_concepts: int,
     margin: float,
+    top_crops: Literal["fit", "both", "none"] = "fit",
 ) -> dict[int, list[tuple[int, float]]]:
     """Held-out fit, keep decision and refit of a chunk of units; ``{row: [(concept, weight), ...]}`` kept."""
     valid_top = crop_index >= 0
@@ -303,7 +310,11 @@ def _combine_chunk(
     acts_top = torch.where(valid_top, top_values, torch.zeros_like(top_values))
     k = crop_index.shape[1]
     valid = torch.cat([valid_top, torch.ones_like(reservoir_values, dtype=torch.bool)], dim=1)  # [B, k + R]
+    if top_crops == "none":
+        valid[:, :k] = False
     fit_w, check_w = (valid & fit_half).float(), (valid & ~fit_half).float()
+    if top_crops == "fit":  # every top crop fits; the keep decision reads whole reservoir images only
+        fit_w[:, :k], check_w[:, :k] = valid_top.float(), 0.0
     enough = (fit_w.sum(1) >= MIN_HALF) & (check_w.sum(1) >= MIN_HALF)
     data = (top, reservoir_sims, acts_top, reservoir_values)
     chosen, weights = _greedy_nnls(*data, fit_w[:, :k], fit_w[:, k:], max_concepts)
