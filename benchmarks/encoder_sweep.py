@@ -34,7 +34,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -137,6 +137,7 @@ def _setup(split: str, seed: int, cache_dir: Path) -> dict[str, Any]:
         for n, off in ((cfg.train_per_class, 0), (cfg.probe_per_class, 1), (cfg.eval_per_class, 2))
     )
     weights = cache_dir / f"model-{split}-{seed}.pt"
+    model: torch.nn.Module
     if weights.exists():
         from lightning_neurons.demo import SmallCNN
 
@@ -213,7 +214,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from lightning_neurons.backends.embedded import ConSEEncoder, imagenet_class_names, load_minilm, load_mobilenet
 
-    classifier, text = load_mobilenet("cpu"), _MemoText(load_minilm("cpu"))
+    classifier, text = load_mobilenet("cpu"), cast(Any, _MemoText(load_minilm("cpu")))
     names = imagenet_class_names()
     base = ConSEEncoder(classifier, text, names)
     cache = ProbabilityCache(args.cache / "probabilities.pt", base)
