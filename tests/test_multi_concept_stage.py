@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -121,6 +123,11 @@ def test_history_round_trips_the_combination_and_its_drift(tmp_path) -> None:
     assert again.drift.concept_jaccard == pytest.approx(1 / 3) and again.drift.changed
     plain = [r for r in history.records if r.drift.epoch == 1 and r.drift.unit == 1][0].to_dict()
     assert "concept_jaccard" not in plain and "combination" not in plain
+    rows = list(csv.DictReader(history.to_csv(tmp_path / "h.csv").open()))
+    assert [(r["combination"], r["concept_jaccard"]) for r in rows if r["unit"] == "0"] == [
+        ("red=1; green=0.5", ""),
+        ("red=1; blue=0.5", "0.3333333333333333"),
+    ]
     history.attach(tmp_path / "history.jsonl")
     loaded = load_history(tmp_path / "history.jsonl")
     assert [(r.drift.concept_jaccard, r.explanation.combination) for r in loaded.records] == [
@@ -165,3 +172,11 @@ def test_the_callback_takes_the_flat_argument() -> None:
 
     explainer = NeuronExplainer("layer", multi_concept=False)
     assert explainer.multi_concept is False and explainer.config.explain.multi_concept is False
+
+
+def test_the_cli_turns_it_off() -> None:
+    from lightning_neurons.cli import _build_parser
+
+    base = ["explain", "--checkpoint", "c.ckpt", "--model-class", "m.M", "--data", "d.D", "--layers", "fc"]
+    assert _build_parser().parse_args(base).multi_concept is True
+    assert _build_parser().parse_args([*base, "--no-multi-concept"]).multi_concept is False

@@ -794,6 +794,10 @@ class RunHistory:
                     for a in row["alternatives"]
                 )
                 row["top_sample_ids"] = " ".join(str(i) for i in row["top_sample_ids"])
+                combo = row.get("combination") or []  # the multi-concept explanation, concept=weight
+                row["combination"] = "; ".join(
+                    f"{a['text']}={a['score']:.4g}" if a["score"] is not None else a["text"] for a in combo
+                )
                 hurt = row["ablation"] or []
                 row["ablation"] = "; ".join(
                     f"{a['class']}={a['drop']:.4g}" if a["drop"] is not None else a["class"] for a in hurt
@@ -826,6 +830,8 @@ _CSV_COLUMNS = [
     "alternatives",
     "top_sample_ids",
     "ablation",
+    "combination",
+    "concept_jaccard",
 ]
 
 
