@@ -185,6 +185,43 @@ def shared_units(crop_sample: Tensor, valid: Tensor, overlap: float, chunk: int 
     return out
 
 
+def shared_pairs(crop_sample: Tensor, valid: Tensor, overlap: float, max_pairs: int = 1 << 25) -> Tensor | None:
+    """:func:`shared_units` as a sparse float ``[U, U]`` matrix (1 where two units share), for layers of any size.
+
+    Built from the sparse sample incidence, so its cost is the number of unit pairs with a top sample in common,
+    not ``U**2``; ``None`` when that number exceeds ``max_pairs`` (a few samples in every unit's top set).
+
+    Example:
+        >>> pairs = shared_pairs(torch.tensor([[0, 1], [1, 0], [2, 3]]), torch.ones(3, 2, dtype=torch.bool), 0.5)
+        >>> pairs.to_dense().tolist()
+        [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    n_units, device = crop_sample.shape[0], crop_sample.device
+    units = torch.arange(n_units, device=device)[:, None].expand_as(crop_sample)[valid]
+    _, samples = torch.unique(crop_sample[valid], return_inverse=True)
+    slots = torch.unique(torch.stack([samples, units]), dim=1)  # (sample, unit), a sample once per unit, by sample
+    samples, units = slots[0], slots[1]
+    holders = torch.bincount(samples) if samples.numel() else torch.zeros(0, dtype=torch.long, device=device)
+    if int((holders.double() ** 2).sum()) > max_pairs:
+        return None
+    # Every (unit, unit) pair with a sample in common, once per common sample: each slot meets every slot of its
+    # sample's group (groups are contiguous because the slots are sorted by sample).
+    size = holders[samples]
+    starts = (torch.cumsum(holders, 0) - holders)[samples]
+    total = int(size.sum())
+    first = torch.repeat_interleave(torch.arange(units.numel(), device=device), size)
+    offset = torch.arange(total, device=device) - torch.repeat_interleave(torch.cumsum(size, 0) - size, size)
+    left, right = units[first], units[torch.repeat_interleave(starts, size) + offset]
+    keys, common = torch.unique(left * n_units + right, return_counts=True)
+    rows, cols = keys // n_units, keys % n_units
+    sizes = torch.bincount(units, minlength=n_units).float()
+    keep = (common >= overlap * torch.minimum(sizes[rows], sizes[cols]).clamp_min(1)) | (rows == cols)
+    diag = torch.arange(n_units, device=device)
+    index = torch.unique(torch.cat([torch.stack([rows[keep], cols[keep]]), torch.stack([diag, diag])], dim=1), dim=1)
+    ones = torch.ones(index.shape[1], device=device)
+    return torch.sparse_coo_tensor(index, ones, (n_units, n_units), check_invariants=False).coalesce()
+
+
 def frequency_penalty(scores: Tensor, shared: Tensor | None, weight: float) -> Tensor:
     """Penalise concepts that win across a layer: subtract ``weight`` x the concept's mean score over the other units.
 
@@ -195,7 +232,8 @@ def frequency_penalty(scores: Tensor, shared: Tensor | None, weight: float) -> T
 
     Args:
         scores: ``[U, C]`` corrected concept scores.
-        shared: bool ``[U, U]`` from :func:`shared_units` (``None``: every unit shares only with itself).
+        shared: ``[U, U]`` which units share (bool from :func:`shared_units`, or the sparse :func:`shared_pairs`;
+            each unit shares with itself); ``None``: every unit shares only with itself.
         weight: The penalty weight (``0``: no penalty).
 
     Returns:
@@ -208,12 +246,18 @@ def frequency_penalty(scores: Tensor, shared: Tensor | None, weight: float) -> T
     """
     if weight == 0 or scores.shape[0] < 2:
         return scores
-    others = torch.ones(scores.shape[0], scores.shape[0], device=scores.device) if shared is None else (~shared).float()
+    values = scores.float()
+    total = values.sum(dim=0, keepdim=True)
     if shared is None:
-        others.fill_diagonal_(0.0)
-    counts = others.sum(dim=1, keepdim=True)
-    mean_others = (others @ scores.float()) / counts.clamp_min(1)
-    return scores - weight * torch.where(counts > 0, mean_others, torch.zeros_like(mean_others))
+        own, counts = values, torch.ones(values.shape[0], 1, device=values.device)
+    elif shared.is_sparse:
+        own = torch.sparse.mm(shared.float(), values)
+        counts = torch.sparse.sum(shared.float(), dim=1).to_dense()[:, None]
+    else:
+        own, counts = shared.float() @ values, shared.float().sum(dim=1, keepdim=True)
+    others = values.shape[0] - counts  # units not sharing with this one
+    mean_others = (total - own) / others.clamp_min(1)
+    return scores - weight * torch.where(others > 0, mean_others, torch.zeros_like(mean_others))
 
 
 def confidence_scores(
@@ -222,6 +266,8 @@ def confidence_scores(
     reference: Tensor,
     k: int,
     *,
+    pool_index: Tensor | None = None,
+    scale: Tensor | None = None,
     samples: int = 256,
     seed: int = 0,
     chunk: int = 64,
@@ -240,6 +286,9 @@ def confidence_scores(
         pool_sims: ``[P, C]`` similarities of the crops random subsets are drawn from.
         reference: ``[C]`` what the correction subtracts from a subset's rank-weighted mean (e.g. the control mean).
         k: Crops per random subset (the layer's top-k).
+        pool_index: The rows of ``pool_sims`` that form the pool (``None``: every row), so that a large layer's pool
+            is never copied out of the similarity table.
+        scale: ``[C]`` divides the gathered similarities (a z-scaled correction), or ``None``.
         samples: Random subsets.
         seed: Seed of the subsets.
         chunk: Subsets per step.
@@ -252,17 +301,26 @@ def confidence_scores(
         >>> confidence_scores(torch.tensor([0.9, -1.0]), pool, torch.zeros(2), 2, samples=16).tolist()
         [1.0, 0.0]
     """
-    if pool_sims.shape[0] == 0 or k < 1:
+    size = pool_sims.shape[0] if pool_index is None else pool_index.numel()
+    if size == 0 or k < 1:
         return torch.full_like(statistic.float(), float("nan"))
-    k = min(k, pool_sims.shape[0])
+    k = min(k, size)
     gen = torch.Generator().manual_seed(seed)
     weights = rank_weights(torch.ones(1, k, dtype=torch.bool))[0].to(pool_sims.device)
     chunk = max(1, min(chunk, (1 << 24) // max(1, k * pool_sims.shape[1])))  # at most 64 MiB of gathered rows
     nulls = []
     for start in range(0, samples, chunk):
         n = min(chunk, samples - start)
-        pick = torch.rand(n, pool_sims.shape[0], generator=gen).argsort(dim=1)[:, :k].to(pool_sims.device)
-        agg = torch.einsum("k,bkc->bc", weights, pool_sims.float()[pick])
+        if size <= 4096:  # distinct crops per subset; in a large pool repeats are rare and drawing is cheaper
+            pick = torch.rand(n, size, generator=gen).argsort(dim=1)[:, :k]
+        else:
+            pick = torch.randint(size, (n, k), generator=gen)
+        pick = pick.to(pool_sims.device)
+        rows = pick if pool_index is None else pool_index.to(pool_sims.device)[pick]
+        gathered = pool_sims[rows].float()
+        if scale is not None:
+            gathered = gathered / scale.to(gathered.device)
+        agg = torch.einsum("k,bkc->bc", weights, gathered)
         nulls.append((agg - reference.float()[None]).max(dim=1).values)
     null = torch.sort(torch.cat(nulls)).values
     stat = statistic.float().to(null.device)
@@ -317,8 +375,8 @@ def score_layer(
     scores = corr.scores(top_sims, valid, control_sims)
     if frequency_weight:
         samples_of = crop_index if crop_sample is None else crop_sample.to(crop_index.device)[crop_index.clamp_min(0)]
-        shared = shared_units(samples_of, valid, shared_overlap)
-        scores = frequency_penalty(scores, shared, frequency_weight)
+        # Sparse: a layer of 100k units never builds a [U, U] matrix. Past max_pairs the sharing rule is dropped.
+        scores = frequency_penalty(scores, shared_pairs(samples_of, valid, shared_overlap), frequency_weight)
     n = min(scores.shape[1], 1 + num_alternatives)
     top_values, top_indices = torch.topk(scores, n, dim=1)
     auc, margin = separation(top_sims, valid, control_sims, top_indices[:, 0])
@@ -349,30 +407,41 @@ def _confidence(
     weight = options["frequency_weight"]
     # Each unit pays the layer-wide penalty, like the null subsets (which share their crops with no unit).
     stat_scores = base - weight * base.mean(dim=0, keepdim=True) if weight and base.shape[0] > 1 else base
-    pool_sims = _pool(crop_sims, crop_index, valid, control_sims, options["pool"])
+    pool_sims, pool_index = _pool(crop_sims, crop_index, valid, control_sims, options["pool"])
+    std = None
     if isinstance(corr, ControlCorrection) and corr.scale == "std" and control_sims.shape[0] > 1:
         # The same z-scaling for the null subsets: divide their difference by the control deviation.
         std = control_sims.float().std(dim=0).clamp_min(1e-4)
-        pool_sims, reference = pool_sims / std[None], reference / std
+        reference = reference / std
     if weight and base.shape[0] > 1:
         reference = reference + weight * base.float().mean(dim=0)
     statistic = stat_scores.gather(1, top_indices[:, :1]).squeeze(1)
     statistic = torch.where(valid.any(dim=1), statistic, torch.full_like(statistic, float("nan")))
     return confidence_scores(
-        statistic, pool_sims, reference, crop_index.shape[1], samples=options["samples"], seed=seed
+        statistic,
+        pool_sims,
+        reference,
+        crop_index.shape[1],
+        pool_index=pool_index,
+        scale=std,
+        samples=options["samples"],
+        seed=seed,
     )
 
 
-def _pool(crop_sims: Tensor, crop_index: Tensor, valid: Tensor, control_sims: Tensor, pool: str) -> Tensor:
-    """Similarities of the crops the confidence null draws from: every valid top slot of the layer and/or controls."""
+def _pool(
+    crop_sims: Tensor, crop_index: Tensor, valid: Tensor, control_sims: Tensor, pool: str
+) -> tuple[Tensor, Tensor | None]:
+    """The table and rows the confidence null draws from: every valid top slot of the layer and/or the controls."""
     if pool not in ("layer", "control", "both"):
         raise ValueError(f"confidence_pool must be 'layer', 'control' or 'both', got {pool!r}")
-    parts = []
-    if pool in ("layer", "both"):
-        parts.append(crop_sims[crop_index[valid]])
-    if pool in ("control", "both"):
-        parts.append(control_sims)
-    return torch.cat(parts).float()
+    slots = crop_index[valid]
+    if pool == "layer":
+        return crop_sims, slots
+    if pool == "control":
+        return control_sims, None
+    controls = torch.arange(control_sims.shape[0], device=slots.device) + crop_sims.shape[0]
+    return torch.cat([crop_sims, control_sims]), torch.cat([slots, controls])
 
 
 #: Description shown for a unit whose explanation confidence does not clear the confidence threshold.
@@ -422,6 +491,7 @@ __all__ = [
     "concept_scores",
     "confidence_scores",
     "frequency_penalty",
+    "shared_pairs",
     "shared_units",
     "mann_whitney_auc",
     "rank_weights",
