@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_neurons.explanation.forward import ForwardResult, LayerMaps, RoundSamples
     from lightning_neurons.explanation.multi_concept import combine_units
     from lightning_neurons.explanation.settings import ExplainConfig
-    from lightning_neurons.explanation.units import RoundEvidence
+    from lightning_neurons.explanation.units import RoundEvidence, crop_similarities
     from lightning_neurons.recording.types import LayerTopK
     from lightning_neurons.results import UnitExplanation
 
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     index = torch.arange(crops, device=device).reshape(units, k)
     empty = torch.empty(0, dtype=torch.long)
     regions = Regions(empty, empty.reshape(0, 4), {"layer": slice(0, crops)}, {"layer": index}, empty, empty, {})
-    evidence = RoundEvidence(forward, regions, CropEmbeddings(embeddings, crops, 2 * reservoir), concepts, {})
+    crop_embeddings = CropEmbeddings(embeddings, crops, 2 * reservoir)
+    sims = crop_similarities(crop_embeddings, concepts, device)  # the score stage's product, made before the stage
+    evidence = RoundEvidence(forward, regions, crop_embeddings, concepts, {}, sims)
     explanations = [UnitExplanation("layer", u, 0, texts[u % args.concepts], 0.7) for u in range(units)]
     start = time.perf_counter()
     kept = combine_units(explanations, evidence, ExplainConfig())

@@ -431,7 +431,13 @@ def test_correction_value_gives_the_round_of_its_name(data):
 def test_stages_run_by_hand_hand_each_other_their_values(data):
     from lightning_neurons.explanation.crops import embed_crops, find_regions
     from lightning_neurons.explanation.forward import RoundSamples, forward_samples
-    from lightning_neurons.explanation.units import RoundEvidence, build_units, concept_set, score_layers
+    from lightning_neurons.explanation.units import (
+        RoundEvidence,
+        build_units,
+        concept_set,
+        crop_similarities,
+        score_layers,
+    )
 
     images, _, _ = data
     model = PlantedNet()
@@ -449,8 +455,9 @@ def test_stages_run_by_hand_hand_each_other_their_values(data):
     crops = embed_crops(encoder, forward, regions, cfg)
     assert crops.embeddings.shape[0] == crops.num_unique + crops.num_control == encoder.images_seen
     concepts = concept_set(VOCAB, encoder, batch_size=3)
-    scores = score_layers(crops, concepts, regions, cfg, device)
-    units = build_units(RoundEvidence(forward, regions, crops, concepts, scores), rec.epoch)
+    sims = crop_similarities(crops, concepts, device)
+    scores = score_layers(sims, crops, regions, cfg, device)
+    units = build_units(RoundEvidence(forward, regions, crops, concepts, scores, sims), rec.epoch)
     whole = explain_recording(model, rec, ListSource(images), PlantedEncoder(), VOCAB, cfg)
     def key(u):
         return u.description, u.score, u.boxes

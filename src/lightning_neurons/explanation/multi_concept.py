@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from lightning_neurons.explanation.scoring import similarity
 from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
 
 if TYPE_CHECKING:
@@ -239,8 +238,8 @@ def combine_units(
     crops, concepts = evidence.crops, evidence.concepts
     if crops.num_unique == 0 or len(concepts) == 0:
         return 0
-    device = evidence.forward.device
-    sims = similarity(crops.embeddings.to(device), concepts.embeddings.to(device))  # [K + M, C]
+    sims = evidence.similarities  # [K + M, C], the score stage's product
+    device = sims.device
     top_sims = sims[: crops.num_unique]
     num_reservoir = int(evidence.forward.samples.reservoir.numel())
     reservoir_sims = sims[crops.num_unique : crops.num_unique + num_reservoir]  # whole images come first

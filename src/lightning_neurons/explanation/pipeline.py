@@ -43,7 +43,13 @@ from lightning_neurons.explanation.forward import ForwardResult, RoundSamples, f
 from lightning_neurons.explanation.multi_concept import combine_units
 from lightning_neurons.explanation.phrases import rephrase_units
 from lightning_neurons.explanation.settings import ExplainConfig
-from lightning_neurons.explanation.units import RoundEvidence, build_units, concept_set, score_layers
+from lightning_neurons.explanation.units import (
+    RoundEvidence,
+    build_units,
+    concept_set,
+    crop_similarities,
+    score_layers,
+)
 from lightning_neurons.recording.hooks import evaluating, model_device
 from lightning_neurons.recording.samples import SampleSource
 from lightning_neurons.recording.types import LayerTopK, Recording
@@ -112,8 +118,9 @@ def explain_recording(
     with _timed(timings, "embed_concepts"):
         concept_values = concept_set(concepts, encoder, cfg.encoder_batch_size)
     with _timed(timings, "score"):
-        scores = score_layers(crops, concept_values, regions, cfg, device)
-    evidence = RoundEvidence(forward, regions, crops, concept_values, scores)
+        sims = crop_similarities(crops, concept_values, device)
+        scores = score_layers(sims, crops, regions, cfg, device)
+    evidence = RoundEvidence(forward, regions, crops, concept_values, scores, sims)
     units = build_units(evidence, epoch)
     if cfg.multi_concept:
         with _timed(timings, "multi_concept"):

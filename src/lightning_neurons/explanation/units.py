@@ -2,8 +2,9 @@
 
 Example:
     >>> concepts = concept_set(["red", "stripes"], encoder, batch_size=256)  # doctest: +SKIP
-    >>> scores = score_layers(crops, concepts, regions, ExplainConfig(), torch.device("cpu"))  # doctest: +SKIP
-    >>> units = build_units(RoundEvidence(forward, regions, crops, concepts, scores), epoch=3)  # doctest: +SKIP
+    >>> sims = crop_similarities(crops, concepts, torch.device("cpu"))  # doctest: +SKIP
+    >>> scores = score_layers(sims, crops, regions, ExplainConfig(), torch.device("cpu"))  # doctest: +SKIP
+    >>> units = build_units(RoundEvidence(forward, regions, crops, concepts, scores, sims), epoch=3)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class RoundEvidence:
         crops: Embeddings of the unique and control crops.
         concepts: The candidate concepts.
         scores: :class:`~lightning_neurons.explanation.scoring.LayerScores` per layer.
+        similarities: ``[K + M, C]`` similarity of every unique crop, then every control crop, with every concept
+            (:func:`crop_similarities`; computed once, read by the score and the multi-concept stages).
     """
 
     forward: ForwardResult
@@ -41,6 +44,7 @@ class RoundEvidence:
     crops: CropEmbeddings
     concepts: ConceptSet
     scores: dict[str, LayerScores]
+    similarities: Tensor
 
 
 def concept_set(concepts: Any, encoder: ImageTextEncoder, batch_size: int) -> ConceptSet:
@@ -88,16 +92,24 @@ def _vocabulary_texts(vocabulary: Any) -> list[str]:
     return [str(t) for t in vocabulary]
 
 
+def crop_similarities(crops: CropEmbeddings, concepts: ConceptSet, device: torch.device) -> Tensor:
+    """The one similarity product of the round: every unique crop, then every control crop, with every concept.
+
+    Returns:
+        float32 ``[K + M, C]`` on ``device`` (``K = crops.num_unique`` rows first).
+    """
+    return similarity(crops.embeddings.to(device), concepts.embeddings.to(device))
+
+
 def score_layers(
-    crops: CropEmbeddings, concepts: ConceptSet, regions: Regions, cfg: ExplainConfig, device: torch.device
+    sims: Tensor, crops: CropEmbeddings, regions: Regions, cfg: ExplainConfig, device: torch.device
 ) -> dict[str, LayerScores]:
-    """Each layer's concept scores, from one similarity product of every crop with every concept.
+    """Each layer's concept scores, from the round's similarity product (:func:`crop_similarities`).
 
     With ``cfg.frequency_penalty`` the scores pay for concepts that win across the layer; with
     ``cfg.confidence_samples`` each unit also gets the confidence of its best concept
     (:func:`~lightning_neurons.explanation.scoring.score_layer`).
     """
-    sims = similarity(crops.embeddings.to(device), concepts.embeddings.to(device))  # [K + M, C]
     crop_sims, control_sims = sims[: crops.num_unique], sims[crops.num_unique :]
     correction = cfg.correction_value
     crop_sample = regions.crop_bank.to(device)  # units that fire on the same images share their concept
@@ -181,4 +193,4 @@ def _layer_units(name: str, evidence: RoundEvidence, boxes: list[tuple], epoch: 
     return units
 
 
-__all__ = ["RoundEvidence", "build_units", "concept_set", "score_layers"]
+__all__ = ["RoundEvidence", "build_units", "concept_set", "crop_similarities", "score_layers"]
