@@ -12,7 +12,8 @@ It also prints, per split, a table: the method with single and multi-concept exp
 per-crop zero-shot accuracy (the ceiling of every method), the baselines, and the model-randomisation check.
 
     HF_HUB_OFFLINE=1 python benchmarks/quality.py [--splits development held_out] [--seeds 0 1 2] [--epochs 6]
-        [--correction control|soft_wpmi] [--ablation-measure probability|accuracy] [--previous-defaults] [-o out.json]
+        [--threads N] [--correction control|soft_wpmi] [--ablation-measure probability|accuracy]
+        [--previous-defaults] [-o out.json]
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the embedded backend with the defaults before the broad benchmark (bare texts, template_weight=0)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: up to 4; 1 when splits run side by side)"
+    )
     parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lightning_neurons.benchmark import BenchmarkConfig, run_benchmark_seeds
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
     overrides = {
         "epochs": args.epochs,
         "correction": args.correction,
