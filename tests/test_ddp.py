@@ -95,6 +95,12 @@ def test_ddp_spawn_two_processes_explain_exactly_what_one_does(tmp_path):
         assert a.explanation.top_sample_ids == b.explanation.top_sample_ids, a.key
         assert a.explanation.score == pytest.approx(b.explanation.score, abs=1e-5, nan_ok=True)
         assert a.explanation.ablation == b.explanation.ablation
+        # Multi-concept explanations (on by default): the same combination, concepts in order, weights within 1e-4.
+        ca, cb = a.explanation.combination or [], b.explanation.combination or []
+        assert [c.text for c in ca] == [c.text for c in cb], a.key
+        assert [c.score for c in ca] == pytest.approx([c.score for c in cb], abs=1e-4), a.key
+        assert (a.drift.changed, a.drift.concepts_changed) == (b.drift.changed, b.drift.concepts_changed), a.key
+    assert any(r.explanation.combination for r in one.records)  # the comparison above is not vacuous
     # rank 0 wrote one TensorBoard run, the rounds and the report; evaluation metrics were computed
     rounds = sorted(p.name for p in two_dir.glob("round_epoch=*.json"))
     assert rounds == ["round_epoch=0.json", "round_epoch=1.json"]

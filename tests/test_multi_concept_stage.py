@@ -87,7 +87,7 @@ def _unit(epoch: int, description: str, combo: list[str] | None) -> UnitExplanat
 
 
 @pytest.mark.parametrize(
-    ("before", "after", "changed", "jaccard"),
+    ("before", "after", "concepts_changed", "jaccard"),
     [
         (["stripes", "zebra"], ["stripes", "grass"], True, 1 / 3),
         (["stripes", "zebra", "grass"], ["stripes", "zebra"], False, 2 / 3),
@@ -96,10 +96,11 @@ def _unit(epoch: int, description: str, combo: list[str] | None) -> UnitExplanat
         (None, None, False, None),
     ],
 )
-def test_drift_compares_combinations_as_concept_sets(before, after, changed, jaccard) -> None:
+def test_drift_compares_combinations_as_concept_sets(before, after, concepts_changed, jaccard) -> None:
     old, new = _unit(1, "stripes", before), _unit(2, "stripes", after)
     d = compare_units({old.key: old}, [new], embed=lambda texts: 1 / 0)  # same description: nothing is embedded
-    assert d[0].changed is changed and d[0].similarity == 1.0
+    # The description kept its meaning: never "changed"; the concept set is judged apart.
+    assert d[0].changed is False and d[0].concepts_changed is concepts_changed and d[0].similarity == 1.0
     assert d[0].concept_jaccard == (None if jaccard is None else pytest.approx(jaccard))
     assert concept_set(_unit(0, "Stripes ", None)) == {"stripes"}
 
@@ -120,7 +121,8 @@ def test_history_round_trips_the_combination_and_its_drift(tmp_path) -> None:
     last = [r for r in history.records if r.drift.epoch == 1 and r.drift.unit == 0][0]
     again = HistoryRecord.from_dict(last.to_dict())
     assert again.explanation.combination == last.explanation.combination
-    assert again.drift.concept_jaccard == pytest.approx(1 / 3) and again.drift.changed
+    assert again.drift.concept_jaccard == pytest.approx(1 / 3) and again.drift.concepts_changed
+    assert not again.drift.changed  # "red" stayed "red": only the concept set changed
     plain = [r for r in history.records if r.drift.epoch == 1 and r.drift.unit == 1][0].to_dict()
     assert "concept_jaccard" not in plain and "combination" not in plain
     rows = list(csv.DictReader(history.to_csv(tmp_path / "h.csv").open()))

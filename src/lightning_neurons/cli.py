@@ -112,7 +112,11 @@ def _build_parser() -> argparse.ArgumentParser:
     explain.add_argument("-o", "--output-dir", default="neurons_posthoc", help="where history/TensorBoard/report go")
     explain.set_defaults(handler=_explain)
 
-    history = sub.add_parser("history", help="print per-layer drift summaries of a run and write CSV/JSON")
+    history = sub.add_parser(
+        "history",
+        help="print per-layer drift summaries of a run (changes of meaning, and apart the multi-concept "
+        "combinations whose concept set changed) and write CSV/JSON",
+    )
     history.add_argument("run_dir", help="a run's log directory (or its history.jsonl)")
     history.add_argument("--csv", default=None, help="CSV output path (default RUN_DIR/neurons/history.csv)")
     history.add_argument("--json", default=None, help="JSON output path (default RUN_DIR/neurons/history.json)")

@@ -25,8 +25,12 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     previous_epoch        int?   the unit's previous explained epoch (null on its first)
     previous_description  str?   the description at previous_epoch
     similarity            float? cosine similarity of the two descriptions' text embeddings
-    changed               bool   similarity < threshold, or where either epoch has a combination, concept-set
-                                 Jaccard < 0.5 (drift.metrics.COMBINATION_CHANGE_JACCARD; false on the first epoch)
+    changed               bool   the description's meaning changed: similarity < threshold (false on the first
+                                 epoch); a combination's concepts never set it
+    concepts_changed      bool   the concept set changed: changed, or where either epoch has a combination,
+                                 concept_jaccard < 0.5 (drift.metrics.COMBINATION_CHANGE_JACCARD). Absent in older
+                                 files, whose ``changed`` counted both: read back with drift.metrics.change_flags
+                                 (``changed`` judged again from similarity and threshold)
     concept_jaccard       float? Jaccard index of the two epochs' concept sets (combination concepts, else the
                                  description); only where either epoch has a combination, absent otherwise
     jaccard               float? Jaccard index of the two top-k sample-id sets
@@ -92,9 +96,11 @@ from lightning_neurons.drift.metrics import (
     LayerDriftSummary,
     UnitDrift,
     UnitStability,
+    change_flags,
     compare_units,
     summarize_units,
 )
+from lightning_neurons.explanation.multi_concept import format_combination
 from lightning_neurons.files import write_text_atomic
 from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation, dumps_strict
 
@@ -168,6 +174,7 @@ class HistoryRecord:
             "previous_description": d.previous_description,
             "similarity": _finite(d.similarity),
             "changed": bool(d.changed),
+            "concepts_changed": bool(d.concepts_changed or d.changed),
             "jaccard": _finite(d.jaccard),
             "score_delta": _finite(d.score_delta),
             "threshold": d.threshold,
@@ -211,6 +218,7 @@ class HistoryRecord:
             confidence=None if data.get("confidence") is None else float(data["confidence"]),
         )
         get = data.get
+        changed, concepts_changed = change_flags(data)
         drift = UnitDrift(  # built directly (not UnitDrift.from_dict): loading a long history makes millions
             explanation.layer,
             explanation.unit,
@@ -220,11 +228,12 @@ class HistoryRecord:
             get("previous_epoch"),
             get("previous_description"),
             get("similarity"),
-            get("changed", False),
+            changed,
             get("jaccard"),
             get("score_delta"),
             get("threshold", DEFAULT_CHANGE_THRESHOLD),
             get("concept_jaccard"),
+            concepts_changed,
         )
         shown_at = data.get("confidence_threshold")
         return cls(
@@ -403,8 +412,10 @@ class RunHistory:
     def format_summary(self) -> list[str]:
         """Terminal lines of the drift summary.
 
-        One line per layer and epoch (units, changes, mean score and similarity, stable units), then the units whose
-        meaning changed.
+        One line per layer and epoch (units, changes of meaning, with multi-concept explanations also changes of
+        the concept set, mean score and similarity, stable units), then the units whose meaning changed (their
+        descriptions), then, apart, the units whose description kept its meaning while their combination's concept
+        set changed (both combinations and the concept overlap).
 
         Example:
             >>> RunHistory().format_summary()
@@ -412,19 +423,23 @@ class RunHistory:
         """
         if not self._records:
             return ["(empty history)"]
+        multi = any(r.explanation.combination for r in self._records.values())
         width = max([24, *(len(layer) for layer in self.layers)])
+        concepts_head = f" {'concepts':>9}" if multi else ""
         lines = [
-            f"{'layer':<{width}} {'epoch':>5} {'units':>5} {'changed':>9} {'mean score':>10} {'mean sim':>8} "
-            f"{'stable':>6}"
+            f"{'layer':<{width}} {'epoch':>5} {'units':>5} {'changed':>9}{concepts_head} {'mean score':>10} "
+            f"{'mean sim':>8} {'stable':>6}"
         ]
         for s in self.summary():
             changed = f"{s.n_changed}/{s.n_compared}" if s.n_compared else "-"
+            concepts = f" {f'{s.n_concepts_changed}/{s.n_compared}' if s.n_compared else '-':>9}" if multi else ""
             sim = "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}"
             lines.append(
-                f"{s.layer:<{width}} {s.epoch:>5} {s.n_units:>5} {changed:>9} {s.mean_score:>10.3f} "
+                f"{s.layer:<{width}} {s.epoch:>5} {s.n_units:>5} {changed:>9}{concepts} {s.mean_score:>10.3f} "
                 f"{sim:>8} {s.n_stable:>6}"
             )
-        changes = [d for d in self.drift() if d.changed]
+        records = self.records
+        changes = [r.drift for r in records if r.drift.changed]
         if changes:
             lines.append("meaning changes:")
             lines += [
@@ -432,7 +447,27 @@ class RunHistory:
                 f"(similarity {d.similarity:.2f})"
                 for d in changes
             ]
+        concept_changes = [r for r in records if r.drift.concepts_only_changed]
+        if concept_changes:
+            lines.append("concept-set changes (same meaning, other concepts in the combination):")
+            lines += [f"  {self._format_concept_change(r)}" for r in concept_changes]
         return lines
+
+    def _format_concept_change(self, record: HistoryRecord) -> str:
+        # "fc[7] epoch 2: 'fruit' [fruit (0.74) + dog (0.26)] -> 'fruit' [fruit (0.65) + grass (0.35)] (concept
+        # overlap 0.33)"; the previous combination from the previous record (d.previous_combination when that record
+        # is not in this history, e.g. restored from a checkpoint's latest records only).
+        d = record.drift
+        previous = None if d.previous_epoch is None else self._records.get((d.layer, d.unit, d.previous_epoch))
+        before = previous.explanation.combination if previous is not None else d.previous_combination
+        was = d.previous_description or ""
+        # Without the previous record nor its combination, what it was is unknown: the description alone.
+        shown = repr(was) if previous is None and before is None else _with_combination(was, before)
+        overlap = "" if d.concept_jaccard is None else f" (concept overlap {d.concept_jaccard:.2f})"
+        return (
+            f"{d.layer}[{d.unit}] epoch {d.epoch}: {shown} -> "
+            f"{_with_combination(d.description, record.explanation.combination)}{overlap}"
+        )
 
     # ------------------------------------------------------------------ updates
     def add_round(
@@ -806,6 +841,12 @@ class RunHistory:
         return path
 
 
+def _with_combination(description: str, combination: list[Alternative] | None) -> str:
+    """``'fruit' [fruit (0.74) + dog (0.26)]``: a description and its combination (``[no combination]``)."""
+    shown = format_combination(combination) if combination else "no combination"
+    return f"{description!r} [{shown}]"
+
+
 def _dicts(history: RunHistory) -> list[dict[str, Any]]:
     return [r.to_dict() for r in history.records]
 
@@ -832,6 +873,7 @@ _CSV_COLUMNS = [
     "ablation",
     "combination",
     "concept_jaccard",
+    "concepts_changed",
 ]
 
 

@@ -11,12 +11,15 @@ backend's text encoder), where paraphrases score above it and different concepts
 0.66, ``"grass" / "sky"`` 0.47. CLIP text towers give higher similarities to unrelated texts; raise the threshold
 (about 0.85-0.9) with them.
 
-Multi-concept explanations are compared as sets: a unit's *concept set* is the concepts of its combination
-(``UnitExplanation.combination``), or its description alone when it has none. ``concept_jaccard`` is the Jaccard
-index of the two rounds' concept sets, and when at least one of the two rounds has a combination the meaning also
-counts as changed when that index is below :data:`COMBINATION_CHANGE_JACCARD` (fewer than half the concepts
-shared: ``{stripes, zebra}`` -> ``{stripes, grass}`` changed; ``{stripes, zebra, grass}`` -> ``{stripes, zebra}``
-or ``{stripes}`` -> ``{stripes, zebra}`` not). Two single descriptions are compared by similarity only, as before.
+Multi-concept explanations are also compared as sets, and judged apart from the description: a unit's *concept
+set* is the concepts of its combination (``UnitExplanation.combination``), or its description alone when it has
+none, and ``concept_jaccard`` is the Jaccard index of the two rounds' concept sets (only where at least one of the
+two rounds has a combination). Combinations churn far more between rounds than descriptions do, so they never make
+a unit *changed*; they make it ``concepts_changed``, which is true where the meaning changed or where that index
+is below :data:`COMBINATION_CHANGE_JACCARD` (fewer than half the concepts shared: ``{stripes, zebra}`` ->
+``{stripes, grass}`` is a concept-set change, ``{stripes, zebra, grass}`` -> ``{stripes, zebra}`` or
+``{stripes}`` -> ``{stripes, zebra}`` is not). :class:`LayerDriftSummary` counts both (``n_changed``,
+``n_concepts_changed``); stability (``n_stable``, ``first_stable_epoch``) follows ``changed``.
 
 Example:
     >>> import torch
@@ -28,6 +31,12 @@ Example:
     >>> d = compare_units({("fc", 0): old[0]}, new, embed)[0]
     >>> (d.changed, d.similarity, round(d.jaccard, 3), round(d.score_delta, 3))
     (False, 1.0, 0.333, 0.1)
+    >>> from lightning_neurons.results import Alternative
+    >>> old[0].combination = [Alternative("dots", 0.7), Alternative("grass", 0.3)]
+    >>> new[0].combination = [Alternative("dots", 0.6), Alternative("sky", 0.4)]
+    >>> d = compare_units({("fc", 0): old[0]}, new, embed)[0]
+    >>> (d.changed, d.concepts_changed, round(d.concept_jaccard, 3))
+    (False, True, 0.333)
 """
 
 from __future__ import annotations
@@ -39,12 +48,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_neurons.results import UnitExplanation
+from lightning_neurons.results import Alternative, UnitExplanation
 
 #: Cosine similarity below which two descriptions of a unit count as different meanings (MiniLM-like encoders).
 DEFAULT_CHANGE_THRESHOLD = 0.75
 
-#: Jaccard index of two rounds' concept sets below which a unit with a combination counts as changed.
+#: Jaccard index of two rounds' concept sets below which a unit with a combination counts as ``concepts_changed``.
 COMBINATION_CHANGE_JACCARD = 0.5
 
 #: Number of most recent comparisons without a change for a unit to count as stable.
@@ -69,13 +78,22 @@ class UnitDrift:
         previous_epoch: The unit's previous explained epoch, ``None`` if this is its first.
         previous_description: The description at ``previous_epoch``.
         similarity: Cosine similarity of the two descriptions' text embeddings (1.0 for identical texts).
-        changed: The meaning changed: ``similarity < threshold``, or, where either round has a multi-concept
-            combination, ``concept_jaccard <`` :data:`COMBINATION_CHANGE_JACCARD`.
+        changed: The meaning changed: ``similarity < threshold`` (the description's meaning; combinations never
+            set it).
         jaccard: Jaccard index of the two top-k sample-id sets.
         score_delta: Current score minus previous score.
         threshold: The change threshold that was applied.
         concept_jaccard: Jaccard index of the two rounds' concept sets (:func:`concept_set`); ``None`` on the first
             round and where neither round has a combination.
+        concepts_changed: The concept set changed: ``changed``, or, where either round has a multi-concept
+            combination, ``concept_jaccard <`` :data:`COMBINATION_CHANGE_JACCARD` (always true where ``changed`` is).
+        previous_combination: The combination at ``previous_epoch`` (``None`` without one), for printouts of what
+            changed; not stored in the history (the previous record holds it) and not compared by ``==``.
+
+    Example:
+        >>> d = UnitDrift("fc", 0, 2, "fruit", 0.8, 1, "fruit", 1.0, concept_jaccard=0.2, concepts_changed=True)
+        >>> (d.changed, d.concepts_changed, d.concepts_only_changed)
+        (False, True, True)
     """
 
     layer: str
@@ -91,6 +109,18 @@ class UnitDrift:
     score_delta: float | None = None
     threshold: float = DEFAULT_CHANGE_THRESHOLD
     concept_jaccard: float | None = None
+    concepts_changed: bool = False
+    previous_combination: list[Alternative] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        # A change of meaning is a change of the concept set too (a one-concept set: the description).
+        if self.changed:
+            self.concepts_changed = True
+
+    @property
+    def concepts_only_changed(self) -> bool:
+        """The concept set changed while the description kept its meaning (``concepts_changed and not changed``)."""
+        return self.concepts_changed and not self.changed
 
     @property
     def compared(self) -> bool:
@@ -108,9 +138,46 @@ class UnitDrift:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UnitDrift:
-        """Inverse of :meth:`to_dict`; ignores unknown keys (so a full history record is accepted)."""
+        """Inverse of :meth:`to_dict`; ignores unknown keys (so a full history record is accepted).
+
+        Dictionaries written before ``concepts_changed`` existed get both flags from :func:`change_flags`.
+        """
         names = cls.__dataclass_fields__.keys()
-        return cls(**{k: data[k] for k in names if k in data})
+        kwargs = {k: data[k] for k in names if k in data}
+        kwargs["changed"], kwargs["concepts_changed"] = change_flags(data)
+        combo = data.get("previous_combination")
+        if combo:
+            kwargs["previous_combination"] = [
+                a if isinstance(a, Alternative) else Alternative(str(a["text"]), float(a["score"])) for a in combo
+            ]
+        return cls(**kwargs)
+
+
+def change_flags(data: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``(changed, concepts_changed)`` of a stored drift record (a history record or :meth:`UnitDrift.to_dict`).
+
+    Records written before ``concepts_changed`` existed counted a concept-set change as ``changed``; for them,
+    where the record has a ``concept_jaccard``, ``changed`` is judged again from the stored similarity and
+    threshold, and ``concepts_changed`` is the old flag (which equals ``changed`` or ``concept_jaccard <``
+    :data:`COMBINATION_CHANGE_JACCARD`). Records without a combination keep their flag for both.
+
+    Example:
+        >>> old = {"changed": True, "similarity": 1.0, "threshold": 0.75, "concept_jaccard": 0.25}
+        >>> change_flags(old)
+        (False, True)
+        >>> change_flags({**old, "changed": False, "concepts_changed": True})
+        (False, True)
+    """
+    changed = bool(data.get("changed", False))
+    if "concepts_changed" in data:
+        return changed, changed or bool(data["concepts_changed"])
+    overlap = data.get("concept_jaccard")
+    if overlap is None:
+        return changed, changed
+    similarity = data.get("similarity")
+    threshold = float(data.get("threshold", DEFAULT_CHANGE_THRESHOLD))
+    meaning = changed if similarity is None else float(similarity) < threshold
+    return meaning, changed or meaning or float(overlap) < COMBINATION_CHANGE_JACCARD
 
 
 @dataclass
@@ -122,7 +189,7 @@ class LayerDriftSummary:
         epoch: The epoch summarised.
         n_units: Units explained at this epoch.
         n_compared: Units that had a previous explanation.
-        n_changed: Units whose meaning changed.
+        n_changed: Units whose meaning changed (:attr:`UnitDrift.changed`: the description's similarity).
         fraction_changed: ``n_changed / n_compared`` (0.0 when nothing was compared).
         mean_score: Mean score of the layer's units.
         mean_similarity: Mean description similarity over compared units (``None`` when none).
@@ -131,6 +198,15 @@ class LayerDriftSummary:
         n_stable: Units with at least ``N`` comparisons up to this epoch, none of the last ``N`` a change.
         first_stable_epoch: Per unit, the first epoch after which its meaning never changed again (up to this
             epoch): the epoch of its last change, or its first explained epoch if it never changed.
+        n_concepts_changed: Units whose concept set changed (:attr:`UnitDrift.concepts_changed`: the meaning, or
+            a multi-concept combination's concepts); at least ``n_changed`` (raised to it when given less, e.g. by
+            summaries written before the field existed).
+        fraction_concepts_changed: ``n_concepts_changed / n_compared`` (0.0 when nothing was compared).
+
+    Example:
+        >>> s = LayerDriftSummary("fc", 1, 4, 4, 1, 0.25, 0.8, 0.9, 0.5, 3, 0)  # no concept counts given
+        >>> (s.n_concepts_changed, s.fraction_concepts_changed)
+        (1, 0.25)
     """
 
     layer: str
@@ -145,6 +221,14 @@ class LayerDriftSummary:
     stable_rounds: int
     n_stable: int
     first_stable_epoch: dict[int, int] = field(default_factory=dict)
+    n_concepts_changed: int = 0
+    fraction_concepts_changed: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Every change of meaning is a change of the concept set.
+        if self.n_concepts_changed < self.n_changed:
+            self.n_concepts_changed = self.n_changed
+            self.fraction_concepts_changed = self.fraction_changed
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary (unit keys of ``first_stable_epoch`` become strings, as JSON requires)."""
@@ -244,7 +328,8 @@ def compare_units(
         previous: Per ``(layer, unit)``, the unit's previous explanation (a unit missing here is a first round).
         current: The explanations of the new round.
         embed: Batched text embedder (called at most once).
-        threshold: Similarity below which the meaning counts as changed.
+        threshold: Similarity below which the meaning counts as changed (``changed``); a combination's concept set
+            counts as changed (``concepts_changed``) below :data:`COMBINATION_CHANGE_JACCARD`.
         epoch: Epoch to record (default: each explanation's own ``epoch``).
 
     Returns:
@@ -275,10 +360,11 @@ def compare_units(
             d.previous_epoch = p.epoch
             d.previous_description = p.description
             d.similarity = s
-            d.changed = s < threshold
-            if p.combination or u.combination:  # multi-concept explanations are compared as concept sets
+            d.changed = d.concepts_changed = s < threshold
+            if p.combination or u.combination:  # multi-concept explanations are compared as concept sets too
                 d.concept_jaccard = jaccard(concept_set(p), concept_set(u))
-                d.changed = d.changed or d.concept_jaccard < COMBINATION_CHANGE_JACCARD
+                d.concepts_changed = d.changed or d.concept_jaccard < COMBINATION_CHANGE_JACCARD
+                d.previous_combination = p.combination
             d.jaccard = jaccard(p.top_sample_ids, u.top_sample_ids)
             d.score_delta = float(u.score) - float(p.score)
         out.append(d)
@@ -445,6 +531,7 @@ def _summary(
 ) -> LayerDriftSummary:
     compared = [d for d in now if d.compared]
     n_changed = sum(d.changed for d in compared)
+    n_concepts = sum(d.concepts_changed or d.changed for d in compared)
     return LayerDriftSummary(
         layer=layer,
         epoch=epoch,
@@ -458,6 +545,8 @@ def _summary(
         stable_rounds=stable_rounds,
         n_stable=n_stable,
         first_stable_epoch=first_stable,
+        n_concepts_changed=n_concepts,
+        fraction_concepts_changed=n_concepts / len(compared) if compared else 0.0,
     )
 
 

@@ -6,8 +6,13 @@ session puts these into ``trainer.callback_metrics`` after each round, so that `
 scalars. Names (``<prefix>`` is ``neurons`` unless the explainer has its own):
 
 - ``<prefix>/<layer>/fraction_changed``: fraction of the layer's compared units whose meaning changed since their
-  previous explained round. At a layer's first round nothing can be compared and it is **1.0** (no meaning is
-  settled yet), so a ``mode="min"`` monitor never sees a premature best value of 0.
+  previous explained round (description similarity below the threshold). At a layer's first round nothing can be
+  compared and it is **1.0** (no meaning is settled yet), so a ``mode="min"`` monitor never sees a premature best
+  value of 0.
+- ``<prefix>/<layer>/fraction_concepts_changed``: fraction of the layer's compared units whose concept set changed:
+  the meaning, or a multi-concept combination's concepts (Jaccard below
+  :data:`~lightning_neurons.drift.metrics.COMBINATION_CHANGE_JACCARD`); at least ``fraction_changed``, equal to it
+  without combinations, 1.0 at the first round like it.
 - ``<prefix>/<layer>/mean_score``: mean description score (AUC) of the layer's units.
 - ``<prefix>/<layer>/mean_similarity``: mean description similarity to the previous round (from the second round
   on; absent at the first).
@@ -40,6 +45,7 @@ from lightning_neurons.logging.rows import is_dead
 #: Per-layer metric names (the last tag component), in the order :func:`round_metrics` writes them.
 LAYER_METRIC_NAMES = (
     "fraction_changed",
+    "fraction_concepts_changed",
     "mean_score",
     "mean_similarity",
     "stable_units",
@@ -63,8 +69,9 @@ def round_metrics(output: RoundOutput, *, first_round_changed: float | None = 1.
 
     Args:
         output: The round, its drift summaries and (``evaluate=True``) its evaluation.
-        first_round_changed: ``fraction_changed`` of a layer at its first round (nothing compared yet); ``None``
-            leaves it out, as the logger charts do (they start at the second round, like TensorBoard's).
+        first_round_changed: ``fraction_changed`` and ``fraction_concepts_changed`` of a layer at its first round
+            (nothing compared yet); ``None`` leaves them out, as the logger charts do (they start at the second
+            round, like TensorBoard's).
 
     Returns:
         The metrics named in this module's documentation; a layer without a summary gets only ``dead_units``.
@@ -80,8 +87,10 @@ def round_metrics(output: RoundOutput, *, first_round_changed: float | None = 1.
         if s is not None:
             if s.n_compared:
                 metrics[metric_name(prefix, layer, "fraction_changed")] = float(s.fraction_changed)
+                metrics[metric_name(prefix, layer, "fraction_concepts_changed")] = float(s.fraction_concepts_changed)
             elif first_round_changed is not None:
                 metrics[metric_name(prefix, layer, "fraction_changed")] = float(first_round_changed)
+                metrics[metric_name(prefix, layer, "fraction_concepts_changed")] = float(first_round_changed)
             if s.mean_score is not None and math.isfinite(s.mean_score):
                 metrics[metric_name(prefix, layer, "mean_score")] = float(s.mean_score)
             if s.n_compared and s.mean_similarity is not None:

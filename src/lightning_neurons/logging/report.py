@@ -4,7 +4,9 @@ One file, no external assets and no JavaScript: inline CSS, preview crops embedd
 inline SVG. Per layer: plots of the fraction of units whose meaning changed and of the mean score per epoch, a
 summary of the latest descriptions (how many units each describes, and every unit listed under its description:
 the page's search, ``Ctrl+F``, finds any unit or concept), then per unit its latest crops and a timeline of its
-descriptions across epochs (changes highlighted), in pages of :data:`DEFAULT_PAGE_SIZE` units.
+descriptions across epochs (changes of meaning highlighted; a multi-concept combination whose concept set changed
+while the description kept its meaning gets a dashed outline and the previous combination), in pages of
+:data:`DEFAULT_PAGE_SIZE` units.
 
 Built to stay usable at 100k units: at most ``max_units`` unit rows per layer (the index lists every unit),
 timelines of at most ``max_epochs`` cells, and pages switched by CSS ``:target`` (a link to a unit opens its page).
@@ -24,7 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_neurons.drift.history import HistoryRecord, RunHistory, find_history_file, load_history
-from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift, summarize_layer_epochs
+from lightning_neurons.drift.metrics import (
+    COMBINATION_CHANGE_JACCARD,
+    LayerDriftSummary,
+    UnitDrift,
+    summarize_layer_epochs,
+)
 from lightning_neurons.explanation.multi_concept import format_combination
 from lightning_neurons.explanation.scoring import shown_description
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
@@ -42,6 +49,7 @@ table.units td,table.units th{border-top:1px solid #eaeef2;padding:6px;vertical-
 .ep{flex:0 0 auto;min-width:90px;max-width:160px;border:1px solid #d0d7de;border-radius:6px;padding:4px 6px;
 font-size:.85em;background:#f6f8fa}
 .ep.changed{background:#fff1e5;border-color:#fb8f44}
+.ep.concepts{border-style:dashed;border-color:#0969da}
 .ep .e{color:#57606a;font-size:.8em}.ep .d{font-weight:600;overflow-wrap:anywhere}.ep .s{color:#57606a}
 .ep .c{color:#0a3069;font-size:.85em;overflow-wrap:anywhere}
 .none{color:#8c959f;font-size:.85em}
@@ -153,15 +161,23 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
     cells = []
     if len(shown) < len(timeline):
         cells.append(f'<div class="ep"><div class="e">{len(timeline) - len(shown)} earlier epochs</div></div>')
-    for r in shown:
+    start = len(timeline) - len(shown)
+    for i, r in enumerate(shown, start):
         d = r.drift
-        cls = "ep changed" if d.changed else "ep"
+        cls = "ep changed" if d.changed else "ep concepts" if d.concepts_only_changed else "ep"
         sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
         tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
         hurt = r.explanation.ablation
         hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
         combo = r.explanation.combination  # the multi-concept explanation, e.g. "stripes (0.62) + zebra (0.38)"
         overlap = f" · concept overlap {_num(d.concept_jaccard, 2)}" if d.concept_jaccard is not None else ""
+        if d.concepts_only_changed:  # same meaning, another concept set: what the combination was
+            previous = timeline[i - 1] if i > 0 and timeline[i - 1].key[2] == d.previous_epoch else None
+            before = previous.explanation.combination if previous is not None else d.previous_combination
+            known = previous is not None or before is not None  # else only the latest record was restored
+            was = (format_combination(before) if before else "no combination") if known else ""
+            hurts = f'<div class="c">concept set changed{" from " + _esc(was) if known else ""}</div>' + hurts
+            tip = f"concept set changed, description kept its meaning; previously: {d.previous_description}"
         if combo or overlap:
             shown_combo = f"= {_esc(format_combination(combo))}" if combo else "no combination"
             hurts = f'<div class="c">{shown_combo}{overlap}</div>' + hurts
@@ -211,12 +227,21 @@ def _layer_section(
     changed = [(s.epoch, s.fraction_changed if s.n_compared else float("nan")) for s in summaries]
     scores = [(s.epoch, s.mean_score) for s in summaries]
     last = summaries[-1]
+    # Multi-concept layers: concept-set changes (meaning or combination) get their own plot, apart from meaning.
+    multi = any(r.explanation.combination for t in timelines.values() for r in t)
+    concepts = [(s.epoch, s.fraction_concepts_changed if s.n_compared else float("nan")) for s in summaries]
+    concept_plot = (
+        [f'<div class="plot">{line_plot_svg(concepts, "fraction of concept sets changed", colour="#8250df")}</div>']
+        if multi
+        else []
+    )
     out = [
         f'<section id="layer-{_esc(layer)}"><h2>{_esc(layer)}</h2>',
         f'<p class="meta">{last.n_units} units at epoch {last.epoch} · mean score {_num(last.mean_score)} · '
         f"stable for the last {last.stable_rounds} comparisons: {last.n_stable}</p>",
         '<div class="plots">',
         f'<div class="plot">{line_plot_svg(changed, "fraction of units changed", colour="#cf222e")}</div>',
+        *concept_plot,
         f'<div class="plot">{line_plot_svg(scores, "mean score", colour="#0969da")}</div>',
         "</div>",
     ]
@@ -326,6 +351,11 @@ def render_report(
         + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
         + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}"
     )
+    if any(r.explanation.combination for r in records):
+        meta += (
+            f" · a multi-concept combination whose concept set overlaps the previous one less than "
+            f"{COMBINATION_CHANGE_JACCARD:g} (Jaccard) is a concept-set change, outlined apart"
+        )
     shown_at = next((r.confidence_threshold for r in reversed(records) if r.confidence_threshold is not None), None)
     if shown_at is not None:
         meta += (

@@ -39,6 +39,7 @@ ROW_COLUMNS = (
     "alternatives",
     "combination",
     "concept_jaccard",
+    "concepts_changed",
 )
 
 
@@ -68,6 +69,8 @@ def layer_rows(output: RoundOutput, layer: str) -> list[dict[str, Any]]:
 
     ``combination`` is the unit's multi-concept explanation as text (``"stripes (0.62) + zebra (0.38)"``) and
     ``concept_jaccard`` the Jaccard index of its concept set and the previous round's (multi-concept units only).
+    ``changed`` is the description's change of meaning; ``concepts_changed`` is that or a change of the concept set
+    (:class:`~lightning_neurons.drift.metrics.UnitDrift`).
 
     Missing values are ``None`` (JSON ``null``, an empty CSV cell), never NaN.
     """
@@ -90,6 +93,7 @@ def layer_rows(output: RoundOutput, layer: str) -> list[dict[str, Any]]:
                 # "stripes (0.62) + zebra (0.38)": the multi-concept explanation, weights summing to 1 (None without)
                 "combination": format_combination(u.combination) if u.combination else None,
                 "concept_jaccard": _num(d.concept_jaccard) if d is not None else None,
+                "concepts_changed": bool(d.concepts_changed or d.changed) if d is not None else False,
             }
         )
     return rows

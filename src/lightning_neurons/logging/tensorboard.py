@@ -3,11 +3,14 @@
 Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
 
 - ``<prefix>/<layer>/table`` (text): Markdown table of the layer's units: unit, description, score,
-  previous description, similarity to it (changed descriptions in bold). Layers with more than ``table_rows``
+  previous description, similarity to it (changed descriptions in bold; units whose description kept its meaning
+  while their combination's concept set changed in italics, the previous combination after the previous
+  description). Layers with more than ``table_rows``
   units (512 by default) list that many, the changed units first, then the best scored, and say how many more are
   in the history and the HTML report.
 - ``<prefix>/<layer>/<unit>/description`` (text): description, score, alternatives, the classes its ablation hurts
-  (with ``ablation=True``), and the change if any.
+  (with ``ablation=True``), and the change if any: of the description's meaning, or of the combination's concept
+  set alone (then both combinations and the concept overlap; never a description "changed" into itself).
 - Units with a multi-concept explanation show it after the description in the table and in the description
   text (``combination: stripes (0.62) + zebra (0.38)``; weights normalised to sum to 1).
 - ``<prefix>/<layer>/<unit>/top_k`` (image): grid of the unit's preview crops (region outlined).
@@ -18,8 +21,9 @@ Tags (``global_step`` = epoch everywhere; ``<prefix>`` defaults to ``neurons``):
   and the share of the layer's units above it.
 - ``<prefix>/<layer>/<unit>/drift`` (scalar): ``1 - similarity`` to the previous description (from the unit's
   second explained epoch on).
-- ``<prefix>/<layer>/mean_score``, ``<prefix>/<layer>/fraction_changed``, ``<prefix>/<layer>/mean_similarity``
-  (scalars; the last two from the second explained epoch on).
+- ``<prefix>/<layer>/mean_score``, ``<prefix>/<layer>/fraction_changed``, ``<prefix>/<layer>/mean_similarity``,
+  ``<prefix>/<layer>/fraction_concepts_changed`` (scalars; all but the first from the second explained epoch on;
+  the last counts changes of meaning and of a combination's concept set, see :mod:`lightning_neurons.drift.metrics`).
 - ``<prefix>/<layer>/stable_units``, ``<prefix>/<layer>/dead_units`` and, with ``evaluate=True``,
   ``evaluation/<method>/<metric>`` (scalars written by :meth:`NeuronTensorBoardLogger.write_round`, the
   :class:`~lightning_neurons.logging.base.RoundWriter` call; names in :mod:`lightning_neurons.logging.metrics`).
@@ -52,7 +56,7 @@ from lightning_neurons.explanation.scoring import confident, shown_description
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.previews import preview_grid
 from lightning_neurons.logging.previews import save_previews as _save_previews
-from lightning_neurons.results import ExplanationRound, UnitExplanation
+from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -137,6 +141,11 @@ def _cell(text: Any) -> str:
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _combination_text(combination: Sequence[Alternative] | None) -> str:
+    # The multi-concept explanation as shown everywhere ("stripes (0.62) + zebra (0.38)").
+    return format_combination(combination) if combination else "no combination"
 
 
 def _table_units(
@@ -279,6 +288,7 @@ class NeuronTensorBoardLogger:
                 if summary.n_compared:
                     self._scalar(self._tag(layer, "fraction_changed"), summary.fraction_changed, step)
                     self._scalar(self._tag(layer, "mean_similarity"), summary.mean_similarity, step)
+                    self._scalar(self._tag(layer, "fraction_concepts_changed"), summary.fraction_concepts_changed, step)
             selected = set(self.selected_units(layer, [u.unit for u in units]))
             for u in units:
                 if u.unit in selected:
@@ -321,6 +331,11 @@ class NeuronTensorBoardLogger:
         With more than ``rows`` units, the table lists ``rows`` of them, the changed ones first, then by score
         (best first), and a last line says how many more the history and the report hold.
 
+        A changed description is in bold. A unit whose description kept its meaning while its combination's concept
+        set changed (:attr:`~lightning_neurons.drift.metrics.UnitDrift.concepts_only_changed`) is in italics, and
+        its previous combination follows its previous description; the summary line then also counts concept-set
+        changes.
+
         Example:
             >>> u = UnitExplanation("fc", 0, epoch=0, description="dots", score=0.8)
             >>> print(NeuronTensorBoardLogger.table([u], {}))
@@ -332,8 +347,10 @@ class NeuronTensorBoardLogger:
         if summary is not None:
             head = f"epoch {summary.epoch} · {summary.n_units} units · mean score {_fmt(summary.mean_score)}"
             if summary.n_compared:
+                head += f" · {summary.n_changed}/{summary.n_compared} changed"
+                if summary.n_concepts_changed > summary.n_changed or any(u.combination for u in units):
+                    head += f" · {summary.n_concepts_changed}/{summary.n_compared} concept sets changed"
                 head += (
-                    f" · {summary.n_changed}/{summary.n_compared} changed"
                     f" · mean similarity {_fmt(summary.mean_similarity)}"
                     f" · stable for {summary.stable_rounds} rounds: {summary.n_stable}"
                 )
@@ -350,6 +367,9 @@ class NeuronTensorBoardLogger:
             if d is not None and d.changed:
                 desc = f"**{desc}**"
             prev = _cell(d.previous_description) if d is not None and d.previous_description is not None else "–"
+            if d is not None and d.concepts_only_changed:  # the combination is what changed: show both
+                desc = f"*{desc}*"
+                prev += " · " + _cell(_combination_text(d.previous_combination))
             sim = _fmt(d.similarity) if d is not None else "–"
             lines.append(f"| {u.unit} | {desc} | {_fmt(u.score)} | {prev} | {sim} |")
         if len(shown) < len(units):
@@ -391,7 +411,14 @@ class NeuronTensorBoardLogger:
             text += "\n\nalternatives: " + ", ".join(f"{esc(a.text)} ({_fmt(a.score)})" for a in u.alternatives)
         if u.ablation:
             text += "\n\nzeroing it hurts: " + ", ".join(f"{esc(c)} (-{_fmt(drop)})" for c, drop in u.ablation)
-        if d is not None and d.compared:
+        if d is not None and d.concepts_only_changed:  # same meaning, another concept set: the combinations differ
+            text += (
+                f"\n\nconcepts changed from *{esc(d.previous_description)}* · "
+                f"{esc(_combination_text(d.previous_combination))} at epoch {d.previous_epoch} "
+                f"(concept overlap {_fmt(d.concept_jaccard, 2)}, similarity {_fmt(d.similarity)}, "
+                f"top-k Jaccard {_fmt(d.jaccard)})"
+            )
+        elif d is not None and d.compared:
             verb = "changed from" if d.changed else "previously"
             text += (
                 f"\n\n{verb} *{esc(d.previous_description)}* at epoch {d.previous_epoch} "
@@ -410,13 +437,20 @@ class NeuronTensorBoardLogger:
             f"{self.prefix}: overview": {
                 "mean score per layer": ["Multiline", [rf"^{p}/[^/]+/mean_score$"]],
                 "fraction changed per layer": ["Multiline", [rf"^{p}/[^/]+/fraction_changed$"]],
+                "fraction of concept sets changed per layer": [
+                    "Multiline",
+                    [rf"^{p}/[^/]+/fraction_concepts_changed$"],
+                ],
                 "mean similarity per layer": ["Multiline", [rf"^{p}/[^/]+/mean_similarity$"]],
             }
         }
         for layer in layers:
             lp = f"{p}/{re.escape(layer)}"
             layout[f"{self.prefix}: {layer}"] = {
-                "layer": ["Multiline", [rf"^{lp}/(mean_score|fraction_changed|mean_similarity)$"]],
+                "layer": [
+                    "Multiline",
+                    [rf"^{lp}/(mean_score|fraction_changed|fraction_concepts_changed|mean_similarity)$"],
+                ],
                 "unit scores": ["Multiline", [rf"^{lp}/\d+/score$"]],
                 "unit drift": ["Multiline", [rf"^{lp}/\d+/drift$"]],
             }
