@@ -23,7 +23,9 @@ class-space default and the real encoder (no cache), held-out seed 0 gave identi
 rounding (the store held float16 then). The settings behind the
 default and the held-out figures are in ``benchmarks/results/encoder_sweep.json``.
 
-A setting is a name of :data:`SETTINGS` or a JSON object of ``ConSEEncoder`` keyword arguments.
+A setting is a name of :data:`SETTINGS` or a JSON object of
+:class:`~lightning_neurons.backends.embedded.ConSESettings` fields; every setting is validated before any model is
+trained.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any, cast
 
 import torch
 
-#: Named encoder settings (keyword arguments of ConSEEncoder); ``default`` is ConSEEncoder's own defaults.
+#: Named encoder settings (fields of ConSESettings that differ from its defaults); ``default`` is ConSESettings().
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     # ConSE in MiniLM's text space with the template (the default before class space).
@@ -212,18 +214,28 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the CPU is shared)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from lightning_neurons.backends.embedded import ConSEEncoder, imagenet_class_names, load_minilm, load_mobilenet
+    from lightning_neurons.backends.embedded import (
+        ConSEEncoder,
+        ConSESettings,
+        imagenet_class_names,
+        load_minilm,
+        load_mobilenet,
+    )
 
+    # A typo or an out-of-range value fails here, before the classifiers are trained.
+    settings: dict[str, tuple[dict[str, Any], ConSESettings]] = {}
+    for setting in args.settings:
+        kwargs = json.loads(setting) if setting.startswith("{") else SETTINGS[setting]
+        settings[setting] = kwargs, ConSESettings.from_options(**kwargs)
     classifier, text = load_mobilenet("cpu"), cast(Any, _MemoText(load_minilm("cpu")))
     names = imagenet_class_names()
     base = ConSEEncoder(classifier, text, names)
     cache = ProbabilityCache(args.cache / "probabilities.pt", base)
     setups = {(s, seed): _setup(s, seed, args.cache) for s in args.splits for seed in args.seeds}
     result: dict[str, Any] = {}
-    for setting in args.settings:
+    for setting, (kwargs, values) in settings.items():
         start = time.perf_counter()
-        kwargs = json.loads(setting) if setting.startswith("{") else SETTINGS[setting]
-        conse = ConSEEncoder(classifier, text, names, **kwargs)
+        conse = ConSEEncoder(classifier, text, names, values)
         encoder = CachedEncoder(conse, cache)
         entry: dict[str, Any] = {"kwargs": kwargs, "name": conse.name}
         for split in args.splits:

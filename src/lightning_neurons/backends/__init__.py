@@ -97,10 +97,13 @@ def load_backend(
             plus a BLIP captioner and a causal-LM generator), or a ready :class:`Backend`.
         device: Target device; ``None`` picks CUDA, then MPS, then CPU.
         **kwargs: Backend options.
-            ``embedded``: ``top_t``, ``template_weight``, ``generator`` (bool), ``lazy_generator``, ``batch_size``,
-            ``resize_mode``, ``temperature``, ``image_size``, ``views``, ``centre``, ``space``,
-            ``text_temperature``, ``hypernym_weight``, ``hypernym_levels``, ``colour_weight``, ``colour_threshold``,
-            ``keep_basis_concepts`` (see :func:`~lightning_neurons.backends.embedded.load_embedded_backend`).
+            ``embedded``: the ConSE encoder's options as flat keys (``top_t``, ``template_weight``,
+            ``temperature``, ``image_size``, ``views``, ``centre``, ``space``, ``text_temperature``,
+            ``hypernym_weight``, ``hypernym_levels``, ``colour_weight``, ``colour_threshold``, ``batch_size``,
+            ``resize_mode``; defaults and ranges on :class:`~lightning_neurons.backends.embedded.ConSESettings`)
+            or one ``settings`` value, plus ``generator`` (bool), ``lazy_generator`` and ``keep_basis_concepts``
+            (see :func:`~lightning_neurons.backends.embedded.load_embedded_backend`); an unknown key is a
+            ``TypeError`` naming the closest ones.
             ``clip``: ``model_name`` (default ``"ViT-B-16"``), ``pretrained`` (tag, checkpoint path, or ``None`` for
             random weights; default ``"laion2b_s34b_b88k"``), ``cache_dir``, ``batch_size``, ``resize_mode``,
             ``captioner`` / ``generator`` (hub id or local path, default ``None``).
@@ -112,7 +115,8 @@ def load_backend(
         The loaded :class:`Backend`.
 
     Raises:
-        ValueError: For an unknown backend name (the message lists the choices).
+        ValueError: For an unknown backend name (the message lists the choices), or an option out of range.
+        TypeError: For an unknown option of the embedded backend (the message names the closest options).
         ModelLoadError: If weights cannot be found; the message says where they were looked for and what to do.
 
     Example:

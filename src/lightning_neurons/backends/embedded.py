@@ -19,11 +19,15 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import importlib.metadata
 import importlib.util
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -209,15 +213,39 @@ def test_time_view(images: Tensor, view: str) -> Tensor:
     return images
 
 
-class ConSEEncoder:
-    """Image-text encoder by convex combination of semantic embeddings (ConSE) of ImageNet class names.
+#: Options that only change how images reach the classifier: a shallow copy of a cached encoder owns them.
+PER_CALL_OPTIONS = ("batch_size", "resize_mode", "image_size")
+SPACES = ("classes", "text")
+RESIZE_MODES = ("shortest", "squash")
 
-    ``image -> normalize(sum_{top T} p_c * t_c)`` with ``p`` the classifier's softmax probabilities renormalised
-    over its top ``T`` classes and ``t_c`` the text embedding of class ``c``; texts are embedded by MiniLM
-    (``space="text"``). The default compares in ImageNet-class space instead (``space="classes"``): an image is
-    ``sqrt(p)`` over its top ``T`` classes, a text is ``sqrt(softmax(sim(text, t_c) / text_temperature))`` over the
-    1,000 classes, so a similarity is the Bhattacharyya coefficient of two class distributions; WordNet hypernyms
-    are mixed into the class embeddings and 11 basic colour terms are appended as a second, pixel-based "classifier".
+
+def _unknown_option(key: str, allowed: Sequence[str], what: str) -> TypeError:
+    """A TypeError naming an unknown keyword and its closest allowed names (as ``resolve_layers`` does)."""
+    close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return TypeError(f"unknown {what} {key!r}{hint} (the options are: {', '.join(allowed)})")
+
+
+def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ConSESettings:
+    """Every option of :class:`ConSEEncoder`, with its default, validated once.
+
+    :func:`load_conse_encoder`, :func:`load_embedded_backend` and ``load_backend("embedded", ...)`` take the same
+    options, either as this value (``settings=``) or as flat keywords (``backend_kwargs`` in a config), and hand
+    this value down. Variations are made with :func:`dataclasses.replace` (validated again).
 
     The defaults were chosen on the development split of the broad benchmark
     (:mod:`lightning_neurons.benchmark.scenes`; ``benchmarks/encoder_sweep.py --splits development --seeds 0 1 2 3
@@ -233,110 +261,314 @@ class ConSEEncoder:
     0.214 with the previous default and 0.357 / 0.309 and 0.225 / 0.220 with bare texts.
 
     Args:
-        classifier: An ImageNet classifier returning 1,000 logits (eval mode).
-        text_encoder: The text embedder.
-        class_names: The classifier's class names, in logit order.
-        top_t: Number of classes combined per image (ConSE's T).
-        temperature: Softmax temperature of the classifier's logits before the top-``T`` mixture (1 = the
+        top_t: Number of classes combined per image (ConSE's T); an integer >= 1.
+        template_weight: Weight, in ``[0, 1]``, of the ``"a photo of a <text>"`` embedding mixed into every text
+            and class embedding (0: bare texts, the default before the broad benchmark; 1: the template alone, the
+            previous default; 0.5, the default: both). In text space the template alone raised the development
+            split's per-crop zero-shot accuracy 0.307 -> 0.346 (seed 0); ensembles of four templates, a template on
+            one side only, top-T 5-50, temperatures 1-8 and horizontal-flip averaging were no better there (within
+            0.002).
+        temperature: Softmax temperature (> 0) of the classifier's logits before the top-``T`` mixture (1 = the
             classifier's own probabilities; above 1 flattens the mixture so that an image's embedding is less
             dominated by its single most probable ImageNet name). The default 4 was chosen on
             ``benchmarks/quality.py`` (seed 0, from 1, 2, 4, 8) and confirmed on seed 1: it raised every
             quality metric of the embedded backend on both seeds (e.g. class-name similarity of the output units
             0.32 -> 0.39 and 0.32 -> 0.35, simulation 0.31 -> 0.34 and 0.28 -> 0.34).
-        template_weight: Weight of the ``"a photo of a <text>"`` embedding mixed into every text and class
-            embedding (0: bare texts; 1: the template alone; 0.5, the default: both). In text space the template
-            alone raised the development split's per-crop zero-shot accuracy 0.307 -> 0.346 (seed 0); ensembles
-            of four templates, a template on one side only, top-T 5-50, temperatures 1-8 and horizontal-flip
-            averaging were no better there (within 0.002).
-        batch_size: Images per forward pass.
-        resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
-        image_size: Side the classifier sees. 224 is MobileNetV2's training size; small probe images (e.g. 64 px
-            crops) lose nothing at 128 and embed about three times faster on a CPU.
-        views: Test-time views whose class probabilities are averaged (:data:`VIEWS`: ``"none"``, ``"flip"``,
-            ``"zoom"``); each view costs one more classifier pass.
+        image_size: Side the classifier sees (an integer >= 16). 224 is MobileNetV2's training size; small probe
+            images (e.g. 64 px crops) lose nothing at 128 and embed about three times faster on a CPU.
+        views: Test-time views whose class probabilities are averaged, a non-empty subset of :data:`VIEWS`
+            (``"none"``, ``"flip"``, ``"zoom"``); each view costs one more classifier pass.
         centre: Subtract the mean class-name embedding from texts and images (text space only): removes the
             direction every ConSE image shares.
         space: ``"classes"`` (the default: compare class distributions, embeddings ``[N, 1000]``, ``[N, 1011]``
-            with colours) or ``"text"`` (ConSE's MiniLM space, ``[N, 384]``).
-        text_temperature: Softmax temperature of a text's cosine similarities to the class names (and to the
+            with colours) or ``"text"`` (ConSE's MiniLM space, ``[N, 384]``, the previous default).
+        text_temperature: Softmax temperature (> 0) of a text's cosine similarities to the class names (and to the
             colour terms) in class space; lower concentrates a text on fewer classes.
-        hypernym_weight: Weight of the mean embedding of a class's WordNet hypernyms (:func:`imagenet_hypernyms`:
-            "sorrel" -> "horse", "equine", ...) mixed into its name's embedding, so that general concepts ("dog",
-            "clock", "horse") match the images of their ImageNet subclasses; 0 turns it off.
-        hypernym_levels: How many hypernym levels above a class are mixed in.
-        colour_weight: Share of the embedding (class space only) given to the colour part: an image's shares of
-            the :data:`COLOURS` terms (:func:`colour_names_of`; ImageNet classifiers barely encode colour) against a
-            text's softmax over its similarities to those terms; 0 turns it off.
+        hypernym_weight: Weight, in ``[0, 1]``, of the mean embedding of a class's WordNet hypernyms
+            (:func:`imagenet_hypernyms`: "sorrel" -> "horse", "equine", ...) mixed into its name's embedding, so
+            that general concepts ("dog", "clock", "horse") match the images of their ImageNet subclasses; 0 turns
+            it off.
+        hypernym_levels: How many hypernym levels above a class are mixed in (an integer >= 0).
+        colour_weight: Share of the embedding (class space only), in ``[0, 1)``, given to the colour part: an
+            image's shares of the :data:`COLOURS` terms (:func:`colour_names_of`; ImageNet classifiers barely
+            encode colour) against a text's softmax over its similarities to those terms; 0 turns it off.
         colour_threshold: The similarity of the "no colour" option of a text's colour softmax: a text less similar
             than this to every colour term puts little mass on colours.
+        batch_size: Images per classifier forward pass (an integer >= 1).
+        resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
+
+    Raises:
+        ValueError: If an option is out of range (the message names it, says what was given and what is allowed).
+
+    Example:
+        >>> settings = ConSESettings.from_options(image_size=128)
+        >>> settings.image_size, settings.space, settings.views
+        (128, 'classes', ('none',))
+        >>> ConSESettings(template_weight=2.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: template_weight must be a number in [0, 1], got 2.0
+        >>> ConSESettings.from_options(temprature=2.0)
+        Traceback (most recent call last):
+        ...
+        TypeError: unknown ConSE encoder option 'temprature'; did you mean 'temperature' or 'text_temperature'? ...
+    """
+
+    top_t: int = 10
+    template_weight: float = 0.5
+    temperature: float = 4.0
+    image_size: int = 224
+    views: tuple[str, ...] = ("none",)
+    centre: bool = False
+    space: str = "classes"
+    text_temperature: float = 0.1
+    hypernym_weight: float = 0.5
+    hypernym_levels: int = 3
+    colour_weight: float = 0.1
+    colour_threshold: float = 0.6
+    batch_size: int = 64
+    resize_mode: str = "shortest"
+
+    def __post_init__(self) -> None:
+        views = self.views
+        _check(
+            isinstance(views, Sequence) and not isinstance(views, str),
+            "views",
+            f"a list of view names from {VIEWS}",
+            views,
+        )
+        object.__setattr__(self, "views", tuple(views))  # a list (JSON, YAML) is fine; the value stays hashable
+        _check(_is_int(self.top_t) and self.top_t >= 1, "top_t", "an integer >= 1", self.top_t)
+        _check(
+            _is_real(self.template_weight) and 0 <= self.template_weight <= 1,
+            "template_weight",
+            "a number in [0, 1]",
+            self.template_weight,
+        )
+        for name in ("temperature", "text_temperature"):
+            value = getattr(self, name)
+            _check(_is_real(value) and value > 0, name, "a number > 0", value)
+        _check(_is_int(self.image_size) and self.image_size >= 16, "image_size", "an integer >= 16", self.image_size)
+        _check(
+            bool(self.views) and all(v in VIEWS for v in self.views),
+            "views",
+            f"a non-empty subset of {VIEWS}",
+            list(self.views),
+        )
+        _check(isinstance(self.centre, bool), "centre", "True or False", self.centre)
+        _check(self.space in SPACES, "space", " or ".join(map(repr, SPACES)), self.space)
+        _check(
+            _is_real(self.hypernym_weight) and 0 <= self.hypernym_weight <= 1,
+            "hypernym_weight",
+            "a number in [0, 1]",
+            self.hypernym_weight,
+        )
+        _check(
+            _is_int(self.hypernym_levels) and self.hypernym_levels >= 0,
+            "hypernym_levels",
+            "an integer >= 0",
+            self.hypernym_levels,
+        )
+        _check(
+            _is_real(self.colour_weight) and 0 <= self.colour_weight < 1,
+            "colour_weight",
+            "a number in [0, 1)",
+            self.colour_weight,
+        )
+        _check(_is_real(self.colour_threshold), "colour_threshold", "a number", self.colour_threshold)
+        _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(self.resize_mode in RESIZE_MODES, "resize_mode", " or ".join(map(repr, RESIZE_MODES)), self.resize_mode)
+
+    @classmethod
+    def from_options(cls, settings: ConSESettings | None = None, /, **options: Any) -> ConSESettings:
+        """``settings`` (default: the defaults) with the given flat options replaced, validated.
+
+        Args:
+            settings: The value to start from; ``None`` for the defaults.
+            **options: Fields of :class:`ConSESettings` (``backend_kwargs`` of the embedded backend).
+
+        Raises:
+            TypeError: For an unknown option (the message names it and its closest option names), or if
+                ``settings`` is not a :class:`ConSESettings`.
+            ValueError: If an option is out of range.
+
+        Example:
+            >>> base = ConSESettings(space="text", hypernym_weight=0.0)
+            >>> ConSESettings.from_options(base, template_weight=1.0).template_weight
+            1.0
+        """
+        if settings is None:
+            settings = cls()
+        elif not isinstance(settings, ConSESettings):
+            raise TypeError(f"settings must be a ConSESettings, got {type(settings).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in allowed:
+                raise _unknown_option(key, allowed, "ConSE encoder option")
+        return dataclasses.replace(settings, **options) if options else settings
+
+    def shared(self) -> ConSESettings:
+        """This value with the per-call options (:data:`PER_CALL_OPTIONS`) at their defaults: the cache key."""
+        defaults = ConSESettings()
+        return dataclasses.replace(self, **{name: getattr(defaults, name) for name in PER_CALL_OPTIONS})
+
+
+_T = TypeVar("_T")
+
+
+class _Option(Generic[_T]):
+    """An encoder attribute that reads one field of its :class:`ConSESettings`.
+
+    The per-call options (:data:`PER_CALL_OPTIONS`) can be set (validated, the settings are replaced); the others
+    are fixed at construction, since the class embeddings and the encoder's name (a cache key) depend on them.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Option[_T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, obj: object | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.settings, self.name)  # type: ignore[attr-defined]
+
+    def __set__(self, obj: Any, value: _T) -> None:
+        if self.name not in PER_CALL_OPTIONS:
+            raise AttributeError(
+                f"{type(obj).__name__}.{self.name} is fixed at construction (the class embeddings and the name "
+                f"depend on it); build a new encoder with {self.name}={value!r}"
+            )
+        obj.settings = dataclasses.replace(obj.settings, **{self.name: value})
+
+
+#: The order of ConSEEncoder's options when they were positional (from its 4th argument on); deprecated.
+_POSITIONAL_OPTIONS = (
+    "top_t",
+    "template_weight",
+    "batch_size",
+    "resize_mode",
+    "temperature",
+    "image_size",
+    "views",
+    "centre",
+    "space",
+    "text_temperature",
+    "hypernym_weight",
+    "hypernym_levels",
+    "colour_weight",
+    "colour_threshold",
+)
+
+
+class ConSEEncoder:
+    """Image-text encoder by convex combination of semantic embeddings (ConSE) of ImageNet class names.
+
+    ``image -> normalize(sum_{top T} p_c * t_c)`` with ``p`` the classifier's softmax probabilities renormalised
+    over its top ``T`` classes and ``t_c`` the text embedding of class ``c``; texts are embedded by MiniLM
+    (``space="text"``). The default compares in ImageNet-class space instead (``space="classes"``): an image is
+    ``sqrt(p)`` over its top ``T`` classes, a text is ``sqrt(softmax(sim(text, t_c) / text_temperature))`` over the
+    1,000 classes, so a similarity is the Bhattacharyya coefficient of two class distributions; WordNet hypernyms
+    are mixed into the class embeddings and 11 basic colour terms are appended as a second, pixel-based "classifier".
+
+    The options, their defaults and the measurements behind them are documented once, on :class:`ConSESettings`;
+    the encoder keeps the value as :attr:`settings` and shows each field as a read-only attribute
+    (``encoder.top_t``; ``batch_size``, ``resize_mode`` and ``image_size`` can be set).
+
+    Args:
+        classifier: An ImageNet classifier returning 1,000 logits (eval mode).
+        text_encoder: The text embedder.
+        class_names: The classifier's class names, in logit order.
+        settings: The encoder's options (``None``: the defaults).
+        *args: Deprecated: the options by position (``top_t``, ``template_weight``, ...), as before
+            :class:`ConSESettings`.
+        **options: Fields of :class:`ConSESettings`, replacing those of ``settings``.
+
+    Raises:
+        TypeError: For an unknown option (the message names the closest options).
+        ValueError: If an option is out of range.
 
     Example:
         >>> encoder = load_embedded_backend(device="cpu").encoder  # doctest: +SKIP
         >>> encoder.encode_images(torch.rand(1, 3, 224, 224)).shape  # doctest: +SKIP
         torch.Size([1, 1011])
+        >>> ConSEEncoder(classifier, text, names, ConSESettings(space="text")).name  # doctest: +SKIP
+        'embedded:mobilenet_v2-conse10-T4-wordnet0.5x3-t0.5+all-MiniLM-L6-v2'
     """
+
+    top_t: _Option[int] = _Option()
+    template_weight: _Option[float] = _Option()
+    temperature: _Option[float] = _Option()
+    image_size: _Option[int] = _Option()
+    views: _Option[tuple[str, ...]] = _Option()
+    centre: _Option[bool] = _Option()
+    space: _Option[str] = _Option()
+    text_temperature: _Option[float] = _Option()
+    hypernym_weight: _Option[float] = _Option()
+    hypernym_levels: _Option[int] = _Option()
+    colour_threshold: _Option[float] = _Option()
+    batch_size: _Option[int] = _Option()
+    resize_mode: _Option[str] = _Option()
 
     def __init__(
         self,
         classifier: torch.nn.Module,
         text_encoder: MiniLMTextEncoder,
         class_names: Sequence[str],
-        top_t: int = 10,
-        template_weight: float = 0.5,
-        batch_size: int = 64,
-        resize_mode: str = "shortest",
-        temperature: float = 4.0,
-        image_size: int = 224,
-        views: Sequence[str] = ("none",),
-        centre: bool = False,
-        space: str = "classes",
-        text_temperature: float = 0.1,
-        hypernym_weight: float = 0.5,
-        hypernym_levels: int = 3,
-        colour_weight: float = 0.1,
-        colour_threshold: float = 0.6,
+        settings: ConSESettings | None = None,
+        *args: Any,
+        **options: Any,
     ) -> None:
-        if temperature <= 0 or text_temperature <= 0:
-            raise ValueError(f"temperatures must be > 0, got {temperature} and {text_temperature}")
-        if not views or any(v not in VIEWS for v in views):
-            raise ValueError(f"views must be a non-empty subset of {VIEWS}, got {list(views)}")
-        if space not in ("text", "classes"):
-            raise ValueError(f"space must be 'text' or 'classes', got {space!r}")
+        if settings is not None and not isinstance(settings, ConSESettings):
+            args, settings = (settings, *args), None  # the old positional top_t
+        if args:
+            if len(args) > len(_POSITIONAL_OPTIONS):
+                raise TypeError(f"ConSEEncoder takes at most {3 + len(_POSITIONAL_OPTIONS)} positional arguments")
+            for name, value in zip(_POSITIONAL_OPTIONS, args):
+                if name in options:
+                    raise TypeError(f"ConSEEncoder got multiple values for {name!r}")
+                options[name] = value
+            warnings.warn(
+                "ConSEEncoder's options by position are deprecated: pass them by keyword or as ConSESettings",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        self.settings = ConSESettings.from_options(settings, **options)
         self.classifier = classifier
         self.text_encoder = text_encoder
         self.class_names = list(class_names)
-        self.top_t = top_t
-        self.temperature = temperature
-        self.template_weight = template_weight
-        self.batch_size = batch_size
-        self.resize_mode = resize_mode
-        self.image_size = image_size
-        self.views = tuple(views)
-        self.centre = centre
-        self.space = space
-        self.text_temperature = text_temperature
-        self.hypernym_weight = hypernym_weight
-        self.hypernym_levels = hypernym_levels
-        self.colour_weight = colour_weight if space == "classes" else 0.0
-        self.colour_threshold = colour_threshold
-        suffix = "" if temperature == 1.0 else f"-T{temperature:g}"
-        if self.views != ("none",):
-            suffix += "-" + "+".join(self.views)
-        if centre:
-            suffix += "-centred"
-        if space == "classes":
-            suffix += f"-classes{text_temperature:g}"
-        if hypernym_weight > 0:
-            suffix += f"-wordnet{hypernym_weight:g}x{hypernym_levels}"
-        if self.colour_weight > 0:
-            suffix += f"-colour{colour_weight:g}@{colour_threshold:g}"
-        self.name = f"embedded:mobilenet_v2-conse{top_t}{suffix}-t{template_weight:g}+all-MiniLM-L6-v2"
+        self.name = self._name()
         # Raw (templated, not centred) MiniLM embeddings of the class names; the centre is their mean.
         self.class_embeddings = self._text_embeddings(self.class_names)
-        if hypernym_weight > 0 and len(self.class_names) == 1000:
+        if self.hypernym_weight > 0 and len(self.class_names) == 1000:
             self.class_embeddings = self._with_hypernyms(self.class_embeddings)
-        self.centre_vector = self.class_embeddings.mean(0) if centre else torch.zeros(384)
+        self.centre_vector = self.class_embeddings.mean(0) if self.centre else torch.zeros(384)
         self.colour_embeddings = self._text_embeddings(list(COLOURS)) if self.colour_weight > 0 else None
+
+    @property
+    def colour_weight(self) -> float:
+        """The colour part's share of the embedding: :attr:`ConSESettings.colour_weight` in class space, else 0."""
+        return self.settings.colour_weight if self.space == "classes" else 0.0
+
+    def _name(self) -> str:
+        """The encoder's name from its settings (the per-call options leave it unchanged)."""
+        s = self.settings
+        suffix = "" if s.temperature == 1.0 else f"-T{s.temperature:g}"
+        if s.views != ("none",):
+            suffix += "-" + "+".join(s.views)
+        if s.centre:
+            suffix += "-centred"
+        if s.space == "classes":
+            suffix += f"-classes{s.text_temperature:g}"
+        if s.hypernym_weight > 0:
+            suffix += f"-wordnet{s.hypernym_weight:g}x{s.hypernym_levels}"
+        if self.colour_weight > 0:
+            suffix += f"-colour{s.colour_weight:g}@{s.colour_threshold:g}"
+        return f"embedded:mobilenet_v2-conse{s.top_t}{suffix}-t{s.template_weight:g}+all-MiniLM-L6-v2"
 
     @property
     def device(self) -> torch.device:
@@ -539,55 +771,41 @@ def load_mobilenet(device: str | torch.device | None = None) -> torch.nn.Module:
 
 
 def load_conse_encoder(
-    device: str | torch.device | None = None,
-    *,
-    top_t: int = 10,
-    template_weight: float = 0.5,
-    batch_size: int = 64,
-    resize_mode: str = "shortest",
-    temperature: float = 4.0,
-    image_size: int = 224,
-    views: Sequence[str] = ("none",),
-    centre: bool = False,
-    space: str = "classes",
-    text_temperature: float = 0.1,
-    hypernym_weight: float = 0.5,
-    hypernym_levels: int = 3,
-    colour_weight: float = 0.1,
-    colour_threshold: float = 0.6,
+    device: str | torch.device | None = None, settings: ConSESettings | None = None, **options: Any
 ) -> ConSEEncoder:
     """The offline ConSE image-text encoder (MobileNetV2 + MiniLM), built once per process and settings.
 
+    Args:
+        device: Target device; ``None`` picks the best available.
+        settings: The encoder's options (``None``: the defaults; see :class:`ConSESettings`).
+        **options: Fields of :class:`ConSESettings`, replacing those of ``settings``.
+
+    Raises:
+        TypeError: For an unknown option (the message names the closest options).
+        ValueError: If an option is out of range (checked before any model is loaded).
+        ModelLoadError: If a packaged weight file is missing.
+
     Example:
-        >>> encoder = load_conse_encoder(device="cpu")  # doctest: +SKIP
+        >>> encoder = load_conse_encoder(device="cpu", image_size=128)  # doctest: +SKIP
+        >>> encoder.settings == ConSESettings(image_size=128)  # doctest: +SKIP
+        True
     """
+    settings = ConSESettings.from_options(settings, **options)
     dev = resolve_device(device)
     classifier = load_mobilenet(dev)
     text = load_minilm(dev)
-
-    # The class-name embeddings are the slow part of construction (2,000 texts), so cache the encoder itself.
-    options: dict[str, Any] = {
-        "temperature": temperature,
-        "views": tuple(views),
-        "centre": centre,
-        "space": space,
-        "text_temperature": text_temperature,
-        "hypernym_weight": hypernym_weight,
-        "hypernym_levels": hypernym_levels,
-        "colour_weight": colour_weight,
-        "colour_threshold": colour_threshold,
-    }
+    # The class-name embeddings are the slow part of construction (2,000 texts), so cache the encoder itself,
+    # keyed by the settings without the per-call options.
+    shared_settings = settings.shared()
 
     def build() -> ConSEEncoder:
-        return ConSEEncoder(classifier, text, imagenet_class_names(), top_t, template_weight, **options)
+        return ConSEEncoder(classifier, text, imagenet_class_names(), shared_settings)
 
-    shared = cached_model(("conse", str(dev), top_t, template_weight, *options.values()), build)
+    shared = cached_model(("conse", str(dev), shared_settings), build)
     # A shallow copy shares the models and class embeddings but owns the per-call settings: another backend loaded
     # in the same process with another image_size must not change this one.
     encoder = copy.copy(shared)
-    encoder.batch_size = batch_size
-    encoder.resize_mode = resize_mode
-    encoder.image_size = image_size
+    encoder.settings = settings
     return encoder
 
 
@@ -612,49 +830,27 @@ def smollm_generator(device: str | torch.device | None = None, *, lazy: bool = T
     return LazyTextGenerator(load, name) if lazy else load()
 
 
+#: The keyword arguments of :func:`load_embedded_backend` that are not :class:`ConSESettings` fields.
+_BACKEND_ARGUMENTS = ("settings", "generator", "lazy_generator", "keep_basis_concepts")
+
+
 def load_embedded_backend(
     device: str | torch.device | None = None,
     *,
-    top_t: int = 10,
-    template_weight: float = 0.5,
+    settings: ConSESettings | None = None,
     generator: bool = True,
     lazy_generator: bool = True,
-    batch_size: int = 64,
-    resize_mode: str = "shortest",
-    temperature: float = 4.0,
-    image_size: int = 224,
-    views: Sequence[str] = ("none",),
-    centre: bool = False,
-    space: str = "classes",
-    text_temperature: float = 0.1,
-    hypernym_weight: float = 0.5,
-    hypernym_levels: int = 3,
-    colour_weight: float = 0.1,
-    colour_threshold: float = 0.6,
     keep_basis_concepts: bool = False,
+    **options: Any,
 ) -> Backend:
     """Load the offline pack as a :class:`Backend` (no network needed).
 
     Args:
         device: Target device; ``None`` picks the best available.
-        top_t: ConSE's number of classes combined per image.
-        template_weight: Weight of ``"a photo of a <text>"`` mixed into text and class embeddings (0.5, the
-            default: both; 1: the template alone, the previous default; 0: bare texts; see :class:`ConSEEncoder`).
+        settings: The ConSE encoder's options (``None``: the defaults). Each option, its default and the
+            measurements behind it are documented on :class:`ConSESettings`.
         generator: Whether to include the SmolLM2 text generator.
         lazy_generator: Load SmolLM2 on its first use instead of now (its file is still checked now).
-        batch_size: Images per classifier forward pass.
-        resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
-        temperature: ConSE's softmax temperature (see :class:`ConSEEncoder`).
-        image_size: Side the classifier sees (see :class:`ConSEEncoder`).
-        views: Test-time views (see :class:`ConSEEncoder`).
-        centre: Centre text-space embeddings (see :class:`ConSEEncoder`).
-        space: ``"classes"`` (default) or ``"text"`` (ConSE's MiniLM space, the previous default; see
-            :class:`ConSEEncoder`).
-        text_temperature: A text's softmax temperature in class space (see :class:`ConSEEncoder`).
-        hypernym_weight: Weight of the WordNet hypernyms in the class embeddings (see :class:`ConSEEncoder`).
-        hypernym_levels: Hypernym levels mixed in (see :class:`ConSEEncoder`).
-        colour_weight: Share of the colour part in class space (see :class:`ConSEEncoder`).
-        colour_threshold: Similarity of a text's "no colour" option (see :class:`ConSEEncoder`).
         keep_basis_concepts: Keep the ImageNet class names in the built-in general vocabulary. By default they
             are left out (:attr:`Backend.basis_concepts`): every ConSE image embedding is a mixture of exactly
             those names' embeddings, so the classifier's top ImageNet label (often wrong on small crops, e.g.
@@ -662,32 +858,27 @@ def load_embedded_backend(
             seeds 0-2) leaving them out raised the class-name similarity of the output units 0.36 -> 0.44, the
             contrast AUC 0.76 -> 0.79 and the ablation hit rate 0.46 -> 0.52, and left simulation level
             (0.335 -> 0.334). Class names, concept files and LLM concepts are never filtered.
+        **options: Fields of :class:`ConSESettings` as flat keywords (``top_t``, ``template_weight``,
+            ``temperature``, ``image_size``, ``views``, ``centre``, ``space``, ``text_temperature``,
+            ``hypernym_weight``, ``hypernym_levels``, ``colour_weight``, ``colour_threshold``, ``batch_size``,
+            ``resize_mode``), replacing those of ``settings``: what ``backend_kwargs`` in a config holds.
 
     Raises:
+        TypeError: For an unknown keyword (the message names the closest known ones).
+        ValueError: If an option is out of range (checked before any model is loaded).
         ModelLoadError: If a packaged weight file is missing (the message says which package to install).
 
     Example:
         >>> backend = load_embedded_backend(device="cpu")  # doctest: +SKIP
         >>> texts = backend.encoder.encode_texts(["cat", "car"])  # doctest: +SKIP
         >>> sims = backend.encoder.encode_images(images) @ texts.T  # doctest: +SKIP
+        >>> small = load_embedded_backend(device="cpu", generator=False, image_size=128)  # doctest: +SKIP
     """
-    encoder = load_conse_encoder(
-        device,
-        top_t=top_t,
-        template_weight=template_weight,
-        batch_size=batch_size,
-        resize_mode=resize_mode,
-        temperature=temperature,
-        image_size=image_size,
-        views=views,
-        centre=centre,
-        space=space,
-        text_temperature=text_temperature,
-        hypernym_weight=hypernym_weight,
-        hypernym_levels=hypernym_levels,
-        colour_weight=colour_weight,
-        colour_threshold=colour_threshold,
-    )
+    fields = [f.name for f in dataclasses.fields(ConSESettings)]
+    for key in options:
+        if key not in fields:
+            raise _unknown_option(key, [*_BACKEND_ARGUMENTS, *fields], "embedded backend option")
+    encoder = load_conse_encoder(device, settings, **options)
     return Backend(
         name="embedded",
         encoder=encoder,
