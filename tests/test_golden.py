@@ -6,7 +6,11 @@ the settings/session redesign (commit 8e45e94), with the offline models built be
 (weight init before the weights are read), which shifted the training's random stream whenever a process had not
 built them yet; the callback now keeps that stream untouched, so the fixture is the old code's run in the state where
 it did so too. Texts, sample ids and drift flags must match exactly; scores within float tolerance (the same kernels
-on another CPU may round differently in the last bits).
+on another CPU or another build of the libraries may round differently in the last bits). The one exception is an
+exact tie: where two concepts' scores differ by less than :data:`TIE` (``features.block4`` unit 41 at epoch 1:
+0.15048199 against 0.15048197), rounding may order them either way, so the ranked concepts are compared up to
+the order inside such a tie and the fields computed from the chosen text (its AUC, margin and drift) are not
+compared for that record.
 """
 
 import json
@@ -30,6 +34,10 @@ EXACT = (
     "changed",
 )
 CLOSE = ("score", "margin", "concept_score", "similarity", "jaccard", "score_delta")
+#: Concept scores closer than this are a tie that rounding may break either way.
+TIE = 1e-6
+#: Fields that follow from which concept won (not compared where a tie decided it).
+FROM_CHOSEN_TEXT = ("description", "score", "margin", "similarity", "changed", "score_delta")
 
 
 def _records(path: Path) -> dict[tuple, dict]:
@@ -39,6 +47,33 @@ def _records(path: Path) -> dict[tuple, dict]:
             rec = json.loads(line)
             records[(rec["layer"], rec["unit"], rec["epoch"])] = rec
     return records
+
+
+def _ranked(rec: dict) -> list[tuple[str, float]]:
+    """The record's concepts best first: its description, then its alternatives, with their corrected scores."""
+    return [(rec["description"], rec["concept_score"])] + [(a["text"], a["score"]) for a in rec["alternatives"]]
+
+
+def _same_ranking(have: dict, want: dict) -> bool:
+    """Whether two records rank the same concepts, up to the order inside exact ties (scores within TIE)."""
+    got, expected = _ranked(have), _ranked(want)
+    if len(got) != len(expected) or {t for t, _ in got} != {t for t, _ in expected}:
+        return False
+    for (text, score), (want_text, want_score) in zip(got, expected):
+        tied = {t for t, s in expected if abs(s - want_score) < TIE}
+        if text != want_text and text not in tied:
+            return False
+        if not math.isclose(score, want_score, rel_tol=1e-4, abs_tol=1e-5):
+            return False
+    return True
+
+
+def test_same_ranking_allows_only_exact_ties():
+    want = {"description": "a", "concept_score": 0.5, "alternatives": [{"text": "b", "score": 0.5 - 1e-8}]}
+    swapped = {"description": "b", "concept_score": 0.5, "alternatives": [{"text": "a", "score": 0.5 - 1e-8}]}
+    assert _same_ranking(swapped, want)
+    apart = {"description": "a", "concept_score": 0.5, "alternatives": [{"text": "b", "score": 0.49}]}
+    assert not _same_ranking({**apart, "description": "b", "alternatives": [{"text": "a", "score": 0.49}]}, apart)
 
 
 def _close(a, b) -> bool:
@@ -56,8 +91,14 @@ def test_reduced_quickstart_history_is_unchanged(tmp_path):
     assert got.keys() == expected.keys()
     for key, want in expected.items():
         have = got[key]
+        assert _same_ranking(have, want), (key, _ranked(have), _ranked(want))
+        # A tie broken the other way changes what follows from the chosen text, and nothing else.
+        skip = FROM_CHOSEN_TEXT if have["description"] != want["description"] else ()
         for field in EXACT:
-            assert have[field] == want[field], (key, field)
+            if field not in skip:
+                assert have[field] == want[field], (key, field)
         for field in CLOSE:
-            assert _close(have[field], want[field]), (key, field, have[field], want[field])
-        assert [a["text"] for a in have["alternatives"]] == [a["text"] for a in want["alternatives"]], key
+            if field not in skip:
+                assert _close(have[field], want[field]), (key, field, have[field], want[field])
+    flipped = [k for k in expected if got[k]["description"] != expected[k]["description"]]
+    assert len(flipped) <= 1, f"more than one tie broken the other way: {flipped}"
