@@ -58,13 +58,19 @@ class LayerMaps:
         topk: The layer's recording.
         sample_ids: ``[U, k]`` top sample ids on the work device (``-1`` where empty).
         top_maps: ``[U, k, h, w]`` float32 map of each unit on each of its top samples; NaN where not filled.
-        control: ``[U, m]`` chunks of each unit's values on the reservoir samples.
+        control: ``[U, m]`` chunks of each unit's values on the reservoir samples (at most
+            ``ceil(max_control_values / reservoir)`` random positions of each sample's map: the quantile threshold's
+            sample, memory bounded by ``max_control_values`` per unit).
+        reservoir: ``[U, n, 2]`` chunks of each unit's value on each reservoir sample, its whole map reduced by
+            ``max`` (``[..., 0]``) and ``mean`` (``[..., 1]``), like the recording's top-k values: ``2 * R`` floats per
+            unit, whatever the map size.
     """
 
     topk: LayerTopK
     sample_ids: Tensor
     top_maps: Tensor
     control: list[Tensor] = field(default_factory=list)
+    reservoir: list[Tensor] = field(default_factory=list)
 
     @classmethod
     def empty(cls, topk: LayerTopK, device: torch.device) -> LayerMaps:
@@ -77,6 +83,19 @@ class LayerMaps:
     def control_values(self) -> Tensor | None:
         """``[U, m]`` every kept reservoir value of each unit (``None`` without reservoir samples)."""
         return torch.cat(self.control, dim=1) if self.control else None
+
+    def reservoir_values(self, reduction: str = "max") -> Tensor | None:
+        """``[U, R]`` each unit's whole-map value on each reservoir sample; ``None`` without reservoir samples.
+
+        The map is reduced by ``"max"`` or ``"mean"``, the samples are in forward order. Unlike
+        :meth:`control_values` (a random subset of positions for large maps), this is the value the recording would
+        give the sample.
+        """
+        if reduction not in ("max", "mean"):
+            raise ValueError(f"reduction must be 'max' or 'mean', got {reduction!r}")
+        if not self.reservoir:
+            return None
+        return torch.cat(self.reservoir, dim=1)[..., 0 if reduction == "max" else 1]
 
 
 @dataclass(frozen=True)
@@ -145,6 +164,8 @@ class _MapKeeper:
         rpos = self.reservoir_pos
         if rpos.numel():
             values = maps[rpos].flatten(2)  # [n_r, U, hw]
+            whole = values.float()
+            lm.reservoir.append(torch.stack([whole.amax(dim=2), whole.mean(dim=2)], dim=-1).transpose(0, 1))
             hw = values.shape[2]
             if hw > self.per_sample:
                 pick = torch.randint(0, hw, (rpos.numel(), self.per_sample), generator=self.gen).to(values.device)

@@ -208,9 +208,8 @@ def combine_units(
     """The pipeline's multi-concept stage: set ``combination`` on every unit whose combination is kept.
 
     Each unit is fitted on its own top crops (crop embeddings, recorded activations) and the whole reservoir images
-    (the first control crops; the unit's value on each is the ``reduction`` of the values the forward stage kept
-    of its map there: exact for small maps, a random subsample of positions for maps larger than
-    ``ExplainConfig.max_control_values / reservoir``). The reservoir images are split in two halves at random
+    (the first control crops; the unit's value on each is the ``reduction`` of its whole map there, as the recording
+    reduces its top samples' maps, whatever the map size). The reservoir images are split in two halves at random
     (seeded by ``cfg.seed``); the combination fitted on the top crops and one half is kept when its prediction
     correlates with the unit's activations on the other half better than the unit's description does by more than
     ``cfg.combination_margin``, and is then refitted on all samples. The keep decision reads whole images only, the
@@ -248,7 +247,7 @@ def combine_units(
     kept = 0
     for offset, name in enumerate(evidence.forward.layers):
         lm = evidence.forward.layers[name]
-        reservoir_acts = _reservoir_values(lm.control_values(), num_reservoir, reduction, lm.topk.num_units, device)
+        reservoir_acts = _reservoir_values(lm.reservoir_values(reduction), num_reservoir, lm.topk.num_units, device)
         crop_index = evidence.regions.crop_index[name].to(device)
         values = lm.topk.values.to(device).float()
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + offset)  # one fixed split per layer and seed
@@ -279,15 +278,11 @@ def combine_units(
     return kept
 
 
-def _reservoir_values(
-    control: Tensor | None, num_reservoir: int, reduction: str, num_units: int, device: torch.device
-) -> Tensor:
-    """``[U, R]`` each unit's value on each reservoir sample from the forward stage's kept positions."""
-    if control is None or num_reservoir == 0 or control.shape[1] % num_reservoir:
+def _reservoir_values(values: Tensor | None, num_reservoir: int, num_units: int, device: torch.device) -> Tensor:
+    """``[U, R]`` each unit's value on each reservoir sample (:meth:`LayerMaps.reservoir_values`), zeros without."""
+    if values is None or num_reservoir == 0 or values.shape[1] != num_reservoir:
         return torch.zeros(num_units, num_reservoir, device=device)
-    # The forward stage appends, chunk by chunk, the same number of positions per reservoir sample, in sample order.
-    per_sample = control.reshape(num_units, num_reservoir, -1).float()
-    return (per_sample.amax(dim=2) if reduction == "max" else per_sample.mean(dim=2)).to(device)
+    return values.float().to(device)
 
 
 def _combine_chunk(
