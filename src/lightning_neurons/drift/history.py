@@ -29,7 +29,7 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
                                  epoch); a combination's concepts never set it
     concepts_changed      bool   the concept set changed: changed, or where either epoch has a combination,
                                  concept_jaccard < 0.5 (drift.metrics.COMBINATION_CHANGE_JACCARD). Absent in older
-                                 files, whose ``changed`` counted both: read back with drift.metrics.change_flags
+                                 files, whose ``changed`` counted both: read back with drift.metrics.stored_changed
                                  (``changed`` judged again from similarity and threshold)
     concept_jaccard       float? Jaccard index of the two epochs' concept sets (combination concepts, else the
                                  description); only where either epoch has a combination, absent otherwise
@@ -96,8 +96,8 @@ from lightning_neurons.drift.metrics import (
     LayerDriftSummary,
     UnitDrift,
     UnitStability,
-    change_flags,
     compare_units,
+    stored_changed,
     summarize_units,
 )
 from lightning_neurons.explanation.multi_concept import format_combination
@@ -174,7 +174,7 @@ class HistoryRecord:
             "previous_description": d.previous_description,
             "similarity": _finite(d.similarity),
             "changed": bool(d.changed),
-            "concepts_changed": bool(d.concepts_changed or d.changed),
+            "concepts_changed": d.concepts_changed,
             "jaccard": _finite(d.jaccard),
             "score_delta": _finite(d.score_delta),
             "threshold": d.threshold,
@@ -218,7 +218,7 @@ class HistoryRecord:
             confidence=None if data.get("confidence") is None else float(data["confidence"]),
         )
         get = data.get
-        changed, concepts_changed = change_flags(data)
+        changed = stored_changed(data)
         drift = UnitDrift(  # built directly (not UnitDrift.from_dict): loading a long history makes millions
             explanation.layer,
             explanation.unit,
@@ -233,7 +233,6 @@ class HistoryRecord:
             get("score_delta"),
             get("threshold", DEFAULT_CHANGE_THRESHOLD),
             get("concept_jaccard"),
-            concepts_changed,
         )
         shown_at = data.get("confidence_threshold")
         return cls(
@@ -843,8 +842,7 @@ class RunHistory:
 
 def _with_combination(description: str, combination: list[Alternative] | None) -> str:
     """``'fruit' [fruit (0.74) + dog (0.26)]``: a description and its combination (``[no combination]``)."""
-    shown = format_combination(combination) if combination else "no combination"
-    return f"{description!r} [{shown}]"
+    return f"{description!r} [{format_combination(combination)}]"
 
 
 def _dicts(history: RunHistory) -> list[dict[str, Any]]:

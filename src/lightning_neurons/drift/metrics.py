@@ -85,13 +85,11 @@ class UnitDrift:
         threshold: The change threshold that was applied.
         concept_jaccard: Jaccard index of the two rounds' concept sets (:func:`concept_set`); ``None`` on the first
             round and where neither round has a combination.
-        concepts_changed: The concept set changed: ``changed``, or, where either round has a multi-concept
-            combination, ``concept_jaccard <`` :data:`COMBINATION_CHANGE_JACCARD` (always true where ``changed`` is).
         previous_combination: The combination at ``previous_epoch`` (``None`` without one), for printouts of what
             changed; not stored in the history (the previous record holds it) and not compared by ``==``.
 
     Example:
-        >>> d = UnitDrift("fc", 0, 2, "fruit", 0.8, 1, "fruit", 1.0, concept_jaccard=0.2, concepts_changed=True)
+        >>> d = UnitDrift("fc", 0, 2, "fruit", 0.8, 1, "fruit", 1.0, concept_jaccard=0.2)
         >>> (d.changed, d.concepts_changed, d.concepts_only_changed)
         (False, True, True)
     """
@@ -109,13 +107,17 @@ class UnitDrift:
     score_delta: float | None = None
     threshold: float = DEFAULT_CHANGE_THRESHOLD
     concept_jaccard: float | None = None
-    concepts_changed: bool = False
     previous_combination: list[Alternative] | None = field(default=None, compare=False)
 
-    def __post_init__(self) -> None:
-        # A change of meaning is a change of the concept set too (a one-concept set: the description).
-        if self.changed:
-            self.concepts_changed = True
+    @property
+    def concepts_changed(self) -> bool:
+        """The concept set changed: ``changed``, or ``concept_jaccard <`` :data:`COMBINATION_CHANGE_JACCARD`.
+
+        Derived, not stored: a change of meaning is a change of the concept set too (a one-concept set, the
+        description), and ``concept_jaccard`` is set only where either round has a combination.
+        """
+        overlap = self.concept_jaccard
+        return self.changed or (overlap is not None and overlap < COMBINATION_CHANGE_JACCARD)
 
     @property
     def concepts_only_changed(self) -> bool:
@@ -133,18 +135,18 @@ class UnitDrift:
         return None if self.similarity is None else 1.0 - self.similarity
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dictionary."""
-        return asdict(self)
+        """Plain-JSON dictionary (with the derived ``concepts_changed``)."""
+        return {**asdict(self), "concepts_changed": self.concepts_changed}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UnitDrift:
         """Inverse of :meth:`to_dict`; ignores unknown keys (so a full history record is accepted).
 
-        Dictionaries written before ``concepts_changed`` existed get both flags from :func:`change_flags`.
+        Dictionaries written before ``concepts_changed`` existed get ``changed`` from :func:`stored_changed`.
         """
         names = cls.__dataclass_fields__.keys()
         kwargs = {k: data[k] for k in names if k in data}
-        kwargs["changed"], kwargs["concepts_changed"] = change_flags(data)
+        kwargs["changed"] = stored_changed(data)
         combo = data.get("previous_combination")
         if combo:
             kwargs["previous_combination"] = [
@@ -153,31 +155,25 @@ class UnitDrift:
         return cls(**kwargs)
 
 
-def change_flags(data: Mapping[str, Any]) -> tuple[bool, bool]:
-    """``(changed, concepts_changed)`` of a stored drift record (a history record or :meth:`UnitDrift.to_dict`).
+def stored_changed(data: Mapping[str, Any]) -> bool:
+    """``changed``, the description's change of meaning, of a stored record (history record or ``to_dict``).
 
-    Records written before ``concepts_changed`` existed counted a concept-set change as ``changed``; for them,
-    where the record has a ``concept_jaccard``, ``changed`` is judged again from the stored similarity and
-    threshold, and ``concepts_changed`` is the old flag (which equals ``changed`` or ``concept_jaccard <``
-    :data:`COMBINATION_CHANGE_JACCARD`). Records without a combination keep their flag for both.
+    Records written before ``concepts_changed`` existed counted a concept-set change as ``changed`` too; for them,
+    where the record has a ``concept_jaccard``, ``changed`` is judged again from the stored similarity and threshold
+    (``concepts_changed`` then follows from it and ``concept_jaccard``, as for every record).
 
     Example:
         >>> old = {"changed": True, "similarity": 1.0, "threshold": 0.75, "concept_jaccard": 0.25}
-        >>> change_flags(old)
-        (False, True)
-        >>> change_flags({**old, "changed": False, "concepts_changed": True})
-        (False, True)
+        >>> stored_changed(old)
+        False
+        >>> stored_changed({**old, "changed": False, "concepts_changed": True})
+        False
     """
     changed = bool(data.get("changed", False))
-    if "concepts_changed" in data:
-        return changed, changed or bool(data["concepts_changed"])
-    overlap = data.get("concept_jaccard")
-    if overlap is None:
-        return changed, changed
     similarity = data.get("similarity")
-    threshold = float(data.get("threshold", DEFAULT_CHANGE_THRESHOLD))
-    meaning = changed if similarity is None else float(similarity) < threshold
-    return meaning, changed or meaning or float(overlap) < COMBINATION_CHANGE_JACCARD
+    if "concepts_changed" in data or data.get("concept_jaccard") is None or similarity is None:
+        return changed
+    return float(similarity) < float(data.get("threshold", DEFAULT_CHANGE_THRESHOLD))
 
 
 @dataclass
@@ -360,10 +356,9 @@ def compare_units(
             d.previous_epoch = p.epoch
             d.previous_description = p.description
             d.similarity = s
-            d.changed = d.concepts_changed = s < threshold
+            d.changed = s < threshold
             if p.combination or u.combination:  # multi-concept explanations are compared as concept sets too
                 d.concept_jaccard = jaccard(concept_set(p), concept_set(u))
-                d.concepts_changed = d.changed or d.concept_jaccard < COMBINATION_CHANGE_JACCARD
                 d.previous_combination = p.combination
             d.jaccard = jaccard(p.top_sample_ids, u.top_sample_ids)
             d.score_delta = float(u.score) - float(p.score)
@@ -531,7 +526,7 @@ def _summary(
 ) -> LayerDriftSummary:
     compared = [d for d in now if d.compared]
     n_changed = sum(d.changed for d in compared)
-    n_concepts = sum(d.concepts_changed or d.changed for d in compared)
+    n_concepts = sum(d.concepts_changed for d in compared)
     return LayerDriftSummary(
         layer=layer,
         epoch=epoch,

@@ -101,13 +101,21 @@ def combination_embedding(pairs: Sequence[tuple[int, float]], concept_embeddings
     return out
 
 
-def format_combination(combination: Sequence[Alternative]) -> str:
+#: How every printout shows a unit without a combination.
+NO_COMBINATION = "no combination"
+
+
+def format_combination(combination: Sequence[Alternative] | None) -> str:
     """``"stripes (0.62) + zebra (0.38)"``: the concepts with their weights, normalised to sum to 1.
 
     Example:
         >>> format_combination([Alternative("stripes", 3.0), Alternative("zebra", 1.0)])
         'stripes (0.75) + zebra (0.25)'
+        >>> format_combination(None)
+        'no combination'
     """
+    if not combination:
+        return NO_COMBINATION
     total = sum(max(a.score, 0.0) for a in combination) or 1.0
     return " + ".join(f"{a.text} ({a.score / total:.2f})" for a in combination)
 

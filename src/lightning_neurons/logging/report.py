@@ -32,7 +32,7 @@ from lightning_neurons.drift.metrics import (
     UnitDrift,
     summarize_layer_epochs,
 )
-from lightning_neurons.explanation.multi_concept import format_combination
+from lightning_neurons.explanation.multi_concept import NO_COMBINATION, format_combination
 from lightning_neurons.explanation.scoring import shown_description
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
 
@@ -175,11 +175,11 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
             previous = timeline[i - 1] if i > 0 and timeline[i - 1].key[2] == d.previous_epoch else None
             before = previous.explanation.combination if previous is not None else d.previous_combination
             known = previous is not None or before is not None  # else only the latest record was restored
-            was = (format_combination(before) if before else "no combination") if known else ""
+            was = format_combination(before) if known else ""
             hurts = f'<div class="c">concept set changed{" from " + _esc(was) if known else ""}</div>' + hurts
             tip = f"concept set changed, description kept its meaning; previously: {d.previous_description}"
         if combo or overlap:
-            shown_combo = f"= {_esc(format_combination(combo))}" if combo else "no combination"
+            shown_combo = f"= {_esc(format_combination(combo))}" if combo else NO_COMBINATION
             hurts = f'<div class="c">{shown_combo}{overlap}</div>' + hurts
         text = _shown(r)
         unclear = f'<div class="s">best concept {_esc(d.description)}</div>' if text != d.description else ""

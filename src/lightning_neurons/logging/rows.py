@@ -93,7 +93,7 @@ def layer_rows(output: RoundOutput, layer: str) -> list[dict[str, Any]]:
                 # "stripes (0.62) + zebra (0.38)": the multi-concept explanation, weights summing to 1 (None without)
                 "combination": format_combination(u.combination) if u.combination else None,
                 "concept_jaccard": _num(d.concept_jaccard) if d is not None else None,
-                "concepts_changed": bool(d.concepts_changed or d.changed) if d is not None else False,
+                "concepts_changed": d.concepts_changed if d is not None else False,
             }
         )
     return rows

@@ -56,7 +56,7 @@ from lightning_neurons.explanation.scoring import confident, shown_description
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.previews import preview_grid
 from lightning_neurons.logging.previews import save_previews as _save_previews
-from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
+from lightning_neurons.results import ExplanationRound, UnitExplanation
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -141,11 +141,6 @@ def _cell(text: Any) -> str:
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None or x != x else f"{x:.{digits}f}"
-
-
-def _combination_text(combination: Sequence[Alternative] | None) -> str:
-    # The multi-concept explanation as shown everywhere ("stripes (0.62) + zebra (0.38)").
-    return format_combination(combination) if combination else "no combination"
 
 
 def _table_units(
@@ -369,7 +364,7 @@ class NeuronTensorBoardLogger:
             prev = _cell(d.previous_description) if d is not None and d.previous_description is not None else "–"
             if d is not None and d.concepts_only_changed:  # the combination is what changed: show both
                 desc = f"*{desc}*"
-                prev += " · " + _cell(_combination_text(d.previous_combination))
+                prev += " · " + _cell(format_combination(d.previous_combination))
             sim = _fmt(d.similarity) if d is not None else "–"
             lines.append(f"| {u.unit} | {desc} | {_fmt(u.score)} | {prev} | {sim} |")
         if len(shown) < len(units):
@@ -414,7 +409,7 @@ class NeuronTensorBoardLogger:
         if d is not None and d.concepts_only_changed:  # same meaning, another concept set: the combinations differ
             text += (
                 f"\n\nconcepts changed from *{esc(d.previous_description)}* · "
-                f"{esc(_combination_text(d.previous_combination))} at epoch {d.previous_epoch} "
+                f"{esc(format_combination(d.previous_combination))} at epoch {d.previous_epoch} "
                 f"(concept overlap {_fmt(d.concept_jaccard, 2)}, similarity {_fmt(d.similarity)}, "
                 f"top-k Jaccard {_fmt(d.jaccard)})"
             )
