@@ -19,6 +19,7 @@ from lightning_neurons.backends.embedded import MOBILENET_FILE, MOBILENET_PACKAG
 from lightning_neurons.demo import PhotoPatchesDataModule
 from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD
 from lightning_neurons.drift.metrics import compare_units
+from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, confident
 
 LAYER = "net.features.14"  # 160 channels in the last stage but one
 SETTINGS = dict(top_k=8, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), log_units=8)
@@ -64,9 +65,12 @@ def main() -> None:
     drift = compare_units({u.key: u for u in before.units}, after.units, embed)
     kept = [d for d in drift if not d.changed]
     print(f"\n{len(kept)} of {len(drift)} units of {LAYER} kept their meaning after fine-tuning.")
-    lost = [d for d in drift if d.changed and after.get(d.layer, d.unit).score < 0.6]
+    # A unit whose explanation confidence is at or below the threshold is shown as "no clear concept": it is
+    # explained no better than a unit of the same network with random weights.
+    threshold = after.meta.get("confidence_threshold")
+    lost = [d for d in drift if d.changed and not confident(after.get(d.layer, d.unit).confidence, threshold)]
     changed = [d for d in drift if d.changed and d not in lost]
-    for title, group in (("changed meaning", changed), ("lost a clear meaning (score < 0.6)", lost)):
+    for title, group in (("changed meaning", changed), (f"lost a clear meaning (now {NO_CLEAR_CONCEPT!r})", lost)):
         print(f"\n{len(group)} units {title}, e.g.:")
         for d in group[:8]:
             print(f"  unit {d.unit:3d}: {d.previous_description!r} -> {d.description!r} (sim {d.similarity:.2f})")
