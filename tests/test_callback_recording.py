@@ -330,3 +330,58 @@ def test_arguments_are_stored_under_their_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(cb.vocabulary) == ["general", "llm"] and cb.layers == ["a"]
+
+
+class SkipsItsForward(Tiny):
+    """A validation_step that never calls the model (it logs a constant): no chosen layer ever runs."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.tensor(0.0))
+
+
+def test_layers_that_never_run_in_validation_warn_and_write_no_empty_round():
+    model = SkipsItsForward()
+    cb = Explainer(layers=LAYERS, top_k=3)
+    never_ran = r"layers 'features.0', 'features.2', 'head' did not run in any of the 4 probe batches.*self\(x\)"
+    with pytest.warns(RuntimeWarning, match=never_ran):
+        trainer(cb, max_epochs=2).fit(model, *loaders())
+    # before: two rounds with no unit were filed as if the epochs had been explained
+    assert cb.rounds == [] and hook_count(model) == 0
+    assert model.train_steps == 6  # training itself was not touched
+
+
+class FourChannels(Tiny):
+    """RGBA-like inputs: the layers record fine, but no crop can be cut from a 4-channel input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features[0] = nn.Conv2d(4, 6, 3, padding=1)
+
+
+def four_channel_loaders():
+    data = TensorDataset(torch.rand(24, 4, 10, 10), torch.randint(0, 3, (24,)))
+    return DataLoader(data, batch_size=8), DataLoader(data, batch_size=6)
+
+
+def test_non_image_inputs_fail_before_the_first_training_step_with_the_fix():
+    model = FourChannels()
+    with pytest.raises(ValueError, match=r"\[N, 1 or 3, H, W\], got shape \(6, 4, 10, 10\).*forward_fn"):
+        trainer(Explainer(layers=LAYERS, top_k=3)).fit(model, *four_channel_loaders())
+    # before: the epoch trained, then every scheduled explanation failed with a warning
+    assert model.train_steps == 0 and hook_count(model) == 0
+
+
+def test_non_image_model_is_explained_from_images_through_forward_fn():
+    rgb = TensorDataset(torch.rand(24, 3, 10, 10), torch.randint(0, 3, (24,)))
+
+    def with_alpha(net, images):
+        return net(torch.cat([images, torch.ones_like(images[:, :1])], dim=1))
+
+    class RgbValidation(FourChannels):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(with_alpha(self, batch[0]), batch[1]))
+
+    model = RgbValidation()
+    cb = Explainer(layers=LAYERS, top_k=3, forward_fn=with_alpha)
+    trainer(cb).fit(model, four_channel_loaders()[0], DataLoader(rgb, batch_size=6))
+    assert [r.epoch for r in cb.rounds] == [0] and len(cb.rounds[0]) == 6 + 8 + 3

@@ -422,6 +422,8 @@ class NeuronExplainer(Callback):
         recording = self._recorder.result(epoch=self._round_key(trainer))
         self.last_recording = recording
         self._last_recording_explained = False
+        if not recording.layers:
+            return  # no chosen layer ran (the recorder warned): an empty round would look like an explained one
         validating = trainer.state.fn == TrainerFn.VALIDATING
         if validating or (self._scheduled(trainer, self._pass_index) and recording.epoch != self.last_explained_key):
             self._explain(trainer, pl_module, recording)
@@ -434,7 +436,7 @@ class NeuronExplainer(Callback):
             self._warn_no_validation()
             return
         if self.config.schedule.explain_on_fit_end and not self._last_recording_explained:
-            if self.last_recording.epoch != self.last_explained_key:
+            if self.last_recording.layers and self.last_recording.epoch != self.last_explained_key:
                 self._explain(trainer, pl_module, self.last_recording)
 
     # ------------------------------------------------------------------ checkpointing
@@ -532,6 +534,7 @@ class NeuronExplainer(Callback):
         if self._outputs_checked or self._recorder is None or self._disabled:
             return
         from lightning_neurons.recording.hooks import check_layer_outputs
+        from lightning_neurons.regions import check_image_inputs
 
         self._outputs_checked = True
         try:
@@ -544,6 +547,7 @@ class NeuronExplainer(Callback):
             if batch is None:
                 return
             inputs = batch_inputs(batch, self.config.recording.input_key)
+            check_image_inputs(inputs)  # before a whole validation pass is recorded for an explanation that must fail
             check_layer_outputs(pl_module, self._recorder.taps, inputs, forward_fn=self.config.recording.forward_fn)
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording) -> None:

@@ -44,6 +44,32 @@ from torchvision.ops import box_iou, roi_align
 Component = Literal["peak", "all"]
 
 
+def check_image_inputs(inputs: Tensor) -> None:
+    """Fail with the fix unless ``inputs`` are images the explanation stage can cut crops from.
+
+    Args:
+        inputs: A batch of model inputs.
+
+    Raises:
+        ValueError: Unless ``inputs`` is ``[N, 1 or 3, H, W]``; the message says how to explain a model whose inputs
+            are something else (RGBA, multispectral, other shapes): images in the loader and a ``forward_fn``.
+
+    Example:
+        >>> check_image_inputs(torch.zeros(2, 3, 8, 8))
+        >>> check_image_inputs(torch.zeros(2, 4, 8, 8))
+        Traceback (most recent call last):
+        ...
+        ValueError: the explanation stage needs image inputs [N, 1 or 3, H, W], got shape (2, 4, 8, 8). ...
+    """
+    if inputs.dim() != 4 or inputs.shape[1] not in (1, 3):
+        raise ValueError(
+            f"the explanation stage needs image inputs [N, 1 or 3, H, W], got shape {tuple(inputs.shape)}. "
+            "It cuts its crops from the probe loader's inputs. For a model with other inputs (RGBA, multispectral), "
+            "give it a loader of grey or RGB images and turn them into the model's input in forward_fn, e.g. "
+            "forward_fn=lambda model, x: model(to_model_input(x))."
+        )
+
+
 def images_from_inputs(
     inputs: Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> Tensor:
@@ -65,8 +91,7 @@ def images_from_inputs(
         >>> images_from_inputs(torch.zeros(2, 1, 4, 4)).shape
         torch.Size([2, 3, 4, 4])
     """
-    if inputs.dim() != 4 or inputs.shape[1] not in (1, 3):
-        raise ValueError(f"the explanation stage needs image inputs [N, 1 or 3, H, W], got shape {tuple(inputs.shape)}")
+    check_image_inputs(inputs)
     x = inputs.detach().float()
     if mean is not None or std is not None:
         m = torch.as_tensor(mean if mean is not None else 0.0, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
@@ -912,6 +937,7 @@ __all__ = [
     "crop_images",
     "crop_masks",
     "dedupe_boxes",
+    "check_image_inputs",
     "images_from_inputs",
     "mask_boxes",
     "MaskRuns",

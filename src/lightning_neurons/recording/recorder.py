@@ -403,6 +403,19 @@ class ActivationRecorder:
         return self.taps.token_mode
 
     def _warn_missed(self) -> None:
+        # A layer that never ran has no buffer and nothing to explain: most often a validation_step that does not
+        # call the model's forward (it runs another module, or nothing), so the hooks never fire.
+        never = [n for n in self.layers if n not in self._buffers and n not in self._warned_missed]
+        if self._batches and never:
+            self._warned_missed.update(never)
+            names = ", ".join(repr(n) for n in never)
+            warnings.warn(
+                f"{'layer' if len(never) == 1 else 'layers'} {names} did not run in any of the {self._batches} probe "
+                "batches, so nothing was recorded for them and they are not explained. The validation step (or "
+                "forward_fn) must run the model's forward through them, e.g. `self(x)` in validation_step.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         # A layer that ran in some probe batches but not in others has a top-k over part of the probe set only:
         # a forward that skips it, or a compiled graph that hides hooks (see recording/hooks.py).
         for name, missed in self._missed.items():
