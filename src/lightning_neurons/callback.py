@@ -422,8 +422,6 @@ class NeuronExplainer(Callback):
         recording = self._recorder.result(epoch=self._round_key(trainer))
         self.last_recording = recording
         self._last_recording_explained = False
-        if not recording.layers:
-            return  # no chosen layer ran (the recorder warned): an empty round would look like an explained one
         validating = trainer.state.fn == TrainerFn.VALIDATING
         if validating or (self._scheduled(trainer, self._pass_index) and recording.epoch != self.last_explained_key):
             self._explain(trainer, pl_module, recording)
@@ -436,7 +434,7 @@ class NeuronExplainer(Callback):
             self._warn_no_validation()
             return
         if self.config.schedule.explain_on_fit_end and not self._last_recording_explained:
-            if self.last_recording.layers and self.last_recording.epoch != self.last_explained_key:
+            if self.last_recording.epoch != self.last_explained_key:
                 self._explain(trainer, pl_module, self.last_recording)
 
     # ------------------------------------------------------------------ checkpointing
@@ -552,6 +550,8 @@ class NeuronExplainer(Callback):
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording) -> None:
         """Explain a recording on every rank (each takes its share); rank 0 writes. Failures warn or raise."""
+        if not recording.layers:
+            return  # no chosen layer ran (the recorder warned): an empty round would look like an explained one
         self.last_explained_key = recording.epoch
         self._last_recording_explained = True
         if self.session is None:
