@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -66,6 +66,95 @@ def _nan(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
+#: What a unit's explanation amounts to (``UnitExplanation.kind``): ``"concept"`` (associated with its description
+#: and beyond simple image statistics), ``"low_level"`` (explained by image statistics alone), ``"unclear"`` (no
+#: significant association) or ``"dead"`` (never active on the probe set).
+UnitKind = Literal["concept", "low_level", "unclear", "dead"]
+
+#: Kinds in display order.
+UNIT_KINDS: tuple[str, ...] = ("concept", "low_level", "unclear", "dead")
+
+#: Text shown for a unit of kind ``"unclear"``.
+NO_CLEAR_CONCEPT = "no clear concept"
+
+#: Text shown for a unit of kind ``"dead"``.
+DEAD_UNIT = "dead unit"
+
+
+def shown_text(description: str, kind: str | None, low_level: str | None = None) -> str:
+    """The text every sink displays for a unit: its description, ``"low-level: <statistic>"``, or a fixed label.
+
+    ``kind=None`` (records written before kinds existed) shows the description as it is.
+
+    Example:
+        >>> shown_text("stripes", "concept"), shown_text("stripes", "low_level", "brightness")
+        ('stripes', 'low-level: brightness')
+        >>> shown_text("stripes", "unclear"), shown_text("", "dead")
+        ('no clear concept', 'dead unit')
+    """
+    if kind == "dead":
+        return DEAD_UNIT
+    if kind == "unclear":
+        return NO_CLEAR_CONCEPT
+    if kind == "low_level":
+        return f"low-level: {low_level or 'image statistics'}"
+    return description
+
+
+@dataclass(frozen=True)
+class RoundIdentity:
+    """What a round describes: which run, which weights, which epoch and step, under which settings.
+
+    One value, checked wherever a round is filed, read or compared, so that a round is never filed under the
+    wrong run, weights or epoch, and a change of settings starts a new drift baseline instead of counting as drift.
+
+    Args:
+        run: Identifier of the run (training run or post-hoc output folder) the round belongs to.
+        weights: Fingerprint of the weights the round describes (e.g. a hash of the explained layers' parameters),
+            or ``None`` where unknown.
+        epoch: Epoch the round is filed under (``None`` post hoc without an epoch).
+        step: Global step of the weights (``None`` where unknown).
+        settings: Fingerprint of the settings that change what a round means (vocabulary, class names, backend and
+            its model, top_k, reduction): rounds with different fingerprints are never compared for drift.
+        settings_summary: Those settings in readable form, so a new baseline can name what changed.
+
+    Example:
+        >>> a = RoundIdentity("run-1", "w0", 0, 10, "s1", {"top_k": 16})
+        >>> RoundIdentity.from_dict(a.to_dict()) == a
+        True
+    """
+
+    run: str
+    weights: str | None = None
+    epoch: int | None = None
+    step: int | None = None
+    settings: str = ""
+    settings_summary: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary."""
+        return {
+            "run": self.run,
+            "weights": self.weights,
+            "epoch": self.epoch,
+            "step": self.step,
+            "settings": self.settings,
+            "settings_summary": json_safe(self.settings_summary),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoundIdentity:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            run=str(data.get("run", "")),
+            weights=data.get("weights"),
+            epoch=None if data.get("epoch") is None else int(data["epoch"]),
+            step=None if data.get("step") is None else int(data["step"]),
+            settings=str(data.get("settings", "")),
+            settings_summary=dict(data.get("settings_summary") or {}),
+        )
+
+
 @dataclass
 class Alternative:
     """A runner-up concept for a unit.
@@ -105,7 +194,15 @@ class UnitExplanation:
             better than the description; :mod:`lightning_neurons.explanation.multi_concept`), or ``None``.
         confidence: How often the description beats the best concept of a random set of the layer's top crops, in
             ``[0, 1]`` (0.5 = chance; a random-weight network sits near it), or ``None`` where not computed.
-            Below ``ExplainConfig.confidence_threshold`` the unit is shown as "no clear concept".
+        kind: What the explanation amounts to (:data:`UnitKind`): ``"concept"``, ``"low_level"``, ``"unclear"`` or
+            ``"dead"``; ``None`` in records written before kinds existed (shown as the description).
+        p_value: Significance of the unit's association with its description: the permutation p-value with the
+            selection among all concepts repeated under the null (``None`` where not computed).
+        q_value: ``p_value`` adjusted by Benjamini-Hochberg over the layer's units.
+        low_level: The simple image statistic that explains the unit best (``"brightness"``, ``"red"``, ...), shown
+            for kind ``"low_level"``.
+        concept_gain: Cross-validated correlation the concept adds beyond the image statistics.
+        auc: Secondary score: AUC of the description's similarity over the top crops against control crops.
     """
 
     layer: str
@@ -123,6 +220,18 @@ class UnitExplanation:
     ablation: list[tuple[str, float]] | None = None
     combination: list[Alternative] | None = None
     confidence: float | None = None
+    kind: str | None = None
+    p_value: float | None = None
+    q_value: float | None = None
+    low_level: str | None = None
+    concept_gain: float | None = None
+    auc: float | None = None
+
+    @property
+    def shown(self) -> str:
+        """The text every sink displays (:func:`shown_text`): the description, ``"low-level: ..."``,
+        ``"no clear concept"`` or ``"dead unit"``."""
+        return shown_text(self.description, self.kind, self.low_level)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -147,7 +256,8 @@ class UnitExplanation:
             data["ablation"] = [(str(c), _nan(v)) for c, v in data["ablation"]]
         if data.get("combination") is not None:
             data["combination"] = [Alternative(a["text"], _nan(a["score"])) for a in data["combination"]]
-        return cls(**data)
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -194,6 +304,8 @@ class ExplanationRound:
         previews: Per ``(layer, unit)``, a ``uint8`` tensor ``[n, 3, h, w]`` of the unit's top region crops with
             the activated region outlined; for logging only, never serialised.
         evaluation: The round's quality metrics and baselines (``evaluate=True``), else ``None``.
+        identity: Which run, weights, epoch, step and settings the round describes (:class:`RoundIdentity`), or
+            ``None`` for rounds made before identities existed.
     """
 
     epoch: int | None
@@ -201,6 +313,7 @@ class ExplanationRound:
     meta: dict[str, Any] = field(default_factory=dict)
     previews: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
     evaluation: RoundEvaluation | None = None
+    identity: RoundIdentity | None = None
 
     def __iter__(self) -> Iterator[UnitExplanation]:
         return iter(self.units)
@@ -237,6 +350,8 @@ class ExplanationRound:
         data: dict[str, Any] = {"epoch": self.epoch, "meta": self.meta, "units": [u.to_dict() for u in self.units]}
         if self.evaluation is not None:
             data["evaluation"] = self.evaluation.to_dict()
+        if self.identity is not None:
+            data["identity"] = self.identity.to_dict()
         return data
 
     @classmethod
@@ -247,6 +362,7 @@ class ExplanationRound:
             units=[UnitExplanation.from_dict(u) for u in data.get("units", [])],
             meta=dict(data.get("meta", {})),
             evaluation=RoundEvaluation.from_dict(data["evaluation"]) if data.get("evaluation") else None,
+            identity=RoundIdentity.from_dict(data["identity"]) if data.get("identity") else None,
         )
 
     def to_json(self, path: str | Path | None = None) -> str:

@@ -35,6 +35,7 @@ from lightning_neurons.explanation.correction import (
     as_correction,
     rank_weights,
 )
+from lightning_neurons.results import NO_CLEAR_CONCEPT
 
 
 def similarity(image_embeddings: Tensor, text_embeddings: Tensor) -> Tensor:
@@ -444,8 +445,6 @@ def _pool(
     return torch.cat([crop_sims, control_sims]), torch.cat([slots, controls])
 
 
-#: Description shown for a unit whose explanation confidence does not clear the confidence threshold.
-NO_CLEAR_CONCEPT = "no clear concept"
 
 
 def confident(confidence: float | None, threshold: float | None) -> bool:
