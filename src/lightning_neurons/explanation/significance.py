@@ -322,6 +322,7 @@ class LayerSignificance:
         low_level: The statistic that follows each unit best.
         dead: Units never active on their samples.
         samples: Samples each unit was tested on.
+        kinds: Each unit's kind (:func:`unit_kinds`).
     """
 
     correlations: Tensor
@@ -331,6 +332,7 @@ class LayerSignificance:
     low_level: list[str]
     dead: Tensor
     samples: Tensor
+    kinds: list[str]
 
 
 @dataclass(frozen=True)
@@ -353,7 +355,7 @@ class UnitSamples:
     top_values: Tensor
     top_rows: Tensor
 
-    def chunk(self, rows: slice, sims: Tensor, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def chunk(self, rows: slice | Tensor, sims: Tensor, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(activations [u, N], weights [u, N], sims [u, N, C], statistics [u, N, F], ids [u, N])`` of some units.
 
         A top sample that is also in the reservoir is counted once (its top slot gets weight 0).
@@ -382,6 +384,8 @@ def layer_significance(
     permutations: int,
     generator: torch.Generator,
     alpha: float = 0.1,
+    q_threshold: float = 0.05,
+    gain_margin: float = 0.05,
     budget: int = 1 << 24,
 ) -> LayerSignificance:
     """Correlations, permutation test, BH, concept gain and low-level statistic of every unit of a layer.
@@ -396,6 +400,8 @@ def layer_significance(
         permutations: Permutations per unit (``0``: no test, p-values NaN).
         generator: The layer's generator of permutations.
         alpha: Ridge penalty.
+        q_threshold: False discovery rate of :func:`unit_kinds`.
+        gain_margin: Concept gain a significant unit needs to be kind ``"concept"``.
         budget: Floats held by a chunk's ``[units, N, C]`` similarities and by a block of the null.
     """
     units = samples.top_ids.shape[0]
@@ -424,14 +430,18 @@ def layer_significance(
         parts["dead"].append(dead.cpu())
         parts["n"].append(w.sum(1).cpu())
     p_all = torch.cat(parts["p"]) if parts["p"] else torch.empty(0)
+    q_all = benjamini_hochberg(p_all)
+    gain_all = torch.cat(parts["gain"]) if parts["gain"] else torch.empty(0)
+    dead_all = torch.cat(parts["dead"]) if parts["dead"] else torch.empty(0, dtype=torch.bool)
     return LayerSignificance(
         correlations=torch.cat(parts["corr"]) if parts["corr"] else torch.empty(0, c),
         p_values=p_all,
-        q_values=benjamini_hochberg(p_all),
-        gain=torch.cat(parts["gain"]) if parts["gain"] else torch.empty(0),
+        q_values=q_all,
+        gain=gain_all,
         low_level=parts["low"],
-        dead=torch.cat(parts["dead"]) if parts["dead"] else torch.empty(0, dtype=torch.bool),
+        dead=dead_all,
         samples=torch.cat(parts["n"]) if parts["n"] else torch.empty(0),
+        kinds=unit_kinds(dead_all, q_all, gain_all, q_threshold, gain_margin),
     )
 
 
