@@ -147,7 +147,8 @@ def _keep_better(
 ) -> None:
     for j, (u, phrase) in enumerate(zip(scored.units, scored.phrases)):
         ex = by_key[(name, u)]
-        if float(scored.score[j]) <= float(scored.best_concept[j]) or ex.kind not in (None, "concept"):
+        # The kind stays the one the concept tests gave (the phrase is an LLM's pick, not a tested selection).
+        if float(scored.score[j]) <= float(scored.best_concept[j]) or ex.kind == "dead":
             continue
         ex.alternatives = [Alternative(ex.description, ex.concept_score), *ex.alternatives][:num_alternatives]
         ex.description, ex.source = phrase, "describe"

@@ -111,7 +111,7 @@ def explain_recording(
     _check_layers(model, samples.layers)
     meta = _round_meta(backend, encoder, recording, samples, cfg)
     if samples.ids.numel() == 0:
-        meta.update(units=0, crops=0, unique_crops=0, control_crops=0, concepts=0)
+        meta.update(units=0, crops=0, unique_crops=0, control_crops=0, whole_images=0, concepts=0)
         return ExplanationRound(epoch=epoch, units=[], meta=meta)
     timings = meta["timings"]
     device = torch.device(cfg.device) if cfg.device else model_device(model)
@@ -190,6 +190,7 @@ def _counts(evidence: RoundEvidence, units: list[UnitExplanation]) -> dict[str, 
         "crops": int(boxes.shape[0]),
         "unique_crops": evidence.crops.num_unique,
         "control_crops": evidence.crops.num_control,
+        "whole_images": int(evidence.crops.embeddings.shape[0]) - evidence.crops.num_unique - evidence.crops.num_control,
         "concepts": len(evidence.concepts),
         "mean_box_area": box_area_fraction(boxes, evidence.forward.image_size),
         "labels": evidence.forward.labels is not None,
