@@ -32,6 +32,7 @@ from lightning_neurons.concepts.concept_set import ConceptSet
 from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
 from lightning_neurons.explanation.pipeline import explain_recording
+from lightning_neurons.identity import new_run_id, round_identity, settings_fingerprint
 from lightning_neurons.logging.base import RoundOutput, RoundWriter
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, select_units
@@ -65,6 +66,10 @@ class ExplanationSession:
         self.output_dir: Path | None = None
         self.writers: list[RoundWriter] = []
         self.last_output: RoundOutput | None = None
+        #: The run the rounds belong to (:class:`~lightning_neurons.results.RoundIdentity`); the callback sets it.
+        self.run_id: str = new_run_id()
+        #: Fingerprint and summary of the settings that change what a round means (set in :meth:`setup`).
+        self.settings: tuple[str, dict[str, Any]] = ("", {})
         self._foreign = False
 
     # ------------------------------------------------------------------ set-up
@@ -99,6 +104,9 @@ class ExplanationSession:
         )
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
         self.concepts = ConceptSet(tuple(vocabulary.concepts), vocabulary.embed(backend.encoder))
+        self.settings = settings_fingerprint(
+            self.config, class_names=self.class_names, concepts=self.concepts.texts, model=_model_name(backend)
+        )
 
     def open(self, output_dir: str | Path, writers: Sequence[RoundWriter] = ()) -> None:
         """Write into ``output_dir`` (history, rounds, previews, report) and to ``writers`` (logger families).
@@ -223,6 +231,7 @@ class ExplanationSession:
                 rnd.meta["evaluation"] = rnd.evaluation.metrics
                 rnd.meta["evaluation_baselines"] = rnd.evaluation.baselines
         rnd.meta.setdefault("timings", {})["total_s"] = round(time.perf_counter() - start, 3)
+        rnd.identity = round_identity(self.run_id, model, epoch=key, step=global_step, settings=self.settings)
         self._record(rnd, key if key is not None else 0, step, keep_later, global_step)
         return rnd
 
@@ -356,6 +365,12 @@ class ExplanationSession:
         self.concepts = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _model_name(backend: Backend) -> str:
+    """The backend and its image-text model, e.g. ``"clip:ViT-B-16"`` (a cache wrapper shows its inner encoder)."""
+    encoder = getattr(backend.encoder, "encoder", backend.encoder)
+    return f"{backend.name}:{getattr(encoder, 'name', type(encoder).__name__)}"
 
 
 def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | None:
