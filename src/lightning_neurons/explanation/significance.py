@@ -77,7 +77,7 @@ def image_statistics(images: Tensor, size: int = 32) -> Tensor:
         x = F.adaptive_avg_pool2d(x, size)
     means = x.mean(dim=(2, 3))
     spreads = x.flatten(2).std(dim=2, unbiased=False)
-    lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    lum = x.mean(dim=1)  # brightness: the mean of the channels
     high, low = x.amax(dim=1), x.amin(dim=1)
     saturation = ((high - low) / high.clamp_min(1e-3)).mean(dim=(1, 2))
     dx = (lum[:, :, 1:] - lum[:, :, :-1]).abs().mean(dim=(1, 2))
@@ -284,7 +284,10 @@ def low_level_statistic(activations: Tensor, statistics: Tensor, weights: Tensor
         ['darkness']
     """
     corr = correlation(activations.float(), statistics.float(), weights.float())
-    best = corr.abs().argmax(dim=1)
+    # A whole-image statistic reads better than a corner's: a corner wins only by a clear margin.
+    whole = len(STATISTICS) - 12
+    strength = corr.abs() - torch.cat([torch.zeros(whole), torch.full((corr.shape[1] - whole,), 0.05)]).to(corr.device)
+    best = strength.argmax(dim=1)
     signs = corr.gather(1, best[:, None])[:, 0]
     return [statistic_name(i, s) for i, s in zip(best.tolist(), signs.tolist())]
 
