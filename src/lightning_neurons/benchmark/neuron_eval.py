@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_neurons.explanation import metrics as M
+from lightning_neurons.evaluation import candidate_metrics as M
 
 ConceptSource = Literal["labels", "similarity"]
 TestName = Literal["missing_labels", "extra_labels"]

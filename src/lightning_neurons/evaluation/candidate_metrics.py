@@ -1,4 +1,4 @@
-"""Explanation metrics: how well a concept's per-sample values match a unit's activations, NeuronEval's candidates.
+"""NeuronEval's candidate explanation metrics: how well a concept's values over the samples match a unit's.
 
 Every metric takes a unit-by-sample activation matrix ``[N, U]`` and a concept matrix ``[N, C]`` (binary labels,
 probabilities or image-text similarities of the same ``N`` samples) and returns the score of every (unit, concept)
@@ -14,6 +14,9 @@ this project's units with known meaning):
 - the concept binarised: :func:`mad` (CoSy's mean activation difference);
 - :func:`correlation_top_random`: Pearson correlation on the unit's top samples plus a uniform sample of the
   probe (the reservoir), what a streaming recorder can afford (NeuronEval's "top-and-random" variant).
+
+These are the benchmark's reference implementations, samples first as in NeuronEval; the pipeline's own score
+lives in the explanation stage.
 
 Binary concepts are ``concepts >= concept_threshold`` (0.5 for labels and probabilities); for similarities, pass
 ``concept_threshold=None`` to binarise each concept at its own top ``concept_alpha`` fraction instead.
