@@ -72,7 +72,7 @@ def binarize_top(values: Tensor, alpha: float) -> Tensor:
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    k = max(1, math.ceil(alpha * values.shape[0]))
+    k = max(1, math.ceil(round(alpha * values.shape[0], 6)))  # round: 1/3 of 9 in float32 is not 4
     cutoff = values.topk(k, dim=0).values[-1:]
     return values >= cutoff
 
