@@ -13,6 +13,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     confidence            float? confidence of the description in [0, 1] (0.5 = chance; absent in older files
                                  and where not computed); the description stays the raw best concept
     source                str    "concept" or "describe"
+    kind                  str?   "concept", "low_level", "unclear" or "dead" (absent in older files: legacy)
+    low_level             str?   the image statistic a low-level unit tracks ("brightness", "red", ...)
     alternatives          list   [{"text": str, "score": float}, ...] runner-up concepts
     top_sample_ids        list   probe-sample ids of the top activations, best first
     ablation              list?  [{"class": str, "drop": float}, ...] classes hurt most when the unit is zeroed
@@ -107,6 +109,7 @@ class HistoryRecord:
             "margin": _finite(e.margin),
             "concept_score": _finite(e.concept_score),
             **({"confidence": _finite(e.confidence)} if e.confidence is not None else {}),
+            **{k: getattr(e, k) for k in ("kind", "low_level") if getattr(e, k) is not None},  # drift compares kinds
             "source": e.source,
             "alternatives": [{"text": a.text, "score": _finite(a.score)} for a in e.alternatives],
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
