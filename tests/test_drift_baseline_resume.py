@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from test_lightning_contract import Tiny, explainer, loaders, trainer
-
 from lightning_neurons import load_history
+from test_lightning_contract import Tiny, explainer, loaders, trainer
 
 
 @pytest.mark.parametrize(
