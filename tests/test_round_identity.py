@@ -135,3 +135,149 @@ def test_a_failing_round_with_on_error_warn_lets_training_go_on(tmp_path, monkey
         trainer(tmp_path, cb, max_epochs=2, limit_train_batches=2).fit(model, *loaders())
     assert model.train_steps == 4 and cb.rounds == []
     assert not [w for w in record if "no validation loop runs" in str(w.message)]
+
+
+# ---------------------------------------------------------------------- samplers: id = streamed position
+class Reversed:
+    """A batch sampler that streams the dataset backwards in batches of 4 (deterministic, not a BatchSampler)."""
+
+    def __init__(self, n):
+        self.batches = [list(range(n - 1, -1, -1))[i : i + 4] for i in range(0, n, 4)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class EveryOther(torch.utils.data.Sampler):
+    def __init__(self, n):
+        self.order = list(range(0, n, 2)) + list(range(1, n, 2))
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
+
+
+def _recorded_values_match_fetched_images(model, cb, val):
+    from lightning_neurons.recording.samples import DataLoaderSampleSource
+
+    head = cb.last_recording.layers["head"]
+    source = DataLoaderSampleSource(val)
+    for unit in range(head.num_units):
+        ids = head.sample_ids[unit].tolist()
+        images, _ = source.fetch(ids)
+        with torch.no_grad():
+            again = model.eval()(images)[:, unit]
+        torch.testing.assert_close(again, head.values[unit], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["batch_sampler", "sampler"])
+def test_custom_samplers_fetch_the_images_that_were_recorded(tmp_path, kind):
+    from test_lightning_contract import data
+    from torch.utils.data import DataLoader
+
+    dataset = data(20, seed=1)
+    if kind == "batch_sampler":
+        val = DataLoader(dataset, batch_sampler=Reversed(len(dataset)))
+    else:
+        val = DataLoader(dataset, sampler=EveryOther(len(dataset)), batch_size=3)
+    cb = explainer(layers=["head"], top_k=4)
+    model = Tiny()
+    trainer(tmp_path, cb, max_epochs=1, limit_train_batches=2).fit(model, loaders()[0], val)
+    _recorded_values_match_fetched_images(model, cb, val)
+    assert len(cb.rounds) == 1
+
+
+# ---------------------------------------------------------------------- the probe data, read before step 0
+class Named(torch.utils.data.TensorDataset):
+    classes = ["red thing", "green thing", "blue thing"]
+
+
+def test_class_names_of_the_val_loader_passed_to_fit_are_read(tmp_path):
+    from test_lightning_contract import data
+    from torch.utils.data import DataLoader
+
+    val = DataLoader(Named(*data(20, seed=1).tensors), batch_size=5)
+    cb = explainer(layers=["head"], vocabulary=["classes"])
+    trainer(tmp_path, cb, max_epochs=1, limit_train_batches=1).fit(Tiny(), loaders()[0], val)
+    assert cb.rounds[0].identity.settings_summary["class_names"] == Named.classes
+    assert {u.description for u in cb.rounds[0]} <= set(Named.classes)
+
+
+class MixedSizes(torch.utils.data.Dataset):
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        side = 10 if i < 15 else 12
+        return torch.rand(3, side, side), i % 3
+
+
+def test_validation_images_of_mixed_sizes_fail_before_the_first_training_step(tmp_path):
+    from torch.utils.data import DataLoader
+
+    model = Tiny()
+    cb = explainer(layers=["head"])
+    with pytest.raises(ValueError, match=r"different sizes \(\[3, 10, 10\] at index 0, \[3, 12, 12\] at index 1[5-9]"):
+        trainer(tmp_path, cb, max_epochs=1).fit(model, loaders()[0], DataLoader(MixedSizes(), batch_size=5))
+    assert model.train_steps == 0
+
+
+def test_a_recording_that_cannot_work_fails_before_the_first_training_step(tmp_path, monkeypatch):
+    import lightning_neurons.recording.topk as topk
+
+    def broken(values, ids):
+        raise RuntimeError("The size of tensor a (56) must match the size of tensor b (28)")
+
+    monkeypatch.setattr(topk, "sort_keys", broken)
+    model = Tiny()
+    with pytest.raises(ValueError, match="recording one validation batch .* failed under precision='32-true'"):
+        trainer(tmp_path, explainer(layers=["head"]), max_epochs=1).fit(model, *loaders())
+    assert model.train_steps == 0
+
+
+class Normalised(torch.utils.data.TensorDataset):
+    def __init__(self, images, labels, transform=None):
+        super().__init__((images - 0.5) / 0.25, labels)
+        self.transform = transform
+
+
+def test_normalised_inputs_without_image_mean_warn_once_with_the_fix(tmp_path):
+    from test_lightning_contract import data
+    from torch.utils.data import DataLoader
+
+    val = DataLoader(Normalised(*data(20, seed=1).tensors), batch_size=5)
+    with pytest.warns(UserWarning, match="look normalised .* image_mean/image_std are not set") as record:
+        trainer(tmp_path, explainer(layers=["head"]), max_epochs=2, limit_train_batches=1).fit(
+            Tiny(), loaders()[0], val
+        )
+    assert len([w for w in record if "look normalised" in str(w.message)]) == 1
+
+
+def test_normalize_of_a_torchvision_transform_is_read_from_the_dataset(tmp_path, recwarn):
+    from test_lightning_contract import data
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    transform = transforms.Compose([transforms.Normalize([0.5] * 3, [0.25] * 3)])
+    val = DataLoader(Normalised(*data(20, seed=1).tensors, transform=transform), batch_size=5)
+    cb = explainer(layers=["head"])
+    trainer(tmp_path, cb, max_epochs=1, limit_train_batches=1).fit(Tiny(), loaders()[0], val)
+    assert not [w for w in recwarn if "look normalised" in str(w.message)]
+    assert cb._run_config.explain.image_mean == (0.5, 0.5, 0.5)
+
+
+def test_where_the_outputs_went_is_logged_once_at_fit_end(tmp_path, caplog):
+    import logging
+
+    cb = explainer(layers=["head"])
+    with caplog.at_level(logging.INFO):
+        t = trainer(tmp_path, cb, max_epochs=2, limit_train_batches=1)
+        t.fit(Tiny(), *loaders())
+    lines = [r.getMessage() for r in caplog.records if "wrote History" in r.getMessage()]
+    assert len(lines) == 1
+    assert str(neurons_dir(t) / "history.jsonl") in lines[0] and "report.html" in lines[0]
