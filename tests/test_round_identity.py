@@ -281,3 +281,25 @@ def test_where_the_outputs_went_is_logged_once_at_fit_end(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "wrote History" in r.getMessage()]
     assert len(lines) == 1
     assert str(neurons_dir(t) / "history.jsonl") in lines[0] and "report.html" in lines[0]
+
+
+def test_log_units_naming_a_unit_no_layer_has_fails_before_the_first_training_step(tmp_path):
+    model = Tiny()
+    with pytest.raises(ValueError, match=r"log_units=\[100\] names units that no chosen layer has: 100 .*'head' has 3"):
+        trainer(tmp_path, explainer(layers=["head"], log_units=[100]), max_epochs=1).fit(model, *loaders())
+    assert model.train_steps == 0
+
+
+def test_an_empty_vocabulary_file_is_named_in_the_error(tmp_path):
+    empty = tmp_path / "my_concepts.txt"
+    empty.write_text("# nothing yet\n\n")
+    model = Tiny()
+    with pytest.raises(ValueError, match=f"concept file {empty} holds no concepts"):
+        trainer(tmp_path, explainer(layers=["head"], vocabulary=[str(empty)]), max_epochs=1).fit(model, *loaders())
+    assert model.train_steps == 0
+
+
+def test_the_embedding_cache_goes_where_lightning_neurons_cache_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_NEURONS_CACHE", str(tmp_path / "cache"))
+    trainer(tmp_path, explainer(layers=["head"]), max_epochs=1, limit_train_batches=1).fit(Tiny(), *loaders())
+    assert list((tmp_path / "cache" / "embeddings").glob("stats-*.pt"))

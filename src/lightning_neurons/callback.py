@@ -34,7 +34,12 @@ from torch.utils.data import DataLoader
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.config import RunConfig
 from lightning_neurons.identity import new_run_id
-from lightning_neurons.recording.prechecks import dry_run_recording, warn_if_unnormalised, with_dataset_normalisation
+from lightning_neurons.recording.prechecks import (
+    check_log_units,
+    dry_run_recording,
+    warn_if_unnormalised,
+    with_dataset_normalisation,
+)
 from lightning_neurons.recording.probe_data import check_image_sizes, class_names_of, setup_val_loader
 from lightning_neurons.recording.recorder import ActivationRecorder
 from lightning_neurons.recording.samples import DataLoaderSampleSource, batch_inputs, batch_targets
@@ -632,7 +637,8 @@ class NeuronExplainer(Callback):
             check_image_inputs(inputs)  # before a whole validation pass is recorded for an explanation that must fail
             check_image_sizes(loader, self.config.recording.input_key)
             check_layer_outputs(pl_module, self._recorder.taps, inputs, forward_fn=self.config.recording.forward_fn)
-            dry_run_recording(trainer, pl_module, self.config.recording, inputs)
+            probe = dry_run_recording(trainer, pl_module, self.config.recording, inputs)
+            check_log_units(self.config.output.log_units, probe)
             warn_if_unnormalised(self._run_config, inputs, self.identity)
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -26,10 +27,14 @@ from torch import Tensor, nn
 
 from lightning_neurons.config import RecordingConfig, RunConfig
 from lightning_neurons.recording.probe_data import looks_normalised, normalisation_of
+from lightning_neurons.recording.types import Recording
 
 
-def dry_run_recording(trainer: Any, model: nn.Module, config: RecordingConfig, inputs: Tensor) -> None:
+def dry_run_recording(trainer: Any, model: nn.Module, config: RecordingConfig, inputs: Tensor) -> Recording:
     """Record one batch with the callback's settings, as the validation loop would, and read the result back.
+
+    Returns:
+        The one-batch recording (its layers' unit counts serve further checks, e.g. :func:`check_log_units`).
 
     Raises:
         ValueError: Saying that recording fails under this Trainer's precision, with the cause.
@@ -41,13 +46,44 @@ def dry_run_recording(trainer: Any, model: nn.Module, config: RecordingConfig, i
     extra = {"forward_fn": config.forward_fn} if config.forward_fn is not None else {}
     try:
         with context:
-            collect_top_k(model, [inputs], config.layers, show_progress=False, **config.recorder_kwargs(), **extra)
+            return collect_top_k(
+                model, [inputs], config.layers, show_progress=False, **config.recorder_kwargs(), **extra
+            )
     except Exception as err:  # noqa: BLE001 - any failure here would end the first validation pass's round
         precision = getattr(trainer, "precision", "?")
         raise ValueError(
             f"recording one validation batch of the chosen layers failed under precision={precision!r} "
             f"({type(err).__name__}: {err}); every explanation round would fail the same way"
         ) from err
+
+
+def check_log_units(log_units: int | Sequence[int] | None, recording: Recording) -> None:
+    """Fail with the valid range when ``log_units`` names a unit that no chosen layer has.
+
+    Raises:
+        ValueError: Naming the missing units and each layer's unit count.
+
+    Example:
+        >>> import torch
+        >>> from lightning_neurons.recording.types import LayerTopK
+        >>> layer = LayerTopK("fc", "linear", 8, None, torch.zeros(8, 1), torch.zeros(8, 1, dtype=torch.long),
+        ...                   torch.zeros(8, 1, dtype=torch.long))
+        >>> check_log_units([100], Recording(layers={"fc": layer}, reservoir_ids=torch.zeros(0), num_samples=1,
+        ...                                  top_k=1, reduction="max"))
+        Traceback (most recent call last):
+        ...
+        ValueError: log_units=[100] names units that no chosen layer has: 100 (layer 'fc' has 8 units, 0-7)
+    """
+    if log_units is None or isinstance(log_units, int) or not recording.layers:
+        return
+    sizes = {name: layer.num_units for name, layer in recording.layers.items()}
+    missing = [u for u in log_units if not any(0 <= u < n for n in sizes.values())]
+    if missing:
+        shown = ", ".join(f"layer {name!r} has {n} units, 0-{n - 1}" for name, n in sizes.items())
+        raise ValueError(
+            f"log_units={list(log_units)} names units that no chosen layer has: "
+            f"{', '.join(map(str, missing))} ({shown})"
+        )
 
 
 def warn_if_unnormalised(config: RunConfig, inputs: Tensor, name: str) -> None:
@@ -81,4 +117,4 @@ def with_dataset_normalisation(config: RunConfig, loader: Any) -> RunConfig:
     return dataclasses.replace(config, explain=explain, evaluation=evaluation)
 
 
-__all__ = ["dry_run_recording", "warn_if_unnormalised", "with_dataset_normalisation"]
+__all__ = ["check_log_units", "dry_run_recording", "warn_if_unnormalised", "with_dataset_normalisation"]
