@@ -228,10 +228,11 @@ def _explain(args: argparse.Namespace) -> int:
         multi_concept=args.multi_concept,
         evaluate=args.evaluate,
     )
+    from lightning_neurons.logging.printout import round_lines
+
     for rnd in rounds:
-        print(f"epoch {rnd.epoch}: {len(rnd)} units explained")
-        for unit in rnd.units[:5]:
-            print(f"  {unit.layer}[{unit.unit}] {unit.description!r} (score {unit.score:.2f})")
+        for line in round_lines(rnd):  # the rows every sink shows
+            print(line)
         if rnd.evaluation is not None:
             methods = {"explanations": rnd.evaluation.metrics, **rnd.evaluation.baselines}
             for name, values in methods.items():
@@ -245,8 +246,10 @@ def _history(args: argparse.Namespace) -> int:
     from lightning_neurons.drift.history import load_history, resolve_history_path
 
     path = resolve_history_path(args.run_dir)
+    from lightning_neurons.logging.printout import history_lines
+
     history = load_history(path)
-    for line in history.format_summary():
+    for line in history_lines(history):  # the rows every sink shows
         print(line)
     csv_path = Path(args.csv) if args.csv else path.with_suffix(".csv")
     json_path = Path(args.json) if args.json else path.with_suffix(".json")
