@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from lightning_neurons import load_history
 from lightning_neurons.identity import weights_fingerprint
-from test_lightning_contract import Tiny, explainer, loaders, trainer
+from test_lightning_contract import Tiny, data, explainer, loaders, trainer
 
 
 def neurons_dir(t) -> Path:
@@ -90,7 +91,7 @@ def test_settings_fingerprint_changes_with_what_a_round_means(tmp_path):
     assert runs["a"].run != runs["same"].run
     assert len({runs["a"].settings, runs["top_k"].settings, runs["vocab"].settings}) == 3
     assert runs["top_k"].settings_summary["top_k"] == 2
-    assert runs["vocab"].settings_summary["class_names"] == ["x", "y", "z"]
+    assert runs["vocab"].settings_summary["class_names"].startswith("3 names")
 
 
 def test_identity_is_written_with_the_round_and_read_back(tmp_path):
@@ -125,7 +126,11 @@ def test_a_failing_round_with_on_error_warn_lets_training_go_on(tmp_path, monkey
     # A failure while the recording is read back (the 64-true crash was there) is an explanation-round failure too.
     from lightning_neurons.recording.recorder import ActivationRecorder
 
+    real = ActivationRecorder.result
+
     def broken(self, epoch=None):
+        if epoch is None:  # the one-batch check before step 0 passes; the validation passes' read-back fails
+            return real(self, epoch)
         raise RuntimeError("The size of tensor a (56) must match the size of tensor b (28)")
 
     monkeypatch.setattr(ActivationRecorder, "result", broken)
@@ -177,8 +182,6 @@ def _recorded_values_match_fetched_images(model, cb, val):
 
 @pytest.mark.parametrize("kind", ["batch_sampler", "sampler"])
 def test_custom_samplers_fetch_the_images_that_were_recorded(tmp_path, kind):
-    from test_lightning_contract import data
-    from torch.utils.data import DataLoader
 
     dataset = data(20, seed=1)
     if kind == "batch_sampler":
@@ -198,13 +201,11 @@ class Named(torch.utils.data.TensorDataset):
 
 
 def test_class_names_of_the_val_loader_passed_to_fit_are_read(tmp_path):
-    from test_lightning_contract import data
-    from torch.utils.data import DataLoader
 
     val = DataLoader(Named(*data(20, seed=1).tensors), batch_size=5)
     cb = explainer(layers=["head"], vocabulary=["classes"])
     trainer(tmp_path, cb, max_epochs=1, limit_train_batches=1).fit(Tiny(), loaders()[0], val)
-    assert cb.rounds[0].identity.settings_summary["class_names"] == Named.classes
+    assert cb.rounds[0].identity.settings_summary["class_names"].startswith("3 names")
     assert {u.description for u in cb.rounds[0]} <= set(Named.classes)
 
 
@@ -247,8 +248,6 @@ class Normalised(torch.utils.data.TensorDataset):
 
 
 def test_normalised_inputs_without_image_mean_warn_once_with_the_fix(tmp_path):
-    from test_lightning_contract import data
-    from torch.utils.data import DataLoader
 
     val = DataLoader(Normalised(*data(20, seed=1).tensors), batch_size=5)
     with pytest.warns(UserWarning, match="look normalised .* image_mean/image_std are not set") as record:
@@ -259,8 +258,6 @@ def test_normalised_inputs_without_image_mean_warn_once_with_the_fix(tmp_path):
 
 
 def test_normalize_of_a_torchvision_transform_is_read_from_the_dataset(tmp_path, recwarn):
-    from test_lightning_contract import data
-    from torch.utils.data import DataLoader
     from torchvision import transforms
 
     transform = transforms.Compose([transforms.Normalize([0.5] * 3, [0.25] * 3)])
