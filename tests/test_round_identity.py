@@ -6,6 +6,7 @@ Each test runs the real callback, session, pipeline and writers with a real Trai
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -300,3 +301,41 @@ def test_the_embedding_cache_goes_where_lightning_neurons_cache_says(tmp_path, m
     monkeypatch.setenv("LIGHTNING_NEURONS_CACHE", str(tmp_path / "cache"))
     trainer(tmp_path, explainer(layers=["head"]), max_epochs=1, limit_train_batches=1).fit(Tiny(), *loaders())
     assert list((tmp_path / "cache" / "embeddings").glob("stats-*.pt"))
+
+
+# ---------------------------------------------------------------------- the history file: every round read back
+class TamperWithHistory(pl.Callback):
+    """Deletes or truncates the run's history.jsonl by hand before epoch 1 trains (as a user cleaning up would)."""
+
+    def __init__(self, explainer, how):
+        self.explainer, self.how = explainer, how
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch != 1:
+            return
+        path = self.explainer.outputs()["History"]
+        if self.how == "delete":
+            path.unlink()
+        else:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 3])
+
+
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+def test_a_history_file_deleted_or_truncated_between_epochs_is_rewritten(tmp_path, how):
+    cb = explainer(layers=["head"])
+    t = trainer(tmp_path, [cb, TamperWithHistory(cb, how)], max_epochs=3, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=f"history.jsonl was {how}d since this run last wrote it"):
+        t.fit(Tiny(), *loaders())
+    on_disk = load_history(neurons_dir(t))
+    assert on_disk.epochs == [0, 1, 2]  # what the report shows is what the file holds
+    for unit in range(3):
+        for rnd in cb.rounds:
+            assert on_disk.get("head", unit, rnd.epoch).explanation.description == rnd.get("head", unit).description
+
+
+def test_no_lock_file_is_left_in_the_run_folder(tmp_path):
+    t = trainer(tmp_path, explainer(layers=["head"]), max_epochs=1, limit_train_batches=1)
+    t.fit(Tiny(), *loaders())
+    assert (neurons_dir(t) / "history.jsonl").is_file()
+    assert not list(neurons_dir(t).glob("*.lock"))
