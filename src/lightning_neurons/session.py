@@ -107,7 +107,7 @@ class ExplanationSession:
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
         self.concepts = ConceptSet(tuple(vocabulary.concepts), vocabulary.embed(backend.encoder))
         self.settings = settings_fingerprint(
-            self.config, class_names=self.class_names, concepts=self.concepts.texts, model=_model_name(backend)
+            self.config, class_names=self.class_names, concepts=self.concepts.texts
         )
         self._warn_settings_changed()
 
@@ -382,12 +382,6 @@ class ExplanationSession:
         self.concepts = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _model_name(backend: Backend) -> str:
-    """The backend and its image-text model, e.g. ``"clip:ViT-B-16"`` (a cache wrapper shows its inner encoder)."""
-    encoder = getattr(backend.encoder, "encoder", backend.encoder)
-    return f"{backend.name}:{getattr(encoder, 'name', type(encoder).__name__)}"
 
 
 def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | None:
