@@ -230,7 +230,7 @@ def test_new_settings_are_validated_and_confidence_threshold_is_deprecated():
             ExplainConfig(**bad)
     with pytest.warns(DeprecationWarning, match="confidence_threshold"):
         ExplainConfig(confidence_threshold=0.7)
-    assert ExplainConfig().selection == "correlation" and ExplainConfig().permutations == 200
+    assert ExplainConfig().selection == "concept_score" and ExplainConfig().permutations == 200
 
 
 # ------------------------------------------------------------------ determinism per layer
