@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from _cheap import cheap_backend
 from lightning_neurons import load_history
 from lightning_neurons.identity import weights_fingerprint
 from test_lightning_contract import Tiny, data, explainer, loaders, trainer
@@ -339,3 +340,96 @@ def test_no_lock_file_is_left_in_the_run_folder(tmp_path):
     t.fit(Tiny(), *loaders())
     assert (neurons_dir(t) / "history.jsonl").is_file()
     assert not list(neurons_dir(t).glob("*.lock"))
+
+
+# ---------------------------------------------------------------------- post hoc into a folder that holds rounds
+def _explain(layer, epoch, folder, model=None):
+    from lightning_neurons import explain
+
+    return explain(
+        model or Tiny(),
+        loaders()[1],
+        layer,
+        top_k=3,
+        epoch=epoch,
+        output_dir=folder,
+        backend=cheap_backend(),
+        vocabulary=["general"],
+        show_progress=False,
+    )
+
+
+def test_explain_into_an_existing_folder_continues_its_epochs(tmp_path):
+    for epoch in range(3):
+        _explain("head", epoch, tmp_path)
+    _explain("head", 3, tmp_path)
+    history = load_history(tmp_path)
+    assert history.epochs == [0, 1, 2, 3]
+    assert {history.get("head", u, 3).drift.previous_epoch for u in range(3)} == {2}  # drift against epoch 2
+    _explain("head", 1, tmp_path)  # re-explaining an earlier epoch keeps the later ones
+    assert load_history(tmp_path).epochs == [0, 1, 2, 3]
+
+
+def test_explain_of_another_layer_keeps_the_folders_round_of_the_first(tmp_path):
+    model = Tiny()
+    first = _explain("head", 1, tmp_path, model)
+    _explain("features.2", 1, tmp_path, model)
+    history = load_history(tmp_path)
+    assert history.layers == ["head", "features.2"] and history.epochs == [1]
+    for unit in first:
+        assert history.get("head", unit.unit, 1).explanation.description == unit.description
+    report = (tmp_path / "report.html").read_text()
+    assert "head" in report and "features.2" in report
+
+
+# ---------------------------------------------------------------------- the history command
+def _run_folder(tmp_path):
+    cb = explainer()
+    t = trainer(tmp_path, cb, max_epochs=2, limit_train_batches=1)
+    t.fit(Tiny(), *loaders())
+    return neurons_dir(t)
+
+
+def test_history_command_reads_only_and_exports_when_asked(tmp_path, capsys):
+    from lightning_neurons.cli import main
+
+    folder = _run_folder(tmp_path)
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["history", str(folder), "--layer", "head", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "features.2" not in out and "head" in out
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written unasked
+    # --export: a file of one's choosing; the history read is never overwritten
+    assert (
+        main(["history", str(folder), "--export", str(tmp_path / "h.csv"), "--export", str(tmp_path / "h.json")]) == 0
+    )
+    assert (tmp_path / "h.csv").read_text().count("\n") == 1 + 2 * (8 + 3)
+    assert main(["history", str(folder / "history.jsonl"), "--export", str(folder / "history.jsonl")]) == 2
+    assert "is the history being read" in capsys.readouterr().err
+    assert load_history(folder).epochs == [0, 1]
+    # a CSV export is not a history: one error line, and it stays as it was
+    text = (tmp_path / "h.csv").read_text()
+    assert main(["history", str(tmp_path / "h.csv")]) == 2
+    assert "CSV export" in capsys.readouterr().err and (tmp_path / "h.csv").read_text() == text
+    # JSON Lines under a .json name, and the JSON export, both read back
+    (tmp_path / "lines.json").write_bytes((folder / "history.jsonl").read_bytes())
+    for path in (tmp_path / "lines.json", tmp_path / "h.json"):
+        assert main(["history", str(path)]) == 0
+        assert "(empty history)" not in capsys.readouterr().out
+        assert len(load_history(path)) == 2 * (8 + 3)
+
+
+def test_history_limit_lists_at_most_n_units_per_section():
+    from lightning_neurons.cli import _limited
+
+    lines = ["table", "meaning changes:", "  a", "  b", "  c", "gained a concept:", "  d"]
+    assert _limited(lines, 2) == [
+        "table",
+        "meaning changes:",
+        "  a",
+        "  b",
+        "  ... and 1 more (--limit 0 shows all)",
+        "gained a concept:",
+        "  d",
+    ]
+    assert _limited(lines, 0) == lines

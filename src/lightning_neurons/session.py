@@ -71,6 +71,9 @@ class ExplanationSession:
         #: Fingerprint and summary of the settings that change what a round means (set in :meth:`setup`).
         self.settings: tuple[str, dict[str, Any]] = ("", {})
         self._foreign = False
+        #: Post hoc into a folder the caller named: a round of some layers keeps the folder's other layers at its
+        #: epoch (``lightning-neurons explain -o existing``), instead of replacing the whole epoch.
+        self.continues_folder = False
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -300,8 +303,13 @@ class ExplanationSession:
         assert self.backend is not None
         if self.writes and self._foreign:  # post hoc into a folder the caller named: continue its epochs there
             self._foreign = False
+            self.history = continued_history(self.output_dir / HISTORY_FILENAME, self.history)
             self.history.attach(self.output_dir / HISTORY_FILENAME)
-        drift = self.history.add_round(rnd, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
+        filed = with_other_layers(self.history, rnd, key) if self.continues_folder else rnd
+        drift = self.history.add_round(filed, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
+        if filed is not rnd:  # the writers log this round's units; the other layers' stay as they were
+            mine = {(u.layer, u.unit) for u in rnd.units}
+            drift = [d for d in drift if (d.layer, d.unit) in mine]
         self.last_output = RoundOutput(
             round=rnd,
             drift=drift,
@@ -365,6 +373,29 @@ class ExplanationSession:
         self.concepts = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def continued_history(path: Path, history: RunHistory) -> RunHistory:
+    """The history a post-hoc session continues: the folder's file read back (``history`` when there is none)."""
+    if len(history) or not path.is_file() or path.stat().st_size == 0:
+        return history
+    from lightning_neurons.drift.history import load_history
+
+    found = load_history(path)
+    found.stable_rounds = history.stable_rounds
+    return found
+
+
+def with_other_layers(history: RunHistory, rnd: ExplanationRound, key: int) -> ExplanationRound:
+    """``rnd`` plus the units the history holds at epoch ``key`` for layers the round does not explain.
+
+    Filing the result replaces the epoch without dropping another layer's explanations of the same weights.
+    """
+    layers = {u.layer for u in rnd.units}
+    kept = [r.explanation for r in history.records if r.key[2] == key and r.key[0] not in layers]
+    if not kept:
+        return rnd
+    return dataclasses.replace(rnd, units=[*kept, *rnd.units])
 
 
 def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | None:
