@@ -398,6 +398,7 @@ def test_history_command_reads_only_and_exports_when_asked(tmp_path, capsys):
     assert main(["history", str(folder), "--layer", "head", "--limit", "1"]) == 0
     out = capsys.readouterr().out
     assert "features.2" not in out and "head" in out
+    assert "stable: units whose meaning held for the last 3 comparisons; that needs 4 explained rounds" in out
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing written unasked
     # --export: a file of one's choosing; the history read is never overwritten
     assert (
@@ -433,3 +434,34 @@ def test_history_limit_lists_at_most_n_units_per_section():
         "  d",
     ]
     assert _limited(lines, 0) == lines
+
+
+def test_the_report_shows_every_units_crops_while_log_units_limits_the_cards(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = explainer(log_units=2)
+    t = trainer(tmp_path, cb, max_epochs=1, limit_train_batches=1)
+    t.fit(Tiny(), *loaders())
+    previews = neurons_dir(t) / "previews"
+    for layer, n in (("features.2", 8), ("head", 3)):
+        assert sorted(int(p.parent.name) for p in (previews / layer).glob("*/epoch_0.png")) == list(range(n))
+    report = (neurons_dir(t) / "report.html").read_text()
+    assert "no crops saved" not in report
+    tags = EventAccumulator(str(t.log_dir), size_guidance={"images": 0}).Reload().Tags()["images"]
+    assert sorted(tag for tag in tags if tag.startswith("neurons/head/")) == [
+        "neurons/head/0/top_k",
+        "neurons/head/1/top_k",
+    ]
+
+
+def test_the_history_stores_combination_weights_normalised_as_every_view_shows_them(tmp_path):
+    from lightning_neurons.drift.history import RunHistory
+    from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
+
+    history = RunHistory(path=tmp_path / "history.jsonl")
+    combo = [Alternative("stripes", 44.24), Alternative("zebra", 167.3)]
+    unit = UnitExplanation("fc", 0, epoch=0, description="stripes", score=0.8, combination=combo)
+    history.add_round(ExplanationRound(0, [unit]), cheap_backend().encoder.encode_texts)
+    stored = load_history(tmp_path / "history.jsonl").get("fc", 0, 0).explanation.combination
+    assert [a.text for a in stored] == ["stripes", "zebra"]
+    assert [round(a.score, 4) for a in stored] == [round(44.24 / 211.54, 4), round(167.3 / 211.54, 4)]

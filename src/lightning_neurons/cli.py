@@ -286,6 +286,12 @@ def _history(args: argparse.Namespace) -> int:
         history = _only_layers(history, args.layer)
     for line in _limited(history_lines(history), args.limit):  # the rows every sink shows
         print(line)
+    rounds, needed = len(history.epochs), history.stable_rounds
+    if len(history) and rounds <= needed:
+        print(
+            f"stable: units whose meaning held for the last {needed} comparisons; that needs {needed + 1} explained "
+            f"rounds, this history has {rounds}, so it is 0 until then"
+        )
     # Exports only when asked, never over the history that was read.
     exports = [*(args.export or []), *([args.csv] if args.csv else []), *([args.json] if args.json else [])]
     for target in map(Path, exports):

@@ -403,9 +403,21 @@ def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | Non
 
 
 def _preview_units(recording: Recording, log_units: int | tuple[int, ...] | None) -> dict[str, list[int]]:
-    """The units that get crop previews: the ones logged per unit."""
+    """The units that get crop previews (small PNG grids the HTML report shows).
+
+    Every unit of a layer up to the units the report shows per layer (``DEFAULT_MAX_UNITS``), the logged ones
+    (``log_units``, which only chooses the per-unit logger cards) first: the report never lacks a shown unit's crops
+    because it was not logged.
+    """
+    from lightning_neurons.logging.report import DEFAULT_MAX_UNITS
+
     selection = _log_units(log_units)
-    return {name: select_units(selection, name, range(layer.num_units)) for name, layer in recording.layers.items()}
+    out = {}
+    for name, layer in recording.layers.items():
+        logged = select_units(selection, name, range(layer.num_units))
+        rest = [u for u in range(layer.num_units) if u not in set(logged)]
+        out[name] = sorted([*logged, *rest][: max(DEFAULT_MAX_UNITS, len(logged))])
+    return out
 
 
 def _check_writable(directory: Path) -> None:
