@@ -10,11 +10,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from _cheap import cheap_backend
 from lightning_neurons import load_history
 from lightning_neurons.identity import weights_fingerprint
+from lightning_neurons.results import ExplanationRound
 from test_lightning_contract import Tiny, data, explainer, loaders, trainer
 
 
@@ -465,3 +467,44 @@ def test_the_history_stores_combination_weights_normalised_as_every_view_shows_t
     stored = load_history(tmp_path / "history.jsonl").get("fc", 0, 0).explanation.combination
     assert [a.text for a in stored] == ["stripes", "zebra"]
     assert [round(a.score, 4) for a in stored] == [round(44.24 / 211.54, 4), round(167.3 / 211.54, 4)]
+
+
+# ---------------------------------------------------------------------- lightning-neurons explain: its options
+class WideTiny(Tiny):
+    """A module with an init argument and no save_hyperparameters: the checkpoint cannot rebuild it alone."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(width, 8, 3, stride=2)
+        )
+
+
+class TinyData(pl.LightningDataModule):
+    classes = ["a", "b", "c"]
+
+    def val_dataloader(self):
+        return loaders()[1]
+
+
+def test_explain_command_takes_model_args_seed_reservoir_log_units_and_class_names(tmp_path, capsys):
+    from lightning_neurons.cli import main
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}")
+    trainer(tmp_path, [ckpt], max_epochs=1, limit_train_batches=1).fit(WideTiny(5), *loaders())
+    command = [
+        "explain", "--checkpoint", str(tmp_path / "ckpt" / "epoch=0.ckpt"),
+        "--model-class", "test_round_identity.WideTiny", "--data", "test_round_identity.TinyData",
+        "--layers", "head", "--top-k", "2", "--backend-args", '{"generator": false}', "--vocabulary", "classes",
+        "-o", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert main(command) == 2  # without its arguments the model cannot be rebuilt: one line that names the fix
+    assert "--model-args" in capsys.readouterr().err
+    options = ["--model-args", '{"width": 5}', "--class-names", "x", "y", "z", "--seed", "3"]
+    options += ["--reservoir-size", "5", "--log-units", "0", "2"]
+    assert main([*command, *options]) == 0
+    rnd = ExplanationRound.from_json(tmp_path / "out" / "round_epoch=0.json")
+    assert {u.description for u in rnd} <= {"x", "y", "z"}
+    assert rnd.identity.settings_summary["class_names"].startswith("3 names")
+    tags = EventAccumulator(str(tmp_path / "out"), size_guidance={"images": 0}).Reload().Tags()["images"]
+    assert sorted(tags) == ["neurons/head/0/top_k", "neurons/head/2/top_k"]
