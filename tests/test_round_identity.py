@@ -10,10 +10,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
+from _cheap import cheap_backend
 from lightning_neurons import load_history
 from lightning_neurons.identity import weights_fingerprint
+from lightning_neurons.results import ExplanationRound
 from test_lightning_contract import Tiny, data, explainer, loaders, trainer
 
 
@@ -339,3 +342,169 @@ def test_no_lock_file_is_left_in_the_run_folder(tmp_path):
     t.fit(Tiny(), *loaders())
     assert (neurons_dir(t) / "history.jsonl").is_file()
     assert not list(neurons_dir(t).glob("*.lock"))
+
+
+# ---------------------------------------------------------------------- post hoc into a folder that holds rounds
+def _explain(layer, epoch, folder, model=None):
+    from lightning_neurons import explain
+
+    return explain(
+        model or Tiny(),
+        loaders()[1],
+        layer,
+        top_k=3,
+        epoch=epoch,
+        output_dir=folder,
+        backend=cheap_backend(),
+        vocabulary=["general"],
+        show_progress=False,
+    )
+
+
+def test_explain_into_an_existing_folder_continues_its_epochs(tmp_path):
+    for epoch in range(3):
+        _explain("head", epoch, tmp_path)
+    _explain("head", 3, tmp_path)
+    history = load_history(tmp_path)
+    assert history.epochs == [0, 1, 2, 3]
+    assert {history.get("head", u, 3).drift.previous_epoch for u in range(3)} == {2}  # drift against epoch 2
+    _explain("head", 1, tmp_path)  # re-explaining an earlier epoch keeps the later ones
+    assert load_history(tmp_path).epochs == [0, 1, 2, 3]
+
+
+def test_explain_of_another_layer_keeps_the_folders_round_of_the_first(tmp_path):
+    model = Tiny()
+    first = _explain("head", 1, tmp_path, model)
+    _explain("features.2", 1, tmp_path, model)
+    history = load_history(tmp_path)
+    assert history.layers == ["head", "features.2"] and history.epochs == [1]
+    for unit in first:
+        assert history.get("head", unit.unit, 1).explanation.description == unit.description
+    report = (tmp_path / "report.html").read_text()
+    assert "head" in report and "features.2" in report
+
+
+# ---------------------------------------------------------------------- the history command
+def _run_folder(tmp_path):
+    cb = explainer()
+    t = trainer(tmp_path, cb, max_epochs=2, limit_train_batches=1)
+    t.fit(Tiny(), *loaders())
+    return neurons_dir(t)
+
+
+def test_history_command_reads_only_and_exports_when_asked(tmp_path, capsys):
+    from lightning_neurons.cli import main
+
+    folder = _run_folder(tmp_path)
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["history", str(folder), "--layer", "head", "--limit", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "features.2" not in out and "head" in out
+    assert "stable: units whose meaning held for the last 3 comparisons; that needs 4 explained rounds" in out
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written unasked
+    # --export: a file of one's choosing; the history read is never overwritten
+    assert (
+        main(["history", str(folder), "--export", str(tmp_path / "h.csv"), "--export", str(tmp_path / "h.json")]) == 0
+    )
+    assert (tmp_path / "h.csv").read_text().count("\n") == 1 + 2 * (8 + 3)
+    assert main(["history", str(folder / "history.jsonl"), "--export", str(folder / "history.jsonl")]) == 2
+    assert "is the history being read" in capsys.readouterr().err
+    assert load_history(folder).epochs == [0, 1]
+    # a CSV export is not a history: one error line, and it stays as it was
+    text = (tmp_path / "h.csv").read_text()
+    assert main(["history", str(tmp_path / "h.csv")]) == 2
+    assert "CSV export" in capsys.readouterr().err and (tmp_path / "h.csv").read_text() == text
+    # JSON Lines under a .json name, and the JSON export, both read back
+    (tmp_path / "lines.json").write_bytes((folder / "history.jsonl").read_bytes())
+    for path in (tmp_path / "lines.json", tmp_path / "h.json"):
+        assert main(["history", str(path)]) == 0
+        assert "(empty history)" not in capsys.readouterr().out
+        assert len(load_history(path)) == 2 * (8 + 3)
+
+
+def test_history_limit_lists_at_most_n_units_per_section():
+    from lightning_neurons.cli import _limited
+
+    lines = ["table", "meaning changes:", "  a", "  b", "  c", "gained a concept:", "  d"]
+    assert _limited(lines, 2) == [
+        "table",
+        "meaning changes:",
+        "  a",
+        "  b",
+        "  ... and 1 more (--limit 0 shows all)",
+        "gained a concept:",
+        "  d",
+    ]
+    assert _limited(lines, 0) == lines
+
+
+def test_the_report_shows_every_units_crops_while_log_units_limits_the_cards(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = explainer(log_units=2)
+    t = trainer(tmp_path, cb, max_epochs=1, limit_train_batches=1)
+    t.fit(Tiny(), *loaders())
+    previews = neurons_dir(t) / "previews"
+    for layer, n in (("features.2", 8), ("head", 3)):
+        assert sorted(int(p.parent.name) for p in (previews / layer).glob("*/epoch_0.png")) == list(range(n))
+    report = (neurons_dir(t) / "report.html").read_text()
+    assert "no crops saved" not in report
+    tags = EventAccumulator(str(t.log_dir), size_guidance={"images": 0}).Reload().Tags()["images"]
+    assert sorted(tag for tag in tags if tag.startswith("neurons/head/")) == [
+        "neurons/head/0/top_k",
+        "neurons/head/1/top_k",
+    ]
+
+
+def test_the_history_stores_combination_weights_normalised_as_every_view_shows_them(tmp_path):
+    from lightning_neurons.drift.history import RunHistory
+    from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
+
+    history = RunHistory(path=tmp_path / "history.jsonl")
+    combo = [Alternative("stripes", 44.24), Alternative("zebra", 167.3)]
+    unit = UnitExplanation("fc", 0, epoch=0, description="stripes", score=0.8, combination=combo)
+    history.add_round(ExplanationRound(0, [unit]), cheap_backend().encoder.encode_texts)
+    stored = load_history(tmp_path / "history.jsonl").get("fc", 0, 0).explanation.combination
+    assert [a.text for a in stored] == ["stripes", "zebra"]
+    assert [round(a.score, 4) for a in stored] == [round(44.24 / 211.54, 4), round(167.3 / 211.54, 4)]
+
+
+# ---------------------------------------------------------------------- lightning-neurons explain: its options
+class WideTiny(Tiny):
+    """A module with an init argument and no save_hyperparameters: the checkpoint cannot rebuild it alone."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(width, 8, 3, stride=2)
+        )
+
+
+class TinyData(pl.LightningDataModule):
+    classes = ["a", "b", "c"]
+
+    def val_dataloader(self):
+        return loaders()[1]
+
+
+def test_explain_command_takes_model_args_seed_reservoir_log_units_and_class_names(tmp_path, capsys):
+    from lightning_neurons.cli import main
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}")
+    trainer(tmp_path, [ckpt], max_epochs=1, limit_train_batches=1).fit(WideTiny(5), *loaders())
+    command = [
+        "explain", "--checkpoint", str(tmp_path / "ckpt" / "epoch=0.ckpt"),
+        "--model-class", "test_round_identity.WideTiny", "--data", "test_round_identity.TinyData",
+        "--layers", "head", "--top-k", "2", "--backend-args", '{"generator": false}', "--vocabulary", "classes",
+        "-o", str(tmp_path / "out"),
+    ]  # fmt: skip
+    assert main(command) == 2  # without its arguments the model cannot be rebuilt: one line that names the fix
+    assert "--model-args" in capsys.readouterr().err
+    options = ["--model-args", '{"width": 5}', "--class-names", "x", "y", "z", "--seed", "3"]
+    options += ["--reservoir-size", "5", "--log-units", "0", "2"]
+    assert main([*command, *options]) == 0
+    rnd = ExplanationRound.from_json(tmp_path / "out" / "round_epoch=0.json")
+    assert {u.description for u in rnd} <= {"x", "y", "z"}
+    assert rnd.identity.settings_summary["class_names"].startswith("3 names")
+    tags = EventAccumulator(str(tmp_path / "out"), size_guidance={"images": 0}).Reload().Tags()["images"]
+    assert sorted(tags) == ["neurons/head/0/top_k", "neurons/head/2/top_k"]

@@ -665,7 +665,7 @@ def load_history(path_or_run_dir: str | Path) -> RunHistory:
 
     Raises:
         FileNotFoundError: If no history is found.
-        ValueError: If a directory holds several histories.
+        ValueError: If a directory holds several histories, or the path is a CSV export (not read back).
 
     Example:
         >>> history = load_history("lightning_logs/version_0")  # doctest: +SKIP
@@ -673,6 +673,16 @@ def load_history(path_or_run_dir: str | Path) -> RunHistory:
         >>> for s in history.summary(): print(s.layer, s.epoch, s.fraction_changed)  # doctest: +SKIP
     """
     path = find_history_file(path_or_run_dir)
+    if path.suffix == ".csv":
+        raise ValueError(
+            f"{path} is a CSV export of a history, which is not read back; pass the run folder or its "
+            "history.jsonl"
+        )
     if path.suffix == ".json":
-        return RunHistory.from_state_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return _read_jsonl(path)  # JSON Lines under a .json name
+        if isinstance(state, dict) and "records" in state:
+            return RunHistory.from_state_dict(state)
     return _read_jsonl(path)

@@ -43,7 +43,7 @@ def dry_run_recording(trainer: Any, model: nn.Module, config: RecordingConfig, i
 
     plugin = getattr(getattr(trainer, "strategy", None), "precision_plugin", None)
     context = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
-    extra = {"forward_fn": config.forward_fn} if config.forward_fn is not None else {}
+    extra: dict[str, Any] = {"forward_fn": config.forward_fn} if config.forward_fn is not None else {}
     try:
         with context:
             return collect_top_k(

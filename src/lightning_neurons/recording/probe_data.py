@@ -56,7 +56,7 @@ def setup_val_loader(trainer: Any) -> DataLoader | None:
 
 def _datasets(dataset: Any) -> list[Any]:
     # The dataset and the ones it wraps (Subset, and wrappers that keep theirs in .dataset), outermost first.
-    chain = []
+    chain: list[Any] = []
     while dataset is not None and len(chain) < 8:
         chain.append(dataset)
         dataset = getattr(dataset, "dataset", None)
