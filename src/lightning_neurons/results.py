@@ -233,8 +233,10 @@ class UnitExplanation:
 
     @property
     def shown(self) -> str:
-        """The text every sink displays (:func:`shown_text`): the description, ``"low-level: ..."``,
-        ``"no clear concept"`` or ``"dead unit"``."""
+        """The text every sink displays (:func:`shown_text`).
+
+        The description, ``"low-level: ..."``, ``"no clear concept"`` or ``"dead unit"``.
+        """
         return shown_text(self.description, self.kind, self.low_level)
 
     @property
