@@ -25,7 +25,7 @@ def main() -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    import lightning_neurons.drift.history as history_module
+    import lightning_neurons.drift.store as history_module
     from lightning_neurons import NeuronExplainer
     from lightning_neurons.demo import PhotoPatchesDataModule, SmallCNN
 
