@@ -34,6 +34,13 @@ from torch.utils.data import DataLoader
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.config import RunConfig
 from lightning_neurons.identity import new_run_id
+from lightning_neurons.recording.prechecks import (
+    check_log_units,
+    dry_run_recording,
+    warn_if_unnormalised,
+    with_dataset_normalisation,
+)
+from lightning_neurons.recording.probe_data import check_image_sizes, class_names_of, setup_val_loader
 from lightning_neurons.recording.recorder import ActivationRecorder
 from lightning_neurons.recording.samples import DataLoaderSampleSource, batch_inputs, batch_targets
 from lightning_neurons.recording.types import Recording
@@ -116,7 +123,9 @@ class NeuronExplainer(Callback):
         epochs: Explicit 0-based epochs to explain, in addition to ``every_n_epochs``.
         explain_on_fit_end: Explain the last recorded validation pass at the end of ``fit`` if it was not explained
             yet (the end-of-epoch passes are then recorded even when not scheduled).
-        backend: Foundation models: ``"embedded"`` (offline pack), ``"clip"``, ``"hf"`` or a ``Backend``.
+        backend: Foundation models: ``"auto"`` (default: open_clip when its weights are cached or can be fetched,
+            else the offline pack with one warning), ``"embedded"`` (offline pack), ``"clip"``, ``"hf"`` or a
+            ``Backend``.
         backend_kwargs: Extra keyword arguments for the backend loader (model names, device, ...).
         vocabulary: Concept sources: ``"general"`` (built-in), ``"classes"`` (``class_names``), ``"llm"``
             (LLM-generated domain concepts) or paths to text files with one concept a line;
@@ -185,7 +194,7 @@ class NeuronExplainer(Callback):
         every_n_epochs: int | None = 1,
         epochs: list[int] | None = None,
         explain_on_fit_end: bool = True,
-        backend: str | Backend = "embedded",
+        backend: str | Backend = "auto",
         backend_kwargs: dict[str, Any] | None = None,
         vocabulary: list[str] | None = None,
         class_names: list[str] | None = None,
@@ -351,7 +360,7 @@ class NeuronExplainer(Callback):
                 self._warn_unreachable_schedule(trainer)
         self._outputs_checked = False
         # Every rank: reading the run folder may broadcast, and every rank explains its share of each round.
-        self._run_config = self._resolve_output(trainer)
+        self._run_config = with_dataset_normalisation(self._resolve_output(trainer), setup_val_loader(trainer))
         output_dir = self._output_dir(trainer)
         if self.session is None:
             session = ExplanationSession(self._run_config, writes=trainer.is_global_zero)
@@ -628,7 +637,11 @@ class NeuronExplainer(Callback):
                 return
             inputs = batch_inputs(batch, self.config.recording.input_key)
             check_image_inputs(inputs)  # before a whole validation pass is recorded for an explanation that must fail
+            check_image_sizes(loader, self.config.recording.input_key)
             check_layer_outputs(pl_module, self._recorder.taps, inputs, forward_fn=self.config.recording.forward_fn)
+            probe = dry_run_recording(trainer, pl_module, self.config.recording, inputs)
+            check_log_units(self.config.output.log_units, probe)
+            warn_if_unnormalised(self._run_config, inputs, self.identity)
 
     def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording) -> None:
         """Explain a recording on every rank (each takes its share); rank 0 writes. Failures warn or raise."""
@@ -765,7 +778,7 @@ def derived_name(config: RunConfig) -> str:
     from lightning_neurons.config import DEFAULT_VOCABULARY
 
     parts = [config.recording.layer_label]
-    if config.backend.backend_label != "embedded":
+    if config.backend.backend_label not in ("auto", "embedded"):  # the default, and the default before it
         parts.append(config.backend.backend_label)
     if tuple(config.backend.vocabulary) != DEFAULT_VOCABULARY or config.backend.llm_vocabulary:
         parts.append(
@@ -849,13 +862,16 @@ def _probe_size(trainer: pl.Trainer) -> int | None:
 
 
 def _trainer_class_names(trainer: pl.Trainer) -> list[str] | None:
-    """Class names from the data module's or the validation dataset's ``classes`` attribute."""
+    """Class names from the data module's or the validation dataset's ``classes`` attribute.
+
+    The validation loader passed to ``fit(model, train, val)`` is read too: at ``setup`` Lightning has not built
+    ``trainer.val_dataloaders`` yet (:func:`~lightning_neurons.recording.probe_data.setup_val_loader`).
+    """
     names = dataset_class_names(getattr(trainer, "datamodule", None))
     if names:
         return names
-    loaders = getattr(trainer, "val_dataloaders", None)
-    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
-    return dataset_class_names(getattr(loader, "dataset", None))
+    loader = setup_val_loader(trainer)
+    return class_names_of(getattr(loader, "dataset", None))
 
 
 __all__ = ["NeuronExplainer", "derived_name", "refuse_sharded_strategy"]

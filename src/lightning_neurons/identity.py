@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from lightning_neurons.config import RunConfig
-from lightning_neurons.results import RoundIdentity, json_safe
+from lightning_neurons.results import RoundIdentity
 
 
 def settings_fingerprint(
@@ -36,16 +35,17 @@ def settings_fingerprint(
     *,
     class_names: Sequence[str] | None = None,
     concepts: Sequence[str] | None = None,
-    model: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The fingerprint and the readable summary of the settings that change what a round means.
+
+    One definition for the whole library: :func:`lightning_neurons.drift.baseline.settings_fingerprint` (which also
+    decides where a change of settings starts a new drift baseline), applied to a run's config.
 
     Args:
         config: The run's settings.
         class_names: The class names in use (read from the data when the config gives none).
         concepts: The embedded vocabulary (its texts): a changed concept file changes the fingerprint even when its
-            path does not. Summarised by its size and a hash.
-        model: The loaded backend's name (e.g. the image-text model), when known.
+            path does not.
 
     Returns:
         ``(fingerprint, summary)``: 16 hex digits, and the dictionary they hash.
@@ -56,21 +56,9 @@ def settings_fingerprint(
         >>> a != b, s["reduction"]
         (True, 'mean')
     """
-    backend = config.backend
-    summary: dict[str, Any] = {
-        "vocabulary": [str(v) for v in backend.vocabulary] + (["llm"] if backend.llm_vocabulary else []),
-        "class_names": list(class_names) if class_names else None,
-        "backend": backend.backend_label,
-        "backend_kwargs": json_safe(dict(backend.backend_kwargs)),
-        "model": model,
-        "top_k": int(config.recording.top_k),
-        "reduction": str(config.recording.reduction),
-    }
-    if concepts is not None:
-        digest = hashlib.sha1("\n".join(concepts).encode("utf-8")).hexdigest()[:12]
-        summary["concepts"] = {"count": len(concepts), "hash": digest}
-    text = json.dumps(summary, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16], summary
+    from lightning_neurons.drift.baseline import settings_fingerprint as fingerprint
+
+    return fingerprint(config, class_names=class_names, concepts=concepts)
 
 
 def weights_fingerprint(model: nn.Module) -> str:

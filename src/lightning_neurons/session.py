@@ -73,6 +73,9 @@ class ExplanationSession:
         self.settings: tuple[str, dict[str, Any]] = ("", {})
         self._checkpoint_settings: dict[str, Any] | None = None
         self._foreign = False
+        #: Post hoc into a folder the caller named: a round of some layers keeps the folder's other layers at its
+        #: epoch (``lightning-neurons explain -o existing``), instead of replacing the whole epoch.
+        self.continues_folder = False
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -107,7 +110,7 @@ class ExplanationSession:
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
         self.concepts = ConceptSet(tuple(vocabulary.concepts), vocabulary.embed(backend.encoder))
         self.settings = settings_fingerprint(
-            self.config, class_names=self.class_names, concepts=self.concepts.texts, model=_model_name(backend)
+            self.config, class_names=self.class_names, concepts=self.concepts.texts
         )
         self._warn_settings_changed()
 
@@ -303,8 +306,13 @@ class ExplanationSession:
         assert self.backend is not None
         if self.writes and self._foreign:  # post hoc into a folder the caller named: continue its epochs there
             self._foreign = False
+            self.history = continued_history(self.output_dir / HISTORY_FILENAME, self.history)
             self.history.attach(self.output_dir / HISTORY_FILENAME)
-        drift = self.history.add_round(rnd, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
+        filed = with_other_layers(self.history, rnd, key) if self.continues_folder else rnd
+        drift = self.history.add_round(filed, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
+        if filed is not rnd:  # the writers log this round's units; the other layers' stay as they were
+            mine = {(u.layer, u.unit) for u in rnd.units}
+            drift = [d for d in drift if (d.layer, d.unit) in mine]
         self.last_output = RoundOutput(
             round=rnd,
             drift=drift,
@@ -384,10 +392,27 @@ class ExplanationSession:
             torch.cuda.empty_cache()
 
 
-def _model_name(backend: Backend) -> str:
-    """The backend and its image-text model, e.g. ``"clip:ViT-B-16"`` (a cache wrapper shows its inner encoder)."""
-    encoder = getattr(backend.encoder, "encoder", backend.encoder)
-    return f"{backend.name}:{getattr(encoder, 'name', type(encoder).__name__)}"
+def continued_history(path: Path, history: RunHistory) -> RunHistory:
+    """The history a post-hoc session continues: the folder's file read back (``history`` when there is none)."""
+    if len(history) or not path.is_file() or path.stat().st_size == 0:
+        return history
+    from lightning_neurons.drift.history import load_history
+
+    found = load_history(path)
+    found.stable_rounds = history.stable_rounds
+    return found
+
+
+def with_other_layers(history: RunHistory, rnd: ExplanationRound, key: int) -> ExplanationRound:
+    """``rnd`` plus the units the history holds at epoch ``key`` for layers the round does not explain.
+
+    Filing the result replaces the epoch without dropping another layer's explanations of the same weights.
+    """
+    layers = {u.layer for u in rnd.units}
+    kept = [r.explanation for r in history.records if r.key[2] == key and r.key[0] not in layers]
+    if not kept:
+        return rnd
+    return dataclasses.replace(rnd, units=[*kept, *rnd.units])
 
 
 def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | None:
@@ -395,9 +420,21 @@ def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | Non
 
 
 def _preview_units(recording: Recording, log_units: int | tuple[int, ...] | None) -> dict[str, list[int]]:
-    """The units that get crop previews: the ones logged per unit."""
+    """The units that get crop previews (small PNG grids the HTML report shows).
+
+    Every unit of a layer up to the units the report shows per layer (``DEFAULT_MAX_UNITS``), the logged ones
+    (``log_units``, which only chooses the per-unit logger cards) first: the report never lacks a shown unit's crops
+    because it was not logged.
+    """
+    from lightning_neurons.logging.report import DEFAULT_MAX_UNITS
+
     selection = _log_units(log_units)
-    return {name: select_units(selection, name, range(layer.num_units)) for name, layer in recording.layers.items()}
+    out = {}
+    for name, layer in recording.layers.items():
+        logged = select_units(selection, name, range(layer.num_units))
+        rest = [u for u in range(layer.num_units) if u not in set(logged)]
+        out[name] = sorted([*logged, *rest][: max(DEFAULT_MAX_UNITS, len(logged))])
+    return out
 
 
 def _check_writable(directory: Path) -> None:

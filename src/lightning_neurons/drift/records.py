@@ -20,7 +20,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     ablation              list?  [{"class": str, "drop": float}, ...] classes hurt most when the unit is zeroed
                                  (only for units the ablation check ran on; absent in older files)
     combination           list?  [{"text": str, "score": float}, ...] multi-concept explanation, concept and weight
-                                 (only for units whose combination was kept; absent otherwise)
+                                 normalised to sum to 1, as every view shows it (only for units whose combination
+                                 was kept; absent otherwise; the raw fitted weights stay in round_epoch=N.json)
     previous_epoch        int?   the unit's previous explained epoch (null on its first)
     previous_description  str?   the description at previous_epoch
     similarity            float? cosine similarity of the two descriptions' text embeddings
@@ -115,7 +116,7 @@ class HistoryRecord:
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
             "ablation": None if not e.ablation else [{"class": c, "drop": _finite(v)} for c, v in e.ablation],
             **(
-                {"combination": [{"text": a.text, "score": _finite(a.score)} for a in e.combination]}
+                {"combination": [{"text": a.text, "score": _finite(w)} for a, w in _normalised(e.combination)]}
                 if e.combination
                 else {}
             ),
@@ -200,6 +201,12 @@ class HistoryRecord:
             settings=get("settings") or None,
         )
 
+
+
+def _normalised(combination: list[Alternative]) -> list[tuple[Alternative, float]]:
+    """Each concept with its weight normalised to sum to 1 (negative weights count as 0), as views show them."""
+    total = sum(max(a.score, 0.0) for a in combination if math.isfinite(a.score)) or 1.0
+    return [(a, a.score / total) for a in combination]
 
 def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
     # The history keeps what drift and reports need; boxes and activations stay in the round itself.

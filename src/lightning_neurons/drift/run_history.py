@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -61,6 +62,7 @@ from lightning_neurons.drift.store import (
     acquire_lock,
     append_rounds,
     find_history_file,
+    release_lock,
 )
 from lightning_neurons.explanation.multi_concept import format_combination
 from lightning_neurons.files import write_text_atomic
@@ -103,6 +105,9 @@ class RunHistory:
     _stability: dict[Key, UnitStability] = field(default_factory=dict, init=False, repr=False, compare=False)
     _round_ids: dict[int, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     _ordered: list[HistoryRecord] | None = field(default=None, init=False, repr=False, compare=False)
+    # Size of the attached file after this history last wrote or checked it: a smaller (or missing) file was
+    # truncated or deleted behind the run's back, and is rewritten instead of appended to.
+    _file_size: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -423,6 +428,7 @@ class RunHistory:
             on_disk = _read_jsonl(self.path)
             if _dicts(on_disk) == _dicts(self):
                 self._round_ids = dict(on_disk._round_ids)  # the rounds this history is made of, in this file
+                self._file_size = self.path.stat().st_size
                 return
         self._round_ids = dict(self._append(self.records))
 
@@ -433,8 +439,7 @@ class RunHistory:
             >>> RunHistory().close()  # nothing attached: a no-op
         """
         lock, self._lock = self._lock, None
-        if lock is not None and lock.is_locked:
-            lock.release()
+        release_lock(lock)
 
     def _acquire(self) -> None:
         if self._lock is not None or self.path is None:
@@ -442,10 +447,24 @@ class RunHistory:
         self._lock = acquire_lock(self.path)
 
     def _append(self, records: Iterable[HistoryRecord]) -> list[tuple[int, str]]:
-        # One write per call, then fsync: readers see each round complete or not at all.
+        # One write per call, then fsync: readers see each round complete or not at all. A file that lost rounds
+        # this history wrote (deleted or truncated by hand) is rewritten whole: every round written is read back.
         assert self.path is not None
         self._acquire()
-        return append_rounds(self.path, records)
+        size = self.path.stat().st_size if self.path.is_file() else None
+        if self._file_size is not None and (size is None or size < self._file_size) and self._records:
+            warnings.warn(
+                f"{self.path} was {'deleted' if size is None else 'truncated'} since this run last wrote it "
+                f"({self._file_size} bytes, now {size or 0}); rewriting it with the run's {len(self._records)} "
+                "records, so that the file, the report and the run agree again",
+                stacklevel=3,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            records = [*self.records, *records]
+        ids = append_rounds(self.path, records)
+        self._file_size = self.path.stat().st_size
+        return ids
 
     def _replay(self, rounds: Iterable[tuple[str | None, list[HistoryRecord]]]) -> None:
         # File-order replay in one pass: each round (round id, records of one epoch) replaces its epoch and drops
@@ -646,7 +665,7 @@ def load_history(path_or_run_dir: str | Path) -> RunHistory:
 
     Raises:
         FileNotFoundError: If no history is found.
-        ValueError: If a directory holds several histories.
+        ValueError: If a directory holds several histories, or the path is a CSV export (not read back).
 
     Example:
         >>> history = load_history("lightning_logs/version_0")  # doctest: +SKIP
@@ -654,6 +673,16 @@ def load_history(path_or_run_dir: str | Path) -> RunHistory:
         >>> for s in history.summary(): print(s.layer, s.epoch, s.fraction_changed)  # doctest: +SKIP
     """
     path = find_history_file(path_or_run_dir)
+    if path.suffix == ".csv":
+        raise ValueError(
+            f"{path} is a CSV export of a history, which is not read back; pass the run folder or its "
+            "history.jsonl"
+        )
     if path.suffix == ".json":
-        return RunHistory.from_state_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return _read_jsonl(path)  # JSON Lines under a .json name
+        if isinstance(state, dict) and "records" in state:
+            return RunHistory.from_state_dict(state)
     return _read_jsonl(path)
