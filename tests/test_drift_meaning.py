@@ -10,7 +10,7 @@ from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory, load_h
 from lightning_neurons.drift.metrics import compare_units
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics
-from lightning_neurons.logging.rows import layer_rows
+from lightning_neurons.logging.rows import layer_rows, record_row
 from lightning_neurons.results import ExplanationRound, RoundIdentity, UnitExplanation
 
 LAYER = "features.16"
@@ -95,9 +95,20 @@ def test_gained_and_lost_are_counted_apart_and_reach_the_metrics(tmp_path):
     )
     assert rows[4]["description"] == "dead unit" and not (rows[4]["changed"] or rows[4]["lost"])
     # Stored and read back.
-    back = {r.key[1]: r.drift for r in load_history(tmp_path / HISTORY_FILENAME).records if r.key[2] == 1}
-    assert [back[u].gained for u in range(7)] == [d.gained for d in drift]
-    assert [back[u].lost for u in range(7)] == [d.lost for d in drift]
+    records = {r.key[1]: r for r in load_history(tmp_path / HISTORY_FILENAME).records if r.key[2] == 1}
+    assert [records[u].drift.gained for u in range(7)] == [d.gained for d in drift]
+    assert [records[u].drift.lost for u in range(7)] == [d.lost for d in drift]
+    # What was shown before, never the raw best concept of a unit that had none ("grass" of a low-level unit).
+    shown_before = [record_row(records[u])["previous_description"] for u in range(7)]
+    assert shown_before == [
+        "stripes",
+        "low-level: green",
+        "no clear concept",
+        "sky",
+        "wheel",
+        "dead unit",
+        "low-level: red",
+    ]
 
 
 def test_records_without_kinds_are_judged_as_before():

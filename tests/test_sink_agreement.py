@@ -59,7 +59,13 @@ def fitted(tmp_path_factory):
         fit.fit(Tiny(), *loaders())
         wandb_dir = Path(loggers[2].experiment.dir)
         loggers[2].experiment.finish()
-        yield {"root": root, "neurons": Path(loggers[0].log_dir) / "neurons", "wandb": wandb_dir, "mlflow": loggers[3]}
+        yield {
+            "root": root,
+            "neurons": Path(loggers[0].log_dir) / "neurons",
+            "wandb": wandb_dir,
+            "mlflow": loggers[3],
+            "metrics": dict(fit.callback_metrics),
+        }
 
 
 def _truth(fitted) -> dict[tuple[str, int], tuple[str, str | None, float]]:
@@ -88,6 +94,10 @@ def test_the_round_has_kinds_and_the_shown_text_differs_from_raw_concepts(fitted
     assert all(u.kind in ("concept", "low_level", "unclear", "dead") for u in rnd.units)
     # Some unit shows something other than its raw best concept: the case the sinks disagreed on.
     assert any(u.shown != u.description for u in rnd.units)
+    # Gained and lost reach trainer.callback_metrics (EarlyStopping, ModelCheckpoint can watch them).
+    for layer in LAYERS:
+        for name in ("fraction_changed", "fraction_gained", "fraction_lost", "top_concept_share"):
+            assert f"neurons/{layer}/{name}" in fitted["metrics"], name
 
 
 def test_tensorboard_table(fitted):

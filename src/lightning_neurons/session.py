@@ -110,7 +110,10 @@ class ExplanationSession:
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
         self.concepts = ConceptSet(tuple(vocabulary.concepts), vocabulary.embed(backend.encoder))
         self.settings = settings_fingerprint(
-            self.config, class_names=self.class_names, concepts=self.concepts.texts
+            self.config,
+            class_names=self.class_names,
+            concepts=self.concepts.texts,
+            model=f"{backend.name}:{getattr(backend.encoder, 'name', type(backend.encoder).__name__)}",
         )
         self._warn_settings_changed()
 

@@ -24,6 +24,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
                                  was kept; absent otherwise; the raw fitted weights stay in round_epoch=N.json)
     previous_epoch        int?   the unit's previous explained epoch (null on its first)
     previous_description  str?   the description at previous_epoch
+    previous_shown        str?   the text shown at previous_epoch where it was not its description ("no clear
+                                 concept", "low-level: red", "dead unit"); absent otherwise
     similarity            float? cosine similarity of the two descriptions' text embeddings
     changed               bool   the description's meaning changed: similarity < threshold (false on the first
                                  epoch); a combination's concepts never set it
@@ -122,6 +124,12 @@ class HistoryRecord:
             ),
             "previous_epoch": d.previous_epoch,
             "previous_description": d.previous_description,
+            # What was shown then where it was not the description ("no clear concept", "low-level: red", ...).
+            **(
+                {"previous_shown": d.previous_shown}
+                if d.previous_shown is not None and d.previous_shown != d.previous_description
+                else {}
+            ),
             "similarity": _finite(d.similarity),
             "changed": bool(d.changed),
             "concepts_changed": d.concepts_changed,
@@ -188,6 +196,7 @@ class HistoryRecord:
             get("threshold", DEFAULT_CHANGE_THRESHOLD),
             get("concept_jaccard"),
             kind=explanation.kind,
+            previous_shown=get("previous_shown", get("previous_description")),
             gained=bool(get("gained", False)),
             lost=bool(get("lost", False)),
             baseline=bool(get("baseline", False)),
