@@ -87,7 +87,8 @@ def _concept_kw(source: ConceptSource, n_classes: int) -> dict[str, Any]:
 
 
 def _binary(concepts: Tensor, source: ConceptSource, n_classes: int) -> Tensor:
-    return M.binarize_concepts(concepts, **_concept_kw(source, n_classes))
+    kw = _concept_kw(source, n_classes)
+    return M.binarize_concepts(concepts, kw["concept_threshold"], kw.get("concept_alpha", 0.1))
 
 
 def pipeline_metrics() -> dict[str, MetricSpec]:
