@@ -122,7 +122,7 @@ def test_every_precision_runs_a_reduced_fit_with_the_callback(tmp_path, precisio
     t.fit(Tiny(), *loaders())
     assert torch.get_default_dtype() == default
     assert [r.epoch for r in cb.rounds] == [0]
-    assert len(cb.rounds[0]) == 8 + 3 and all(u.description for u in cb.rounds[0])
+    assert len(cb.rounds[0]) == 8 + 3 and all(u.shown for u in cb.rounds[0])
     assert load_history(neurons_dir(t)).epochs == [0]
 
 

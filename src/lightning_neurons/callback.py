@@ -123,7 +123,9 @@ class NeuronExplainer(Callback):
         epochs: Explicit 0-based epochs to explain, in addition to ``every_n_epochs``.
         explain_on_fit_end: Explain the last recorded validation pass at the end of ``fit`` if it was not explained
             yet (the end-of-epoch passes are then recorded even when not scheduled).
-        backend: Foundation models: ``"embedded"`` (offline pack), ``"clip"``, ``"hf"`` or a ``Backend``.
+        backend: Foundation models: ``"auto"`` (default: open_clip when its weights are cached or can be fetched,
+            else the offline pack with one warning), ``"embedded"`` (offline pack), ``"clip"``, ``"hf"`` or a
+            ``Backend``.
         backend_kwargs: Extra keyword arguments for the backend loader (model names, device, ...).
         vocabulary: Concept sources: ``"general"`` (built-in), ``"classes"`` (``class_names``), ``"llm"``
             (LLM-generated domain concepts) or paths to text files with one concept a line;
@@ -192,7 +194,7 @@ class NeuronExplainer(Callback):
         every_n_epochs: int | None = 1,
         epochs: list[int] | None = None,
         explain_on_fit_end: bool = True,
-        backend: str | Backend = "embedded",
+        backend: str | Backend = "auto",
         backend_kwargs: dict[str, Any] | None = None,
         vocabulary: list[str] | None = None,
         class_names: list[str] | None = None,
@@ -776,7 +778,7 @@ def derived_name(config: RunConfig) -> str:
     from lightning_neurons.config import DEFAULT_VOCABULARY
 
     parts = [config.recording.layer_label]
-    if config.backend.backend_label != "embedded":
+    if config.backend.backend_label not in ("auto", "embedded"):  # the default, and the default before it
         parts.append(config.backend.backend_label)
     if tuple(config.backend.vocabulary) != DEFAULT_VOCABULARY or config.backend.llm_vocabulary:
         parts.append(

@@ -100,7 +100,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--layers", required=True, nargs="+", help="layer names or glob patterns")
     explain.add_argument("--top-k", type=int, default=16, help="top samples per unit (default 16)")
-    explain.add_argument("--backend", default="embedded", help="embedded (offline), clip or hf (default embedded)")
+    explain.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (open_clip if its weights are cached or can be fetched, else embedded), embedded (offline), clip "
+        "or hf (default auto)",
+    )
     explain.add_argument("--backend-args", default="{}", help="JSON keyword arguments of the backend")
     explain.add_argument("--vocabulary", nargs="*", default=None, help="general, classes, llm and/or concept files")
     explain.add_argument(

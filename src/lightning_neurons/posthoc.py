@@ -45,7 +45,7 @@ def explain(
     top_k: int = 16,
     epoch: int | None = None,
     output_dir: str | Path | None = None,
-    backend: str | Backend = "embedded",
+    backend: str | Backend = "auto",
     backend_kwargs: dict[str, Any] | None = None,
     vocabulary: list[str] | None = None,
     class_names: list[str] | None = None,
@@ -63,7 +63,8 @@ def explain(
         epoch: Epoch to file the round under (drift needs it); ``None`` files a one-off explanation as epoch 0.
         output_dir: When given, the history, TensorBoard events, crop previews and the HTML report are written
             there, as the callback writes them into a run's log directory.
-        backend: ``"embedded"`` (offline), ``"clip"``, ``"hf"`` or a loaded :class:`Backend`.
+        backend: ``"auto"`` (open_clip when its weights are cached or can be fetched, else the offline pack with
+            one warning), ``"embedded"`` (offline), ``"clip"``, ``"hf"`` or a loaded :class:`Backend`.
         backend_kwargs: Keyword arguments of the backend loader.
         vocabulary: Concept sources (``"general"``, ``"classes"``, ``"llm"`` or concept files).
         class_names: The dataset's class names (a vocabulary source and the ablation's labels).

@@ -30,6 +30,7 @@ from lightning_neurons.backends.base import Backend
 from lightning_neurons.backends.cache import CachedImageEncoder
 from lightning_neurons.concepts.concept_set import ConceptSet
 from lightning_neurons.config import RunConfig
+from lightning_neurons.drift.baseline import settings_warning
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
 from lightning_neurons.explanation.pipeline import explain_recording
 from lightning_neurons.identity import new_run_id, round_identity, settings_fingerprint
@@ -70,6 +71,7 @@ class ExplanationSession:
         self.run_id: str = new_run_id()
         #: Fingerprint and summary of the settings that change what a round means (set in :meth:`setup`).
         self.settings: tuple[str, dict[str, Any]] = ("", {})
+        self._checkpoint_settings: dict[str, Any] | None = None
         self._foreign = False
         #: Post hoc into a folder the caller named: a round of some layers keeps the folder's other layers at its
         #: epoch (``lightning-neurons explain -o existing``), instead of replacing the whole epoch.
@@ -108,8 +110,12 @@ class ExplanationSession:
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
         self.concepts = ConceptSet(tuple(vocabulary.concepts), vocabulary.embed(backend.encoder))
         self.settings = settings_fingerprint(
-            self.config, class_names=self.class_names, concepts=self.concepts.texts
+            self.config,
+            class_names=self.class_names,
+            concepts=self.concepts.texts,
+            model=f"{backend.name}:{getattr(backend.encoder, 'name', type(backend.encoder).__name__)}",
         )
+        self._warn_settings_changed()
 
     def open(self, output_dir: str | Path, writers: Sequence[RoundWriter] = ()) -> None:
         """Write into ``output_dir`` (history, rounds, previews, report) and to ``writers`` (logger families).
@@ -353,14 +359,28 @@ class ExplanationSession:
         The history file, its round ids and each unit's latest record: the full history stays in the file, so a
         checkpoint does not grow with the run.
         """
-        return {"history": self.history.checkpoint_state()}
+        return {"history": self.history.checkpoint_state(), "settings": self.settings[1] or None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; re-attaches the history file when the session is already open."""
+        """Inverse of :meth:`state_dict`; re-attaches the history file when the session is already open.
+
+        Warns, naming them, when the settings that decide what a round means changed since the checkpoint (the next
+        round starts a new drift baseline).
+        """
         if "history" in state:
             self.history.load_state_dict(state["history"])
             if self.output_dir is not None and self.writes and not self._foreign:
                 self.history.attach(self.output_dir / HISTORY_FILENAME)
+        self._checkpoint_settings = state.get("settings")
+        self._warn_settings_changed()
+
+    def _warn_settings_changed(self) -> None:
+        # Once both are known: the checkpoint's settings and this session's (set up before or after the restore).
+        if self._checkpoint_settings and self.settings[1]:
+            message = settings_warning(self._checkpoint_settings, self.settings[1])
+            if message and self.writes:
+                warnings.warn(message, stacklevel=3)
+            self._checkpoint_settings = None
 
     def teardown(self) -> None:
         """Flush and close the writers and release the models (the history stays for a later run)."""

@@ -13,6 +13,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     confidence            float? confidence of the description in [0, 1] (0.5 = chance; absent in older files
                                  and where not computed); the description stays the raw best concept
     source                str    "concept" or "describe"
+    kind                  str?   "concept", "low_level", "unclear" or "dead" (absent in older files: legacy)
+    low_level             str?   the image statistic a low-level unit tracks ("brightness", "red", ...)
     alternatives          list   [{"text": str, "score": float}, ...] runner-up concepts
     top_sample_ids        list   probe-sample ids of the top activations, best first
     ablation              list?  [{"class": str, "drop": float}, ...] classes hurt most when the unit is zeroed
@@ -22,6 +24,8 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
                                  was kept; absent otherwise; the raw fitted weights stay in round_epoch=N.json)
     previous_epoch        int?   the unit's previous explained epoch (null on its first)
     previous_description  str?   the description at previous_epoch
+    previous_shown        str?   the text shown at previous_epoch where it was not its description ("no clear
+                                 concept", "low-level: red", "dead unit"); absent otherwise
     similarity            float? cosine similarity of the two descriptions' text embeddings
     changed               bool   the description's meaning changed: similarity < threshold (false on the first
                                  epoch); a combination's concepts never set it
@@ -36,6 +40,12 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     threshold             float  change threshold used
     confidence_threshold  float? confidence at or below which the unit is shown as "no clear concept" (the
                                  round's ``confidence_threshold``; absent in older files and when off)
+    gained, lost          bool?  the unit gained / lost a concept since previous_epoch (drift.metrics.meaning_change;
+                                 written when true)
+    baseline              bool?  true when the settings changed since the unit's previous explanation: a new drift
+                                 baseline, not compared (drift.baseline; written when true)
+    settings              str?   fingerprint of the settings the round was explained under
+                                 (``RoundIdentity.settings``; absent in older files and rounds without an identity)
     revisit               bool?  true when the round re-explains an earlier epoch and keeps the later ones
                                  (``trainer.validate(ckpt_path=...)`` of an older checkpoint); absent otherwise
     round_id              str    which write of a round the record belongs to (absent in older files)
@@ -74,12 +84,15 @@ class HistoryRecord:
             checkpoint): reading it replaces that epoch only and keeps the later ones.
         confidence_threshold: The round's confidence threshold: at or below it the unit is shown as "no clear
             concept" (``None``: the round showed every description).
+        settings: Fingerprint of the settings the round was explained under (``RoundIdentity.settings``); a later
+            round under other settings starts a new drift baseline (:mod:`lightning_neurons.drift.baseline`).
     """
 
     explanation: UnitExplanation
     drift: UnitDrift
     revisit: bool = False
     confidence_threshold: float | None = None
+    settings: str | None = None
 
     @property
     def key(self) -> Key:
@@ -99,6 +112,7 @@ class HistoryRecord:
             "margin": _finite(e.margin),
             "concept_score": _finite(e.concept_score),
             **({"confidence": _finite(e.confidence)} if e.confidence is not None else {}),
+            **{k: getattr(e, k) for k in ("kind", "low_level") if getattr(e, k) is not None},  # drift compares kinds
             "source": e.source,
             "alternatives": [{"text": a.text, "score": _finite(a.score)} for a in e.alternatives],
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
@@ -110,6 +124,12 @@ class HistoryRecord:
             ),
             "previous_epoch": d.previous_epoch,
             "previous_description": d.previous_description,
+            # What was shown then where it was not the description ("no clear concept", "low-level: red", ...).
+            **(
+                {"previous_shown": d.previous_shown}
+                if d.previous_shown is not None and d.previous_shown != d.previous_description
+                else {}
+            ),
             "similarity": _finite(d.similarity),
             "changed": bool(d.changed),
             "concepts_changed": d.concepts_changed,
@@ -118,6 +138,8 @@ class HistoryRecord:
             "threshold": d.threshold,
             **({"concept_jaccard": _finite(d.concept_jaccard)} if d.concept_jaccard is not None else {}),
             **({"confidence_threshold": self.confidence_threshold} if self.confidence_threshold is not None else {}),
+            **{flag: True for flag in ("gained", "lost", "baseline") if getattr(d, flag)},
+            **({"settings": self.settings} if self.settings else {}),
             **({"revisit": True} if self.revisit else {}),
         }
 
@@ -154,6 +176,8 @@ class HistoryRecord:
             ablation=[(str(a["class"]), num_or_nan(a["drop"])) for a in data.get("ablation") or []] or None,
             combination=[Alternative(a["text"], num_or_nan(a["score"])) for a in data.get("combination") or []] or None,
             confidence=None if data.get("confidence") is None else float(data["confidence"]),
+            kind=None if data.get("kind") is None else str(data["kind"]),
+            low_level=None if data.get("low_level") is None else str(data["low_level"]),
         )
         get = data.get
         changed = stored_changed(data)
@@ -171,6 +195,11 @@ class HistoryRecord:
             get("score_delta"),
             get("threshold", DEFAULT_CHANGE_THRESHOLD),
             get("concept_jaccard"),
+            kind=explanation.kind,
+            previous_shown=get("previous_shown", get("previous_description")),
+            gained=bool(get("gained", False)),
+            lost=bool(get("lost", False)),
+            baseline=bool(get("baseline", False)),
         )
         shown_at = data.get("confidence_threshold")
         return cls(
@@ -178,6 +207,7 @@ class HistoryRecord:
             drift=drift,
             revisit=bool(data.get("revisit", False)),
             confidence_threshold=None if shown_at is None else float(shown_at),
+            settings=get("settings") or None,
         )
 
 
@@ -203,6 +233,8 @@ def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
         ablation=[(str(c), float(v)) for c, v in u.ablation] if u.ablation else None,
         combination=[Alternative(a.text, float(a.score)) for a in u.combination] if u.combination else None,
         confidence=None if u.confidence is None else float(u.confidence),
+        kind=u.kind,  # drift compares kinds (drift.metrics.meaning_change)
+        low_level=u.low_level,
     )
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from lightning_neurons.drift.baseline import baseline_units, round_settings
 from lightning_neurons.drift.metrics import (
     DEFAULT_CHANGE_THRESHOLD,
     DEFAULT_STABLE_ROUNDS,
@@ -317,16 +318,24 @@ class RunHistory:
         revisit = keep_later and bool(later)
         units = [_trim(u, ep) for u in round.units]
         previous: dict[tuple[str, int], UnitExplanation] = {}
+        previous_settings: dict[tuple[str, int], str | None] = {}
         for u in units:
             timeline = self._by_unit.get(u.layer, {}).get(u.unit)
             for e in reversed(timeline or {}):  # newest first; usually the first one is already before ep
                 if e < ep:
                     previous[u.key] = timeline[e].explanation  # type: ignore[index]
+                    previous_settings[u.key] = timeline[e].settings  # type: ignore[index]
                     break
-        drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep)
+        # A change of settings (vocabulary, backend, top_k, ...) starts a new baseline: never counted as drift.
+        settings = round_settings(round)
+        baseline = baseline_units(previous_settings, settings)
+        drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep, baseline=baseline)
         shown_at = round.meta.get("confidence_threshold")
         shown_at = None if shown_at is None else float(shown_at)
-        new = [HistoryRecord(u, d, revisit=revisit, confidence_threshold=shown_at) for u, d in zip(units, drifts)]
+        new = [
+            HistoryRecord(u, d, revisit=revisit, confidence_threshold=shown_at, settings=settings)
+            for u, d in zip(units, drifts)
+        ]
         ids = self._append(new) if self.path is not None else []  # first on disk: a failed write changes nothing
         self._start_round(ep, revisit)
         for record in new:

@@ -125,10 +125,13 @@ def explain_recording(
         concept_values = concept_set(concepts, encoder, cfg.encoder_batch_size)
     with _timed(timings, "score"):
         sims = crop_similarities(crops, concept_values, device)
+        # selection="concept_score": the description is chosen first, then its correlation is tested.
+        scores = score_layers(sims, crops, regions, cfg, device) if cfg.selection == "concept_score" else None
     with _timed(timings, "significance"):
-        significance = test_layers(forward, crops, sims, cfg, reduction=recording.reduction)
-    with _timed(timings, "score"):
-        scores = score_layers(sims, crops, regions, cfg, device, significance)
+        significance = test_layers(forward, crops, sims, cfg, reduction=recording.reduction, scores=scores)
+    if scores is None:  # selection="correlation": the tests' correlations rank the concepts
+        with _timed(timings, "rank"):
+            scores = score_layers(sims, crops, regions, cfg, device, significance)
     evidence = RoundEvidence(forward, regions, crops, concept_values, scores, sims, significance, recording.reduction)
     units = build_units(evidence, epoch)
     if cfg.multi_concept:

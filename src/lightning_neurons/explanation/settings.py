@@ -48,11 +48,14 @@ class ExplainConfig:
             minus this times the concept's mean score over the layer's other units, leaving out the units that
             share the unit's top samples (a concept the units really share keeps winning). ``0``: off.
         shared_overlap: Fraction of the smaller top-sample set two units must have in common to count as sharing.
-        selection: How a unit's description is chosen: ``"correlation"`` (the default: the concept whose
-            whole-image similarity correlates best with the unit's activations over the reservoir and the unit's top
-            samples, the statistic the permutation test repeats) or ``"concept_score"`` (the corrected top-crop
-            concept score of ``correction``, with the frequency penalty). Either way ``UnitExplanation.score`` is
-            the correlation of the shown description.
+        selection: How a unit's description is chosen: ``"concept_score"`` (the default: the corrected top-crop
+            concept score of ``correction``, with the frequency penalty; it reads the unit's top-k crops, which do
+            not depend on the seed, so descriptions are stable across seeds) or ``"correlation"`` (the concept whose
+            whole-image similarity correlates best with the unit's activations over the reservoir and its top
+            samples; measured on MobileNetV2 ``features.16`` with 128 reservoir images, only 60% of the concept-kind
+            units kept their description between two seeds, against 94% with ``"concept_score"``). Either way
+            ``UnitExplanation.score`` is the correlation of the shown description and its p-value compares that
+            correlation with the best correlation over all concepts of permuted activations.
         permutations: Permutations of each unit's activations in the significance test
             (:func:`~lightning_neurons.explanation.significance.permutation_test`); the smallest p-value is
             ``1 / (permutations + 1)``. ``0``: no test (every unit is kind ``"unclear"`` unless dead).
@@ -121,7 +124,7 @@ class ExplainConfig:
     control_crops_per_image: int = 1
     confidence_threshold: float | None = 0.85
     confidence_samples: int = 0
-    selection: Literal["correlation", "concept_score"] = "correlation"
+    selection: Literal["correlation", "concept_score"] = "concept_score"
     permutations: int = 200
     q_threshold: float = 0.05
     gain_margin: float = 0.05

@@ -5,8 +5,8 @@ uniform sample of the probe set, plus the unit's top samples; whole images every
 
 (a) :func:`permutation_test`: the unit's activations are permuted ``B`` times over its samples and each time the
     selection is repeated (the maximum correlation over *all* concepts), so choosing the best of ``C`` concepts is
-    paid for: ``p = (1 + #{null >= observed}) / (B + 1)``; :func:`benjamini_hochberg` adjusts the layer's p-values
-    (``q``).
+    paid for: ``p = (1 + #{null >= observed}) / (B + 1)`` with ``observed`` the correlation of the shown
+    description; :func:`benjamini_hochberg` adjusts the layer's p-values (``q``).
 (b) :func:`concept_gain`: cross-validated ridge regression of the activation on simple image statistics
     (:func:`image_statistics`: colour means and spreads, brightness, contrast, saturation, edge energy, a 2x2
     colour layout) against the same plus the similarity to a concept chosen inside the training folds; the gain is
@@ -77,7 +77,7 @@ def image_statistics(images: Tensor, size: int = 32) -> Tensor:
         x = F.adaptive_avg_pool2d(x, size)
     means = x.mean(dim=(2, 3))
     spreads = x.flatten(2).std(dim=2, unbiased=False)
-    lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    lum = x.mean(dim=1)  # brightness: the mean of the channels
     high, low = x.amax(dim=1), x.amin(dim=1)
     saturation = ((high - low) / high.clamp_min(1e-3)).mean(dim=(1, 2))
     dx = (lum[:, :, 1:] - lum[:, :, :-1]).abs().mean(dim=(1, 2))
@@ -284,7 +284,10 @@ def low_level_statistic(activations: Tensor, statistics: Tensor, weights: Tensor
         ['darkness']
     """
     corr = correlation(activations.float(), statistics.float(), weights.float())
-    best = corr.abs().argmax(dim=1)
+    # A whole-image statistic reads better than a corner's: a corner wins only by a clear margin.
+    whole = len(STATISTICS) - 12
+    strength = corr.abs() - torch.cat([torch.zeros(whole), torch.full((corr.shape[1] - whole,), 0.05)]).to(corr.device)
+    best = strength.argmax(dim=1)
     signs = corr.gather(1, best[:, None])[:, 0]
     return [statistic_name(i, s) for i, s in zip(best.tolist(), signs.tolist())]
 
@@ -386,6 +389,7 @@ def layer_significance(
     alpha: float = 0.1,
     q_threshold: float = 0.05,
     gain_margin: float = 0.05,
+    chosen: Tensor | None = None,
     budget: int = 1 << 24,
 ) -> LayerSignificance:
     """Correlations, permutation test, BH, concept gain and low-level statistic of every unit of a layer.
@@ -402,6 +406,8 @@ def layer_significance(
         alpha: Ridge penalty.
         q_threshold: False discovery rate of :func:`unit_kinds`.
         gain_margin: Concept gain a significant unit needs to be kind ``"concept"``.
+        chosen: int64 ``[U]`` each unit's shown concept, whose correlation is tested against the null of the best
+            of all concepts (``None``: the best concept by correlation, the selection the null repeats).
         budget: Floats held by a chunk's ``[units, N, C]`` similarities and by a block of the null.
     """
     units = samples.top_ids.shape[0]
@@ -414,11 +420,14 @@ def layer_significance(
         acts, w, x, s, _ = samples.chunk(rows, sims, statistics)
         fold = _fold_rows(samples, rows, folds)
         corr = correlation(acts, x, w)
+        observed = None if chosen is None else corr.gather(1, chosen[rows].to(corr.device)[:, None])[:, 0]
         valid_max = torch.where(w > 0, acts, torch.full_like(acts, -float("inf"))).amax(1)
         valid_min = torch.where(w > 0, acts, torch.full_like(acts, float("inf"))).amin(1)
         dead = ~(valid_max > 0) | ~(valid_max - valid_min > 1e-6 * valid_max.abs().clamp_min(1e-6))
         if permutations > 0:
-            p = permutation_test(acts, x, w, permutations=permutations, generator=generator, budget=budget)
+            p = permutation_test(
+                acts, x, w, permutations=permutations, generator=generator, observed=observed, budget=budget
+            )
         else:
             p = torch.full((acts.shape[0],), float("nan"))
         p = torch.where(dead.to(p.device), torch.full_like(p, float("nan")), p)

@@ -119,6 +119,7 @@ def test_layers(
     sims: Tensor,
     cfg: ExplainConfig,
     reduction: str = "max",
+    scores: dict[str, LayerScores] | None = None,
 ) -> dict[str, LayerSignificance]:
     """Per layer: each unit's correlation with every concept, its permutation test, concept gain and statistic.
 
@@ -133,6 +134,7 @@ def test_layers(
         sims: The round's similarity product (:func:`crop_similarities`).
         cfg: ``permutations``, ``cv_folds``, ``ridge``, ``seed``.
         reduction: How the recording reduced unit maps (``"max"`` or ``"mean"``).
+        scores: The layers' concept scores, whose chosen concepts are tested (``None``: the best by correlation).
     """
     if crops.whole_rows is None:
         return {}
@@ -154,6 +156,7 @@ def test_layers(
             alpha=cfg.ridge,
             q_threshold=cfg.q_threshold,
             gain_margin=cfg.gain_margin,
+            chosen=None if scores is None or name not in scores else scores[name].top_indices[:, 0].to(device),
         )
     return out
 
