@@ -508,3 +508,29 @@ def test_explain_command_takes_model_args_seed_reservoir_log_units_and_class_nam
     assert rnd.identity.settings_summary["class_names"].startswith("3 names")
     tags = EventAccumulator(str(tmp_path / "out"), size_guidance={"images": 0}).Reload().Tags()["images"]
     assert sorted(tags) == ["neurons/head/0/top_k", "neurons/head/2/top_k"]
+
+
+def test_checkpoints_of_one_epoch_are_filed_in_step_order_with_their_steps(tmp_path):
+    from lightning_neurons import explain_checkpoints
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=3, filename="{epoch}-{step}")
+    model = Tiny()
+    trainer(tmp_path, [ckpt], max_epochs=2, limit_train_batches=6).fit(model, *loaders())
+    # epoch 1 has steps 9 and 12: by file name "step=12" sorts before "step=9"
+    assert {p.name for p in (tmp_path / "ckpt").glob("epoch=1*")} == {"epoch=1-step=9.ckpt", "epoch=1-step=12.ckpt"}
+    with pytest.warns(UserWarning, match="several checkpoints share an epoch"):
+        rounds = explain_checkpoints(
+            tmp_path / "ckpt", Tiny, loaders()[1], "head", output_dir=tmp_path / "out", top_k=3,
+            backend=cheap_backend(), vocabulary=["general"], show_progress=False,
+        )  # fmt: skip
+    assert [(r.identity.epoch, r.identity.step) for r in rounds] == [(0, 3), (0, 6), (1, 9), (1, 12)]
+    assert rounds[-1].identity.weights == weights_fingerprint(model)  # the last round is the final weights
+    history = load_history(tmp_path / "out")
+    for unit in range(3):  # epoch 1 holds the latest weights of epoch 1
+        assert history.get("head", unit, 1).explanation.description == rounds[-1].get("head", unit).description
+
+
+def test_a_one_off_explain_without_epoch_never_replaces_a_folders_epoch_0(tmp_path):
+    _explain("head", 0, tmp_path)
+    with pytest.raises(ValueError, match=r"already holds the rounds of epochs \[0\]: pass epoch="):
+        _explain("head", None, tmp_path)
