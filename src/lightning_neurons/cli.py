@@ -248,8 +248,10 @@ def _history(args: argparse.Namespace) -> int:
     history = load_history(path)
     for line in history.format_summary():
         print(line)
-    csv_path = Path(args.csv) if args.csv else path.with_suffix(".csv")
-    json_path = Path(args.json) if args.json else path.with_suffix(".json")
+    # Exports beside a local history (history/ -> history.csv); in the working folder for a remote one.
+    base = path if isinstance(path, Path) else Path(str(path).rstrip("/").rsplit("/", 1)[-1])
+    csv_path = Path(args.csv) if args.csv else base.with_suffix(".csv")
+    json_path = Path(args.json) if args.json else base.with_suffix(".json")
     history.to_csv(csv_path)
     history.to_json(json_path)
     print(f"wrote {csv_path} and {json_path}")

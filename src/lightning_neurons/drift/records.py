@@ -13,6 +13,12 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     confidence            float? confidence of the description in [0, 1] (0.5 = chance; absent in older files
                                  and where not computed); the description stays the raw best concept
     source                str    "concept" or "describe"
+    kind                  str?   "concept", "low_level", "unclear" or "dead" (absent in older files: legacy)
+    shown                 str?   the text every sink displays (``UnitExplanation.shown``; written with kind)
+    p_value, q_value      float? significance against permuted activations; q: Benjamini-Hochberg over the layer
+    low_level             str?   the image statistic a low-level unit tracks ("brightness", "red", ...)
+    concept_gain          float? correlation the concept adds beyond image statistics (cross-validated)
+    auc                   float? the old AUC, kept as a secondary figure
     alternatives          list   [{"text": str, "score": float}, ...] runner-up concepts
     top_sample_ids        list   probe-sample ids of the top activations, best first
     ablation              list?  [{"class": str, "drop": float}, ...] classes hurt most when the unit is zeroed
@@ -62,6 +68,25 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+#: The shared-contract fields of a unit (results.UnitExplanation), kept only where set (older records lack them).
+CONTRACT_FIELDS = ("kind", "p_value", "q_value", "low_level", "concept_gain", "auc")
+
+
+def _contract_fields(e: UnitExplanation) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in CONTRACT_FIELDS:
+        value = getattr(e, name)
+        if value is not None:
+            out[name] = value if isinstance(value, str) else _finite(value)
+    if e.kind is not None:
+        out["shown"] = e.shown
+    return out
+
+
 @dataclass
 class HistoryRecord:
     """One unit at one explained epoch: its explanation and its drift from the previous explained epoch.
@@ -98,6 +123,7 @@ class HistoryRecord:
             "margin": _finite(e.margin),
             "concept_score": _finite(e.concept_score),
             **({"confidence": _finite(e.confidence)} if e.confidence is not None else {}),
+            **_contract_fields(e),
             "source": e.source,
             "alternatives": [{"text": a.text, "score": _finite(a.score)} for a in e.alternatives],
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
@@ -153,6 +179,12 @@ class HistoryRecord:
             ablation=[(str(a["class"]), num_or_nan(a["drop"])) for a in data.get("ablation") or []] or None,
             combination=[Alternative(a["text"], num_or_nan(a["score"])) for a in data.get("combination") or []] or None,
             confidence=None if data.get("confidence") is None else float(data["confidence"]),
+            kind=None if data.get("kind") is None else str(data["kind"]),
+            p_value=_opt_float(data.get("p_value")),
+            q_value=_opt_float(data.get("q_value")),
+            low_level=None if data.get("low_level") is None else str(data["low_level"]),
+            concept_gain=_opt_float(data.get("concept_gain")),
+            auc=_opt_float(data.get("auc")),
         )
         get = data.get
         changed = stored_changed(data)
@@ -196,6 +228,12 @@ def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
         ablation=[(str(c), float(v)) for c, v in u.ablation] if u.ablation else None,
         combination=[Alternative(a.text, float(a.score)) for a in u.combination] if u.combination else None,
         confidence=None if u.confidence is None else float(u.confidence),
+        kind=u.kind,
+        p_value=_finite(u.p_value),
+        q_value=_finite(u.q_value),
+        low_level=u.low_level,
+        concept_gain=_finite(u.concept_gain),
+        auc=_finite(u.auc),
     )
 
 
@@ -209,6 +247,13 @@ _CSV_COLUMNS = [
     "concept_score",
     "confidence",
     "source",
+    "kind",
+    "shown",
+    "p_value",
+    "q_value",
+    "low_level",
+    "concept_gain",
+    "auc",
     "previous_epoch",
     "previous_description",
     "similarity",

@@ -408,11 +408,11 @@ def write_report(
     """
     if isinstance(run_dir_or_history, RunHistory):
         history = run_dir_or_history
-        run_dir = history.path.parent if history.path is not None else None
+        run_dir = history.path.parent if isinstance(history.path, Path) else None
     else:
         history_file = find_history_file(run_dir_or_history)
         history = load_history(history_file)
-        run_dir = history_file.parent
+        run_dir = history_file.parent if isinstance(history_file, Path) else None
     if previews_dir is None and run_dir is not None:
         previews_dir = run_dir / PREVIEWS_DIRNAME
     if title is None:

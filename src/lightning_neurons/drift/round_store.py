@@ -1,0 +1,267 @@
+"""The history as a store of rounds: one Parquet file per round, made visible atomically, read by query.
+
+A run's history is a folder (``history/`` in the run's output folder), on a local disk, a network file system or any
+fsspec URL (``s3://...``, ``memory://...``). Each explanation round is one Parquet file (a row per unit, a column per
+record field, :mod:`lightning_neurons.drift.columns`) named ``round-<seq>-e<epoch>-<round id>[-r].parquet``:
+
+- ``seq`` orders the writes (the replay rules of :func:`effective_rounds` need the order), ``-r`` marks a revisit
+  (an older checkpoint re-explained: it replaces its epoch only);
+- the file is written under a hidden temporary name and renamed (``os.replace`` locally, ``mv`` on fsspec file
+  systems, where a put is atomic per object): a reader lists either the whole round or nothing, never half of it,
+  even when the writer crashes; readers may read while the run writes, and a file never changes once visible;
+- the round's :class:`~lightning_neurons.results.RoundIdentity` and ``meta`` travel in the file's key-value metadata.
+
+A lock (``history.lock`` beside the folder) keeps a second process from writing the same history; where the file
+system has no working locks (a network file system, an object store) the store writes unguarded, and two writers
+still never overwrite each other's rounds (each file name holds a fresh round id).
+
+Example:
+    >>> from lightning_neurons.drift.metrics import UnitDrift
+    >>> from lightning_neurons.drift.records import HistoryRecord
+    >>> from lightning_neurons.results import UnitExplanation
+    >>> store = RoundStore("memory://doc/history")
+    >>> unit = UnitExplanation("fc", 0, 2, "dots", 0.8)
+    >>> _ = store.write_round([HistoryRecord(unit, UnitDrift("fc", 0, 2, "dots", 0.8))])
+    >>> [(r.epoch, r.revisit) for r in store.effective()]
+    [(2, False)]
+    >>> store.read(store.effective()[0]).column("description").to_pylist()
+    ['dots']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from lightning_neurons.drift.columns import records_to_table, table_to_dicts
+from lightning_neurons.drift.records import HistoryRecord
+from lightning_neurons.drift.store import ROUND_FILE, STORE_DIRNAME, HistoryWriteError, acquire_lock
+
+__all__ = ["STORE_DIRNAME", "RoundFile", "RoundStore", "effective_rounds", "is_round_store"]
+_META_IDENTITY = b"lightning_neurons.identity"
+_META_ROUND = b"lightning_neurons.meta"
+# Rows per row group: a query of one layer or unit reads only the groups whose statistics can hold it.
+_ROW_GROUP = 4096
+
+
+@dataclass(frozen=True, order=True)
+class RoundFile:
+    """One visible round file: write order, epoch, round id and whether it revisits an earlier epoch."""
+
+    seq: int
+    rid: str
+    epoch: int
+    revisit: bool
+    name: str
+
+    @classmethod
+    def parse(cls, name: str) -> RoundFile | None:
+        """The round a file name denotes (``None`` for other files, temporary ones included)."""
+        m = ROUND_FILE.match(name)
+        if m is None:
+            return None
+        return cls(int(m.group(1)), m.group(3), int(m.group(2)), bool(m.group(4)), name)
+
+
+def effective_rounds(files: Sequence[RoundFile]) -> list[RoundFile]:
+    """The rounds that make up the history, by epoch.
+
+    Replayed in write order: a round replaces its epoch and drops the later ones (a run resumed from an earlier
+    checkpoint), a revisit replaces its epoch only.
+
+    Example:
+        >>> f = [RoundFile(0, "a", 0, False, ""), RoundFile(1, "b", 1, False, ""), RoundFile(2, "c", 1, False, "")]
+        >>> [r.rid for r in effective_rounds(f + [RoundFile(3, "d", 0, True, "")])]
+        ['d', 'c']
+        >>> [r.rid for r in effective_rounds(f + [RoundFile(3, "e", 0, False, "")])]
+        ['e']
+    """
+    by_epoch: dict[int, RoundFile] = {}
+    for f in sorted(files):
+        if not f.revisit:
+            for ep in [e for e in by_epoch if e > f.epoch]:
+                del by_epoch[ep]
+        by_epoch[f.epoch] = f
+    return [by_epoch[ep] for ep in sorted(by_epoch)]
+
+
+class RoundStore:
+    """A run's history folder of round files (see the module docstring).
+
+    Args:
+        url: Local folder or fsspec URL of the store (created on the first write).
+    """
+
+    def __init__(self, url: str | Path) -> None:
+        self.url = str(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._lock: Any = None
+        self._next_seq: int | None = None
+        self._footers: dict[str, pq.FileMetaData] = {}
+
+    def __repr__(self) -> str:
+        return f"RoundStore({self.url!r})"
+
+    def _path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    # ------------------------------------------------------------------ reading
+    def exists(self) -> bool:
+        """Whether the folder holds at least one round."""
+        return bool(self.files())
+
+    def files(self) -> list[RoundFile]:
+        """Every visible round file, in write order (temporary files of writes in progress are not listed)."""
+        try:
+            names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(f for f in map(RoundFile.parse, names) if f is not None)
+
+    def effective(self) -> list[RoundFile]:
+        """The round files that make up the history, by epoch (:func:`effective_rounds`)."""
+        return effective_rounds(self.files())
+
+    def metadata(self, f: RoundFile) -> pq.FileMetaData:
+        """The file's Parquet footer (cached: a round file never changes once visible)."""
+        footer = self._footers.get(f.name)
+        if footer is None:
+            with self.fs.open(self._path(f.name), "rb") as fh:
+                footer = pq.ParquetFile(fh).metadata
+            self._footers[f.name] = footer
+        return footer
+
+    def read(
+        self, f: RoundFile, columns: Sequence[str] | None = None, filters: Any = None, missing_ok: bool = True
+    ) -> pa.Table:
+        """The round's table (only ``columns`` that the file has, rows matching ``filters``)."""
+        if columns is not None and missing_ok:
+            have = set(self.metadata(f).schema.names)
+            columns = [c for c in columns if c in have]
+        path = self._path(f.name)
+        if self.local:
+            return pq.read_table(path, columns=columns, filters=filters)
+        return pq.read_table(path, columns=columns, filters=filters, filesystem=self.fs)
+
+    def identity(self, f: RoundFile) -> dict[str, Any] | None:
+        """The round's identity (``RoundIdentity.to_dict()``) as written, ``None`` where it had none."""
+        raw = (self.metadata(f).metadata or {}).get(_META_IDENTITY)
+        return None if raw is None else json.loads(raw)
+
+    def meta(self, f: RoundFile) -> dict[str, Any]:
+        """The round's ``meta`` as written (values that are not JSON are kept as text)."""
+        raw = (self.metadata(f).metadata or {}).get(_META_ROUND)
+        return {} if raw is None else json.loads(raw)
+
+    def read_records(self, f: RoundFile) -> list[HistoryRecord]:
+        """The round's records, in the order written."""
+        return [HistoryRecord.from_dict(d) for d in table_to_dicts(self.read(f))]
+
+    def size_bytes(self) -> int:
+        """Bytes of every visible round file."""
+        return sum(int(self.fs.size(self._path(f.name))) for f in self.files())
+
+    # ------------------------------------------------------------------ writing
+    def acquire(self) -> None:
+        """Take the writer's lock (local folders only; elsewhere writes go unguarded, see the module docstring).
+
+        Raises:
+            HistoryLockedError: If another process writes this store.
+        """
+        if self._lock is None and self.local:
+            self._lock = acquire_lock(Path(self.root))
+
+    def close(self) -> None:
+        """Release the writer's lock."""
+        lock, self._lock = self._lock, None
+        if lock is not None and lock.is_locked:
+            lock.release()
+
+    def write_round(
+        self,
+        records: Sequence[HistoryRecord],
+        identity: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        revisit: bool = False,
+    ) -> tuple[int, str]:
+        """Write one round (records of one epoch) as one file, visible all at once.
+
+        Returns:
+            ``(epoch, round id)``.
+
+        Raises:
+            ValueError: If the records are empty or of several epochs.
+            HistoryWriteError: If the file could not be written (the disk is full, ...); nothing becomes visible.
+        """
+        if not records or len({r.key[2] for r in records}) != 1:
+            raise ValueError("a round file holds the records of exactly one epoch")
+        self.acquire()
+        epoch, rid = records[0].key[2], uuid.uuid4().hex[:16]
+        table = records_to_table(records)
+        kv = {_META_ROUND: json.dumps(dict(meta or {}), default=str).encode()}
+        if identity is not None:
+            kv[_META_IDENTITY] = json.dumps(dict(identity), default=str).encode()
+        table = table.replace_schema_metadata(kv)
+        if self._next_seq is None:
+            self._next_seq = max((f.seq for f in self.files()), default=-1) + 1
+        seq = self._next_seq
+        final = self._path(f"round-{seq:06d}-e{epoch}-{rid}{'-r' if revisit else ''}.parquet")
+        tmp = self._path(f".tmp-{rid}.parquet")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            if self.local:
+                with open(tmp, "wb") as fh:
+                    pq.write_table(table, fh, compression="zstd", row_group_size=_ROW_GROUP)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, final)  # atomic: readers see the whole round or none of it
+                _fsync_dir(self.root)
+            else:
+                with self.fs.open(tmp, "wb") as fh:
+                    pq.write_table(table, fh, compression="zstd", row_group_size=_ROW_GROUP)
+                self.fs.mv(tmp, final)
+        except OSError as err:
+            try:
+                self.fs.rm(tmp)
+            except OSError:
+                pass
+            raise HistoryWriteError(
+                err.errno or 5, f"{err.strerror or err} while writing a history round; nothing of it is visible", final
+            ) from err
+        self._next_seq = seq + 1
+        return epoch, rid
+
+
+def _fsync_dir(path: str) -> None:
+    # The rename is durable only once the directory entry is (ext4, xfs); some file systems cannot fsync a folder.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_round_store(url: str | Path) -> bool:
+    """Whether ``url`` is a round store folder (it holds at least one round file).
+
+    Example:
+        >>> is_round_store("memory://nothing-here")
+        False
+    """
+    return RoundStore(url).exists()
