@@ -20,11 +20,14 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
+from operator import attrgetter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
-from lightning_neurons.drift.records import HistoryRecord
+from lightning_neurons.drift.records import SCHEMA_VERSION, HistoryRecord
 
 _TEXT_SCORE = pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())]))
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -65,30 +68,83 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "revisit": pa.bool_(),
 }
 
-# Columns that are written even when every value is null, so that every round file has them (queries select them).
-_ALWAYS = ("layer", "unit", "epoch", "description", "shown", "score", "kind", "p_value", "q_value", "changed")
+
+def _floats(values: list[Any]) -> pa.Array:
+    # NaN and infinities are stored as null, as to_dict writes them (JSON has neither).
+    arr = np.array(values, dtype=np.float64)  # None -> NaN
+    return pa.array(arr, mask=~np.isfinite(arr))
+
+
+def _strings(values: list[Any]) -> pa.Array:
+    return pa.array(values, pa.string()).dictionary_encode()
+
+
+def _offsets(lists: list[Any]) -> pa.Array:
+    lengths = np.fromiter((0 if x is None else len(x) for x in lists), dtype=np.int32, count=len(lists))
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.array(offsets)
+
+
+def _list_column(lists: list[Any], first: str, second: str, get: Any) -> pa.Array:
+    # list<struct<first: string, second: float64>>; an empty or missing list is null, as to_dict writes it.
+    flat = list(chain.from_iterable(x for x in lists if x))
+    pairs = list(map(get, flat))
+    values = pa.StructArray.from_arrays(
+        [pa.array([f for f, _ in pairs], pa.string()), _floats([s for _, s in pairs])], names=[first, second]
+    )
+    mask = pa.array([not items for items in lists])
+    return pa.ListArray.from_arrays(_offsets([x or [] for x in lists]), values, mask=mask)
+
+
+def _known_columns(records: Sequence[HistoryRecord]) -> dict[str, pa.Array]:
+    # Column by column from the record objects: ~10x faster than building the to_dict() rows (a 98k-unit round).
+    es = [r.explanation for r in records]
+    ds = [r.drift for r in records]
+    n = len(records)
+    ids = [e.top_sample_ids for e in es]
+    cols: dict[str, pa.Array] = {
+        "schema": pa.array(np.full(n, SCHEMA_VERSION, dtype=np.int8)),
+        "layer": _strings([d.layer for d in ds]),
+        "unit": pa.array([d.unit for d in ds], pa.int32()),
+        "epoch": pa.array([d.epoch for d in ds], pa.int32()),
+        "description": _strings([e.description for e in es]),
+        "shown": _strings([None if e.kind is None else e.shown for e in es]),
+    }
+    for name in ("score", "margin", "concept_score", "confidence", "p_value", "q_value", "concept_gain", "auc"):
+        cols[name] = _floats(list(map(attrgetter(name), es)))
+    for name in ("kind", "low_level", "source"):
+        cols[name] = _strings(list(map(attrgetter(name), es)))
+    text_score = attrgetter("text", "score")
+    cols["alternatives"] = _list_column([e.alternatives for e in es], "text", "score", text_score)
+    cols["top_sample_ids"] = pa.ListArray.from_arrays(
+        _offsets(ids), pa.array(np.fromiter(chain.from_iterable(ids), dtype=np.int64))
+    )
+    cols["ablation"] = _list_column([e.ablation for e in es], "class", "drop", tuple)
+    cols["combination"] = _list_column([e.combination for e in es], "text", "score", text_score)
+    cols["previous_epoch"] = pa.array([d.previous_epoch for d in ds], pa.int32())
+    cols["previous_description"] = _strings([d.previous_description for d in ds])
+    cols["changed"] = pa.array([bool(d.changed) for d in ds], pa.bool_())
+    cols["concepts_changed"] = pa.array([d.concepts_changed for d in ds], pa.bool_())
+    for name in ("similarity", "jaccard", "score_delta", "threshold", "concept_jaccard"):
+        cols[name] = _floats(list(map(attrgetter(name), ds)))
+    cols["confidence_threshold"] = _floats([r.confidence_threshold for r in records])
+    cols["revisit"] = pa.array([bool(r.revisit) for r in records], pa.bool_())
+    return cols
 
 
 def records_to_table(records: Sequence[HistoryRecord]) -> pa.Table:
-    """One row per record, a column per field of :meth:`HistoryRecord.to_dict` (absent fields are null)."""
-    dicts = [r.to_dict() for r in records]
-    names: dict[str, None] = dict.fromkeys(_ALWAYS)
-    for d in dicts[:1]:
-        names.update(dict.fromkeys(d))
-    for d in dicts:  # optional fields appear on some records only
-        if len(d) != len(names) or not names.keys() >= d.keys():
-            names.update(dict.fromkeys(d))
-    arrays, fields = [], []
-    for name in names:
-        values = [d.get(name) for d in dicts]
-        kind = COLUMN_TYPES.get(name)
-        if kind is not None and pa.types.is_dictionary(kind):
-            array: pa.Array = pa.array(values, pa.string()).dictionary_encode()
-        else:
-            array = pa.array(values, kind)
-        arrays.append(array)
-        fields.append(pa.field(name, array.type))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    """One row per record, a column per field of :meth:`HistoryRecord.to_dict` (absent fields are null).
+
+    Fields that :data:`COLUMN_TYPES` does not know (added to the record format later, e.g. drift flags) are read
+    from the record's drift or explanation by name and get the inferred type.
+    """
+    cols = _known_columns(records)
+    if records:
+        for name in records[0].to_dict().keys() - cols.keys():
+            values = [getattr(r.drift, name, getattr(r.explanation, name, None)) for r in records]
+            cols[name] = pa.array(values)
+    return pa.table(cols)
 
 
 def table_to_dicts(table: pa.Table) -> list[dict[str, Any]]:
