@@ -29,13 +29,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
-from werkzeug import Request, Response, wrappers
+from werkzeug import Request, Response
 
 from lightning_neurons.dashboard.queries import HistoryTables, layer_charts, layer_view, search, unit_timeline
 from lightning_neurons.drift.store import HISTORY_FILENAME, ROUND_FILE, STORE_DIRNAME
@@ -103,13 +104,13 @@ class NeuronsPlugin(base_plugin.TBPlugin):
 
     def get_plugin_apps(self) -> dict[str, Any]:
         return {
-            "/index.js": self._serve_js,
-            "/runs": self._serve_runs,
-            "/layer": self._serve_layer,
-            "/unit": self._serve_unit,
-            "/search": self._serve_search,
-            "/charts": self._serve_charts,
-            "/crop": self._serve_crop,
+            "/index.js": _wsgi(self._serve_js),
+            "/runs": _wsgi(self._serve_runs),
+            "/layer": _wsgi(self._serve_layer),
+            "/unit": _wsgi(self._serve_unit),
+            "/search": _wsgi(self._serve_search),
+            "/charts": _wsgi(self._serve_charts),
+            "/crop": _wsgi(self._serve_crop),
         }
 
     # ------------------------------------------------------------------ runs
@@ -138,12 +139,10 @@ class NeuronsPlugin(base_plugin.TBPlugin):
         return tables
 
     # ------------------------------------------------------------------ routes
-    @wrappers.Request.application
     def _serve_js(self, request: Request) -> Response:
         source = resources.files("lightning_neurons.dashboard").joinpath("static/index.js").read_bytes()
         return http_util.Respond(request, source, "application/javascript")
 
-    @wrappers.Request.application
     def _serve_runs(self, request: Request) -> Response:
         out = []
         for key in self.runs(refresh=True):
@@ -154,7 +153,6 @@ class NeuronsPlugin(base_plugin.TBPlugin):
             )
         return _json(request, out)
 
-    @wrappers.Request.application
     def _serve_layer(self, request: Request) -> Response:
         args = request.args
         return self._answer(
@@ -171,23 +169,19 @@ class NeuronsPlugin(base_plugin.TBPlugin):
             ),
         )
 
-    @wrappers.Request.application
     def _serve_unit(self, request: Request) -> Response:
         unit = _int(request.args.get("unit"))
         if unit is None:
             return _json(request, {"error": "unit must be an integer"}, 400)
         return self._answer(request, lambda t: unit_timeline(t, request.args.get("layer", ""), unit))
 
-    @wrappers.Request.application
     def _serve_search(self, request: Request) -> Response:
         q = request.args.get("q", "")[:200]
         return self._answer(request, lambda t: search(t, q, _int(request.args.get("epoch"))))
 
-    @wrappers.Request.application
     def _serve_charts(self, request: Request) -> Response:
         return self._answer(request, lambda t: layer_charts(t, request.args.get("layer", "")))
 
-    @wrappers.Request.application
     def _serve_crop(self, request: Request) -> Response:
         folder = self.runs().get(request.args.get("run", ""))
         rel = request.args.get("path", "")
@@ -209,6 +203,14 @@ class NeuronsPlugin(base_plugin.TBPlugin):
         except FileNotFoundError:
             return _json(request, {"error": "the run holds no history yet"}, 404)
         return _json(request, query(tables))
+
+
+def _wsgi(handler: Callable[[Request], Response]) -> Callable[[dict[str, Any], Any], Iterable[bytes]]:
+    # A route: the WSGI application answering each request with the handler's response.
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        return handler(Request(environ))(environ, start_response)
+
+    return app
 
 
 def _stamp(folder: Path) -> tuple[int, int] | None:

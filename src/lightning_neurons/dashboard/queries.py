@@ -275,7 +275,15 @@ def layer_view(
     """
     epochs = tables.epochs()
     ep = epochs[-1] if epoch is None and epochs else epoch
-    empty = {"layer": layer, "epoch": ep, "epochs": epochs, "total": 0, "matched": 0, "counts": {}, "units": []}
+    empty: dict[str, Any] = {
+        "layer": layer,
+        "epoch": ep,
+        "epochs": epochs,
+        "total": 0,
+        "matched": 0,
+        "counts": {},
+        "units": [],
+    }
     if ep is None or ep not in epochs:
         return empty
     table = tables.table(ep, _GRID_COLUMNS, pc.field("layer") == layer)
