@@ -244,6 +244,12 @@ export function render() {
       el("option", {value: "", text: "all"}), ...STATES.map((s) => el("option", {value: s, text: s}))),
     el("button", {id: "reload", text: "reload", onclick: () => refresh()}),
   );
+  // Deep links (plugin_entry.html?name=neurons&run=...&layer=...&unit=...&q=...): open a view directly.
+  const params = new URLSearchParams(location.search);
+  state.run = params.get("run"); state.layer = params.get("layer"); state.q = params.get("q") || "";
+  if (params.get("epoch") !== null) { state.epoch = Number(params.get("epoch")); state.epochAtEnd = false; }
+  if (params.get("unit") !== null) state.unit = {layer: params.get("layer"), unit: Number(params.get("unit"))};
+  bar.querySelector("#search").value = state.q;
   document.body.append(bar, legend, el("div", {id: "charts", class: "charts"}), el("div", {id: "timeline"}),
     el("div", {id: "status"}), el("div", {id: "grid", class: "grid"}));
   refresh().catch((err) => { document.getElementById("status").textContent = String(err); });
