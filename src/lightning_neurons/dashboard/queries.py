@@ -105,6 +105,7 @@ class HistoryTables:
         self.history = history
         self.previews_dir = previews_dir
         self._memory: dict[int, pa.Table] = {}
+        self._listing: dict[int, RoundFile] | None = None
 
     @classmethod
     def of(cls, history: RunHistory, previews_dir: Path | None = None) -> HistoryTables:
@@ -127,24 +128,26 @@ class HistoryTables:
             return cls(history=load_history(found), previews_dir=previews)
         return cls(store=RoundStore(found), previews_dir=previews)
 
-    def _files(self) -> dict[int, RoundFile]:
+    def _files(self, refresh: bool = True) -> dict[int, RoundFile]:
         assert self.store is not None
-        return {f.epoch: f for f in self.store.effective()}
+        if refresh or self._listing is None:
+            self._listing = {f.epoch: f for f in self.store.effective()}
+        return self._listing
 
     def epochs(self) -> list[int]:
-        """Explained epochs, ascending."""
+        """Explained epochs, ascending (a store is listed again: each query starts here and sees new rounds)."""
         if self.store is not None:
             return sorted(self._files())
         assert self.history is not None
         return self.history.epochs
 
-    def table(self, epoch: int, columns: Sequence[str], where: pc.Expression | None = None) -> pa.Table:
-        """The rows of one epoch matching ``where``, with those of ``columns`` that the epoch has."""
+    def table(self, epoch: int, columns: Sequence[str], layer: str | None = None, unit: int | None = None) -> pa.Table:
+        """The rows of one epoch (of ``layer`` and ``unit`` if given), with those of ``columns`` the epoch has."""
         if self.store is not None:
-            f = self._files().get(epoch)
+            f = self._files(refresh=False).get(epoch)
             if f is None:
                 return pa.table({})
-            return self.store.read(f, columns=list(columns), filters=where)
+            return self.store.read(f, columns=list(columns), layer=layer, unit=unit)
         table = self._memory.get(epoch)
         if table is None:
             assert self.history is not None
@@ -153,8 +156,10 @@ class HistoryTables:
             self._memory[epoch] = table
         if not table.num_columns:
             return table
-        if where is not None:
-            table = table.filter(where)
+        if layer is not None:
+            table = table.filter(pc.field("layer") == layer)
+        if unit is not None:
+            table = table.filter(pc.field("unit") == int(unit))
         return table.select([c for c in columns if c in table.column_names])
 
     def layers(self, epoch: int | None = None) -> list[str]:
@@ -286,7 +291,7 @@ def layer_view(
     }
     if ep is None or ep not in epochs:
         return empty
-    table = tables.table(ep, _GRID_COLUMNS, pc.field("layer") == layer)
+    table = tables.table(ep, _GRID_COLUMNS, layer=layer)
     if not table.num_rows:
         return empty
     states = _states(table)
@@ -365,10 +370,9 @@ def unit_timeline(tables: HistoryTables, layer: str, unit: int) -> dict[str, Any
     Returns:
         ``{"layer", "unit", "epochs": [entry, ...]}`` in epoch order.
     """  # noqa: D205
-    where = (pc.field("layer") == layer) & (pc.field("unit") == int(unit))
     entries = []
     for ep in tables.epochs():
-        table = tables.table(ep, _TIMELINE_COLUMNS, where)
+        table = tables.table(ep, _TIMELINE_COLUMNS, layer=layer, unit=int(unit))
         if not table.num_rows:
             continue
         states = _states(table)
@@ -403,7 +407,7 @@ def layer_charts(tables: HistoryTables, layer: str, top_concepts: int = 8) -> di
         table = tables.table(
             ep,
             ("layer", "unit", "description", "shown", "kind", "score", "changed", "gained", "lost", "previous_epoch"),
-            pc.field("layer") == layer,
+            layer=layer,
         )
         n = table.num_rows
         if not n:

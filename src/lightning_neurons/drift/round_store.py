@@ -40,6 +40,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -143,16 +144,35 @@ class RoundStore:
         return footer
 
     def read(
-        self, f: RoundFile, columns: Sequence[str] | None = None, filters: Any = None, missing_ok: bool = True
+        self,
+        f: RoundFile,
+        columns: Sequence[str] | None = None,
+        layer: str | None = None,
+        unit: int | None = None,
     ) -> pa.Table:
-        """The round's table (only ``columns`` that the file has, rows matching ``filters``)."""
-        if columns is not None and missing_ok:
-            have = set(self.metadata(f).schema.names)
-            columns = [c for c in columns if c in have]
+        """The round's table: the rows of ``layer`` (and ``unit``) if given, with those of ``columns`` it has.
+
+        Only the row groups whose statistics can hold the layer and unit are read (rows are written layer by layer,
+        units ascending, so one unit's row is in one group of :data:`_ROW_GROUP` rows).
+        """
+        footer = self.metadata(f)
+        schema = footer.schema.to_arrow_schema()
+        if columns is not None:
+            columns = [c for c in columns if c in schema.names]
+        groups = _row_groups(footer, layer, unit)
         path = self._path(f.name)
         if self.local:
-            return pq.read_table(path, columns=columns, filters=filters)
-        return pq.read_table(path, columns=columns, filters=filters, filesystem=self.fs)
+            table = pq.ParquetFile(path, metadata=footer).read_row_groups(groups, columns=columns)
+        else:
+            with self.fs.open(path, "rb") as fh:
+                table = pq.ParquetFile(fh, metadata=footer).read_row_groups(groups, columns=columns)
+        mask = None
+        if layer is not None and "layer" in table.column_names:
+            mask = pc.equal(table.column("layer"), layer)
+        if unit is not None and "unit" in table.column_names:
+            same = pc.equal(table.column("unit"), int(unit))
+            mask = same if mask is None else pc.and_(mask, same)
+        return table if mask is None else table.filter(mask)
 
     def identity(self, f: RoundFile) -> dict[str, Any] | None:
         """The round's identity (``RoundIdentity.to_dict()``) as written, ``None`` where it had none."""
@@ -206,13 +226,23 @@ class RoundStore:
         """
         if not records or len({r.key[2] for r in records}) != 1:
             raise ValueError("a round file holds the records of exactly one epoch")
-        self.acquire()
-        epoch, rid = records[0].key[2], uuid.uuid4().hex[:16]
         table = records_to_table(records)
         kv = {_META_ROUND: json.dumps(dict(meta or {}), default=str).encode()}
         if identity is not None:
             kv[_META_IDENTITY] = json.dumps(dict(identity), default=str).encode()
-        table = table.replace_schema_metadata(kv)
+        return self.publish(table.replace_schema_metadata(kv), records[0].key[2], revisit)
+
+    def publish(self, table: pa.Table, epoch: int, revisit: bool = False) -> tuple[int, str]:
+        """Write a round's table (:func:`~lightning_neurons.drift.columns.records_to_table`) as the next round file.
+
+        Returns:
+            ``(epoch, round id)``.
+
+        Raises:
+            HistoryWriteError: If the file could not be written; nothing becomes visible.
+        """
+        self.acquire()
+        rid = uuid.uuid4().hex[:16]
         if self._next_seq is None:
             self._next_seq = max((f.seq for f in self.files()), default=-1) + 1
         seq = self._next_seq
@@ -241,6 +271,25 @@ class RoundStore:
             ) from err
         self._next_seq = seq + 1
         return epoch, rid
+
+
+def _row_groups(footer: pq.FileMetaData, layer: str | None, unit: int | None) -> list[int]:
+    # The row groups whose min/max statistics admit the layer and unit (all groups where statistics are missing).
+    leaves = {footer.schema.column(i).path: i for i in range(footer.num_columns)}
+    wanted = [(leaves.get("layer"), layer), (leaves.get("unit"), unit)]
+    groups = []
+    for g in range(footer.num_row_groups):
+        rg = footer.row_group(g)
+        keep = True
+        for index, value in wanted:
+            if value is None or index is None:
+                continue
+            stats = rg.column(index).statistics
+            if stats is not None and stats.has_min_max and not stats.min <= value <= stats.max:
+                keep = False
+        if keep:
+            groups.append(g)
+    return groups
 
 
 def _write_parquet(table: pa.Table, fh: Any) -> None:

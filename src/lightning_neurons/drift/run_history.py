@@ -184,11 +184,10 @@ class RunHistory:
         """One unit's records in epoch order (read from the store alone while the history is not loaded)."""
         if self._pending is not None:
             store = self._pending
-            where = [("layer", "=", layer), ("unit", "=", int(unit))]
             return [
                 HistoryRecord.from_dict(d)
                 for f in store.effective()
-                for d in table_to_dicts(store.read(f, filters=where))
+                for d in table_to_dicts(store.read(f, layer=layer, unit=int(unit)))
             ]
         return list(self._by_unit.get(layer, {}).get(unit, {}).values())
 
@@ -329,14 +328,22 @@ class RunHistory:
         records = self.records
         return records_to_table(records) if records else pa.table({})
 
-    def to_pandas(self) -> Any:
+    def to_pandas(self, arrow_dtypes: bool = True) -> Any:
         """Every record as a ``pandas.DataFrame`` (a column per field): the history for analysis.
+
+        Args:
+            arrow_dtypes: Keep the columns Arrow-backed (``pd.ArrowDtype``: no copy, lists stay lists; 100 rounds of
+                98k units convert in seconds); ``False`` converts to NumPy/object columns (much slower for the
+                list columns).
 
         Example:
             >>> RunHistory().to_pandas().shape
             (0, 0)
         """
-        return self.to_arrow().to_pandas()
+        import pandas as pd
+
+        table = self.to_arrow()
+        return table.to_pandas(types_mapper=pd.ArrowDtype) if arrow_dtypes else table.to_pandas()
 
     # ------------------------------------------------------------------ updates
     def add_round(
