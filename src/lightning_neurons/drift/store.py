@@ -276,7 +276,10 @@ def find_history_file(path_or_run_dir: str | Path) -> Path | str:
     folders = sorted({p.parent for p in [*path.rglob(HISTORY_FILENAME), *path.rglob(STORE_DIRNAME)]})
     found = [h for h in map(_history_in, folders) if h is not None]
     if not found:
-        raise FileNotFoundError(f"no run history under {path}: was the run logged with NeuronExplainer?")
+        raise FileNotFoundError(
+            f"no run history ({STORE_DIRNAME}/ or {HISTORY_FILENAME}) under {path}: was the run logged with "
+            "NeuronExplainer?"
+        )
     if len(found) > 1:
         listing = ", ".join(str(p.parent) for p in found)
         raise ValueError(f"{path} holds {len(found)} run histories; pass one of: {listing}")
