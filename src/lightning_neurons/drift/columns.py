@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lightning_neurons.drift.records import SCHEMA_VERSION, HistoryRecord
-from lightning_neurons.drift.store import _gc_paused
+from lightning_neurons.drift.records import SCHEMA_VERSION, HistoryRecord, _gc_paused
 
 _TEXT_SCORE = pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())]))
 _DICT = pa.dictionary(pa.int32(), pa.string())

@@ -54,11 +54,11 @@ from lightning_neurons.drift.records import (
     HistoryRecord,
     Key,
     _epoch_runs,
+    _gc_paused,
     _trim,
 )
 from lightning_neurons.drift.round_store import RoundStore
 from lightning_neurons.drift.store import (
-    _gc_paused,
     _read_rounds,
     acquire_lock,
     append_rounds,

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import os
 import re
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,19 +219,6 @@ def _read_rounds(path: Path, warn: bool = True) -> list[tuple[str | None, list[H
     return rounds
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    # Reading a history makes millions of small objects, none in a reference cycle; the cyclic collector would
-    # rescan all of them again and again (about 40% of the load time at 20k records, growing with the history).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _is_round_folder(path: Path) -> bool:
     return path.is_dir() and any(ROUND_FILE.match(p.name) for p in path.iterdir())
 
@@ -259,10 +245,15 @@ def find_history_file(path_or_run_dir: str | Path) -> Path | str:
     """
     text = str(path_or_run_dir)
     if "://" in text and not text.startswith("file://"):
-        from lightning_neurons.drift.round_store import is_round_store
+        import fsspec
 
         for url in (text, f"{text.rstrip('/')}/{STORE_DIRNAME}"):
-            if is_round_store(url):
+            fs, root = fsspec.core.url_to_fs(url)
+            try:
+                names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+            except FileNotFoundError:
+                continue
+            if any(ROUND_FILE.match(n) for n in names):
                 return url
         raise FileNotFoundError(f"{text} holds no history rounds")
     path = Path(text.removeprefix("file://"))
