@@ -99,7 +99,8 @@ class BackendConfig:
     """The foundation models and the concept vocabulary.
 
     Args:
-        backend: ``"embedded"``, ``"clip"``, ``"hf"`` or a loaded :class:`~lightning_neurons.Backend`.
+        backend: ``"auto"`` (open_clip when its weights are cached or can be fetched, else the offline pack with
+            one warning), ``"embedded"``, ``"clip"``, ``"hf"`` or a loaded :class:`~lightning_neurons.Backend`.
         backend_kwargs: Keyword arguments of the backend loader.
         vocabulary: Concept sources (``"general"``, ``"classes"``, ``"llm"`` or concept-file paths).
         class_names: The dataset's class names, by class index (``None``: read from the data when possible).
@@ -107,7 +108,7 @@ class BackendConfig:
         show_progress: Progress bars while the vocabulary is generated and embedded.
     """
 
-    backend: str | Backend = "embedded"
+    backend: str | Backend = "auto"
     backend_kwargs: Mapping[str, Any] = field(default_factory=dict)
     vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
     class_names: tuple[str, ...] | None = None
@@ -237,7 +238,7 @@ class RunConfig:
         epochs: Sequence[int] | None = None,
         explain_on_fit_end: bool = True,
         every_n_val_passes: int | None = None,
-        backend: str | Backend = "embedded",
+        backend: str | Backend = "auto",
         backend_kwargs: Mapping[str, Any] | None = None,
         vocabulary: Sequence[str | os.PathLike[str]] | None = None,
         class_names: Sequence[str] | None = None,

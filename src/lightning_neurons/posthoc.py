@@ -45,7 +45,7 @@ def explain(
     top_k: int = 16,
     epoch: int | None = None,
     output_dir: str | Path | None = None,
-    backend: str | Backend = "embedded",
+    backend: str | Backend = "auto",
     backend_kwargs: dict[str, Any] | None = None,
     vocabulary: list[str] | None = None,
     class_names: list[str] | None = None,
@@ -63,7 +63,8 @@ def explain(
         epoch: Epoch to file the round under (drift needs it); ``None`` files a one-off explanation as epoch 0.
         output_dir: When given, the history, TensorBoard events, crop previews and the HTML report are written
             there, as the callback writes them into a run's log directory.
-        backend: ``"embedded"`` (offline), ``"clip"``, ``"hf"`` or a loaded :class:`Backend`.
+        backend: ``"auto"`` (open_clip when its weights are cached or can be fetched, else the offline pack with
+            one warning), ``"embedded"`` (offline), ``"clip"``, ``"hf"`` or a loaded :class:`Backend`.
         backend_kwargs: Keyword arguments of the backend loader.
         vocabulary: Concept sources (``"general"``, ``"classes"``, ``"llm"`` or concept files).
         class_names: The dataset's class names (a vocabulary source and the ablation's labels).
@@ -116,6 +117,7 @@ def explain_checkpoints(
     layers: LayerSpec,
     *,
     output_dir: str | Path = "neurons_posthoc",
+    model_args: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> list[ExplanationRound]:
     """Explain a checkpoint, or every checkpoint of a directory in epoch order, into one drift history.
@@ -127,6 +129,7 @@ def explain_checkpoints(
         dataloader: The probe set.
         layers: Layer names, glob patterns, or a predicate.
         output_dir: Where history, TensorBoard events and the report go.
+        model_args: Keyword arguments of ``model_class`` (override a LightningModule's saved hyperparameters).
         **kwargs: Passed on to :func:`explain`.
 
     Raises:
@@ -140,7 +143,7 @@ def explain_checkpoints(
     session = open_session(config, dataloader, output_dir)
     try:
         return [
-            explain_with(session, _load_model(model_class, path), dataloader, epoch=epoch, device=device)
+            explain_with(session, _load_model(model_class, path, model_args), dataloader, epoch=epoch, device=device)
             for epoch, path in paths
         ]
     finally:
@@ -165,6 +168,7 @@ def make_explainer(layers: LayerSpec, output_dir: str | Path | None = None, **se
 def open_session(config: RunConfig, dataloader: Any, output_dir: str | Path | None) -> ExplanationSession:
     """A set-up session for ``config``: models loaded, and writers into ``output_dir`` when given."""
     session = ExplanationSession(config)
+    session.continues_folder = output_dir is not None
     session.setup(class_names=dataset_class_names(getattr(dataloader, "dataset", None)))
     if output_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
@@ -204,7 +208,8 @@ def explain_with(
         dataloader, input_key=recording_config.input_key, target_key=recording_config.target_key
     )
     with evaluating(model), torch.no_grad():
-        return session.explain(model, recording, source, epoch=epoch if epoch is not None else 0)
+        # keep_later: re-explaining an earlier epoch of the folder replaces that epoch and keeps the later ones.
+        return session.explain(model, recording, source, epoch=epoch if epoch is not None else 0, keep_later=True)
 
 
 class _ClosingWriter:
@@ -247,8 +252,8 @@ def _checkpoint_epoch(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _load_model(model_class: type[nn.Module], path: Path) -> nn.Module:
-    return load_model(model_class, path)
+def _load_model(model_class: type[nn.Module], path: Path, model_args: dict[str, Any] | None = None) -> nn.Module:
+    return load_model(model_class, path, model_args)
 
 
 def evaluate_run(

@@ -26,6 +26,8 @@ ARGS = [
     "--trainer.callbacks.init_args.show_progress=false",
     # The encoder settings the fixture was made with, pinned: this test guards the redesign of the plumbing,
     # while the encoder's defaults are chosen on the quality benchmark and may move.
+    # The offline pack the fixture was made with (the config's backend: auto would pick a cached CLIP).
+    "--trainer.callbacks.init_args.backend=embedded",
     "--trainer.callbacks.init_args.backend_kwargs="
     "{image_size: 128, template_weight: 0.0, space: text, hypernym_weight: 0.0}",
     # The frequency penalty changes which concept wins; the fixture predates it.

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lightning_neurons.drift.records import SCHEMA_VERSION, HistoryRecord, _gc_paused
+from lightning_neurons.drift.records import SCHEMA_VERSION, HistoryRecord, _gc_paused, _normalised
 
 _TEXT_SCORE = pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64())]))
 _DICT = pa.dictionary(pa.int32(), pa.string())
@@ -57,6 +57,11 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "combination": _TEXT_SCORE,
     "previous_epoch": pa.int32(),
     "previous_description": _DICT,
+    "previous_shown": _DICT,
+    "gained": pa.bool_(),
+    "lost": pa.bool_(),
+    "baseline": pa.bool_(),
+    "settings": _DICT,
     "similarity": pa.float64(),
     "changed": pa.bool_(),
     "concepts_changed": pa.bool_(),
@@ -121,9 +126,18 @@ def _known_columns(records: Sequence[HistoryRecord]) -> dict[str, pa.Array]:
         _offsets(ids), pa.array(np.fromiter(chain.from_iterable(ids), dtype=np.int64))
     )
     cols["ablation"] = _list_column([e.ablation for e in es], "class", "drop", tuple)
-    cols["combination"] = _list_column([e.combination for e in es], "text", "score", text_score)
+    # Combination weights normalised to sum to 1, as to_dict writes them (and every view shows them).
+    combos = [None if not e.combination else [(a.text, w) for a, w in _normalised(e.combination)] for e in es]
+    cols["combination"] = _list_column(combos, "text", "score", tuple)
     cols["previous_epoch"] = pa.array([d.previous_epoch for d in ds], pa.int32())
     cols["previous_description"] = _strings([d.previous_description for d in ds])
+    # What was shown at the previous epoch, where it was not the description (as to_dict writes it).
+    cols["previous_shown"] = _strings(
+        [None if d.previous_shown == d.previous_description else d.previous_shown for d in ds]
+    )
+    for name in ("gained", "lost", "baseline"):
+        cols[name] = pa.array([bool(getattr(d, name)) for d in ds], pa.bool_())
+    cols["settings"] = _strings([r.settings or None for r in records])
     cols["changed"] = pa.array([bool(d.changed) for d in ds], pa.bool_())
     cols["concepts_changed"] = pa.array([d.concepts_changed for d in ds], pa.bool_())
     for name in ("similarity", "jaccard", "score_delta", "threshold", "concept_jaccard"):

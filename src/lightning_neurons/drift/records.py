@@ -24,9 +24,12 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     ablation              list?  [{"class": str, "drop": float}, ...] classes hurt most when the unit is zeroed
                                  (only for units the ablation check ran on; absent in older files)
     combination           list?  [{"text": str, "score": float}, ...] multi-concept explanation, concept and weight
-                                 (only for units whose combination was kept; absent otherwise)
+                                 normalised to sum to 1, as every view shows it (only for units whose combination
+                                 was kept; absent otherwise; the raw fitted weights stay in round_epoch=N.json)
     previous_epoch        int?   the unit's previous explained epoch (null on its first)
     previous_description  str?   the description at previous_epoch
+    previous_shown        str?   the text shown at previous_epoch where it was not its description ("no clear
+                                 concept", "low-level: red", "dead unit"); absent otherwise
     similarity            float? cosine similarity of the two descriptions' text embeddings
     changed               bool   the description's meaning changed: similarity < threshold (false on the first
                                  epoch); a combination's concepts never set it
@@ -41,6 +44,12 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
     threshold             float  change threshold used
     confidence_threshold  float? confidence at or below which the unit is shown as "no clear concept" (the
                                  round's ``confidence_threshold``; absent in older files and when off)
+    gained, lost          bool?  the unit gained / lost a concept since previous_epoch (drift.metrics.meaning_change;
+                                 written when true)
+    baseline              bool?  true when the settings changed since the unit's previous explanation: a new drift
+                                 baseline, not compared (drift.baseline; written when true)
+    settings              str?   fingerprint of the settings the round was explained under
+                                 (``RoundIdentity.settings``; absent in older files and rounds without an identity)
     revisit               bool?  true when the round re-explains an earlier epoch and keeps the later ones
                                  (``trainer.validate(ckpt_path=...)`` of an older checkpoint); absent otherwise
     round_id              str    which write of a round the record belongs to (absent in older files)
@@ -113,12 +122,15 @@ class HistoryRecord:
             checkpoint): reading it replaces that epoch only and keeps the later ones.
         confidence_threshold: The round's confidence threshold: at or below it the unit is shown as "no clear
             concept" (``None``: the round showed every description).
+        settings: Fingerprint of the settings the round was explained under (``RoundIdentity.settings``); a later
+            round under other settings starts a new drift baseline (:mod:`lightning_neurons.drift.baseline`).
     """
 
     explanation: UnitExplanation
     drift: UnitDrift
     revisit: bool = False
     confidence_threshold: float | None = None
+    settings: str | None = None
 
     @property
     def key(self) -> Key:
@@ -144,12 +156,18 @@ class HistoryRecord:
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
             "ablation": None if not e.ablation else [{"class": c, "drop": _finite(v)} for c, v in e.ablation],
             **(
-                {"combination": [{"text": a.text, "score": _finite(a.score)} for a in e.combination]}
+                {"combination": [{"text": a.text, "score": _finite(w)} for a, w in _normalised(e.combination)]}
                 if e.combination
                 else {}
             ),
             "previous_epoch": d.previous_epoch,
             "previous_description": d.previous_description,
+            # What was shown then where it was not the description ("no clear concept", "low-level: red", ...).
+            **(
+                {"previous_shown": d.previous_shown}
+                if d.previous_shown is not None and d.previous_shown != d.previous_description
+                else {}
+            ),
             "similarity": _finite(d.similarity),
             "changed": bool(d.changed),
             "concepts_changed": d.concepts_changed,
@@ -158,6 +176,8 @@ class HistoryRecord:
             "threshold": d.threshold,
             **({"concept_jaccard": _finite(d.concept_jaccard)} if d.concept_jaccard is not None else {}),
             **({"confidence_threshold": self.confidence_threshold} if self.confidence_threshold is not None else {}),
+            **{flag: True for flag in ("gained", "lost", "baseline") if getattr(d, flag)},
+            **({"settings": self.settings} if self.settings else {}),
             **({"revisit": True} if self.revisit else {}),
         }
 
@@ -217,6 +237,11 @@ class HistoryRecord:
             get("score_delta"),
             get("threshold", DEFAULT_CHANGE_THRESHOLD),
             get("concept_jaccard"),
+            kind=explanation.kind,
+            previous_shown=get("previous_shown", get("previous_description")),
+            gained=bool(get("gained", False)),
+            lost=bool(get("lost", False)),
+            baseline=bool(get("baseline", False)),
         )
         shown_at = data.get("confidence_threshold")
         return cls(
@@ -224,7 +249,14 @@ class HistoryRecord:
             drift=drift,
             revisit=bool(data.get("revisit", False)),
             confidence_threshold=None if shown_at is None else float(shown_at),
+            settings=get("settings") or None,
         )
+
+
+def _normalised(combination: list[Alternative]) -> list[tuple[Alternative, float]]:
+    """Each concept with its weight normalised to sum to 1 (negative weights count as 0), as views show them."""
+    total = sum(max(a.score, 0.0) for a in combination if math.isfinite(a.score)) or 1.0
+    return [(a, a.score / total) for a in combination]
 
 
 def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:

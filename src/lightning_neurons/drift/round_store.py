@@ -47,7 +47,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from lightning_neurons.drift.columns import records_to_table, table_to_dicts
 from lightning_neurons.drift.records import HistoryRecord
-from lightning_neurons.drift.store import ROUND_FILE, STORE_DIRNAME, HistoryWriteError, acquire_lock
+from lightning_neurons.drift.store import ROUND_FILE, STORE_DIRNAME, HistoryWriteError, acquire_lock, release_lock
 
 __all__ = ["STORE_DIRNAME", "RoundFile", "RoundStore", "effective_rounds", "is_round_store"]
 _OPEN_READERS = 256
@@ -116,6 +116,8 @@ class RoundStore:
         # Open readers of visible round files (they never change): a query of one unit across 100 rounds then costs
         # the decoding of 100 row groups, not 100 file opens and footer parses (0.05 ms instead of 0.7 ms each).
         self._readers: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        #: Round files this object wrote, with their sizes (to notice files deleted or cut behind its back).
+        self.written: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"RoundStore({self.url!r})"
@@ -216,8 +218,7 @@ class RoundStore:
         while self._readers:
             self._readers.popitem()[1].close()
         lock, self._lock = self._lock, None
-        if lock is not None and lock.is_locked:
-            lock.release()
+        release_lock(lock)  # and remove its file: no stray history.lock in the run folder
 
     def write_round(
         self,
@@ -281,7 +282,32 @@ class RoundStore:
                 err.errno or 5, f"{err.strerror or err} while writing a history round; nothing of it is visible", final
             ) from err
         self._next_seq = seq + 1
+        self.written[final.rsplit("/", 1)[-1]] = int(self.fs.size(final))
         return epoch, rid
+
+    def tampered(self) -> list[tuple[str, str]]:
+        """Round files this object wrote that are gone or shorter now: ``(name, "deleted" | "truncated")``."""
+        try:
+            now = {p["name"].rsplit("/", 1)[-1]: int(p["size"]) for p in self.fs.ls(self.root, detail=True)}
+        except FileNotFoundError:
+            now = {}
+        out = []
+        for name, size in self.written.items():
+            if name not in now:
+                out.append((name, "deleted"))
+            elif now[name] < size:
+                out.append((name, "truncated"))
+        return out
+
+    def forget(self, names: list[str]) -> None:
+        """Remove round files this object wrote (cut ones, before they are rewritten) and stop tracking them."""
+        for name in names:
+            self.written.pop(name, None)
+            self._readers.pop(name, None)
+            try:
+                self.fs.rm(self._path(name))
+            except FileNotFoundError:
+                pass
 
 
 def _row_groups(footer: pq.FileMetaData, layer: str | None, unit: int | None) -> list[int]:

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -37,6 +38,7 @@ from typing import Any
 import pyarrow as pa
 from filelock import FileLock
 
+from lightning_neurons.drift.baseline import baseline_units, round_settings
 from lightning_neurons.drift.columns import records_to_table, table_to_dicts
 from lightning_neurons.drift.metrics import (
     DEFAULT_CHANGE_THRESHOLD,
@@ -63,6 +65,7 @@ from lightning_neurons.drift.store import (
     acquire_lock,
     append_rounds,
     find_history_file,
+    release_lock,
 )
 from lightning_neurons.explanation.multi_concept import format_combination
 from lightning_neurons.files import write_text_atomic
@@ -109,6 +112,9 @@ class RunHistory:
     # the store a lazily loaded history reads its records from on first use (load_history).
     _store: RoundStore | None = field(default=None, init=False, repr=False, compare=False)
     _pending: RoundStore | None = field(default=None, init=False, repr=False, compare=False)
+    # Size of the attached file after this history last wrote or checked it: a smaller (or missing) file was
+    # truncated or deleted behind the run's back, and is rewritten instead of appended to.
+    _file_size: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -386,18 +392,27 @@ class RunHistory:
         revisit = keep_later and bool(later)
         units = [_trim(u, ep) for u in round.units]
         previous: dict[tuple[str, int], UnitExplanation] = {}
+        previous_settings: dict[tuple[str, int], str | None] = {}
         for u in units:
             timeline = self._by_unit.get(u.layer, {}).get(u.unit)
             for e in reversed(timeline or {}):  # newest first; usually the first one is already before ep
                 if e < ep:
                     previous[u.key] = timeline[e].explanation  # type: ignore[index]
+                    previous_settings[u.key] = timeline[e].settings  # type: ignore[index]
                     break
-        drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep)
+        # A change of settings (vocabulary, backend, top_k, ...) starts a new baseline: never counted as drift.
+        settings = round_settings(round)
+        baseline = baseline_units(previous_settings, settings)
+        drifts = compare_units(previous, units, embed, threshold=self.threshold, epoch=ep, baseline=baseline)
         shown_at = round.meta.get("confidence_threshold")
         shown_at = None if shown_at is None else float(shown_at)
-        new = [HistoryRecord(u, d, revisit=revisit, confidence_threshold=shown_at) for u, d in zip(units, drifts)]
+        new = [
+            HistoryRecord(u, d, revisit=revisit, confidence_threshold=shown_at, settings=settings)
+            for u, d in zip(units, drifts)
+        ]
         # First on disk: a failed write changes nothing.
         if self._store is not None:
+            self._restore_store()
             identity = None if round.identity is None else round.identity.to_dict()
             ids = [self._store.write_round(new, identity=identity, meta=round.meta, revisit=revisit)] if new else []
         else:
@@ -501,6 +516,7 @@ class RunHistory:
             on_disk = _read_jsonl(self.path)
             if _dicts(on_disk) == _dicts(self):
                 self._round_ids = dict(on_disk._round_ids)  # the rounds this history is made of, in this file
+                self._file_size = self.path.stat().st_size
                 return
         self._round_ids = dict(self._append(self.records))
 
@@ -529,6 +545,23 @@ class RunHistory:
             ids[ep] = store.write_round(group, revisit=group[0].revisit)[1]
         self._round_ids = ids
 
+    def _restore_store(self) -> None:
+        # Round files this history wrote that were deleted or cut by hand (a user cleaning up) are noticed before the
+        # next round and every round is written again, so that the store, the report and the run agree.
+        assert self._store is not None
+        lost = self._store.tampered()
+        if not lost or not self._records:
+            return
+        how = sorted({h for _, h in lost})
+        warnings.warn(
+            f"{self._store.url}: history round files were {' and '.join(how)} since this run last wrote them "
+            f"({', '.join(n for n, _ in lost[:3])}{' ...' if len(lost) > 3 else ''}); rewriting the run's "
+            f"{len(self.epochs)} rounds, so that the store, the report and the run agree again",
+            stacklevel=3,
+        )
+        self._store.forget([n for n, _ in lost])
+        self._round_ids = {ep: self._store.write_round(self._epoch_list(ep))[1] for ep in self.epochs}
+
     def _epoch_list(self, ep: int) -> list[HistoryRecord]:
         return [units[u] for _, units in self._epoch_records(ep) for u in sorted(units)]
 
@@ -539,8 +572,7 @@ class RunHistory:
             >>> RunHistory().close()  # nothing attached: a no-op
         """
         lock, self._lock = self._lock, None
-        if lock is not None and lock.is_locked:
-            lock.release()
+        release_lock(lock)
         if self._store is not None:
             self._store.close()
 
@@ -550,10 +582,25 @@ class RunHistory:
         self._lock = acquire_lock(Path(self.path))
 
     def _append(self, records: Iterable[HistoryRecord]) -> list[tuple[int, str]]:
-        # One write per call, then fsync: readers see each round complete or not at all.
+        # One write per call, then fsync: readers see each round complete or not at all. A file that lost rounds
+        # this history wrote (deleted or truncated by hand) is rewritten whole: every round written is read back.
         assert self.path is not None
         self._acquire()
-        return append_rounds(Path(self.path), records)
+        path = Path(self.path)
+        size = path.stat().st_size if path.is_file() else None
+        if self._file_size is not None and (size is None or size < self._file_size) and self._records:
+            warnings.warn(
+                f"{self.path} was {'deleted' if size is None else 'truncated'} since this run last wrote it "
+                f"({self._file_size} bytes, now {size or 0}); rewriting it with the run's {len(self._records)} "
+                "records, so that the file, the report and the run agree again",
+                stacklevel=3,
+            )
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            records = [*self.records, *records]
+        ids = append_rounds(path, records)
+        self._file_size = path.stat().st_size
+        return ids
 
     def _replay(self, rounds: Iterable[tuple[str | None, list[HistoryRecord]]]) -> None:
         # File-order replay in one pass: each round (round id, records of one epoch) replaces its epoch and drops
@@ -792,7 +839,7 @@ def load_history(path_or_run_dir: str | Path) -> RunHistory:
 
     Raises:
         FileNotFoundError: If no history is found.
-        ValueError: If a directory holds several histories.
+        ValueError: If a directory holds several histories, or the path is a CSV export (not read back).
 
     Example:
         >>> history = load_history("lightning_logs/version_0")  # doctest: +SKIP
@@ -800,9 +847,18 @@ def load_history(path_or_run_dir: str | Path) -> RunHistory:
         >>> for s in history.summary(): print(s.layer, s.epoch, s.fraction_changed)  # doctest: +SKIP
     """
     path = find_history_file(path_or_run_dir)
-    if not str(path).endswith((".json", ".jsonl")):
+    if not str(path).endswith((".json", ".jsonl", ".csv")):
         return _read_store(RoundStore(path))
     path = Path(path)
+    if path.suffix == ".csv":
+        raise ValueError(
+            f"{path} is a CSV export of a history, which is not read back; pass the run folder or its history.jsonl"
+        )
     if path.suffix == ".json":
-        return RunHistory.from_state_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return _read_jsonl(path)  # JSON Lines under a .json name
+        if isinstance(state, dict) and "records" in state:
+            return RunHistory.from_state_dict(state)
     return _read_jsonl(path)

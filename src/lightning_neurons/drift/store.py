@@ -72,6 +72,19 @@ def acquire_lock(path: Path) -> FileLock | None:
     return lock
 
 
+def release_lock(lock: FileLock | None) -> None:
+    """Release the writer's lock of :func:`acquire_lock` and remove its file.
+
+    No stray ``history.jsonl.lock`` stays in the run folder, nor in what W&B uploads from it.
+    """
+    if lock is None or not lock.is_locked:
+        return
+    lock.release()
+    if not lock.is_locked:  # released by this process (the lock is shared within one)
+        with contextlib.suppress(OSError):
+            Path(lock.lock_file).unlink()
+
+
 def append_rounds(path: Path, records: Iterable[HistoryRecord]) -> list[tuple[int, str]]:
     """Append the records, one round per run of one epoch, with one write and ``fsync``.
 

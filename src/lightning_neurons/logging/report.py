@@ -35,8 +35,8 @@ from lightning_neurons.drift.metrics import (
     summarize_layer_epochs,
 )
 from lightning_neurons.explanation.multi_concept import NO_COMBINATION, format_combination
-from lightning_neurons.explanation.scoring import shown_description
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
+from lightning_neurons.logging.rows import record_row
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
@@ -255,9 +255,13 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
     start = len(timeline) - len(shown)
     for i, r in enumerate(shown, start):
         d = r.drift
-        cls = "ep changed" if d.changed else "ep concepts" if d.concepts_only_changed else "ep"
+        row = record_row(r)  # the row every sink shows
+        moved = d.changed or d.gained or d.lost
+        cls = "ep changed" if moved else "ep concepts" if d.concepts_only_changed else "ep"
         sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
-        tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
+        tip = f"previously: {row['previous_description']}" if d.previous_description is not None else "first round"
+        tip = "new baseline: the settings changed, not compared" if d.baseline else tip
+        tip = f"{'gained a concept' if d.gained else 'lost its concept'}; {tip}" if d.gained or d.lost else tip
         hurt = r.explanation.ablation
         hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
         combo = r.explanation.combination  # the multi-concept explanation, e.g. "stripes (0.62) + zebra (0.38)"
@@ -269,24 +273,25 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
             was = format_combination(before) if known else ""
             hurts = f'<div class="c">concept set changed{" from " + _esc(was) if known else ""}</div>' + hurts
             tip = f"concept set changed, description kept its meaning; previously: {d.previous_description}"
+        combo = combo if row["combination"] else None  # combinations are shown for concept units only
         if combo or overlap:
             shown_combo = f"= {_esc(format_combination(combo))}" if combo else NO_COMBINATION
             hurts = f'<div class="c">{shown_combo}{overlap}</div>' + hurts
-        text = _shown(r)
-        unclear = f'<div class="s">best concept {_esc(d.description)}</div>' if text != d.description else ""
-        conf = r.explanation.confidence
+        kind = f'<div class="s">{_esc(row["kind"])}</div>' if row["kind"] else ""
+        conf = row["confidence"]
+        significance = f" · q {_num(row['q_value'], 3)}" if row["q_value"] is not None else ""
         confidence = f" · conf {_num(conf, 2)}" if conf is not None else ""
         cells.append(
             f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
-            f'<div class="d">{_esc(text)}</div>{unclear}'
-            f'<div class="s">score {_num(d.score, 2)}{confidence}{sim}</div>{hurts}</div>'
+            f'<div class="d">{_esc(row["description"])}</div>{kind}'
+            f'<div class="s">score {_num(row["score"], 2)}{significance}{confidence}{sim}</div>{hurts}</div>'
         )
     return "".join(cells)
 
 
 def _shown(record: HistoryRecord) -> str:
-    """The record's description as shown: "no clear concept" at or below its round's confidence threshold."""
-    return shown_description(record.drift.description, record.explanation.confidence, record.confidence_threshold)
+    """The record's text as every sink shows it (:func:`~lightning_neurons.logging.rows.record_row`)."""
+    return str(record_row(record)["description"])
 
 
 def _description_index(layer: str, latest: dict[int, str], rows: set[int]) -> str:
@@ -447,7 +452,8 @@ def render_report(
     meta = (
         f"{len(history.layers)} layers · {len(epochs)} explained epochs"
         + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
-        + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}"
+        + " · meaning counts as changed when a unit has a concept in both rounds and the description similarity is"
+        + f" &lt; {history.threshold:g}; gaining or losing a concept is counted apart"
     )
     if any(r.explanation.combination for r in records):
         meta += (
@@ -458,7 +464,7 @@ def render_report(
     if shown_at is not None:
         meta += (
             f" · units with confidence &le; {shown_at:g} (the confidence threshold; 0.5 = chance) are shown as "
-            "<em>no clear concept</em>, with their best concept below"
+            "<em>no clear concept</em>"
         )
     tables = HistoryTables.of(history)
     body = [
