@@ -281,7 +281,7 @@ def test_where_the_outputs_went_is_logged_once_at_fit_end(tmp_path, caplog):
         t.fit(Tiny(), *loaders())
     lines = [r.getMessage() for r in caplog.records if "wrote History" in r.getMessage()]
     assert len(lines) == 1
-    assert str(neurons_dir(t) / "history.jsonl") in lines[0] and "report.html" in lines[0]
+    assert str(neurons_dir(t) / "history") in lines[0] and "report.html" in lines[0]
 
 
 def test_log_units_naming_a_unit_no_layer_has_fails_before_the_first_training_step(tmp_path):
@@ -308,7 +308,8 @@ def test_the_embedding_cache_goes_where_lightning_neurons_cache_says(tmp_path, m
 
 # ---------------------------------------------------------------------- the history file: every round read back
 class TamperWithHistory(pl.Callback):
-    """Deletes or truncates the run's history.jsonl by hand before epoch 1 trains (as a user cleaning up would)."""
+    """Deletes or truncates a round file of the run's history store by hand before epoch 1 trains (as a user cleaning
+    up would)."""
 
     def __init__(self, explainer, how):
         self.explainer, self.how = explainer, how
@@ -316,7 +317,7 @@ class TamperWithHistory(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch != 1:
             return
-        path = self.explainer.outputs()["History"]
+        (path,) = self.explainer.outputs()["History"].glob("round-*.parquet")  # epoch 0's round
         if self.how == "delete":
             path.unlink()
         else:
@@ -328,7 +329,7 @@ class TamperWithHistory(pl.Callback):
 def test_a_history_file_deleted_or_truncated_between_epochs_is_rewritten(tmp_path, how):
     cb = explainer(layers=["head"])
     t = trainer(tmp_path, [cb, TamperWithHistory(cb, how)], max_epochs=3, limit_train_batches=1)
-    with pytest.warns(UserWarning, match=f"history.jsonl was {how}d since this run last wrote it"):
+    with pytest.warns(UserWarning, match=f"history round files were {how}d since this run last wrote them"):
         t.fit(Tiny(), *loaders())
     on_disk = load_history(neurons_dir(t))
     assert on_disk.epochs == [0, 1, 2]  # what the report shows is what the file holds
@@ -340,8 +341,8 @@ def test_a_history_file_deleted_or_truncated_between_epochs_is_rewritten(tmp_pat
 def test_no_lock_file_is_left_in_the_run_folder(tmp_path):
     t = trainer(tmp_path, explainer(layers=["head"]), max_epochs=1, limit_train_batches=1)
     t.fit(Tiny(), *loaders())
-    assert (neurons_dir(t) / "history.jsonl").is_file()
-    assert not list(neurons_dir(t).glob("*.lock"))
+    assert list((neurons_dir(t) / "history").glob("round-*.parquet"))
+    assert not list(neurons_dir(t).rglob("*.lock"))
 
 
 # ---------------------------------------------------------------------- post hoc into a folder that holds rounds
@@ -407,7 +408,7 @@ def test_history_command_reads_only_and_exports_when_asked(tmp_path, capsys):
         main(["history", str(folder), "--export", str(tmp_path / "h.csv"), "--export", str(tmp_path / "h.json")]) == 0
     )
     assert (tmp_path / "h.csv").read_text().count("\n") == 1 + 2 * (8 + 3)
-    assert main(["history", str(folder / "history.jsonl"), "--export", str(folder / "history.jsonl")]) == 2
+    assert main(["history", str(folder / "history"), "--export", str(folder / "history")]) == 2
     assert "is the history being read" in capsys.readouterr().err
     assert load_history(folder).epochs == [0, 1]
     # a CSV export is not a history: one error line, and it stays as it was
@@ -415,7 +416,8 @@ def test_history_command_reads_only_and_exports_when_asked(tmp_path, capsys):
     assert main(["history", str(tmp_path / "h.csv")]) == 2
     assert "CSV export" in capsys.readouterr().err and (tmp_path / "h.csv").read_text() == text
     # JSON Lines under a .json name, and the JSON export, both read back
-    (tmp_path / "lines.json").write_bytes((folder / "history.jsonl").read_bytes())
+    assert main(["history", str(folder), "--export", str(tmp_path / "lines.jsonl")]) == 0
+    (tmp_path / "lines.json").write_bytes((tmp_path / "lines.jsonl").read_bytes())
     for path in (tmp_path / "lines.json", tmp_path / "h.json"):
         assert main(["history", str(path)]) == 0
         assert "(empty history)" not in capsys.readouterr().out
