@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                 net, loader, [args.layer], args.top_k, reservoir_size=args.reservoir, seed=seed, show_progress=False
             )
             cfg = ExplainConfig(
-                image_mean=IMAGE_MEAN, image_std=IMAGE_STD, show_progress=False, preview_units={}, seed=seed,
+                image_mean=IMAGE_MEAN,
+                image_std=IMAGE_STD,
+                show_progress=False,
+                preview_units={},
+                seed=seed,
                 selection=selection,
             )
             rnd = explain_recording(net, recording, DataLoaderSampleSource(loader), backend, vocabulary, cfg)

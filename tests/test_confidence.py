@@ -22,13 +22,13 @@ from lightning_neurons import collect_top_k
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.history import HistoryRecord, RunHistory
-from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
 from lightning_neurons.explanation.pipeline import explain_recording
+from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
 from lightning_neurons.explanation.settings import ExplainConfig
-from lightning_neurons.recording.samples import DataLoaderSampleSource
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.report import render_report
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger
+from lightning_neurons.recording.samples import DataLoaderSampleSource
 
 UNITS = 6
 
@@ -48,7 +48,8 @@ def _explain(weight: torch.Tensor, **settings):
     # The confidence was built for descriptions chosen by the corrected concept score.
     cfg = ExplainConfig(confidence_samples=256, selection="concept_score", show_progress=False, **settings)
     backend = Backend("colour", ColourEncoder())
-    return explain_recording(model, recording, DataLoaderSampleSource(loader), backend, [*COLOURS, "thing"], cfg, epoch=0)
+    source = DataLoaderSampleSource(loader)
+    return explain_recording(model, recording, source, backend, [*COLOURS, "thing"], cfg, epoch=0)
 
 
 def _trained() -> torch.Tensor:

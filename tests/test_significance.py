@@ -114,7 +114,9 @@ def test_benjamini_hochberg_matches_the_step_up_rule():
     # q_(i) = min_{j >= i} p_(j) * m / j
     want = [0.01, 0.04, 0.084, 0.084, 0.084, 0.1, 0.10571, 0.216, 0.216, 0.216]
     assert benjamini_hochberg(p).tolist() == pytest.approx(want, abs=1e-4)
-    assert benjamini_hochberg(p[torch.randperm(10, generator=_gen())]).sort().values.tolist() == pytest.approx(want, abs=1e-4)
+    assert benjamini_hochberg(p[torch.randperm(10, generator=_gen())]).sort().values.tolist() == pytest.approx(
+        want, abs=1e-4
+    )
 
 
 # ------------------------------------------------------------------ (b) beyond image statistics
@@ -151,9 +153,7 @@ def _synthetic_layer():
 def test_a_brightness_unit_is_low_level_a_concept_unit_is_concept_noise_unclear_and_zero_dead():
     samples, sims, stats = _synthetic_layer()
     folds = hashed_folds(torch.arange(300), 5, seed=0)
-    sig = layer_significance(
-        samples, sims, stats, folds=folds, num_folds=5, permutations=99, generator=_gen(0)
-    )
+    sig = layer_significance(samples, sims, stats, folds=folds, num_folds=5, permutations=99, generator=_gen(0))
     assert sig.kinds == ["low_level", "concept", "unclear", "dead"]
     assert sig.low_level[0] == "brightness"
     assert sig.q_values[0] <= 0.05 and sig.q_values[1] <= 0.05 and sig.q_values[2] > 0.05

@@ -152,8 +152,11 @@ class _MapKeeper:
         self.reservoir_index = torch.searchsorted(self.reservoir, chunk_ids[self.reservoir_pos])
 
     def _picks(self, name: str, hw: int, device: torch.device) -> Tensor:
-        """``[R, per_sample]`` map positions kept of each reservoir sample: drawn once per layer from its own
-        generator, so they do not depend on the other layers or on how the samples fall into chunks."""
+        """``[R, per_sample]`` map positions kept of each reservoir sample.
+
+        Drawn once per layer from its own generator, so they do not depend on the other layers or on how the
+        samples fall into chunks.
+        """
         if name not in self.picks:
             gen = layer_generator(self.seed, name, "control_values")
             self.picks[name] = torch.randint(0, hw, (self.reservoir.numel(), self.per_sample), generator=gen)

@@ -187,7 +187,7 @@ def wpmi(
 
 
 def top_fraction(values: Tensor, fraction: float) -> Tensor:
-    """bool ``[N, C]``: the top ``fraction`` of samples of each column (at least one), as binary concept labels.
+    """Bool ``[N, C]``: the top ``fraction`` of samples of each column (at least one), as binary concept labels.
 
     Example:
         >>> top_fraction(torch.tensor([[0.1], [0.9], [0.5], [0.2]]), 0.5).squeeze(1).tolist()

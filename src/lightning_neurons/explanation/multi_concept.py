@@ -281,7 +281,8 @@ def combine_units(
             )
             for row, pairs in found.items():
                 unit = by_key.get((name, start + row))
-                # Only a unit with a concept gets a combination ("no clear concept" with "a (0.6) + b (0.4)" contradicts).
+                # Only a unit with a concept gets a combination ("no clear concept" beside "a (0.6) + b (0.4)"
+                # would contradict itself).
                 if unit is not None and unit.description and unit.kind in (None, "concept"):
                     unit.combination = [Alternative(concepts.texts[i], round_weight(w)) for i, w in pairs]
                     kept += 1

@@ -193,7 +193,9 @@ def _counts(evidence: RoundEvidence, units: list[UnitExplanation]) -> dict[str, 
         "crops": int(boxes.shape[0]),
         "unique_crops": evidence.crops.num_unique,
         "control_crops": evidence.crops.num_control,
-        "whole_images": int(evidence.crops.embeddings.shape[0]) - evidence.crops.num_unique - evidence.crops.num_control,
+        "whole_images": int(evidence.crops.embeddings.shape[0])
+        - evidence.crops.num_unique
+        - evidence.crops.num_control,
         "concepts": len(evidence.concepts),
         "mean_box_area": box_area_fraction(boxes, evidence.forward.image_size),
         "labels": evidence.forward.labels is not None,

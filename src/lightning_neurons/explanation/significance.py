@@ -16,9 +16,9 @@ uniform sample of the probe set, plus the unit's top samples; whole images every
 :func:`unit_kinds` turns both into ``UnitExplanation.kind``: ``"dead"`` (never active), ``"unclear"``
 (``q > q_threshold``), ``"low_level"`` (significant, gain ``<= gain_margin``) or ``"concept"``.
 
-Memory: :func:`layer_significance` works on chunks of units; a chunk holds ``[units, N, C]`` similarities (``N`` samples per
-unit, ``C`` concepts) and a ``[B', units, N + C]`` block of the permutation null, each bounded by ``budget`` floats
-(default ``2**24``, 64 MiB), whatever the layer's size.
+Memory: :func:`layer_significance` works on chunks of units; a chunk holds ``[units, N, C]`` similarities (``N``
+samples per unit, ``C`` concepts) and a ``[B', units, N + C]`` block of the permutation null, each bounded by
+``budget`` floats (default ``2**24``, 64 MiB), whatever the layer's size.
 
 Example:
     >>> import torch
@@ -358,7 +358,9 @@ class UnitSamples:
     top_values: Tensor
     top_rows: Tensor
 
-    def chunk(self, rows: slice | Tensor, sims: Tensor, statistics: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def chunk(
+        self, rows: slice | Tensor, sims: Tensor, statistics: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(activations [u, N], weights [u, N], sims [u, N, C], statistics [u, N, F], ids [u, N])`` of some units.
 
         A top sample that is also in the reservoir is counted once (its top slot gets weight 0).

@@ -246,11 +246,13 @@ def _layer_units(name: str, evidence: RoundEvidence, boxes: list[tuple], epoch: 
     top_idx, top_val = sc.top_indices.cpu().tolist(), sc.top_values.cpu().tolist()
     auc, margin = sc.auc.cpu().tolist(), sc.margin.cpu().tolist()
     confidence = sc.confidence.cpu().tolist() if sc.confidence is not None else [None] * len(auc)
+    kinds: list[str | None]
+    low_level: list[str | None]
     if sig is not None:
         chosen = sc.top_indices[:, :1].cpu()
         corr = sig.correlations.gather(1, chosen)[:, 0].tolist()
         p_values, q_values, gains = (_optional(t) for t in (sig.p_values, sig.q_values, sig.gain))
-        kinds, low_level = list(sig.kinds), sig.low_level
+        kinds, low_level = list(sig.kinds), list(sig.low_level)
     else:
         corr = auc
         p_values = q_values = gains = [None] * len(auc)
@@ -317,4 +319,12 @@ def _optional(values: Tensor) -> list[float | None]:
     return [None if v != v else float(v) for v in values.cpu().tolist()]
 
 
-__all__ = ["RoundEvidence", "build_units", "concept_set", "crop_similarities", "layer_samples", "score_layers", "test_layers"]
+__all__ = [
+    "RoundEvidence",
+    "build_units",
+    "concept_set",
+    "crop_similarities",
+    "layer_samples",
+    "score_layers",
+    "test_layers",
+]
