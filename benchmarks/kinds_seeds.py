@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--reservoir", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--selection", default="correlation")
+    parser.add_argument("--selection", default=None, help="ExplainConfig.selection (default: its default)")
     parser.add_argument("--networks", nargs="+", default=["pretrained", "random"])
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args(argv)
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     vocabulary = Vocabulary(["general"], exclude_general=loaded.basis_concepts, show_progress=False)
     torch.manual_seed(0)
     networks = {"pretrained": load_mobilenet("cpu"), "random": mobilenet_v2().eval()}
-    result: dict = {"layer": args.layer, "images": len(data), "seeds": args.seeds, "selection": args.selection}
+    selection = args.selection or ExplainConfig().selection
+    result: dict = {"layer": args.layer, "images": len(data), "seeds": args.seeds, "selection": selection}
     for name in args.networks:
         net = networks[name]
         rounds = []
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             cfg = ExplainConfig(
                 image_mean=IMAGE_MEAN, image_std=IMAGE_STD, show_progress=False, preview_units={}, seed=seed,
-                selection=args.selection,
+                selection=selection,
             )
             rnd = explain_recording(net, recording, DataLoaderSampleSource(loader), backend, vocabulary, cfg)
             rounds.append((rnd.layer(args.layer), time.perf_counter() - start, rnd.meta["timings"]))

@@ -8,7 +8,8 @@ held-out split (:mod:`lightning_neurons.benchmark.neuron_eval` documents the pro
 writes benchmarks/results/neuron_eval.json.
 
     HF_HUB_OFFLINE=1 python benchmarks/neuron_eval.py [--seeds 0 1 2] [--draws 20] [--threads 1]
-        [--activation logit|softmax] [--frequencies natural 0.02] [-o out.json]
+        [--activation logit|softmax] [--frequencies natural 0.02] [--sources labels similarity]
+        [--metrics correlation ...] [--top-k 8] [--reservoir 48] [-o out.json]
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         help="share of the probe a unit's class makes up ('natural' = the whole probe, 1/C)",
     )
     parser.add_argument("--sources", nargs="+", choices=["labels", "similarity"], default=["labels", "similarity"])
+    parser.add_argument("--metrics", nargs="+", default=None, help="metric names (default: every candidate)")
+    parser.add_argument("--top-k", type=int, default=8, help="top samples of the top-and-random correlation")
+    parser.add_argument("--reservoir", type=int, default=48, help="uniform samples of the top-and-random correlation")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("-o", "--output", default=str(RESULTS), help="JSON file to write (default: the results)")
     args = parser.parse_args(argv)
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         eval_per_class=args.eval_per_class,
         activation=args.activation,
         sources=tuple(args.sources),
+        metrics=None if args.metrics is None else tuple(args.metrics),
+        top_k=args.top_k,
+        reservoir=args.reservoir,
         frequencies=tuple(None if f == "natural" else float(f) for f in args.frequencies),
     )
     out = run_neuron_eval(config)

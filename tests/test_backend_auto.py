@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_neurons.backends import load_backend
 from lightning_neurons.backends import auto as auto_module
+from lightning_neurons.backends import load_backend
 from lightning_neurons.backends.auto import PREFETCH_COMMAND, AutoBackendWarning, choose_auto
 
 TINY_CFG = {
@@ -109,3 +109,32 @@ def test_auto_is_the_default_of_the_callback_explain_and_the_cli() -> None:
     assert inspect.signature(NeuronExplainer.__init__).parameters["backend"].default == "auto"
     assert inspect.signature(explain).parameters["backend"].default == "auto"
     assert BackendConfig().backend == "auto"
+
+
+def test_the_callback_default_picks_the_cached_clip_in_a_real_fit(empty_cache: Path) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_neurons import NeuronExplainer, load_history
+    from lightning_neurons.demo import PhotoPatchesDataModule, SmallCNN
+
+    put_tiny_checkpoint(empty_cache)
+    explainer = NeuronExplainer(  # backend left at its default
+        layers=["head"], top_k=3, reservoir_size=8, vocabulary=["classes"], show_progress=False, on_error="raise"
+    )
+    data = PhotoPatchesDataModule(classes=["cat", "grass"], train_per_class=8, val_per_class=6, image_size=32)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=TensorBoardLogger(str(empty_cache.parent / "runs"), name="auto", version=0),
+        callbacks=[explainer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AutoBackendWarning)
+        trainer.fit(SmallCNN(num_classes=2, width=4), data)
+    (round_,) = explainer.rounds
+    assert round_.meta["backend"] == "clip" and len(round_.layer("head")) == 2
+    assert load_history(Path(trainer.log_dir) / "neurons").epochs == [0]

@@ -63,7 +63,7 @@ def test_reduced_neuron_eval_table_on_real_units() -> None:
         train_per_class=24,
         eval_per_class=16,
         sources=("labels",),
-        frequencies=(None, 0.05),
+        frequencies=(None, 0.02),
     )
     out = run_neuron_eval(cfg)
     names = set(candidate_metrics())
@@ -74,7 +74,7 @@ def test_reduced_neuron_eval_table_on_real_units() -> None:
         for test in TESTS:
             result = row[test]
             assert isinstance(result["pass"], bool) and 0.0 <= result["decrease_rate"] <= 1.0
-            assert set(result["by_frequency"]) == {"natural", "0.05"}
+            assert set(result["by_frequency"]) == {"natural", "0.02"}
             assert result["pass"] == (result["decrease_rate"] >= cfg.pass_rate)
             assert out["table"][name]["labels"][test] == result["pass"]
     assert out["setup"]["units"]["held_out"] >= 13 and out["setup"]["encoder"] is None

@@ -300,7 +300,7 @@ def _history(args: argparse.Namespace) -> int:
     # Exports only when asked, never over the history that was read.
     exports = [*(args.export or []), *([args.csv] if args.csv else []), *([args.json] if args.json else [])]
     for target in map(Path, exports):
-        if target.resolve() == path.resolve():
+        if isinstance(path, Path) and target.resolve() == path.resolve():
             raise ValueError(f"--export {target} is the history being read; export to another file")
         if target.suffix == ".csv":
             history.to_csv(target)

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from lightning_neurons.config import RunConfig
-from lightning_neurons.results import RoundIdentity
+from lightning_neurons.results import RoundIdentity, json_safe
 
 
 def settings_fingerprint(
@@ -35,17 +36,20 @@ def settings_fingerprint(
     *,
     class_names: Sequence[str] | None = None,
     concepts: Sequence[str] | None = None,
+    model: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The fingerprint and the readable summary of the settings that change what a round means.
 
-    One definition for the whole library: :func:`lightning_neurons.drift.baseline.settings_fingerprint` (which also
-    decides where a change of settings starts a new drift baseline), applied to a run's config.
+    The one place that says which settings count; :mod:`lightning_neurons.drift.baseline` decides from these
+    fingerprints where a change of settings starts a new drift baseline.
 
     Args:
         config: The run's settings.
         class_names: The class names in use (read from the data when the config gives none).
         concepts: The embedded vocabulary (its texts): a changed concept file changes the fingerprint even when its
             path does not.
+        model: The image-text model actually loaded (``backend="auto"`` may load CLIP on one machine and the offline
+            pack on another: that changes what a round means).
 
     Returns:
         ``(fingerprint, summary)``: 16 hex digits, and the dictionary they hash.
@@ -56,9 +60,28 @@ def settings_fingerprint(
         >>> a != b, s["reduction"]
         (True, 'mean')
     """
-    from lightning_neurons.drift.baseline import settings_fingerprint as fingerprint
+    backend = config.backend
+    names = backend.class_names or (tuple(class_names) if class_names else None)
+    summary: dict[str, Any] = {
+        "vocabulary": [str(v) for v in backend.vocabulary] + (["llm"] if backend.llm_vocabulary else []),
+        "concepts": _names(concepts),
+        "class_names": _names(names),
+        "backend": backend.backend_label,
+        "model": model or json_safe(dict(backend.backend_kwargs)) or None,
+        "top_k": int(config.recording.top_k),
+        "reduction": str(config.recording.reduction),
+    }
+    return _digest(summary), summary
 
-    return fingerprint(config, class_names=class_names, concepts=concepts)
+
+def _digest(value: Any) -> str:
+    text = json.dumps(json_safe(value), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _names(names: Sequence[str] | None) -> str | None:
+    # Long lists (1,000 ImageNet classes, 10,000 concepts) are summarised by their count and a digest.
+    return None if not names else f"{len(names)} names #{_digest(list(names))[:8]}"
 
 
 def weights_fingerprint(model: nn.Module) -> str:

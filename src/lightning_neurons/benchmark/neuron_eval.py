@@ -86,17 +86,57 @@ def _concept_kw(source: ConceptSource, n_classes: int) -> dict[str, Any]:
     )
 
 
-def candidate_metrics(top_k: int = 8, reservoir: int = 48) -> dict[str, MetricSpec]:
-    """Every metric of the table, by name.
+def _binary(concepts: Tensor, source: ConceptSource, n_classes: int) -> Tensor:
+    kw = _concept_kw(source, n_classes)
+    return M.binarize_concepts(concepts, kw["concept_threshold"], kw.get("concept_alpha", 0.1))
+
+
+def pipeline_metrics() -> dict[str, MetricSpec]:
+    """The explanation stage's own implementations (:mod:`lightning_neurons.explanation.metrics`, units first).
+
+    Their AUC and AUPRC rank the samples by the unit's activation to find the concept's positives (NeuronEval's
+    "inverse" direction); :func:`candidate_metrics` ranks by the concept to find the unit's active samples.
+
+    Example:
+        >>> sorted(pipeline_metrics())
+        ['pipeline_auc', 'pipeline_auprc', 'pipeline_correlation', 'pipeline_cosine', 'pipeline_wpmi']
+    """
+    from lightning_neurons.explanation import metrics as P
+
+    return {
+        "pipeline_correlation": MetricSpec(
+            "pipeline_correlation", lambda a, c, al, s, C: P.correlation(a.T, c), (-1.0, 1.0), False
+        ),
+        "pipeline_cosine": MetricSpec("pipeline_cosine", lambda a, c, al, s, C: P.cosine(a.T, c), (-1.0, 1.0), False),
+        "pipeline_auprc": MetricSpec(
+            "pipeline_auprc", lambda a, c, al, s, C: P.auprc(a.T, _binary(c, s, C)).nan_to_num(0.0), (0.0, 1.0), False
+        ),
+        "pipeline_auc": MetricSpec(
+            "pipeline_auc", lambda a, c, al, s, C: P.auc(a.T, _binary(c, s, C)).nan_to_num(0.5), (0.0, 1.0), False
+        ),
+        "pipeline_wpmi": MetricSpec("pipeline_wpmi", lambda a, c, al, s, C: P.wpmi(a.T, c, fraction=al), None, True),
+    }
+
+
+def candidate_metrics(top_k: int = 8, reservoir: int = 48, *, pipeline: bool = True) -> dict[str, MetricSpec]:
+    """Every metric of the table, by name: the reference implementations, then (``pipeline``) the pipeline's own.
 
     Args:
         top_k: Top samples of the top-and-random correlation (the recording's ``top_k``).
         reservoir: Uniform samples of the top-and-random correlation (the recording's reservoir).
+        pipeline: Also the explanation stage's implementations (:func:`pipeline_metrics`).
 
     Example:
-        >>> sorted(candidate_metrics())[:4]
+        >>> sorted(candidate_metrics(pipeline=False))[:4]
         ['auc', 'auprc', 'correlation', 'correlation_top_random']
     """
+    return {
+        **_reference_metrics(top_k, reservoir),
+        **(pipeline_metrics() if pipeline else {}),
+    }
+
+
+def _reference_metrics(top_k: int, reservoir: int) -> dict[str, MetricSpec]:
     return {
         "correlation": MetricSpec("correlation", lambda a, c, al, s, C: M.correlation(a, c), (-1.0, 1.0), False),
         "correlation_top_random": MetricSpec(
@@ -482,6 +522,7 @@ __all__ = [
     "degrade",
     "known_units",
     "own_class_auprc",
+    "pipeline_metrics",
     "run_neuron_eval",
     "sanity_test",
 ]
