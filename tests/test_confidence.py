@@ -22,13 +22,13 @@ from lightning_neurons import collect_top_k
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.history import HistoryRecord, RunHistory
-from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
 from lightning_neurons.explanation.pipeline import explain_recording
+from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
 from lightning_neurons.explanation.settings import ExplainConfig
-from lightning_neurons.recording.samples import DataLoaderSampleSource
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.report import render_report
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger
+from lightning_neurons.recording.samples import DataLoaderSampleSource
 
 UNITS = 6
 
@@ -48,7 +48,9 @@ def _explain(weight: torch.Tensor, **settings):
     # The confidence was built for descriptions chosen by the corrected concept score.
     cfg = ExplainConfig(confidence_samples=256, selection="concept_score", show_progress=False, **settings)
     backend = Backend("colour", ColourEncoder())
-    return explain_recording(model, recording, DataLoaderSampleSource(loader), backend, [*COLOURS, "thing"], cfg, epoch=0)
+    return explain_recording(
+        model, recording, DataLoaderSampleSource(loader), backend, [*COLOURS, "thing"], cfg, epoch=0
+    )
 
 
 def _trained() -> torch.Tensor:
@@ -95,6 +97,17 @@ def test_the_kind_decides_what_is_shown_not_the_threshold(rounds):
     assert [u.kind for u in random.units] == ["unclear"] * UNITS
     for threshold in (0.85, None):  # deprecated: it no longer shows or hides anything
         assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(random.units, {}, threshold=threshold)
+    assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
+
+
+def test_threshold_none_shows_every_description(rounds):
+    import dataclasses
+
+    _, random = rounds
+    # Records made before kinds (kind=None) keep the confidence rule they were shown with; a unit's kind wins over it.
+    legacy = [dataclasses.replace(u, kind=None) for u in random.units]
+    assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(legacy, {}, threshold=0.85)
+    assert NO_CLEAR_CONCEPT not in NeuronTensorBoardLogger.table(legacy, {}, threshold=None)
     assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
     assert ExplainConfig().confidence_samples == 0  # the confidence decides nothing now: not computed by default
 
