@@ -281,7 +281,7 @@ def test_where_the_outputs_went_is_logged_once_at_fit_end(tmp_path, caplog):
         t.fit(Tiny(), *loaders())
     lines = [r.getMessage() for r in caplog.records if "wrote History" in r.getMessage()]
     assert len(lines) == 1
-    assert str(neurons_dir(t) / "history.jsonl") in lines[0] and "report.html" in lines[0]
+    assert str(neurons_dir(t) / "history") in lines[0] and "report.html" in lines[0]
 
 
 def test_log_units_naming_a_unit_no_layer_has_fails_before_the_first_training_step(tmp_path):
@@ -308,7 +308,8 @@ def test_the_embedding_cache_goes_where_lightning_neurons_cache_says(tmp_path, m
 
 # ---------------------------------------------------------------------- the history file: every round read back
 class TamperWithHistory(pl.Callback):
-    """Deletes or truncates the run's history.jsonl by hand before epoch 1 trains (as a user cleaning up would)."""
+    """Deletes or truncates a round file of the run's history store by hand before epoch 1 trains (as a user cleaning
+    up would)."""
 
     def __init__(self, explainer, how):
         self.explainer, self.how = explainer, how
@@ -316,7 +317,7 @@ class TamperWithHistory(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch != 1:
             return
-        path = self.explainer.outputs()["History"]
+        (path,) = self.explainer.outputs()["History"].glob("round-*.parquet")  # epoch 0's round
         if self.how == "delete":
             path.unlink()
         else:
@@ -328,7 +329,7 @@ class TamperWithHistory(pl.Callback):
 def test_a_history_file_deleted_or_truncated_between_epochs_is_rewritten(tmp_path, how):
     cb = explainer(layers=["head"])
     t = trainer(tmp_path, [cb, TamperWithHistory(cb, how)], max_epochs=3, limit_train_batches=1)
-    with pytest.warns(UserWarning, match=f"history.jsonl was {how}d since this run last wrote it"):
+    with pytest.warns(UserWarning, match=f"history round files were {how}d since this run last wrote them"):
         t.fit(Tiny(), *loaders())
     on_disk = load_history(neurons_dir(t))
     assert on_disk.epochs == [0, 1, 2]  # what the report shows is what the file holds
@@ -340,8 +341,8 @@ def test_a_history_file_deleted_or_truncated_between_epochs_is_rewritten(tmp_pat
 def test_no_lock_file_is_left_in_the_run_folder(tmp_path):
     t = trainer(tmp_path, explainer(layers=["head"]), max_epochs=1, limit_train_batches=1)
     t.fit(Tiny(), *loaders())
-    assert (neurons_dir(t) / "history.jsonl").is_file()
-    assert not list(neurons_dir(t).glob("*.lock"))
+    assert list((neurons_dir(t) / "history").glob("round-*.parquet"))
+    assert not list(neurons_dir(t).rglob("*.lock"))
 
 
 # ---------------------------------------------------------------------- post hoc into a folder that holds rounds
@@ -407,7 +408,7 @@ def test_history_command_reads_only_and_exports_when_asked(tmp_path, capsys):
         main(["history", str(folder), "--export", str(tmp_path / "h.csv"), "--export", str(tmp_path / "h.json")]) == 0
     )
     assert (tmp_path / "h.csv").read_text().count("\n") == 1 + 2 * (8 + 3)
-    assert main(["history", str(folder / "history.jsonl"), "--export", str(folder / "history.jsonl")]) == 2
+    assert main(["history", str(folder / "history"), "--export", str(folder / "history")]) == 2
     assert "is the history being read" in capsys.readouterr().err
     assert load_history(folder).epochs == [0, 1]
     # a CSV export is not a history: one error line, and it stays as it was
@@ -415,7 +416,8 @@ def test_history_command_reads_only_and_exports_when_asked(tmp_path, capsys):
     assert main(["history", str(tmp_path / "h.csv")]) == 2
     assert "CSV export" in capsys.readouterr().err and (tmp_path / "h.csv").read_text() == text
     # JSON Lines under a .json name, and the JSON export, both read back
-    (tmp_path / "lines.json").write_bytes((folder / "history.jsonl").read_bytes())
+    assert main(["history", str(folder), "--export", str(tmp_path / "lines.jsonl")]) == 0
+    (tmp_path / "lines.json").write_bytes((tmp_path / "lines.jsonl").read_bytes())
     for path in (tmp_path / "lines.json", tmp_path / "h.json"):
         assert main(["history", str(path)]) == 0
         assert "(empty history)" not in capsys.readouterr().out
@@ -508,3 +510,29 @@ def test_explain_command_takes_model_args_seed_reservoir_log_units_and_class_nam
     assert rnd.identity.settings_summary["class_names"].startswith("3 names")
     tags = EventAccumulator(str(tmp_path / "out"), size_guidance={"images": 0}).Reload().Tags()["images"]
     assert sorted(tags) == ["neurons/head/0/top_k", "neurons/head/2/top_k"]
+
+
+def test_checkpoints_of_one_epoch_are_filed_in_step_order_with_their_steps(tmp_path):
+    from lightning_neurons import explain_checkpoints
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=3, filename="{epoch}-{step}")
+    model = Tiny()
+    trainer(tmp_path, [ckpt], max_epochs=2, limit_train_batches=6).fit(model, *loaders())
+    # epoch 1 has steps 9 and 12: by file name "step=12" sorts before "step=9"
+    assert {p.name for p in (tmp_path / "ckpt").glob("epoch=1*")} == {"epoch=1-step=9.ckpt", "epoch=1-step=12.ckpt"}
+    with pytest.warns(UserWarning, match="several checkpoints share an epoch"):
+        rounds = explain_checkpoints(
+            tmp_path / "ckpt", Tiny, loaders()[1], "head", output_dir=tmp_path / "out", top_k=3,
+            backend=cheap_backend(), vocabulary=["general"], show_progress=False,
+        )  # fmt: skip
+    assert [(r.identity.epoch, r.identity.step) for r in rounds] == [(0, 3), (0, 6), (1, 9), (1, 12)]
+    assert rounds[-1].identity.weights == weights_fingerprint(model)  # the last round is the final weights
+    history = load_history(tmp_path / "out")
+    for unit in range(3):  # epoch 1 holds the latest weights of epoch 1
+        assert history.get("head", unit, 1).explanation.description == rounds[-1].get("head", unit).description
+
+
+def test_a_one_off_explain_without_epoch_never_replaces_a_folders_epoch_0(tmp_path):
+    _explain("head", 0, tmp_path)
+    with pytest.raises(ValueError, match=r"already holds the rounds of epochs \[0\]: pass epoch="):
+        _explain("head", None, tmp_path)

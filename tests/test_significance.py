@@ -1,5 +1,6 @@
 """The headline score, the per-round significance tests, kinds, and per-layer determinism (issue 21, items 1-3)."""
 
+import functools
 import math
 import os
 
@@ -12,10 +13,11 @@ from torch.utils.data import DataLoader
 
 from _cheap import cheap_backend
 from _explained import COLOURS, ColourEncoder, ColourImages, colour_model
-from lightning_neurons import explain
+from lightning_neurons import collect_top_k, explain
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.demo import PhotoPatches, SmallCNN
 from lightning_neurons.explanation import metrics
+from lightning_neurons.explanation.pipeline import explain_recording
 from lightning_neurons.explanation.seeding import hashed_folds, layer_seed
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.explanation.significance import (
@@ -27,6 +29,7 @@ from lightning_neurons.explanation.significance import (
     layer_significance,
     permutation_test,
 )
+from lightning_neurons.recording.samples import DataLoaderSampleSource
 from lightning_neurons.results import DEAD_UNIT
 
 
@@ -183,7 +186,8 @@ def test_image_statistics_name_what_they_measure():
 
 
 # ------------------------------------------------------------------ the pipeline: dead units, kinds, settings
-def _colour_round(**settings):
+@functools.lru_cache(maxsize=1)
+def _colour_round():
     loader = DataLoader(ColourImages(n=48), batch_size=16)
     return explain(
         colour_model([0, 1, 2]),
@@ -194,7 +198,6 @@ def _colour_round(**settings):
         vocabulary=["classes"],
         class_names=[*COLOURS, "thing"],
         show_progress=False,
-        **settings,
     )
 
 
@@ -241,27 +244,29 @@ def test_layer_seeds_are_stable_across_processes():
 
 
 def _photo_loader() -> DataLoader:
-    return DataLoader(PhotoPatches(samples_per_class=6, image_size=48), batch_size=16)
+    return DataLoader(PhotoPatches(samples_per_class=4, image_size=40), batch_size=16)
+
+
+WORDS = ["red", "green", "blue", "stripes", "dots", "grass", "sky", "cat", "coffee", "rocket", "coins", "brick"]
 
 
 def _records(layers, seed=0):
     torch.manual_seed(0)
     model = SmallCNN(num_classes=4, width=8).eval()
-    return explain(
-        model, _photo_loader(), layers, top_k=4, backend=cheap_backend(), vocabulary=["general"], show_progress=False,
-        seed=seed, log_units=None,
-    )
+    loader = _photo_loader()
+    recording = collect_top_k(model, loader, layers, top_k=4, seed=seed, show_progress=False)
+    cfg = ExplainConfig(crop_size=32, preview_units={}, show_progress=False, seed=seed)
+    return explain_recording(model, recording, DataLoaderSampleSource(loader), cheap_backend(), WORDS, cfg)
 
 
 def test_a_layers_records_are_the_same_explained_alone_or_beside_another_layer():
     # issue 21: "The same checkpoint explained with one layer instead of two changes 7-8 of 160 descriptions of the
     # shared layer, the score by up to 0.20 ... with identical top-k sets."
     alone = _records(["features.block2"])
-    both = _records(["features.block1", "features.block2"])
-    also = _records(["features.block2", "features.block3"])
+    beside = _records(["features.block1", "features.block2", "features.block3"])  # layers before and after it
     want = [u.to_dict() for u in alone.layer("features.block2")]
     assert want and any(u["description"] for u in want)
-    for other in (both, also):
+    for other in (beside,):
         got = [u.to_dict() for u in other.layer("features.block2")]
         assert len(got) == len(want)
         for have, expected in zip(got, want):

@@ -113,7 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--seed", type=int, default=0, help="seed of the reservoir and of any sampling (default 0)")
     explain.add_argument(
-        "--reservoir-size", type=int, default=64, help="random validation images used as control set (default 64)"
+        "--reservoir-size", type=int, default=256, help="random validation images used as control set (default 256)"
     )
     explain.add_argument(
         "--log-units",
@@ -300,7 +300,7 @@ def _history(args: argparse.Namespace) -> int:
     # Exports only when asked, never over the history that was read.
     exports = [*(args.export or []), *([args.csv] if args.csv else []), *([args.json] if args.json else [])]
     for target in map(Path, exports):
-        if target.resolve() == path.resolve():
+        if isinstance(path, Path) and target.resolve() == path.resolve():
             raise ValueError(f"--export {target} is the history being read; export to another file")
         if target.suffix == ".csv":
             history.to_csv(target)

@@ -31,7 +31,7 @@ from lightning_neurons.backends.cache import CachedImageEncoder
 from lightning_neurons.concepts.concept_set import ConceptSet
 from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.baseline import settings_warning
-from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
+from lightning_neurons.drift.history import HISTORY_FILENAME, STORE_DIRNAME, RunHistory
 from lightning_neurons.explanation.pipeline import explain_recording
 from lightning_neurons.identity import new_run_id, round_identity, settings_fingerprint
 from lightning_neurons.logging.base import RoundOutput, RoundWriter
@@ -73,6 +73,7 @@ class ExplanationSession:
         self.settings: tuple[str, dict[str, Any]] = ("", {})
         self._checkpoint_settings: dict[str, Any] | None = None
         self._foreign = False
+        self._report_due = False
         #: Post hoc into a folder the caller named: a round of some layers keeps the folder's other layers at its
         #: epoch (``lightning-neurons explain -o existing``), instead of replacing the whole epoch.
         self.continues_folder = False
@@ -129,11 +130,10 @@ class ExplanationSession:
         if not self.writes:
             return
         _check_writable(directory)
-        existing = directory / HISTORY_FILENAME
         # Another run's history, and nothing restored (yet): attach only once claim_output decides.
-        self._foreign = not len(self.history) and existing.is_file() and existing.stat().st_size > 0
+        self._foreign = not len(self.history) and _holds_history(directory)
         if not self._foreign:
-            self.history.attach(existing)
+            self.history.attach(directory / STORE_DIRNAME)
 
     def claim_output(self, *, fresh_folder: bool) -> Path | None:
         """Make sure this run does not append to another run's history (call after any checkpoint restore).
@@ -152,19 +152,19 @@ class ExplanationSession:
             return None
         self._foreign = False
         if len(self.history):  # a checkpoint restored this run's history: it continues that file
-            self.history.attach(self.output_dir / HISTORY_FILENAME)
+            self.history.attach(self.output_dir / STORE_DIRNAME)
             return None
         if not fresh_folder:
             raise FileExistsError(
-                f"{self.output_dir / HISTORY_FILENAME} holds another run's history; a new run does not append to "
+                f"{self.output_dir / STORE_DIRNAME} holds another run's history; a new run does not append to "
                 "it: pass another history_dir, remove the folder, or resume that run from its checkpoint"
             )
         n = 1
-        while (self.output_dir.parent / f"{self.output_dir.name}_{n}" / HISTORY_FILENAME).exists():
+        while _holds_history(self.output_dir.parent / f"{self.output_dir.name}_{n}"):
             n += 1
         self.output_dir = self.output_dir.parent / f"{self.output_dir.name}_{n}"
         _check_writable(self.output_dir)
-        self.history.attach(self.output_dir / HISTORY_FILENAME)
+        self.history.attach(self.output_dir / STORE_DIRNAME)
         return self.output_dir
 
     def evaluation_metrics(self) -> list[str]:
@@ -309,8 +309,8 @@ class ExplanationSession:
         assert self.backend is not None
         if self.writes and self._foreign:  # post hoc into a folder the caller named: continue its epochs there
             self._foreign = False
-            self.history = continued_history(self.output_dir / HISTORY_FILENAME, self.history)
-            self.history.attach(self.output_dir / HISTORY_FILENAME)
+            self.history = continued_history(self.output_dir, self.history)
+            self.history.attach(self.output_dir / STORE_DIRNAME)
         filed = with_other_layers(self.history, rnd, key) if self.continues_folder else rnd
         drift = self.history.add_round(filed, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
         if filed is not rnd:  # the writers log this round's units; the other layers' stay as they were
@@ -336,9 +336,7 @@ class ExplanationSession:
         rnd, key = output.round, output.epoch
         NeuronTensorBoardLogger.save_previews(rnd, self.output_dir / PREVIEWS_DIRNAME, epoch=key)
         rnd.to_json(self.output_dir / f"round_epoch={key}.json")
-        from lightning_neurons.logging.report import write_report
-
-        write_report(self.history, self.output_dir / REPORT_FILENAME, previews_dir=self.output_dir / PREVIEWS_DIRNAME)
+        self._report_due = True  # the HTML report is an export, written once at the end (teardown), not per round
         for writer in self.writers:
             writer.write_round(output)
 
@@ -348,7 +346,7 @@ class ExplanationSession:
         if self.output_dir is None or not self.writes:
             return {}
         return {
-            "History": self.output_dir / HISTORY_FILENAME,
+            "History": self.output_dir / STORE_DIRNAME,
             "HTML report": self.output_dir / REPORT_FILENAME,
             "Region crops": self.output_dir / PREVIEWS_DIRNAME,
         }
@@ -370,7 +368,7 @@ class ExplanationSession:
         if "history" in state:
             self.history.load_state_dict(state["history"])
             if self.output_dir is not None and self.writes and not self._foreign:
-                self.history.attach(self.output_dir / HISTORY_FILENAME)
+                self.history.attach(self.output_dir / STORE_DIRNAME)
         self._checkpoint_settings = state.get("settings")
         self._warn_settings_changed()
 
@@ -382,11 +380,25 @@ class ExplanationSession:
                 warnings.warn(message, stacklevel=3)
             self._checkpoint_settings = None
 
+    def write_report(self) -> Path | None:
+        """Export the HTML report of the rounds written so far (once per run, at the end; ``None``: nothing new)."""
+        if not self._report_due or self.output_dir is None:
+            return None
+        from lightning_neurons.logging.report import write_report
+
+        self._report_due = False
+        return write_report(
+            self.history, self.output_dir / REPORT_FILENAME, previews_dir=self.output_dir / PREVIEWS_DIRNAME
+        )
+
     def teardown(self) -> None:
         """Flush and close the writers and release the models (the history stays for a later run)."""
-        for writer in self.writers:
-            writer.close()
-        self.writers = []
+        try:
+            self.write_report()
+        finally:
+            for writer in self.writers:
+                writer.close()
+            self.writers = []
         self.history.close()  # releases the history file's lock
         self.output_dir = None
         self.backend = None
@@ -395,13 +407,13 @@ class ExplanationSession:
             torch.cuda.empty_cache()
 
 
-def continued_history(path: Path, history: RunHistory) -> RunHistory:
-    """The history a post-hoc session continues: the folder's file read back (``history`` when there is none)."""
-    if len(history) or not path.is_file() or path.stat().st_size == 0:
+def continued_history(folder: Path, history: RunHistory) -> RunHistory:
+    """The history a post-hoc session continues: the folder's history read back (``history`` when there is none)."""
+    if len(history) or not _holds_history(folder):
         return history
     from lightning_neurons.drift.history import load_history
 
-    found = load_history(path)
+    found = load_history(folder)
     found.stable_rounds = history.stable_rounds
     return found
 
@@ -438,6 +450,14 @@ def _preview_units(recording: Recording, log_units: int | tuple[int, ...] | None
         rest = [u for u in range(layer.num_units) if u not in set(logged)]
         out[name] = sorted([*logged, *rest][: max(DEFAULT_MAX_UNITS, len(logged))])
     return out
+
+
+def _holds_history(directory: Path) -> bool:
+    # A run's history: the round store or, from earlier versions, a non-empty history.jsonl.
+    from lightning_neurons.drift.round_store import is_round_store
+
+    legacy = directory / HISTORY_FILENAME
+    return is_round_store(directory / STORE_DIRNAME) or (legacy.is_file() and legacy.stat().st_size > 0)
 
 
 def _check_writable(directory: Path) -> None:

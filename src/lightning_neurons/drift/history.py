@@ -3,7 +3,9 @@
 This module gathers the public names of the three modules the history is made of:
 
 - :mod:`lightning_neurons.drift.records`: the record model (:class:`HistoryRecord`, its flat form and schema);
-- :mod:`lightning_neurons.drift.store`: the store (files, locking, crash-safe rounds, reading);
+- :mod:`lightning_neurons.drift.columns`: the records as Arrow columns;
+- :mod:`lightning_neurons.drift.round_store`: the store of a run (one Parquet file per round, atomic, fsspec);
+- :mod:`lightning_neurons.drift.store`: JSON Lines histories of earlier runs (files, locking, crash-safe rounds);
 - :mod:`lightning_neurons.drift.run_history`: drift over the records (:class:`RunHistory`, :func:`load_history`).
 
 Example:
@@ -13,9 +15,11 @@ Example:
 """
 
 from lightning_neurons.drift.records import SCHEMA_VERSION, HistoryRecord, Key
+from lightning_neurons.drift.round_store import RoundStore
 from lightning_neurons.drift.run_history import RunHistory, _read_jsonl, load_history
 from lightning_neurons.drift.store import (
     HISTORY_FILENAME,
+    STORE_DIRNAME,
     HistoryLockedError,
     HistoryWriteError,
     _encode_rounds,
@@ -31,6 +35,8 @@ __all__ = [
     "HistoryLockedError",
     "HistoryRecord",
     "HistoryWriteError",
+    "RoundStore",
+    "STORE_DIRNAME",
     "Key",
     "RunHistory",
     "_encode_rounds",

@@ -14,7 +14,11 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
                                  and where not computed); the description stays the raw best concept
     source                str    "concept" or "describe"
     kind                  str?   "concept", "low_level", "unclear" or "dead" (absent in older files: legacy)
+    shown                 str?   the text every sink displays (``UnitExplanation.shown``; written with kind)
+    p_value, q_value      float? significance against permuted activations; q: Benjamini-Hochberg over the layer
     low_level             str?   the image statistic a low-level unit tracks ("brightness", "red", ...)
+    concept_gain          float? correlation the concept adds beyond image statistics (cross-validated)
+    auc                   float? the old AUC, kept as a secondary figure
     alternatives          list   [{"text": str, "score": float}, ...] runner-up concepts
     top_sample_ids        list   probe-sample ids of the top activations, best first
     ablation              list?  [{"class": str, "drop": float}, ...] classes hurt most when the unit is zeroed
@@ -55,8 +59,10 @@ JSON Lines schema (``history.jsonl``, one object per line, one line per unit and
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +77,38 @@ Key = tuple[str, int, int]
 
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+#: The shared-contract fields of a unit (results.UnitExplanation), kept only where set (older records lack them).
+CONTRACT_FIELDS = ("kind", "p_value", "q_value", "low_level", "concept_gain", "auc")
+
+
+def _contract_fields(e: UnitExplanation) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in CONTRACT_FIELDS:
+        value = getattr(e, name)
+        if value is not None:
+            out[name] = value if isinstance(value, str) else _finite(value)
+    if e.kind is not None:
+        out["shown"] = e.shown
+    return out
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    # Reading a history makes millions of small objects, none in a reference cycle; the cyclic collector would
+    # rescan all of them again and again (about 40% of the load time at 20k records, growing with the history).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -112,7 +150,7 @@ class HistoryRecord:
             "margin": _finite(e.margin),
             "concept_score": _finite(e.concept_score),
             **({"confidence": _finite(e.confidence)} if e.confidence is not None else {}),
-            **{k: getattr(e, k) for k in ("kind", "low_level") if getattr(e, k) is not None},  # drift compares kinds
+            **_contract_fields(e),
             "source": e.source,
             "alternatives": [{"text": a.text, "score": _finite(a.score)} for a in e.alternatives],
             "top_sample_ids": [int(i) for i in e.top_sample_ids],
@@ -177,7 +215,11 @@ class HistoryRecord:
             combination=[Alternative(a["text"], num_or_nan(a["score"])) for a in data.get("combination") or []] or None,
             confidence=None if data.get("confidence") is None else float(data["confidence"]),
             kind=None if data.get("kind") is None else str(data["kind"]),
+            p_value=_opt_float(data.get("p_value")),
+            q_value=_opt_float(data.get("q_value")),
             low_level=None if data.get("low_level") is None else str(data["low_level"]),
+            concept_gain=_opt_float(data.get("concept_gain")),
+            auc=_opt_float(data.get("auc")),
         )
         get = data.get
         changed = stored_changed(data)
@@ -211,11 +253,11 @@ class HistoryRecord:
         )
 
 
-
 def _normalised(combination: list[Alternative]) -> list[tuple[Alternative, float]]:
     """Each concept with its weight normalised to sum to 1 (negative weights count as 0), as views show them."""
     total = sum(max(a.score, 0.0) for a in combination if math.isfinite(a.score)) or 1.0
     return [(a, a.score / total) for a in combination]
+
 
 def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
     # The history keeps what drift and reports need; boxes and activations stay in the round itself.
@@ -233,8 +275,12 @@ def _trim(u: UnitExplanation, epoch: int) -> UnitExplanation:
         ablation=[(str(c), float(v)) for c, v in u.ablation] if u.ablation else None,
         combination=[Alternative(a.text, float(a.score)) for a in u.combination] if u.combination else None,
         confidence=None if u.confidence is None else float(u.confidence),
-        kind=u.kind,  # drift compares kinds (drift.metrics.meaning_change)
+        kind=u.kind,
+        p_value=_finite(u.p_value),
+        q_value=_finite(u.q_value),
         low_level=u.low_level,
+        concept_gain=_finite(u.concept_gain),
+        auc=_finite(u.auc),
     )
 
 
@@ -248,6 +294,13 @@ _CSV_COLUMNS = [
     "concept_score",
     "confidence",
     "source",
+    "kind",
+    "shown",
+    "p_value",
+    "q_value",
+    "low_level",
+    "concept_gain",
+    "auc",
     "previous_epoch",
     "previous_description",
     "similarity",

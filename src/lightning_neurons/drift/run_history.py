@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from filelock import FileLock
 
 from lightning_neurons.drift.baseline import baseline_units, round_settings
+from lightning_neurons.drift.columns import records_to_table, table_to_dicts
 from lightning_neurons.drift.metrics import (
     DEFAULT_CHANGE_THRESHOLD,
     DEFAULT_STABLE_ROUNDS,
@@ -54,10 +56,11 @@ from lightning_neurons.drift.records import (
     HistoryRecord,
     Key,
     _epoch_runs,
+    _gc_paused,
     _trim,
 )
+from lightning_neurons.drift.round_store import RoundStore
 from lightning_neurons.drift.store import (
-    _gc_paused,
     _read_rounds,
     acquire_lock,
     append_rounds,
@@ -90,7 +93,7 @@ class RunHistory:
 
     threshold: float = DEFAULT_CHANGE_THRESHOLD
     stable_rounds: int = DEFAULT_STABLE_ROUNDS
-    path: Path | None = None
+    path: Path | str | None = None
     _records: dict[Key, HistoryRecord] = field(default_factory=dict, repr=False)
     _lock: FileLock | None = field(default=None, repr=False, compare=False)
     # Indexes kept in step with _records, so that every query costs what it returns and a round costs its units:
@@ -105,6 +108,10 @@ class RunHistory:
     _stability: dict[Key, UnitStability] = field(default_factory=dict, init=False, repr=False, compare=False)
     _round_ids: dict[int, str] = field(default_factory=dict, init=False, repr=False, compare=False)
     _ordered: list[HistoryRecord] | None = field(default=None, init=False, repr=False, compare=False)
+    # The round store the history writes to (a folder of Parquet rounds; None: memory or a JSON Lines file), and
+    # the store a lazily loaded history reads its records from on first use (load_history).
+    _store: RoundStore | None = field(default=None, init=False, repr=False, compare=False)
+    _pending: RoundStore | None = field(default=None, init=False, repr=False, compare=False)
     # Size of the attached file after this history last wrote or checked it: a smaller (or missing) file was
     # truncated or deleted behind the run's back, and is rewritten instead of appended to.
     _file_size: int | None = field(default=None, init=False, repr=False, compare=False)
@@ -115,21 +122,26 @@ class RunHistory:
         if self.stable_rounds < 1:
             raise ValueError(f"stable_rounds must be >= 1, got {self.stable_rounds}")
         if self.path is not None:
-            self.path = Path(self.path)
+            self.path = _as_location(self.path)
+            if not _is_jsonl(self.path):
+                self._store = RoundStore(self.path)
         given, self._records = self._records, {}
         for record in sorted(given.values(), key=lambda r: r.key[2]):
             self._insert(record)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
+        self._ready()
         return len(self._records)
 
     def __contains__(self, key: object) -> bool:
+        self._ready()
         return key in self._records
 
     @property
     def records(self) -> list[HistoryRecord]:
         """All records ordered by epoch, layer (first-seen order), unit."""
+        self._ready()
         if self._ordered is None:
             rank = {name: i for i, name in enumerate(self.layers)}
             ordered: list[HistoryRecord] = []
@@ -144,15 +156,19 @@ class RunHistory:
     @property
     def epochs(self) -> list[int]:
         """Explained epochs, ascending."""
+        if self._pending is not None:
+            return [f.epoch for f in self._pending.effective()]
         return sorted(self._by_epoch)
 
     @property
     def layers(self) -> list[str]:
         """Layer names in the order first seen (by epoch)."""
+        self._ready()
         return list(dict.fromkeys(layer for ep in sorted(self._by_epoch) for layer in self._by_epoch[ep]))
 
     def units(self, layer: str) -> list[int]:
         """Units of ``layer`` explained at any epoch, ascending."""
+        self._ready()
         return sorted(self._by_unit.get(layer, {}))
 
     def get(self, layer: str, unit: int, epoch: int) -> HistoryRecord:
@@ -161,6 +177,7 @@ class RunHistory:
         Raises:
             KeyError: If there is none.
         """
+        self._ready()
         try:
             return self._records[(layer, unit, epoch)]
         except KeyError:
@@ -170,7 +187,14 @@ class RunHistory:
             ) from None
 
     def timeline(self, layer: str, unit: int) -> list[HistoryRecord]:
-        """One unit's records in epoch order."""
+        """One unit's records in epoch order (read from the store alone while the history is not loaded)."""
+        if self._pending is not None:
+            store = self._pending
+            return [
+                HistoryRecord.from_dict(d)
+                for f in store.effective()
+                for d in table_to_dicts(store.read(f, layer=layer, unit=int(unit)))
+            ]
         return list(self._by_unit.get(layer, {}).get(unit, {}).values())
 
     def latest(self) -> list[HistoryRecord]:
@@ -180,6 +204,7 @@ class RunHistory:
             >>> RunHistory().latest()
             []
         """
+        self._ready()
         return [
             timeline[next(reversed(timeline))]
             for layer in self.layers
@@ -187,6 +212,7 @@ class RunHistory:
         ]
 
     def _epoch_records(self, ep: int) -> list[tuple[str, dict[int, HistoryRecord]]]:
+        self._ready()
         # (layer, unit -> record) of one epoch, layers in self.layers order.
         by_layer = self._by_epoch.get(ep, {})
         if len(by_layer) > 1:
@@ -196,6 +222,7 @@ class RunHistory:
 
     def drift(self, epoch: int | None = None) -> list[UnitDrift]:
         """Drift records of one epoch (default: all epochs), in :attr:`records` order."""
+        self._ready()
         if epoch is None:
             return [r.drift for r in self.records]
         return [units[u].drift for _, units in self._epoch_records(epoch) for u in sorted(units)]
@@ -211,6 +238,7 @@ class RunHistory:
             >>> RunHistory().summary()
             []
         """
+        self._ready()
         out = []
         for ep in self.epochs if epoch is None else [epoch]:
             for layer, units in self._epoch_records(ep):
@@ -230,6 +258,7 @@ class RunHistory:
             >>> RunHistory().format_summary()
             ['(empty history)']
         """
+        self._ready()
         if not self._records:
             return ["(empty history)"]
         multi = any(r.explanation.combination for r in self._records.values())
@@ -278,6 +307,50 @@ class RunHistory:
             f"{_with_combination(d.description, record.explanation.combination)}{overlap}"
         )
 
+    def _ready(self) -> None:
+        # A history loaded from a round store reads its records on first use (load_history returns at once).
+        store, self._pending = self._pending, None
+        if store is not None:
+            with _gc_paused():
+                self._replay((f.rid, store.read_records(f)) for f in store.effective())
+
+    @property
+    def store(self) -> RoundStore | None:
+        """The round store this history writes to or was loaded from (``None``: memory or JSON Lines)."""
+        return self._pending or self._store
+
+    def to_arrow(self) -> pa.Table:
+        """Every record as one Arrow table, a column per field (read from the store's files where it has one).
+
+        Example:
+            >>> RunHistory().to_arrow().num_rows
+            0
+        """
+        store = self._pending
+        if store is not None:
+            files = store.effective()
+            if files:
+                return pa.concat_tables([store.read(f) for f in files], promote_options="permissive")
+        records = self.records
+        return records_to_table(records) if records else pa.table({})
+
+    def to_pandas(self, arrow_dtypes: bool = True) -> Any:
+        """Every record as a ``pandas.DataFrame`` (a column per field): the history for analysis.
+
+        Args:
+            arrow_dtypes: Keep the columns Arrow-backed (``pd.ArrowDtype``: no copy, lists stay lists; 100 rounds of
+                98k units convert in seconds); ``False`` converts to NumPy/object columns (much slower for the
+                list columns).
+
+        Example:
+            >>> RunHistory().to_pandas().shape
+            (0, 0)
+        """
+        import pandas as pd
+
+        table = self.to_arrow()
+        return table.to_pandas(types_mapper=pd.ArrowDtype) if arrow_dtypes else table.to_pandas()
+
     # ------------------------------------------------------------------ updates
     def add_round(
         self, round: ExplanationRound, embed: EmbedFn, epoch: int | None = None, *, keep_later: bool = False
@@ -305,6 +378,7 @@ class RunHistory:
             HistoryWriteError: If the round could not be written (the disk is full, ...); the history, in memory
                 and on disk, is then as it was before the call.
         """
+        self._ready()
         ep = round.epoch if epoch is None else epoch
         if ep is None:
             raise ValueError("the round has no epoch; pass epoch= to RunHistory.add_round")
@@ -336,7 +410,13 @@ class RunHistory:
             HistoryRecord(u, d, revisit=revisit, confidence_threshold=shown_at, settings=settings)
             for u, d in zip(units, drifts)
         ]
-        ids = self._append(new) if self.path is not None else []  # first on disk: a failed write changes nothing
+        # First on disk: a failed write changes nothing.
+        if self._store is not None:
+            self._restore_store()
+            identity = None if round.identity is None else round.identity.to_dict()
+            ids = [self._store.write_round(new, identity=identity, meta=round.meta, revisit=revisit)] if new else []
+        else:
+            ids = self._append(new) if self.path is not None else []
         self._start_round(ep, revisit)
         for record in new:
             self._insert(record)
@@ -393,6 +473,7 @@ class RunHistory:
                 del self._by_unit[layer]
 
     def _clear(self) -> None:
+        self._pending = None
         self._records, self._by_epoch, self._by_unit, self._stability, self._round_ids = {}, {}, {}, {}, {}
         self._ordered = None
 
@@ -412,9 +493,16 @@ class RunHistory:
         Raises:
             HistoryLockedError: If another process writes the file (e.g. another run given the same folder).
         """
-        if self.path is not None and Path(path) != self.path:
+        self._ready()
+        location = _as_location(path)
+        if self.path is not None and location != self.path:
             self.close()
-        self.path = Path(path)
+        self.path = location
+        if not _is_jsonl(location):
+            self._attach_store(RoundStore(location))
+            return
+        self._store = None
+        assert isinstance(self.path, Path)
         self._acquire()
         if not self._records:
             if self.path.is_file() and self.path.stat().st_size > 0:
@@ -432,6 +520,51 @@ class RunHistory:
                 return
         self._round_ids = dict(self._append(self.records))
 
+    def _attach_store(self, store: RoundStore) -> None:
+        # The round store: on disk, each epoch of this history is one round file; bring the store in line.
+        self._store = store
+        store.acquire()
+        if not self._records:
+            if store.exists():
+                warnings.warn(
+                    f"{store.url} already holds history rounds; new rounds are added and replace those of the same "
+                    "or later epochs when read",
+                    stacklevel=3,
+                )
+            return
+        on_disk = {f.epoch: f for f in store.effective()}
+        if set(on_disk) == set(self._by_epoch) and all(
+            [r.to_dict() for r in store.read_records(f)] == [r.to_dict() for r in self._epoch_list(ep)]
+            for ep, f in on_disk.items()
+        ):
+            self._round_ids = {ep: f.rid for ep, f in on_disk.items()}
+            return
+        ids = {}
+        for ep in self.epochs:
+            group = self._epoch_list(ep)
+            ids[ep] = store.write_round(group, revisit=group[0].revisit)[1]
+        self._round_ids = ids
+
+    def _restore_store(self) -> None:
+        # Round files this history wrote that were deleted or cut by hand (a user cleaning up) are noticed before the
+        # next round and every round is written again, so that the store, the report and the run agree.
+        assert self._store is not None
+        lost = self._store.tampered()
+        if not lost or not self._records:
+            return
+        how = sorted({h for _, h in lost})
+        warnings.warn(
+            f"{self._store.url}: history round files were {' and '.join(how)} since this run last wrote them "
+            f"({', '.join(n for n, _ in lost[:3])}{' ...' if len(lost) > 3 else ''}); rewriting the run's "
+            f"{len(self.epochs)} rounds, so that the store, the report and the run agree again",
+            stacklevel=3,
+        )
+        self._store.forget([n for n, _ in lost])
+        self._round_ids = {ep: self._store.write_round(self._epoch_list(ep))[1] for ep in self.epochs}
+
+    def _epoch_list(self, ep: int) -> list[HistoryRecord]:
+        return [units[u] for _, units in self._epoch_records(ep) for u in sorted(units)]
+
     def close(self) -> None:
         """Release the file lock taken by :meth:`attach` or the first write (the records stay in memory).
 
@@ -440,18 +573,21 @@ class RunHistory:
         """
         lock, self._lock = self._lock, None
         release_lock(lock)
+        if self._store is not None:
+            self._store.close()
 
     def _acquire(self) -> None:
         if self._lock is not None or self.path is None:
             return
-        self._lock = acquire_lock(self.path)
+        self._lock = acquire_lock(Path(self.path))
 
     def _append(self, records: Iterable[HistoryRecord]) -> list[tuple[int, str]]:
         # One write per call, then fsync: readers see each round complete or not at all. A file that lost rounds
         # this history wrote (deleted or truncated by hand) is rewritten whole: every round written is read back.
         assert self.path is not None
         self._acquire()
-        size = self.path.stat().st_size if self.path.is_file() else None
+        path = Path(self.path)
+        size = path.stat().st_size if path.is_file() else None
         if self._file_size is not None and (size is None or size < self._file_size) and self._records:
             warnings.warn(
                 f"{self.path} was {'deleted' if size is None else 'truncated'} since this run last wrote it "
@@ -460,10 +596,10 @@ class RunHistory:
                 stacklevel=3,
             )
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+                path.unlink()
             records = [*self.records, *records]
-        ids = append_rounds(self.path, records)
-        self._file_size = self.path.stat().st_size
+        ids = append_rounds(path, records)
+        self._file_size = path.stat().st_size
         return ids
 
     def _replay(self, rounds: Iterable[tuple[str | None, list[HistoryRecord]]]) -> None:
@@ -486,6 +622,7 @@ class RunHistory:
 
         A checkpoint of a run whose history is in a file needs less: see :meth:`checkpoint_state`.
         """
+        self._ready()
         return {
             "schema": SCHEMA_VERSION,
             "threshold": self.threshold,
@@ -509,6 +646,7 @@ class RunHistory:
             >>> RunHistory().checkpoint_state()["records"]  # memory only: the full state
             []
         """
+        self._ready()
         epochs = self.epochs
         if self.path is None or any(ep not in self._round_ids for ep in epochs):
             return self.state_dict()
@@ -547,13 +685,22 @@ class RunHistory:
 
     def _load_store(self, state: Mapping[str, Any]) -> None:
         store = state["store"]
-        path = Path(store["path"])
+        path = _as_location(store["path"])
         wanted = [(int(ep), str(rid)) for ep, rid in store["rounds"]]
         found: dict[str, list[HistoryRecord]] = {}
-        if path.is_file():
+        exists = False
+        if not _is_jsonl(path):
+            rounds = RoundStore(path)
+            files = rounds.files()
+            exists = bool(files)
+            ids = {rid for _, rid in wanted}
+            with _gc_paused():
+                found = {f.rid: rounds.read_records(f) for f in files if f.rid in ids}
+        elif Path(path).is_file():
+            exists = True
             with warnings.catch_warnings(), _gc_paused():
                 warnings.simplefilter("ignore")  # skipped lines belong to rounds this history does not use
-                found = {rid: group for rid, group in _read_rounds(path) if rid is not None}
+                found = {rid: group for rid, group in _read_rounds(Path(path)) if rid is not None}
         missing = [ep for ep, rid in wanted if rid not in found]
         if not missing:
             with _gc_paused():
@@ -562,7 +709,7 @@ class RunHistory:
         shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         warnings.warn(
             f"the checkpoint's history lives in {path}, which "
-            + ("does not hold the rounds of epochs " + shown if path.is_file() else "does not exist")
+            + ("does not hold the rounds of epochs " + shown if exists else "does not exist")
             + f"; restored each unit's latest explanation only ({len(state.get('latest', []))} of "
             f"{store.get('records', '?')} records): drift and summaries go on exactly, earlier epochs are not "
             "restored (copy the history file with the checkpoint to keep them)",
@@ -640,6 +787,30 @@ def _dicts(history: RunHistory) -> list[dict[str, Any]]:
     return [r.to_dict() for r in history.records]
 
 
+def _as_location(path: str | Path) -> Path | str:
+    # Local paths as Path; fsspec URLs ("memory://...", "s3://...") stay strings (Path would fold their "//").
+    text = str(path)
+    return text if "://" in text and not text.startswith("file://") else Path(text.removeprefix("file://"))
+
+
+def _is_jsonl(path: Path | str) -> bool:
+    # A JSON Lines history (earlier runs, exports) is a file; the round store is a folder.
+    return str(path).endswith(".jsonl")
+
+
+def _read_store(store: RoundStore) -> RunHistory:
+    # Lazy: only the listing and the last round's threshold now; the records on first use (RunHistory._ready).
+    files = store.effective()
+    threshold = DEFAULT_CHANGE_THRESHOLD
+    if files:
+        column = store.read(files[-1], columns=["threshold"]).column("threshold")
+        if len(column) and column[len(column) - 1].is_valid:
+            threshold = float(column[len(column) - 1].as_py())
+    history = RunHistory(threshold=threshold)
+    history._pending = store
+    return history
+
+
 def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
     with _gc_paused():
         rounds = _read_rounds(path, warn)
@@ -652,9 +823,12 @@ def _read_jsonl(path: Path, warn: bool = True) -> RunHistory:
 def load_history(path_or_run_dir: str | Path) -> RunHistory:
     """Read a run's history.
 
-    Accepts the run's log directory (holding ``history.jsonl``, possibly in one subdirectory such as
-    ``version_0``), a ``history.jsonl`` file, or a JSON file written by :meth:`RunHistory.to_json`. The JSON Lines
-    file is replayed in order: the last record per ``(layer, unit, epoch)`` wins, and a round that goes back in
+    Accepts the run's log directory (holding the round store ``history/`` or, from earlier runs,
+    ``history.jsonl``, possibly in one subdirectory such as ``version_0``), the store folder or its fsspec URL, a
+    ``history.jsonl`` file, or a JSON file written by :meth:`RunHistory.to_json`. A store is read lazily: the
+    records are read on first use, and :meth:`RunHistory.timeline`, :attr:`RunHistory.epochs` and
+    :meth:`RunHistory.to_pandas` read the round files directly. The rounds (or the JSON Lines file) are replayed in
+    order: the last record per ``(layer, unit, epoch)`` wins, and a round that goes back in
     epochs (a resumed run) discards the later epochs before it. A partial last line is skipped with a warning.
 
     Args:
@@ -673,10 +847,12 @@ def load_history(path_or_run_dir: str | Path) -> RunHistory:
         >>> for s in history.summary(): print(s.layer, s.epoch, s.fraction_changed)  # doctest: +SKIP
     """
     path = find_history_file(path_or_run_dir)
+    if not str(path).endswith((".json", ".jsonl", ".csv")):
+        return _read_store(RoundStore(path))
+    path = Path(path)
     if path.suffix == ".csv":
         raise ValueError(
-            f"{path} is a CSV export of a history, which is not read back; pass the run folder or its "
-            "history.jsonl"
+            f"{path} is a CSV export of a history, which is not read back; pass the run folder or its history.jsonl"
         )
     if path.suffix == ".json":
         try:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import os
+import re
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +29,14 @@ from filelock import FileLock, Timeout
 
 from lightning_neurons.drift.records import SCHEMA_VERSION, HistoryRecord, _epoch_runs
 
-#: File name of the history inside a run's log directory.
+#: File name of the JSON Lines history inside a run's log directory (earlier runs; an export on request).
 HISTORY_FILENAME = "history.jsonl"
+
+#: Folder of the round store (one Parquet file per round) inside a run's output folder.
+STORE_DIRNAME = "history"
+
+#: Names of visible round files in the store: ``round-<seq>-e<epoch>-<round id>[-r].parquet``.
+ROUND_FILE = re.compile(r"^round-(\d+)-e(-?\d+)-([0-9a-f]+)(-r)?\.parquet$")
 
 
 class HistoryLockedError(RuntimeError):
@@ -226,36 +232,58 @@ def _read_rounds(path: Path, warn: bool = True) -> list[tuple[str | None, list[H
     return rounds
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    # Reading a history makes millions of small objects, none in a reference cycle; the cyclic collector would
-    # rescan all of them again and again (about 40% of the load time at 20k records, growing with the history).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+def _is_round_folder(path: Path) -> bool:
+    return path.is_dir() and any(ROUND_FILE.match(p.name) for p in path.iterdir())
 
 
-def find_history_file(path_or_run_dir: str | Path) -> Path:
-    """The history file of a run directory (searched recursively when not at its top), or the path itself.
+def _history_in(folder: Path) -> Path | None:
+    # A run's output folder holds the round store (history/) or, from earlier runs, history.jsonl.
+    if _is_round_folder(folder / STORE_DIRNAME):
+        return folder / STORE_DIRNAME
+    if (folder / HISTORY_FILENAME).is_file():
+        return folder / HISTORY_FILENAME
+    return None
+
+
+def find_history_file(path_or_run_dir: str | Path) -> Path | str:
+    """The history of a run directory (searched recursively when not at its top), or the path itself.
+
+    The history is the run's round store (the folder ``history/`` of Parquet rounds) or, for earlier runs, its
+    ``history.jsonl``; a history file (``.jsonl``, ``.json``) or a store folder is returned as it is, and so is an
+    fsspec URL (``s3://...``, ``memory://...``) of a store or of the folder that holds one.
 
     Raises:
         FileNotFoundError: If there is none.
         ValueError: If a directory holds several (e.g. several ``version_*`` runs): pass one of them.
     """
-    path = Path(path_or_run_dir)
-    if path.is_file():
+    text = str(path_or_run_dir)
+    if "://" in text and not text.startswith("file://"):
+        import fsspec
+
+        for url in (text, f"{text.rstrip('/')}/{STORE_DIRNAME}"):
+            fs, root = fsspec.core.url_to_fs(url)
+            try:
+                names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+            except FileNotFoundError:
+                continue
+            if any(ROUND_FILE.match(n) for n in names):
+                return url
+        raise FileNotFoundError(f"{text} holds no history rounds")
+    path = Path(text.removeprefix("file://"))
+    if path.is_file() or _is_round_folder(path):
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a history file nor a run directory")
-    if (path / HISTORY_FILENAME).is_file():
-        return path / HISTORY_FILENAME
-    found = sorted(path.rglob(HISTORY_FILENAME))
+    here = _history_in(path)
+    if here is not None:
+        return here
+    folders = sorted({p.parent for p in [*path.rglob(HISTORY_FILENAME), *path.rglob(STORE_DIRNAME)]})
+    found = [h for h in map(_history_in, folders) if h is not None]
     if not found:
-        raise FileNotFoundError(f"no {HISTORY_FILENAME} under {path}: was the run logged with NeuronExplainer?")
+        raise FileNotFoundError(
+            f"no run history ({STORE_DIRNAME}/ or {HISTORY_FILENAME}) under {path}: was the run logged with "
+            "NeuronExplainer?"
+        )
     if len(found) > 1:
         listing = ", ".join(str(p.parent) for p in found)
         raise ValueError(f"{path} holds {len(found)} run histories; pass one of: {listing}")

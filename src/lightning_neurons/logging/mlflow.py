@@ -11,7 +11,8 @@ Per round, on the run of a Lightning ``MLFlowLogger``:
   global step): every unit's row, the one every sink shows (see
   :func:`~lightning_neurons.logging.rows.unit_row`: shown description, kind, score, q-value, changed / gained / lost,
   ...), and ``<prefix>/<layer>/concepts_epoch_<epoch>.csv``: the layer's concept distribution (units per shown text);
-- artifacts ``<prefix>/report.html`` and ``<prefix>/history.jsonl``: the session's HTML report and history, when
+- artifacts ``<prefix>/history/round-*.parquet`` (the history store, each round file once), and
+  ``<prefix>/report.html`` and ``<prefix>/history.jsonl``: the session's HTML report and a JSON Lines history, when
   ``output.output_dir`` holds them (replaced each round);
 - images through ``MlflowClient.log_image(key=..., step=output.step)``: the crop grid of each selected unit under
   the key ``<prefix>/<layer>/<unit>/top_k``, shown by the MLflow UI's image panel with a step slider.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from lightning_neurons.drift.store import STORE_DIRNAME
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics, unit_metrics
 from lightning_neurons.logging.previews import preview_grid
@@ -80,6 +82,7 @@ class MLflowRoundWriter:
         self.log_units = log_units
         self.preview_nrow = preview_nrow
         self.upload_files = upload_files
+        self._uploaded: set[str] = set()
 
     def write_round(self, output: RoundOutput) -> None:
         """Log the round's metrics, tables, images and the session's report."""
@@ -107,6 +110,11 @@ class MLflowRoundWriter:
                 path = output.output_dir / name
                 if path.is_file():
                     client.log_artifact(run_id, str(path), artifact_path=prefix)
+            # The round store: each round file once (a file never changes once written).
+            for path in sorted((output.output_dir / STORE_DIRNAME).glob("round-*.parquet")):
+                if path.name not in self._uploaded:
+                    client.log_artifact(run_id, str(path), artifact_path=f"{prefix}/{STORE_DIRNAME}")
+                    self._uploaded.add(path.name)
 
     def close(self) -> None:
         """Nothing is buffered here (the ``MLFlowLogger`` ends the run)."""
