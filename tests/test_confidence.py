@@ -92,6 +92,14 @@ def test_kinds_replace_the_confidence_colour_detectors_are_low_level_and_brightn
     assert all(u.score < max(t.score for t in trained.units) for u in random.units)
 
 
+def test_the_kind_decides_what_is_shown_not_the_threshold(rounds):
+    _, random = rounds
+    assert [u.kind for u in random.units] == ["unclear"] * UNITS
+    for threshold in (0.85, None):  # deprecated: it no longer shows or hides anything
+        assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(random.units, {}, threshold=threshold)
+    assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
+
+
 def test_threshold_none_shows_every_description(rounds):
     import dataclasses
 
@@ -167,16 +175,17 @@ def test_tensorboard_and_report_show_no_clear_concept_and_the_threshold(rounds, 
     acc.Reload()
     threshold = random.meta["confidence_threshold"]
     assert acc.Scalars("neurons/confidence_threshold")[0].value == pytest.approx(threshold)
-    unclear = [u for u in random.units if u.confidence <= threshold]
+    unclear = [u for u in random.units if u.kind == "unclear"]
     assert unclear
     table = acc.Tensors("neurons/feat/table/text_summary")[0].tensor_proto.string_val[0].decode()
     assert NO_CLEAR_CONCEPT in table and f"confidence threshold {threshold:.3f}" in table
     text = acc.Tensors(f"neurons/feat/{unclear[0].unit}/description/text_summary")[0].tensor_proto.string_val[0]
-    # The raw best concept is never shown (every sink shows the same row); the confidence and threshold say why.
-    assert text.decode().startswith(f"**{NO_CLEAR_CONCEPT}** (")
+    # The raw best concept is never shown (every sink shows the same row); the kind and its q-value say why.
+    assert text.decode().startswith(f"**{NO_CLEAR_CONCEPT}** (unclear, score ")
     assert unclear[0].description not in text.decode()
     share = acc.Scalars("neurons/feat/confident_fraction")[0].value
-    assert share == pytest.approx(1 - len(unclear) / len(random.units))
+    # the deprecated scalar still counts the units above the confidence threshold (it decides nothing shown)
+    assert share == pytest.approx(sum(u.confidence > threshold for u in random.units) / len(random.units))
 
     html = render_report(history)
     assert NO_CLEAR_CONCEPT in html and f"units with confidence &le; {threshold:g}" in html

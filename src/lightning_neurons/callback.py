@@ -117,7 +117,9 @@ class NeuronExplainer(Callback):
         input_key: Index or dict key of the images in a validation batch (``None``: first item or a usual key).
         target_key: Index or dict key of the integer class labels in a batch (``None``: second item or a usual
             key; labels are optional and only used for the ablation check).
-        reservoir_size: Size of the uniform random sample of validation images used as control set.
+        reservoir_size: Size of the uniform random sample of validation images used as control set and, with each
+            unit's top samples, as the samples its score and significance are computed on (more samples, more power:
+            the best of ~1,100 concepts under permuted activations correlates ~0.42 on 80 samples, ~0.23 on 272).
         every_n_epochs: Explain after every n-th epoch (epochs ``n-1, 2n-1, ...``, like ModelCheckpoint);
             ``None`` disables this schedule.
         epochs: Explicit 0-based epochs to explain, in addition to ``every_n_epochs``.
@@ -190,7 +192,7 @@ class NeuronExplainer(Callback):
         output_selector: dict[str, int | str] | None = None,
         input_key: int | str | None = None,
         target_key: int | str | None = None,
-        reservoir_size: int = 64,
+        reservoir_size: int = 256,
         every_n_epochs: int | None = 1,
         epochs: list[int] | None = None,
         explain_on_fit_end: bool = True,

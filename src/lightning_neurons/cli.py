@@ -113,7 +113,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--seed", type=int, default=0, help="seed of the reservoir and of any sampling (default 0)")
     explain.add_argument(
-        "--reservoir-size", type=int, default=64, help="random validation images used as control set (default 64)"
+        "--reservoir-size", type=int, default=256, help="random validation images used as control set (default 256)"
     )
     explain.add_argument(
         "--log-units",

@@ -67,7 +67,7 @@ class RecordingConfig:
     output_selector: Mapping[str, int | str] | None = None
     input_key: int | str | None = None
     target_key: int | str | None = None
-    reservoir_size: int = 64
+    reservoir_size: int = 256
     seed: int = 0
     forward_fn: ForwardFn | None = None
 
@@ -233,7 +233,7 @@ class RunConfig:
         output_selector: Mapping[str, int | str] | None = None,
         input_key: int | str | None = None,
         target_key: int | str | None = None,
-        reservoir_size: int = 64,
+        reservoir_size: int = 256,
         every_n_epochs: int | None = 1,
         epochs: Sequence[int] | None = None,
         explain_on_fit_end: bool = True,

@@ -38,16 +38,21 @@ ARGS = [
 
 
 def run(save_dir: Path) -> Path:
-    """Run the reduced quickstart under ``save_dir``; returns the history file it wrote."""
+    """Run the reduced quickstart under ``save_dir``; returns its history as one JSON Lines file of records."""
+    from lightning_neurons import load_history
     from lightning_neurons.cli import main
+    from lightning_neurons.results import dumps_strict
 
     code = main([*ARGS, f"--trainer.logger.init_args.save_dir={save_dir}"])
     if code != 0:
         raise RuntimeError(f"the reduced quickstart exited with {code}")
-    found = sorted(save_dir.rglob("history.jsonl"))
+    found = sorted(p.parent for p in save_dir.rglob("neurons") if p.is_dir())
     if not found:
-        raise RuntimeError(f"no history.jsonl under {save_dir}")
-    return found[0]
+        raise RuntimeError(f"no neurons folder under {save_dir}")
+    # The run's history as written (a round store, or history.jsonl before it), exported record by record.
+    out = save_dir / "history_export.jsonl"
+    out.write_text("".join(dumps_strict(r.to_dict()) + "\n" for r in load_history(found[0]).records))
+    return out
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Two rounds explained under different vocabularies, class names, backends (or backend models), ``top_k`` or
 reductions describe the same weights in different terms: their descriptions differ because the question changed,
 not the network. Such rounds are never compared for drift. Each round carries a fingerprint of those settings,
-``ExplanationRound.identity.settings``, made by :func:`settings_fingerprint` (the one place that says which settings
-count; :func:`lightning_neurons.identity.settings_fingerprint` applies it to a run's config). A unit whose previous
+``ExplanationRound.identity.settings``, made by :func:`lightning_neurons.identity.settings_fingerprint` (the one
+place that says which settings count, with the keys :data:`SETTING_NAMES`). A unit whose previous
 explanation has another fingerprint starts a new baseline (:func:`baseline_units`), and :func:`changed_settings`
 names what changed for the resume warning.
 
@@ -19,84 +19,13 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Container, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Container, Mapping
+from typing import Any
 
-from lightning_neurons.results import ExplanationRound, json_safe
-
-if TYPE_CHECKING:
-    from lightning_neurons.config import RunConfig
-
+from lightning_neurons.results import ExplanationRound
 
 #: The settings that change what a round means, in display order (keys of a settings summary).
 SETTING_NAMES: tuple[str, ...] = ("vocabulary", "concepts", "class_names", "backend", "model", "top_k", "reduction")
-
-
-def _digest(value: Any) -> str:
-    text = json.dumps(json_safe(value), sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _names(names: Sequence[str] | None) -> str | None:
-    # Long lists (1,000 ImageNet classes, 10,000 concepts) are summarised: count and digest.
-    return None if not names else f"{len(names)} names #{_digest(list(names))[:8]}"
-
-
-def _config_summary(
-    config: RunConfig, class_names: Sequence[str] | None, concepts: Sequence[str] | None
-) -> dict[str, Any]:
-    backend = config.backend
-    name = backend.backend if isinstance(backend.backend, str) else getattr(backend.backend, "name", "custom")
-    encoder = None if isinstance(backend.backend, str) else getattr(backend.backend.encoder, "name", None)
-    names = backend.class_names or (tuple(class_names) if class_names else None)
-    vocabulary: list[Any] = [str(v) for v in backend.vocabulary]
-    if backend.llm_vocabulary:
-        vocabulary.append("llm")
-    return {
-        "vocabulary": vocabulary,
-        "concepts": _names(concepts),
-        "class_names": _names(names),
-        "backend": str(name),
-        "model": json_safe(dict(backend.backend_kwargs)) or encoder,
-        "top_k": int(config.recording.top_k),
-        "reduction": str(config.recording.reduction),
-    }
-
-
-def settings_fingerprint(
-    meta_or_config: Mapping[str, Any] | RunConfig,
-    *,
-    class_names: Sequence[str] | None = None,
-    concepts: Sequence[str] | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """The fingerprint and readable summary of the settings that decide what a round means.
-
-    The one place that says which settings those are (:data:`SETTING_NAMES`); the session stamps its rounds with it
-    and the resume warning compares its summaries.
-
-    Args:
-        meta_or_config: A :class:`~lightning_neurons.config.RunConfig`, a round's ``meta`` (its ``"settings"`` entry
-            is read), or a settings summary itself.
-        class_names: With a config: the class names read from the data (the config's own win).
-        concepts: With a config: the concept texts of the built vocabulary (a file that changed changes them).
-
-    Returns:
-        ``(fingerprint, summary)``: a 16-hex-digit digest of the summary, and the summary (keys of
-        :data:`SETTING_NAMES` that are known).
-
-    Example:
-        >>> fp, summary = settings_fingerprint({"settings": {"top_k": 16, "reduction": "max"}, "units": 4})
-        >>> len(fp), summary
-        (16, {'top_k': 16, 'reduction': 'max'})
-    """
-    if isinstance(meta_or_config, Mapping):
-        source = meta_or_config.get("settings", meta_or_config)
-        summary = {k: json_safe(source[k]) for k in SETTING_NAMES if isinstance(source, Mapping) and k in source}
-    else:
-        summary = _config_summary(meta_or_config, class_names, concepts)
-    return _digest(summary), summary
 
 
 def round_settings(round: ExplanationRound) -> str | None:
@@ -187,7 +116,6 @@ def settings_warning(checkpoint: Mapping[str, Any] | None, current: Mapping[str,
 
 __all__ = [
     "SETTING_NAMES",
-    "settings_fingerprint",
     "baseline_units",
     "changed_settings",
     "comparable",
