@@ -40,7 +40,7 @@ from lightning_neurons.recording.prechecks import (
     warn_if_unnormalised,
     with_dataset_normalisation,
 )
-from lightning_neurons.recording.probe_data import check_image_sizes, class_names_of, setup_val_loader
+from lightning_neurons.recording.probe_data import check_image_sizes, check_one_size, class_names_of, setup_val_loader
 from lightning_neurons.recording.recorder import ActivationRecorder
 from lightning_neurons.recording.samples import DataLoaderSampleSource, batch_inputs, batch_targets
 from lightning_neurons.recording.types import Recording
@@ -283,6 +283,7 @@ class NeuronExplainer(Callback):
         self._last_recording_step: int | None = None
         self._checkpoint_step: int | None = None
         self._recorded_any = False
+        self._probe_sizes: dict[tuple[int, ...], int] = {}  # input size -> first batch index, per recorded pass
 
     def __getattr__(self, name: str) -> Any:
         # Read-only views of the flat arguments (``explainer.top_k``); settings live in ``self.config``.
@@ -413,6 +414,7 @@ class NeuronExplainer(Callback):
         self._recorder.world_size = trainer.world_size
         self._recorder.rank = trainer.global_rank
         self._recorder.reset()
+        self._probe_sizes = {}
         self._recorder.attach()
         self._recording_now = True
         self._pass_index = index
@@ -427,7 +429,9 @@ class NeuronExplainer(Callback):
             self._recorder.skip_batch()
             return
         try:
-            size: int | None = batch_inputs(batch, self.config.recording.input_key).shape[0]
+            inputs = batch_inputs(batch, self.config.recording.input_key)
+            size: int | None = inputs.shape[0]
+            self._probe_sizes.setdefault(tuple(inputs.shape[1:]), batch_idx)  # metadata only: no host sync
         except TypeError:
             size = None  # read off the first hooked output instead
         labels = batch_targets(batch, self.config.recording.target_key)
@@ -442,6 +446,7 @@ class NeuronExplainer(Callback):
         def read() -> Recording:
             # A collective: every rank must get here, so never guard it with is_global_zero.
             recorder.sync(trainer.strategy, device=pl_module.device, num_samples=_probe_size(trainer))
+            check_one_size(self._probe_sizes)  # e.g. an iterable dataset, which the check before step 0 cannot sample
             return recorder.result(epoch=self._round_key(trainer))
 
         try:
