@@ -288,6 +288,8 @@ class NeuronExplainer(Callback):
         self._keep_history = False
         self._run_config: RunConfig = self.config
         self._background = BackgroundExplainer(self._explain_job)
+        self._pending_round: int | None = None  # a checkpoint's round that was still in the background
+        self._checkpoint_step: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         # Read-only views of the flat arguments (``explainer.top_k``); settings live in ``self.config``.
@@ -403,6 +405,7 @@ class NeuronExplainer(Callback):
         """Run one validation batch through the chosen layers, so that an unsupported output fails before step 0."""
         self._claim_output()
         self._check_outputs(trainer, pl_module)
+        self._explain_pending(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Register the hooks if this validation pass is to be recorded."""
@@ -493,6 +496,8 @@ class NeuronExplainer(Callback):
             "last_explained_epoch": explained_key,
             "last_recording": self.last_recording.to_state() if self.last_recording is not None else None,
             "last_recording_explained": recording_explained,
+            # Handed to the background worker, not filed yet: a run resumed from this checkpoint explains it again.
+            "pending_round": pending.key if pending is not None else None,
             "val_passes": self._val_passes,
             "session": session_state or {},
         }
@@ -506,6 +511,7 @@ class NeuronExplainer(Callback):
         last = state_dict.get("last_recording")
         self.last_recording = Recording.from_state(last) if last is not None else None
         self._last_recording_explained = bool(state_dict.get("last_recording_explained", True))
+        self._pending_round = state_dict.get("pending_round")
         self._val_passes = int(state_dict.get("val_passes", 0))
         session_state = state_dict.get("session") or {}
         if self._keep_history:
@@ -521,6 +527,8 @@ class NeuronExplainer(Callback):
         """Note the checkpoint's epoch; adopt this explainer's state when only its derived name changed."""
         epoch = checkpoint.get("epoch")
         self._checkpoint_epoch = int(epoch) if isinstance(epoch, int) else None
+        step = checkpoint.get("global_step")
+        self._checkpoint_step = int(step) if isinstance(step, int) else None
         # validate(ckpt_path=...) re-explains an older checkpoint: keep the history this explainer already has.
         self._keep_history = trainer.state.fn == TrainerFn.VALIDATING and self.session is not None and bool(
             len(self.session.history)
@@ -716,6 +724,26 @@ class NeuronExplainer(Callback):
                 self._publish_metrics(trainer)
             except Exception as err:
                 self._failed(job.key, err)
+
+    def _explain_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On resume: explain the round the checkpoint saved while it was still in the background.
+
+        Only when the checkpoint's weights are the recording's (saved at the end of the same epoch, or at the same
+        global step under step-based validation), restricted to the layers this explainer explains now.
+        """
+        key, self._pending_round = self._pending_round, None
+        recording = self.last_recording
+        if key is None or recording is None or recording.epoch != key or self._disabled:
+            return
+        saved_at = self._checkpoint_step if _step_based(trainer) else self._checkpoint_epoch
+        layers = {name: lt for name, lt in recording.layers.items() if name in (self.layer_names or [])}
+        if saved_at != key or not layers:
+            rank_zero_warn(
+                f"NeuronExplainer[{self.identity}]: round {key} was still being explained when the checkpoint was "
+                "saved, and cannot be explained again on resume (the checkpoint's weights or layers differ)"
+            )
+            return
+        self._explain(trainer, pl_module, dataclasses.replace(recording, layers=layers))
 
     def _settle(self, trainer: pl.Trainer) -> None:
         """Wait for the round in the background and file it."""
