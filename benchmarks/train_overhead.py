@@ -5,8 +5,9 @@ Prints one JSON object. Jobs (both offline, both on real photos of the bundled p
 - ``quickstart``: ``configs/quickstart.yaml`` (SmallCNN, 64 px crops, 4 epochs, ``features.block3`` + ``block4``,
   top_k 12, the embedded backend at ``image_size=128``).
 - ``finetune``: ImageNet MobileNetV2 from the offline pack fine-tuned on 96 px crops (48 + 16 per class, batch
-  32, 3 epochs), two explained layers ``net.features.13`` + ``net.features.14`` (96 + 160 = 256 units), the
-  callback's defaults otherwise (``every_n_epochs=1``, ``explain_on_fit_end``, top_k 16, embedded backend).
+  32, 2 epochs, as ``examples/finetune_mobilenet.py``), two explained layers ``net.features.13`` +
+  ``net.features.14`` (96 + 160 = 256 units), the callback's defaults otherwise (``every_n_epochs=1``,
+  ``explain_on_fit_end``, top_k 16, embedded backend).
 
 Per job the plain fit runs first and last (the ratio divides by their mean, so that load drift on a shared machine
 hits both sides), the variants in between: ``sync`` (every round blocks training, no embedding cache: the code
@@ -72,7 +73,7 @@ def _job(name: str, quick: bool) -> dict[str, Any]:
             "data": dict(train_per_class=4, val_per_class=2, image_size=32, batch_size=16)
             if quick
             else dict(train_per_class=48, val_per_class=16, image_size=96, batch_size=32),
-            "epochs": 2 if quick else 3,
+            "epochs": 2,
             "explainer": dict(
                 layers=["net.features.13", "net.features.14"],
                 **({"top_k": 2, "backend_kwargs": {"image_size": 64}} if quick else {}),
@@ -191,7 +192,9 @@ def _load_backend(spec: dict[str, Any]) -> float:
     return round(time.perf_counter() - start, 2)
 
 
-def run(jobs: list[str], quick: bool, variants: list[str] | None = None) -> dict[str, Any]:
+def run(jobs: list[str], quick: bool, variants: list[str] | None = None, partial: Path | None = None) -> dict[str, Any]:
+    """Run the jobs; with ``partial``, the result so far is written there after every fit (long runs on busy
+    machines may be cut short)."""
     import torch
 
     result: dict[str, Any] = {
@@ -213,9 +216,13 @@ def run(jobs: list[str], quick: bool, variants: list[str] | None = None) -> dict
             root = Path(tmp) / job
             print(f"{job}: plain fit", file=sys.stderr)
             plain = [_fit(job, spec, root / "plain0", None)["fit_s"]]
+            result[job] = out
             for name, kwargs in chosen.items():
                 print(f"{job}: {name}", file=sys.stderr)
                 out[name] = _fit(job, spec, root / name, kwargs)
+                out["plain_fit_s"] = plain
+                if partial is not None:
+                    partial.write_text(json.dumps(result, indent=1))
             plain.append(_fit(job, spec, root / "plain1", None)["fit_s"])
             base = statistics.mean(plain)
             out["plain_fit_s"] = plain
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a reduced run that checks the script (no figures)")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = run(args.jobs, args.quick, args.variants)
+    result = run(args.jobs, args.quick, args.variants, Path(args.output) if args.output else None)
     text = json.dumps(result, indent=1)
     if args.output:
         Path(args.output).write_text(text)

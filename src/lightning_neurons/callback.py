@@ -78,6 +78,8 @@ _FLAT = {
     "name": ("output", "name"),
     "show_progress": ("output", "show_progress"),
     "projector": ("output", "projector"),
+    "async_explain": ("speed", "async_explain"),
+    "when_busy": ("speed", "when_busy"),
 }
 
 
@@ -298,6 +300,9 @@ class NeuronExplainer(Callback):
             return getattr(getattr(self.__dict__["config"], part), field)
         if name in ("evaluate", "on_error") and "config" in self.__dict__:
             return getattr(self.__dict__["config"], name)
+        if name in ("embedding_cache", "embedding_cache_mb") and "config" in self.__dict__:
+            mb = self.__dict__["config"].speed.embedding_cache_mb
+            return mb is not None if name == "embedding_cache" else (mb or DEFAULT_CACHE_MB)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ identity
