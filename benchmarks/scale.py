@@ -1,7 +1,10 @@
 """Scale: a ViT-L-sized target (24 blocks x 4,096 MLP units = 98,304 units) recorded at top_k=16 and explained.
 
 Prints ONE JSON object on stdout (progress on stderr) with ``units``, ``recorder_bytes``, ``round_s``,
-``peak_mem_bytes``, ``history_bytes_per_round``, ``history_load_s_100_rounds``, ``device``, the per-stage timings,
+``peak_mem_bytes``, ``history_bytes_per_round`` (the round store: one Parquet file per round), ``history_open_s``
+(``load_history``, lazy), ``history_to_pandas_s``, ``history_load_s_100_rounds`` (every record as Python objects,
+what ``RunHistory``'s own queries need; the dashboard reads the files instead, see ``benchmarks/dashboard.py``),
+``device``, the per-stage timings,
 TensorBoard event bytes per round, the HTML report's size and render time, and ``per_unit`` costs with their
 ``extrapolated_100k`` values (linear in units; the note says which costs are not linear).
 
@@ -45,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from explain_throughput import IMAGENET_MEAN, IMAGENET_STD, TensorSource, synthetic_probe  # noqa: E402
 
 from lightning_neurons.backends.base import Backend  # noqa: E402
-from lightning_neurons.drift.history import RunHistory, load_history  # noqa: E402
+from lightning_neurons.drift.history import STORE_DIRNAME, RunHistory, load_history  # noqa: E402
 from lightning_neurons.explanation.pipeline import ExplainConfig, explain_recording  # noqa: E402
 from lightning_neurons.recording.recorder import ActivationRecorder  # noqa: E402
 from lightning_neurons.results import ExplanationRound  # noqa: E402
@@ -60,11 +63,16 @@ def log(message: str) -> None:
 
 class PooledEncoder:
     """A cheap image-text encoder: images as a fixed random projection of their 4 x 4 mean-colour grid, texts by
-    another encoder (MiniLM). Deterministic and real (scores are computed as usual), it costs about nothing."""
+    another encoder (MiniLM). Deterministic and real (scores are computed as usual), it costs about nothing.
 
-    def __init__(self, text_encoder: Any, dim: int = 384, seed: int = 0) -> None:
+    The projection has the text encoder's width, measured on one text: both sides of a similarity must live in one
+    space (the embedded backend's own image-text space is ConSE's class space, 1,011 wide, not MiniLM's 384).
+    """
+
+    def __init__(self, text_encoder: Any, seed: int = 0) -> None:
         self.name = "pooled-colour-4x4"
         self.text_encoder = text_encoder
+        dim = int(text_encoder.encode_texts(["a photo"]).shape[-1])
         gen = torch.Generator().manual_seed(seed)
         self.proj = torch.randn(48, dim, generator=gen)
 
@@ -174,11 +182,15 @@ def recorder_bound(units_per_layer: list[int], k: int, merge_rows: int, batch: i
     return total
 
 
+def store_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("round-*.parquet"))
+
+
 def event_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("events.out.tfevents.*"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--blocks", type=int, default=None, help="encoder blocks recorded (cpu 2, cuda 24)")
@@ -198,7 +210,7 @@ def main() -> None:
     parser.add_argument("--log-units", type=int, default=8, help="NeuronTensorBoardLogger log_units")
     parser.add_argument("--table-rows", type=int, default=512, help="NeuronTensorBoardLogger table_rows")
     parser.add_argument("--skip-report", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     blocks = args.blocks or (24 if cuda else 2)
@@ -263,7 +275,9 @@ def main() -> None:
     result["backend_load_s_excluded"] = round(time.perf_counter() - t0, 3)
     result["encoder_crops_per_s"] = round(encoder_rate(backend.encoder, crop_size, device), 1)
     if encoder_name == "pooled":
-        backend = Backend("pooled", PooledEncoder(backend.encoder), text_encoder=backend.text_encoder)
+        # Texts by the text encoder (MiniLM), never by the ConSE encoder, whose text space is its class space.
+        text_encoder = backend.text_encoder or backend.encoder
+        backend = Backend("pooled", PooledEncoder(text_encoder), text_encoder=backend.text_encoder)
     vocab = list(dict.fromkeys(general_concepts()))[: args.concepts]
     texts = (vocab, backend.encoder.encode_texts(vocab))  # concept embeddings are cached across rounds in a run
     cfg = ExplainConfig(
@@ -301,9 +315,9 @@ def main() -> None:
     result["round_encoder_crops_per_s"] = round(embedded / max(1e-9, rnd.meta["timings"]["embed_crops"]), 1)
     log(f"round: {round_s:.2f} s {timings}, peak +{round_mem.above_entry / 2**20:.0f} MiB")
 
-    # 3. history: bytes per round and load time of N rounds, through the public API only
+    # 3. history: bytes per round and load time of N rounds, through the public API only (the round store)
     tmp = Path(tempfile.mkdtemp(prefix="ln_scale_"))
-    hist_path = tmp / "history.jsonl"
+    hist_path = tmp / STORE_DIRNAME
     history = RunHistory()
     history.attach(hist_path)
     embed = backend.encode_descriptions
@@ -317,17 +331,24 @@ def main() -> None:
         t0 = time.perf_counter()
         drift = history.add_round(r, embed)
         add_s.append(time.perf_counter() - t0)
-        sizes.append(hist_path.stat().st_size)
+        sizes.append(store_bytes(hist_path))
         if epoch == 0:
             first_drift = drift
     per_round = [b - a for a, b in zip(sizes, sizes[1:])]
     t0 = time.perf_counter()
     loaded = load_history(hist_path)
+    result["history_open_s"] = round(time.perf_counter() - t0, 4)  # lazy: the listing and one footer
+    t0 = time.perf_counter()
+    frame = loaded.to_pandas()
+    result["history_to_pandas_s"] = round(time.perf_counter() - t0, 3)
+    assert len(frame) == len(history)
+    t0 = time.perf_counter()
+    assert len(loaded) == len(history)  # every record as Python objects (what RunHistory's queries need)
     load_s = time.perf_counter() - t0
-    assert len(loaded) == len(history)
     n_rounds = args.history_rounds
     result["history_rounds"] = n_rounds
     result["history_bytes_per_round"] = int(sum(per_round) / max(1, len(per_round)))
+    result["history_bytes_per_unit_round"] = round(result["history_bytes_per_round"] / units, 1)
     result["history_add_round_s"] = {"first": round(add_s[0], 3), "last": round(add_s[-1], 3)}
     t0 = time.perf_counter()
     summary_last = history.summary(n_rounds - 1)
@@ -400,6 +421,7 @@ def main() -> None:
         "encoder_s_at_measured_rate": round(embedded * scale / max(1e-9, result["encoder_crops_per_s"]), 1),
         "history_bytes_per_round": int(per_unit["history_bytes_per_round"] * FULL_UNITS),
         "history_load_s_100_rounds": round(load_s * 100 / n_rounds * scale, 1),
+        "history_to_pandas_s_100_rounds": round(result["history_to_pandas_s"] * 100 / n_rounds * scale, 1),
         "tensorboard_bytes_per_round": int(per_unit["tensorboard_bytes_per_round"] * FULL_UNITS),
         "peak_mem_bytes": int(result["peak_mem_bytes"] + (FULL_UNITS - units) * state_bytes),
         "note": "linear in units; the forward stage also grows with the model depth recorded; add_round and "

@@ -48,7 +48,22 @@ VARIANTS = {
 }
 
 
-def _job(name: str, quick: bool) -> dict[str, Any]:
+#: ``--small``: the jobs on fewer and smaller photos (for machines too busy for the full jobs).
+SMALL = {
+    "quickstart": dict(train_per_class=32, val_per_class=12, image_size=64, batch_size=64),
+    "finetune": dict(train_per_class=16, val_per_class=8, image_size=64, batch_size=32),
+}
+
+
+def _job(name: str, quick: bool, small: bool = False) -> dict[str, Any]:
+    spec = _full_job(name, quick)
+    if small and not quick:
+        spec["data"] = dict(SMALL[name])
+        spec["epochs"] = 2
+    return spec
+
+
+def _full_job(name: str, quick: bool) -> dict[str, Any]:
     from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD
 
     normalisation = {"image_mean": list(IMAGE_MEAN), "image_std": list(IMAGE_STD)}
@@ -192,7 +207,13 @@ def _load_backend(spec: dict[str, Any]) -> float:
     return round(time.perf_counter() - start, 2)
 
 
-def run(jobs: list[str], quick: bool, variants: list[str] | None = None, partial: Path | None = None) -> dict[str, Any]:
+def run(
+    jobs: list[str],
+    quick: bool,
+    variants: list[str] | None = None,
+    partial: Path | None = None,
+    small: bool = False,
+) -> dict[str, Any]:
     """Run the jobs; with ``partial``, the result so far is written there after every fit (long runs on busy
     machines may be cut short)."""
     import torch
@@ -205,14 +226,16 @@ def run(jobs: list[str], quick: bool, variants: list[str] | None = None, partial
             "load_before": _load(),
         },
         "quick": quick,
+        "small": small,
     }
     chosen = _variants()
     if variants:
         chosen = {k: v for k, v in chosen.items() if k in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for job in jobs:
-            spec = _job(job, quick)
-            out: dict[str, Any] = {"epochs": spec["epochs"], "backend_load_s": _load_backend(spec)}
+            spec = _job(job, quick, small)
+            out: dict[str, Any] = {"epochs": spec["epochs"], "data": dict(spec["data"])}
+            out["backend_load_s"] = _load_backend(spec)
             root = Path(tmp) / job
             print(f"{job}: plain fit", file=sys.stderr)
             plain = [_fit(job, spec, root / "plain0", None)["fit_s"]]
@@ -245,9 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", nargs="+", choices=["quickstart", "finetune"], default=["quickstart", "finetune"])
     parser.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all)")
     parser.add_argument("--quick", action="store_true", help="a reduced run that checks the script (no figures)")
+    parser.add_argument("--small", action="store_true", help="fewer, smaller photos, 2 epochs (busy machines)")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    result = run(args.jobs, args.quick, args.variants, Path(args.output) if args.output else None)
+    result = run(args.jobs, args.quick, args.variants, Path(args.output) if args.output else None, args.small)
     text = json.dumps(result, indent=1)
     if args.output:
         Path(args.output).write_text(text)

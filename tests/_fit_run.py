@@ -2,7 +2,7 @@
 
 ``python tests/_fit_run.py ROOT MAX_EPOCHS [--kill-at-epoch E] [--resume CKPT]``: trains SmallCNN on the offline
 photo patches with the embedded backend, a checkpoint per epoch, history in ``ROOT/run/version_0/neurons``. With
-``--kill-at-epoch`` the process writes half of that epoch's history round and then SIGKILLs itself, as a crash, an
+``--kill-at-epoch`` the process writes half of that epoch's history round file and then SIGKILLs itself, as a crash, an
 OOM kill or a pre-empted node would stop it.
 """
 
@@ -25,20 +25,26 @@ def main() -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    import lightning_neurons.drift.history as history_module
+    import lightning_neurons.drift.round_store as store_module
     from lightning_neurons import NeuronExplainer
     from lightning_neurons.demo import PhotoPatchesDataModule, SmallCNN
 
     if args.kill_at_epoch is not None:
-        real_write = history_module._write_all
+        import io
 
-        def write_then_die(fd: int, data: bytes) -> None:
-            if f'"epoch": {args.kill_at_epoch},'.encode() in data:
-                os.write(fd, data[: len(data) // 2])  # half the round reaches the file ...
+        real_write = store_module._write_parquet
+
+        def write_then_die(table, fh) -> None:
+            if table.column("epoch")[0].as_py() == args.kill_at_epoch:
+                buffer = io.BytesIO()
+                real_write(table, buffer)
+                fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # half the round reaches the disk ...
+                fh.flush()
+                os.fsync(fh.fileno())
                 os.kill(os.getpid(), signal.SIGKILL)  # ... then the process is gone
-            real_write(fd, data)
+            real_write(table, fh)
 
-        history_module._write_all = write_then_die
+        store_module._write_parquet = write_then_die
 
     pl.seed_everything(0, verbose=False)
     explainer = NeuronExplainer(

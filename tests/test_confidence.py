@@ -18,15 +18,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from _explained import COLOURS, ColourEncoder, ColourImages
-from lightning_neurons import explain
+from lightning_neurons import collect_top_k
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.history import HistoryRecord, RunHistory
+from lightning_neurons.explanation.pipeline import explain_recording
 from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, frequency_penalty, score_layer, shared_units
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.report import render_report
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger
+from lightning_neurons.recording.samples import DataLoaderSampleSource
 
 UNITS = 6
 
@@ -39,19 +41,15 @@ def _model(weight: torch.Tensor) -> nn.Sequential:
 
 
 def _explain(weight: torch.Tensor, **settings):
+    """Explain with the deprecated confidence computed (``confidence_samples``; off by default since kinds decide)."""
     loader = DataLoader(ColourImages(n=48), batch_size=16)
-    return explain(
-        _model(weight),
-        loader,
-        ["feat"],
-        top_k=4,
-        epoch=0,
-        backend=Backend("colour", ColourEncoder()),
-        vocabulary=["classes"],
-        class_names=[*COLOURS, "thing"],
-        log_units=None,
-        show_progress=False,
-        **settings,
+    model = _model(weight)
+    recording = collect_top_k(model, loader, ["feat"], top_k=4, show_progress=False)
+    # The confidence was built for descriptions chosen by the corrected concept score.
+    cfg = ExplainConfig(confidence_samples=256, selection="concept_score", show_progress=False, **settings)
+    backend = Backend("colour", ColourEncoder())
+    return explain_recording(
+        model, recording, DataLoaderSampleSource(loader), backend, [*COLOURS, "thing"], cfg, epoch=0
     )
 
 
@@ -78,15 +76,40 @@ def test_random_weights_sit_near_chance_and_trained_units_clear_the_threshold(ro
     assert float(r_conf.median()) < 0.75 and float(r_conf.mean()) < float(t_conf.mean()) - 0.2, (r_conf, t_conf)
     assert float((r_conf > threshold).float().mean()) <= 0.2, r_conf
     # The old score (AUC against random controls) is not what tells them apart: random units pass it too.
-    assert min(u.score for u in random.units) > 0.5
+    assert min(u.auc for u in random.units) > 0.5
     assert {u.description for u in trained.units} == set(COLOURS)
 
 
-def test_threshold_none_shows_every_description(rounds):
+def test_kinds_replace_the_confidence_colour_detectors_are_low_level_and_brightness_followers_never_concepts(rounds):
+    trained, random = rounds
+    # Colour detectors are explained by the colour statistics alone: "low-level: red", never an object word.
+    assert [u.kind for u in trained.units] == ["low_level"] * UNITS
+    assert [u.low_level for u in trained.units] == [u.description for u in trained.units]
+    assert all(u.q_value is not None and u.q_value <= 0.05 for u in trained.units)
+    assert all(u.shown == f"low-level: {u.description}" for u in trained.units)
+    # Units that all follow brightness are associated with no colour concept.
+    assert not any(u.kind == "concept" for u in random.units)
+    assert all(u.score < max(t.score for t in trained.units) for u in random.units)
+
+
+def test_the_kind_decides_what_is_shown_not_the_threshold(rounds):
     _, random = rounds
-    assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(random.units, {}, threshold=0.85)
-    assert NO_CLEAR_CONCEPT not in NeuronTensorBoardLogger.table(random.units, {}, threshold=None)
+    assert [u.kind for u in random.units] == ["unclear"] * UNITS
+    for threshold in (0.85, None):  # deprecated: it no longer shows or hides anything
+        assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(random.units, {}, threshold=threshold)
     assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
+
+
+def test_threshold_none_shows_every_description(rounds):
+    import dataclasses
+
+    _, random = rounds
+    # Records made before kinds (kind=None) keep the confidence rule they were shown with; a unit's kind wins over it.
+    legacy = [dataclasses.replace(u, kind=None) for u in random.units]
+    assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(legacy, {}, threshold=0.85)
+    assert NO_CLEAR_CONCEPT not in NeuronTensorBoardLogger.table(legacy, {}, threshold=None)
+    assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
+    assert ExplainConfig().confidence_samples == 0  # the confidence decides nothing now: not computed by default
 
 
 def _generic_layer(shared: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,14 +175,17 @@ def test_tensorboard_and_report_show_no_clear_concept_and_the_threshold(rounds, 
     acc.Reload()
     threshold = random.meta["confidence_threshold"]
     assert acc.Scalars("neurons/confidence_threshold")[0].value == pytest.approx(threshold)
-    unclear = [u for u in random.units if u.confidence <= threshold]
+    unclear = [u for u in random.units if u.kind == "unclear"]
     assert unclear
     table = acc.Tensors("neurons/feat/table/text_summary")[0].tensor_proto.string_val[0].decode()
     assert NO_CLEAR_CONCEPT in table and f"confidence threshold {threshold:.3f}" in table
     text = acc.Tensors(f"neurons/feat/{unclear[0].unit}/description/text_summary")[0].tensor_proto.string_val[0]
-    assert text.decode().startswith(f"**{NO_CLEAR_CONCEPT}** (best concept *{unclear[0].description}*")
+    # The raw best concept is never shown (every sink shows the same row); the kind and its q-value say why.
+    assert text.decode().startswith(f"**{NO_CLEAR_CONCEPT}** (unclear, score ")
+    assert unclear[0].description not in text.decode()
     share = acc.Scalars("neurons/feat/confident_fraction")[0].value
-    assert share == pytest.approx(1 - len(unclear) / len(random.units))
+    # the deprecated scalar still counts the units above the confidence threshold (it decides nothing shown)
+    assert share == pytest.approx(sum(u.confidence > threshold for u in random.units) / len(random.units))
 
     html = render_report(history)
     assert NO_CLEAR_CONCEPT in html and f"units with confidence &le; {threshold:g}" in html

@@ -107,7 +107,7 @@ def test_summaries_scalars_and_rows_count_the_two_apart(tmp_path) -> None:
     assert "1/4 changed · 2/4 concept sets changed" in table
     before, after = escape_markdown(BEFORE), escape_markdown(AFTER)
     # Unit 7: not in bold (its meaning kept), in italics, the previous combination after the previous description.
-    assert f"| 7 | *fruit · {after}* | 0.770 | fruit · {before} | 1.000 |" in table
+    assert f"| 7 | *fruit · {after}* | – | 0.770 | – | – | fruit · {before} | 1.000 |" in table
     assert "| 3 | **sky** |" in table
     card = text_values(events, f"neurons/{LAYER}/7/description")[1]
     assert f"combination: {after}" in card

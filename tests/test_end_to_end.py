@@ -7,7 +7,6 @@ descriptions the callback logged for that epoch.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_neurons import NeuronExplainer, explain, load_history
 from lightning_neurons.demo import PhotoPatchesDataModule, SmallCNN
 from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD
+from lightning_neurons.drift.round_store import RoundStore
 
 CLASSES = ["cat", "brick wall", "grass", "coffee cup"]
 SWAP = {"cat": "brick wall", "brick wall": "cat"}
@@ -141,8 +141,10 @@ def test_resume_from_mid_run_checkpoint_reproduces_history(drift_run, tmp_path):
     resumed = load_history(Path(resumed_trainer.log_dir) / "neurons")
     assert resumed.epochs == [0, 1, 2, 3, 4]  # no gap, no duplicate
     assert _descriptions(resumed) == _descriptions(uninterrupted)
-    lines = (Path(resumed_trainer.log_dir) / "neurons" / "history.jsonl").read_text().splitlines()
-    keys = [(r["unit"], r["epoch"]) for r in map(json.loads, lines)]
+    store = RoundStore(Path(resumed_trainer.log_dir) / "neurons" / "history")
+    assert [f.epoch for f in store.files()] == [0, 1, 2, 3, 4]  # each round written once
+    frame = resumed.to_pandas()
+    keys = list(zip(frame["unit"], frame["epoch"]))
     assert len(keys) == len(set(keys))
 
 

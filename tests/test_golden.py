@@ -1,17 +1,19 @@
-"""Behaviour is unchanged where it was right: a reduced quickstart gives the history committed before the redesign.
+"""Behaviour is unchanged where it was right: a reduced quickstart gives the history committed at the last intended change.
 
-The fixture ``golden/quickstart_history.jsonl`` was written by ``golden/reduced_quickstart.py`` on the code before
-the settings/session redesign (commit 8e45e94), with the offline models built before the run
+The fixture ``golden/quickstart_history.jsonl`` was first written by ``golden/reduced_quickstart.py`` on the code
+before the settings/session redesign (commit 8e45e94), with the offline models built before the run
 (``golden/make_fixture_with_old_code.py``): the old callback's setup drew from the global RNG when it built them
 (weight init before the weights are read), which shifted the training's random stream whenever a process had not
 built them yet; the callback now keeps that stream untouched, so the fixture is the old code's run in the state where
-it did so too. Texts, sample ids and drift flags must match exactly; scores within float tolerance (the same kernels
+it did so too. It was regenerated with ``python tests/golden/reduced_quickstart.py tests/golden/quickstart_history.jsonl``
+when issue 21 changed what a record says: ``score`` became the correlation of the description over the reservoir and
+the top samples (the AUC moved to ``auc``), and each layer got its own control crops and merged boxes; top-k sample
+ids were unchanged by it, and 14 of 256 descriptions moved with the new control crops.
+Texts, sample ids and drift flags must match exactly; scores within float tolerance (the same kernels
 on another CPU or another build of the libraries may round differently in the last bits). The one exception is an
-exact tie: where two concepts' scores differ by less than :data:`TIE` (``features.block4`` unit 41 at epoch 1:
-0.15048199 against 0.15048197), rounding may order them either way, so the ranked concepts are compared up to
-the order inside such a tie and the fields computed from the chosen text (its AUC, margin and drift) are not
-compared for that record.
-"""
+exact tie: where two concepts' scores differ by less than :data:`TIE`, rounding may order them either way, so the
+ranked concepts are compared up to the order inside such a tie and the fields computed from the chosen text (its
+score, margin and drift) are not compared for that record."""
 
 import json
 import math

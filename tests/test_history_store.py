@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import lightning_neurons.drift.history as history_module
+import lightning_neurons.drift.store as history_module
 from _rounds import bow_embed, make_round
 from lightning_neurons.drift.history import (
     HISTORY_FILENAME,

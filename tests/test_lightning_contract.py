@@ -113,7 +113,7 @@ def test_fast_dev_run_explains_nothing_and_says_so_once(tmp_path, caplog):
     assert [r.message for r in caplog.records if "NeuronExplainer" in r.message] == [
         f"NeuronExplainer[{cb.identity}]: fast_dev_run is on, so no round is explained"
     ]
-    assert not list(tmp_path.rglob("history.jsonl"))
+    assert not list(tmp_path.rglob("history.jsonl")) and not list(tmp_path.rglob("round-*.parquet"))
 
 
 def test_schedule_that_validation_cannot_serve_warns_at_setup(tmp_path):
@@ -143,7 +143,7 @@ def test_two_explainers_write_their_own_folders_prefixes_and_state(tmp_path):
     fa, fb = run / f"neurons-{a.identity}", run / f"neurons-{b.identity}"
     assert load_history(fa).layers == ["features.2"] and load_history(fb).layers == ["head"]
     assert (fa / "report.html").is_file() and (fb / "report.html").is_file()
-    assert a.outputs()["History"] == fa / "history.jsonl"
+    assert a.outputs()["History"] == fa / "history"
     assert table_steps(run, f"neurons-{b.identity}/head/table") == [0, 1]
     assert table_steps(run, f"neurons-{a.identity}/features.2/table") == [0, 1]
     assert a.state_key != b.state_key
@@ -366,12 +366,12 @@ def test_every_run_gets_its_own_folder_with_mlflow_and_csv_loggers(tmp_path, mon
 def test_a_new_run_never_appends_to_another_runs_history(tmp_path):
     first = explainer(layers=["head"])
     trainer(tmp_path, first, logger=False, max_epochs=1).fit(Tiny(), *loaders())
-    assert first.outputs()["History"] == tmp_path / "neurons" / "history.jsonl"
+    assert first.outputs()["History"] == tmp_path / "neurons" / "history"
     # no logger, same default_root_dir: the second run gets a folder of its own (and says so)
     second = explainer(layers=["head"])
     with pytest.warns(UserWarning, match="already holds another run's history"):
         trainer(tmp_path, second, logger=False, max_epochs=1).fit(Tiny(), *loaders())
-    assert second.outputs()["History"] == tmp_path / "neurons_1" / "history.jsonl"
+    assert second.outputs()["History"] == tmp_path / "neurons_1" / "history"
     assert len(load_history(tmp_path / "neurons")) == len(load_history(tmp_path / "neurons_1")) == 3
     # an explicit history_dir holding another run's history is refused before the first training step
     model = Tiny()

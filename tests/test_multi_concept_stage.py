@@ -42,9 +42,18 @@ def two_concept_round() -> tuple[ExplanationRound, ExplanationRound]:
     images, _, _ = make_data(128)
     model = _red_or_green_net()
     rec = record(model, ["act"], images, top_k=16, reservoir=64)
+    # Colour units are low-level (the image statistics explain them) and only a unit of kind "concept" gets a
+    # combination: gain_margin=-1 makes every significant unit one, so the stage itself is what is tested here.
+    # The keep decision reads a random half of 64 reservoir images: seeds 1-5 keep unit 3's combination, the split
+    # of seed 0 (drawn per layer since the layer-independence change) does not.
     rounds = tuple(
         explain_recording(
-            model, rec, ListSource(images), PlantedEncoder(), VOCABULARY, ExplainConfig(multi_concept=on, **CFG)
+            model,
+            rec,
+            ListSource(images),
+            PlantedEncoder(),
+            VOCABULARY,
+            ExplainConfig(multi_concept=on, gain_margin=-1.0, seed=1, **CFG),
         )
         for on in (True, True, False)
     )

@@ -230,8 +230,8 @@ def test_planted_units_are_named_and_cropped(data, correction):
     assert meta["units"] == 4 and meta["crops"] == 32 and meta["unique_crops"] <= 32
     assert meta["concepts"] == len(VOCAB) and meta["correction"] == correction
     assert set(meta["timings"]) >= {"forward", "regions", "embed_crops", "score"}
-    # each unique crop and each control crop embedded exactly once
-    assert encoder.images_seen == meta["unique_crops"] + meta["control_crops"]
+    # each unique crop, each control crop and each other whole image embedded exactly once
+    assert encoder.images_seen == meta["unique_crops"] + meta["control_crops"] + meta["whole_images"]
     prev = rnd.previews[("pool", 0)]
     assert prev.dtype == torch.uint8 and prev.shape == (8, 3, 24, 24)
 
@@ -266,18 +266,21 @@ def test_token_and_linear_layers(data):
     assert rnd.meta["unique_crops"] <= rnd.meta["crops"] - (lin_ids.numel() - lin_ids.unique().numel())
 
 
-def test_dedupe_shares_crops_between_units(data):
+def test_dedupe_shares_crops_between_units_of_a_layer_only(data):
     images, _, _ = data
     model = PlantedNet()
     rec = record(model, ["pool"], images, top_k=8)
-    # duplicate the layer under a second name: same regions -> same crops
+    alone = explain_recording(model, rec, ListSource(images), PlantedEncoder(), VOCAB, ExplainConfig(**CFG))
+    # duplicate the layer under a second name: same regions, but a layer's crops are merged within the layer only,
+    # so that which box stands for a merged group never depends on the other layers explained beside it
     layer = rec.layers["pool"]
     model.pool2 = model.pool
     rec.layers["pool2"] = LayerTopK(**{**layer.to_state(), "name": "pool2"})
     encoder = PlantedEncoder()
     rnd = explain_recording(model, rec, ListSource(images), encoder, VOCAB, ExplainConfig(**CFG))
-    assert rnd.meta["crops"] == 64 and rnd.meta["unique_crops"] <= 32
+    assert rnd.meta["crops"] == 64 and rnd.meta["unique_crops"] == 2 * alone.meta["unique_crops"]
     assert rnd.get("pool2", 1).description == "green"
+    assert [u.to_dict() for u in rnd.layer("pool")] == [u.to_dict() for u in alone.layer("pool")]
 
 
 def test_hooks_removed_and_mode_restored_on_error(data):
@@ -406,7 +409,9 @@ def test_correction_value_gives_the_round_of_its_name(data):
     rec = record(model, ["pool"], images, top_k=4, reservoir=12)
 
     def run(**kw):
-        return explain_recording(model, rec, ListSource(images), PlantedEncoder(), VOCAB, ExplainConfig(**kw, **CFG))
+        # The correction chooses the concept (and gives concept_score) with selection="concept_score".
+        cfg = ExplainConfig(**kw, selection="concept_score", **CFG)
+        return explain_recording(model, rec, ListSource(images), PlantedEncoder(), VOCAB, cfg)
 
     by_name, by_value = run(correction="soft_wpmi", wpmi_temperature=5.0), run(correction=SoftWPMI(temperature=5.0))
     assert by_value.meta["correction"] == by_name.meta["correction"] == "soft_wpmi"
@@ -437,6 +442,7 @@ def test_stages_run_by_hand_hand_each_other_their_values(data):
         concept_set,
         crop_similarities,
         score_layers,
+        test_layers,
     )
 
     images, _, _ = data
@@ -453,11 +459,13 @@ def test_stages_run_by_hand_hand_each_other_their_values(data):
     assert regions.crop_index["pool"].shape == (4, 8) and int(regions.crop_index["pool"].max()) < len(regions.crop_bank)
     assert list(regions.previews) == [("pool", 2)]
     crops = embed_crops(encoder, forward, regions, cfg)
-    assert crops.embeddings.shape[0] == crops.num_unique + crops.num_control == encoder.images_seen
+    whole = int(crops.whole_rows.numel()) - samples.reservoir.numel()  # whole images of the top samples too
+    assert crops.embeddings.shape[0] == crops.num_unique + crops.num_control + whole == encoder.images_seen
     concepts = concept_set(VOCAB, encoder, batch_size=3)
     sims = crop_similarities(crops, concepts, device)
-    scores = score_layers(sims, crops, regions, cfg, device)
-    units = build_units(RoundEvidence(forward, regions, crops, concepts, scores, sims), rec.epoch)
+    significance = test_layers(forward, crops, sims, cfg, reduction=rec.reduction)
+    scores = score_layers(sims, crops, regions, cfg, device, significance)
+    units = build_units(RoundEvidence(forward, regions, crops, concepts, scores, sims, significance), rec.epoch)
     whole = explain_recording(model, rec, ListSource(images), PlantedEncoder(), VOCAB, cfg)
     def key(u):
         return u.description, u.score, u.boxes

@@ -60,8 +60,16 @@ def test_projector_files(projector_run):
     assert np.argmax(tensors[0]) == 1 and np.argmax(tensors[2]) == 2
     rows = (log_dir / second.metadata_path).read_text().splitlines()
     assert rows[0].split("\t") == list(METADATA_COLUMNS)
-    assert rows[1].split("\t") == ["0", "green", rows[1].split("\t")[2], "True", "red"]
-    assert rows[3].split("\t")[3] == "False"
+    cells = [dict(zip(METADATA_COLUMNS, r.split("\t"))) for r in rows[1:]]
+    assert [cells[0][k] for k in ("unit", "description", "changed", "gained", "lost", "previous")] == [
+        "0",
+        "green",
+        "True",
+        "False",
+        "False",
+        "red",
+    ]
+    assert cells[2]["changed"] == "False"
     sprite = Image.open(log_dir / second.sprite.image_path)
     assert sprite.size == (64, 64) and list(second.sprite.single_image_dim) == [32, 32]  # 2x2 tiles of 32 px
     # Unit 1's tile (top right) shows its red crop.

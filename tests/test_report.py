@@ -29,8 +29,8 @@ def test_report_from_run_dir(tmp_path):
 
     for layer in ("features.3", "head.fc"):
         assert f'<section id="layer-{layer}">' in text
-    assert text.count("<svg") == 4  # two drift plots per layer
-    assert "fraction of units changed" in text and "mean score" in text
+    assert text.count("<svg") == 6  # per layer: states, mean score and concept distribution (the tab's layer charts)
+    assert "fraction of units changed" in text and "mean score" in text and "concept distribution" in text
     # Unit 0's timeline: red dots, then vertical stripes highlighted as a change at epoch 2.
     section = text.split('<section id="layer-features.3">')[1].split("</section>")[0]
     row0 = section.split("<tr><td>0</td>")[1].split("</tr>")[0]

@@ -117,3 +117,27 @@ def test_topk_pending_cap_bounds_rows_and_keeps_results():
         assert capped._pending_rows < 40  # merged as soon as the cap is reached
     a, b = capped.state(), free.state()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # loads the embedded backend and explains a tiny ViT: about a minute on 2 cores
+def test_scale_benchmark_runs_reduced_and_prints_one_json(tmp_path):
+    """benchmarks/scale.py at a tiny size, end to end, so that the benchmark cannot silently break again (it crashed
+    with a shape mismatch once its pooled encoder's image space no longer matched the backend's text space)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+    args = "--blocks 1 --width 64 --hidden 64 --heads 2 --image-size 32 --probe 16 --batch 8 --history-rounds 3"
+    args += " --concepts 50 --crop-size 32 --log-units 2"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(script), *args.split()], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # one JSON object, nothing else on stdout
+    assert result["units"] == 64 and result["history_rounds"] == 3
+    assert result["round_s"] > 0 and result["crops"]["pairs"] > 0
+    assert 0 < result["history_bytes_per_round"] and result["history_to_pandas_s"] >= 0
+    assert result["report_bytes"] > 1000
+    assert set(result["extrapolated_100k"]) >= {"history_bytes_per_round", "history_to_pandas_s_100_rounds"}

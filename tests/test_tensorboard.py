@@ -63,9 +63,9 @@ def test_event_files(tmp_path):
     assert drift0[2] == pytest.approx(1.0) and drift0[1] == drift0[3] == drift0[4] == 0.0
 
     tables = text_values(acc, "neurons/features.3/table")
-    assert "| 0 | **vertical stripes** | 0.700 | red dots | 0.000 |" in tables[2]
-    assert "| 0 | vertical stripes | 0.750 | vertical stripes | 1.000 |" in tables[3]
-    assert "| 0 | red dots | 0.600 | – | – |" in tables[0]
+    assert "| 0 | **vertical stripes** | – | 0.700 | – | changed | red dots | 0.000 |" in tables[2]
+    assert "| 0 | vertical stripes | – | 0.750 | – | – | vertical stripes | 1.000 |" in tables[3]
+    assert "| 0 | red dots | – | 0.600 | – | – | – | – |" in tables[0]
     assert "1/3 changed" in tables[2]
     desc = text_values(acc, "neurons/features.3/0/description")
     assert desc[2].startswith("**vertical stripes**") and "changed from *red dots* at epoch 1" in desc[2]

@@ -47,7 +47,7 @@ def test_big_layer_table_is_capped_changed_units_first(tmp_path):
             tb.log_round(rnd, drift, history.summary(epoch), epoch=epoch)
     rows = [line for line in _table(tmp_path, 1).splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [int(r.split("|")[1]) for r in rows] == [17, 5, 39, 38, 37, 36, 35, 34, 33, 32]
-    assert rows[0] == "| 17 | **stripes** | 0.170 | sky | 0.000 |"
+    assert rows[0] == "| 17 | **stripes** | – | 0.170 | – | changed | sky | 0.000 |"
     assert "30 more units of this layer (of 40; changed units first, then by score)" in _table(tmp_path, 1)
     assert "40 units" in _table(tmp_path, 0).splitlines()[0]  # the summary line still counts every unit
 

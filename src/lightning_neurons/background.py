@@ -62,6 +62,7 @@ class RoundJob:
         model: The frozen copy of the model (dropped once the round is explained).
         source: Gives the probe samples back by id (safe to call from the worker).
         previous_key: The last explained key before this round (what a checkpoint taken meanwhile stores).
+        previous_step: The global step of that round's weights.
         stream: The CUDA stream the worker runs on (``None`` off CUDA).
     """
 
@@ -73,6 +74,7 @@ class RoundJob:
     model: nn.Module | None
     source: Any
     previous_key: int | None = None
+    previous_step: int | None = None
     stream: Any = None
     submitted: float = field(default_factory=time.perf_counter)
 

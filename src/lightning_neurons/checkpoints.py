@@ -112,7 +112,9 @@ def load_model_weights(model: nn.Module, path: str | os.PathLike[str], state: di
         ) from None
 
 
-def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn.Module:
+def load_model(
+    model_class: type[nn.Module], path: str | os.PathLike[str], model_args: dict[str, Any] | None = None
+) -> nn.Module:
     """Build ``model_class`` from a checkpoint, in eval mode, without unpickling anything but weights.
 
     A LightningModule class is rebuilt with its ``load_from_checkpoint`` (so the saved hyperparameters apply),
@@ -123,6 +125,8 @@ def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn
     Args:
         model_class: The LightningModule or ``nn.Module`` class the checkpoint was trained with.
         path: The checkpoint.
+        model_args: Keyword arguments of ``model_class`` (for a LightningModule they override the saved
+            hyperparameters; a module that did not call ``save_hyperparameters`` needs them all).
 
     Raises:
         CheckpointError: If the file is unsafe or unreadable (see :func:`load_checkpoint`) or its weights do not
@@ -134,7 +138,7 @@ def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn
     state = load_checkpoint(path)
     loader = getattr(model_class, "load_from_checkpoint", None)
     if loader is None or "pytorch-lightning_version" not in state:  # a plain {"state_dict": ...} file
-        model = model_class()
+        model = model_class(**(model_args or {}))
         load_model_weights(model, path, state)
         return model.eval()
     # The file passed the weights_only check above, so Lightning's own unpickling of it cannot run code either.
@@ -142,11 +146,11 @@ def load_model(model_class: type[nn.Module], path: str | os.PathLike[str]) -> nn
     if "weights_only" in inspect.signature(loader).parameters:
         kwargs["weights_only"] = True
     try:
-        model = loader(str(path), **kwargs)
+        model = loader(str(path), **(model_args or {}), **kwargs)
     except (RuntimeError, KeyError, TypeError) as err:
         raise CheckpointError(
             f"{path}: cannot rebuild {model_class.__name__} from it ({summarize_error(err)}); pass the model class the "
-            "checkpoint was trained with"
+            "checkpoint was trained with, and its arguments where it did not save them (--model-args / model_args)"
         ) from None
     return model.eval()
 

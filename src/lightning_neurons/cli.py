@@ -92,11 +92,35 @@ def _build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model-class", required=True, help="import path of the LightningModule, pkg.module.Class")
     explain.add_argument("--data", required=True, help="import path of a LightningDataModule (its val_dataloader)")
     explain.add_argument("--data-args", default="{}", help="JSON keyword arguments of the data module")
+    explain.add_argument(
+        "--model-args",
+        default="{}",
+        help="""JSON keyword arguments of the model class, e.g. '{"num_classes": 10}' (they override a """
+        "LightningModule's saved hyperparameters; a module without save_hyperparameters needs them all)",
+    )
     explain.add_argument("--layers", required=True, nargs="+", help="layer names or glob patterns")
     explain.add_argument("--top-k", type=int, default=16, help="top samples per unit (default 16)")
-    explain.add_argument("--backend", default="embedded", help="embedded (offline), clip or hf (default embedded)")
+    explain.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (open_clip if its weights are cached or can be fetched, else embedded), embedded (offline), clip "
+        "or hf (default auto)",
+    )
     explain.add_argument("--backend-args", default="{}", help="JSON keyword arguments of the backend")
     explain.add_argument("--vocabulary", nargs="*", default=None, help="general, classes, llm and/or concept files")
+    explain.add_argument(
+        "--class-names", nargs="+", default=None, help="class names by index (default: the data module's classes)"
+    )
+    explain.add_argument("--seed", type=int, default=0, help="seed of the reservoir and of any sampling (default 0)")
+    explain.add_argument(
+        "--reservoir-size", type=int, default=256, help="random validation images used as control set (default 256)"
+    )
+    explain.add_argument(
+        "--log-units",
+        nargs="+",
+        default=["8"],
+        help="units per layer with TensorBoard cards and crops: a count, unit indices, or 'all' (default 8)",
+    )
     explain.add_argument("--image-mean", type=float, nargs=3, default=None, help="input normalisation mean")
     explain.add_argument("--image-std", type=float, nargs=3, default=None, help="input normalisation std")
     explain.add_argument("--describe", action="store_true", help="caption crops and summarise them with the LLM")
@@ -115,11 +139,22 @@ def _build_parser() -> argparse.ArgumentParser:
     history = sub.add_parser(
         "history",
         help="print per-layer drift summaries of a run (changes of meaning, and apart the multi-concept "
-        "combinations whose concept set changed) and write CSV/JSON",
+        "combinations whose concept set changed); --export writes CSV/JSON",
     )
     history.add_argument("run_dir", help="a run's log directory (or its history.jsonl)")
-    history.add_argument("--csv", default=None, help="CSV output path (default RUN_DIR/neurons/history.csv)")
-    history.add_argument("--json", default=None, help="JSON output path (default RUN_DIR/neurons/history.json)")
+    history.add_argument("--layer", action="append", default=None, help="only this layer (repeat for several)")
+    history.add_argument(
+        "--limit", type=int, default=20, help="units listed per section (meaning changes, ...; default 20, 0: all)"
+    )
+    history.add_argument(
+        "--export",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="also write the history to PATH (.csv, .json or .jsonl; repeat for several); nothing is written unasked",
+    )
+    history.add_argument("--csv", default=None, help="write a CSV export here (same as --export PATH.csv)")
+    history.add_argument("--json", default=None, help="write a JSON export here (same as --export PATH.json)")
     history.set_defaults(handler=_history)
 
     report = sub.add_parser("report", help="write a self-contained HTML report of a run")
@@ -221,17 +256,22 @@ def _explain(args: argparse.Namespace) -> int:
         backend=args.backend,
         backend_kwargs=json.loads(args.backend_args),
         vocabulary=args.vocabulary,
-        class_names=getattr(datamodule, "classes", None),
+        class_names=args.class_names or getattr(datamodule, "classes", None),
+        model_args=_json_object(args.model_args, "--model-args"),
+        seed=args.seed,
+        reservoir_size=args.reservoir_size,
+        log_units=_log_units(args.log_units),
         image_mean=args.image_mean,
         image_std=args.image_std,
         describe=args.describe,
         multi_concept=args.multi_concept,
         evaluate=args.evaluate,
     )
+    from lightning_neurons.logging.printout import round_lines
+
     for rnd in rounds:
-        print(f"epoch {rnd.epoch}: {len(rnd)} units explained")
-        for unit in rnd.units[:5]:
-            print(f"  {unit.layer}[{unit.unit}] {unit.description!r} (score {unit.score:.2f})")
+        for line in round_lines(rnd):  # the rows every sink shows
+            print(line)
         if rnd.evaluation is not None:
             methods = {"explanations": rnd.evaluation.metrics, **rnd.evaluation.baselines}
             for name, values in methods.items():
@@ -243,17 +283,89 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     from lightning_neurons.drift.history import load_history, resolve_history_path
+    from lightning_neurons.logging.printout import history_lines
 
     path = resolve_history_path(args.run_dir)
     history = load_history(path)
-    for line in history.format_summary():
+    if args.layer:
+        history = _only_layers(history, args.layer)
+    for line in _limited(history_lines(history), args.limit):  # the rows every sink shows
         print(line)
-    csv_path = Path(args.csv) if args.csv else path.with_suffix(".csv")
-    json_path = Path(args.json) if args.json else path.with_suffix(".json")
-    history.to_csv(csv_path)
-    history.to_json(json_path)
-    print(f"wrote {csv_path} and {json_path}")
+    rounds, needed = len(history.epochs), history.stable_rounds
+    if len(history) and rounds <= needed:
+        print(
+            f"stable: units whose meaning held for the last {needed} comparisons; that needs {needed + 1} explained "
+            f"rounds, this history has {rounds}, so it is 0 until then"
+        )
+    # Exports only when asked, never over the history that was read.
+    exports = [*(args.export or []), *([args.csv] if args.csv else []), *([args.json] if args.json else [])]
+    for target in map(Path, exports):
+        if isinstance(path, Path) and target.resolve() == path.resolve():
+            raise ValueError(f"--export {target} is the history being read; export to another file")
+        if target.suffix == ".csv":
+            history.to_csv(target)
+        elif target.suffix == ".json":
+            history.to_json(target)
+        elif target.suffix == ".jsonl":
+            history.to_jsonl(target)
+        else:
+            raise ValueError(f"--export {target}: use a .csv, .json or .jsonl file name")
+        print(f"wrote {target}")
     return 0
+
+
+def _only_layers(history: Any, layers: list[str]) -> Any:
+    """The history of the given layers only (an unknown name lists the layers there are)."""
+    from lightning_neurons.drift.history import RunHistory
+
+    unknown = [name for name in layers if name not in history.layers]
+    if unknown:
+        raise ValueError(f"--layer {', '.join(unknown)}: not in this history; its layers are {history.layers}")
+    state = history.state_dict()
+    state["records"] = [r for r in state["records"] if r["layer"] in layers]
+    return RunHistory.from_state_dict(state)
+
+
+def _limited(lines: list[str], limit: int) -> list[str]:
+    """At most ``limit`` indented lines per section of the printout (0: all), with a count of the rest."""
+    if limit <= 0:
+        return lines
+    out: list[str] = []
+    shown = hidden = 0
+    for line in [*lines, ""]:
+        if line.startswith("  "):
+            if shown < limit:
+                out.append(line)
+                shown += 1
+            else:
+                hidden += 1
+            continue
+        if hidden:
+            out.append(f"  ... and {hidden} more (--limit 0 shows all)")
+        shown = hidden = 0
+        out.append(line)
+    return out[:-1]
+
+
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} is not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object such as '{{\"k\": 1}}', got {text!r}")
+    return value
+
+
+def _log_units(values: list[str]) -> int | list[int] | None:
+    """``--log-units``: ``all``, a count, or unit indices."""
+    if values == ["all"]:
+        return None
+    try:
+        numbers = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--log-units takes a count, unit indices or 'all', got {' '.join(values)}") from None
+    return numbers[0] if len(numbers) == 1 else numbers
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -68,7 +68,7 @@ class RecordingConfig:
     output_selector: Mapping[str, int | str] | None = None
     input_key: int | str | None = None
     target_key: int | str | None = None
-    reservoir_size: int = 64
+    reservoir_size: int = 256
     seed: int = 0
     forward_fn: ForwardFn | None = None
 
@@ -100,7 +100,8 @@ class BackendConfig:
     """The foundation models and the concept vocabulary.
 
     Args:
-        backend: ``"embedded"``, ``"clip"``, ``"hf"`` or a loaded :class:`~lightning_neurons.Backend`.
+        backend: ``"auto"`` (open_clip when its weights are cached or can be fetched, else the offline pack with
+            one warning), ``"embedded"``, ``"clip"``, ``"hf"`` or a loaded :class:`~lightning_neurons.Backend`.
         backend_kwargs: Keyword arguments of the backend loader.
         vocabulary: Concept sources (``"general"``, ``"classes"``, ``"llm"`` or concept-file paths).
         class_names: The dataset's class names, by class index (``None``: read from the data when possible).
@@ -108,7 +109,7 @@ class BackendConfig:
         show_progress: Progress bars while the vocabulary is generated and embedded.
     """
 
-    backend: str | Backend = "embedded"
+    backend: str | Backend = "auto"
     backend_kwargs: Mapping[str, Any] = field(default_factory=dict)
     vocabulary: tuple[str, ...] = DEFAULT_VOCABULARY
     class_names: tuple[str, ...] | None = None
@@ -263,12 +264,12 @@ class RunConfig:
         output_selector: Mapping[str, int | str] | None = None,
         input_key: int | str | None = None,
         target_key: int | str | None = None,
-        reservoir_size: int = 64,
+        reservoir_size: int = 256,
         every_n_epochs: int | None = 1,
         epochs: Sequence[int] | None = None,
         explain_on_fit_end: bool = True,
         every_n_val_passes: int | None = None,
-        backend: str | Backend = "embedded",
+        backend: str | Backend = "auto",
         backend_kwargs: Mapping[str, Any] | None = None,
         vocabulary: Sequence[str | os.PathLike[str]] | None = None,
         class_names: Sequence[str] | None = None,

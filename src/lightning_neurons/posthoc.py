@@ -45,7 +45,7 @@ def explain(
     top_k: int = 16,
     epoch: int | None = None,
     output_dir: str | Path | None = None,
-    backend: str | Backend = "embedded",
+    backend: str | Backend = "auto",
     backend_kwargs: dict[str, Any] | None = None,
     vocabulary: list[str] | None = None,
     class_names: list[str] | None = None,
@@ -63,7 +63,8 @@ def explain(
         epoch: Epoch to file the round under (drift needs it); ``None`` files a one-off explanation as epoch 0.
         output_dir: When given, the history, TensorBoard events, crop previews and the HTML report are written
             there, as the callback writes them into a run's log directory.
-        backend: ``"embedded"`` (offline), ``"clip"``, ``"hf"`` or a loaded :class:`Backend`.
+        backend: ``"auto"`` (open_clip when its weights are cached or can be fetched, else the offline pack with
+            one warning), ``"embedded"`` (offline), ``"clip"``, ``"hf"`` or a loaded :class:`Backend`.
         backend_kwargs: Keyword arguments of the backend loader.
         vocabulary: Concept sources (``"general"``, ``"classes"``, ``"llm"`` or concept files).
         class_names: The dataset's class names (a vocabulary source and the ablation's labels).
@@ -102,6 +103,8 @@ def explain(
             class_names=class_names,
             **settings,
         )
+    if epoch is None and output_dir is not None:
+        _check_epoch_given(Path(output_dir))
     session = open_session(config, dataloader, output_dir)
     try:
         return explain_with(session, model, dataloader, epoch=epoch, device=device)
@@ -116,6 +119,7 @@ def explain_checkpoints(
     layers: LayerSpec,
     *,
     output_dir: str | Path = "neurons_posthoc",
+    model_args: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> list[ExplanationRound]:
     """Explain a checkpoint, or every checkpoint of a directory in epoch order, into one drift history.
@@ -127,24 +131,41 @@ def explain_checkpoints(
         dataloader: The probe set.
         layers: Layer names, glob patterns, or a predicate.
         output_dir: Where history, TensorBoard events and the report go.
+        model_args: Keyword arguments of ``model_class`` (override a LightningModule's saved hyperparameters).
         **kwargs: Passed on to :func:`explain`.
 
     Raises:
         FileNotFoundError: If no checkpoint is found.
         lightning_neurons.checkpoints.CheckpointError: If a checkpoint cannot be read safely.
     """
-    paths = _checkpoint_paths(checkpoints)
+    paths = _checkpoint_steps(checkpoints)
     device = kwargs.pop("device", None)
     # One session for all checkpoints: models load once and the drift history runs across epochs.
     config = run_config(layers, output_dir, **kwargs)
     session = open_session(config, dataloader, output_dir)
     try:
         return [
-            explain_with(session, _load_model(model_class, path), dataloader, epoch=epoch, device=device)
-            for epoch, path in paths
+            explain_with(
+                session, _load_model(model_class, path, model_args), dataloader, epoch=epoch, device=device, step=step
+            )
+            for epoch, step, path in paths
         ]
     finally:
         session.teardown()
+
+
+def _check_epoch_given(output_dir: Path) -> None:
+    """A one-off round (no epoch) goes to epoch 0: refuse where that would replace a folder's own epoch 0."""
+    from lightning_neurons.drift.history import HISTORY_FILENAME, load_history
+
+    path = output_dir / HISTORY_FILENAME
+    if path.is_file() and path.stat().st_size > 0:
+        epochs = load_history(path).epochs
+        if epochs:
+            raise ValueError(
+                f"{output_dir} already holds the rounds of epochs {epochs}: pass epoch= (the epoch of these weights) "
+                "so the round is filed where it belongs, or write to another output_dir"
+            )
 
 
 def run_config(layers: LayerSpec, output_dir: str | Path | None = None, **settings: Any) -> RunConfig:
@@ -165,6 +186,7 @@ def make_explainer(layers: LayerSpec, output_dir: str | Path | None = None, **se
 def open_session(config: RunConfig, dataloader: Any, output_dir: str | Path | None) -> ExplanationSession:
     """A set-up session for ``config``: models loaded, and writers into ``output_dir`` when given."""
     session = ExplanationSession(config)
+    session.continues_folder = output_dir is not None
     session.setup(class_names=dataset_class_names(getattr(dataloader, "dataset", None)))
     if output_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
@@ -181,8 +203,12 @@ def explain_with(
     *,
     epoch: int | None = None,
     device: str | torch.device | None = None,
+    step: int | None = None,
 ) -> ExplanationRound:
-    """Record ``model`` on ``dataloader`` with the session's settings and explain the recording."""
+    """Record ``model`` on ``dataloader`` with the session's settings and explain the recording.
+
+    ``step`` is the global step of the weights (a checkpoint's), kept in the round's identity.
+    """
     recording_config = session.config.recording
     if device is not None:
         model = model.to(device)
@@ -204,7 +230,10 @@ def explain_with(
         dataloader, input_key=recording_config.input_key, target_key=recording_config.target_key
     )
     with evaluating(model), torch.no_grad():
-        return session.explain(model, recording, source, epoch=epoch if epoch is not None else 0)
+        # keep_later: re-explaining an earlier epoch of the folder replaces that epoch and keeps the later ones.
+        return session.explain(
+            model, recording, source, epoch=epoch if epoch is not None else 0, keep_later=True, global_step=step
+        )
 
 
 class _ClosingWriter:
@@ -222,7 +251,14 @@ class _ClosingWriter:
         self.summary_writer.close()
 
 
-def _checkpoint_paths(checkpoints: str | Path | Sequence[str | Path]) -> list[tuple[int | None, Path]]:
+def _checkpoint_steps(checkpoints: str | Path | Sequence[str | Path]) -> list[tuple[int | None, int | None, Path]]:
+    """The checkpoints to explain as ``(epoch, global step, path)``, in training order."""
+    return _dated_checkpoints([path for _, path in _checkpoint_paths(checkpoints, dated=False)])
+
+
+def _checkpoint_paths(
+    checkpoints: str | Path | Sequence[str | Path], dated: bool = True
+) -> list[tuple[int | None, Path]]:
     if isinstance(checkpoints, (str, Path)):
         root = Path(checkpoints)
         if root.is_dir():
@@ -235,20 +271,53 @@ def _checkpoint_paths(checkpoints: str | Path | Sequence[str | Path]) -> list[tu
         found = [Path(p) for p in checkpoints]
     if not found:
         raise FileNotFoundError(f"no .ckpt files under {str(checkpoints)!r}")
-    dated = [(_checkpoint_epoch(p), p) for p in found]
-    return sorted(dated, key=lambda item: (item[0] is None, item[0] if item[0] is not None else 0, str(item[1])))
+    if not dated:
+        return [(None, p) for p in found]
+    return [(epoch, path) for epoch, _, path in _dated_checkpoints(found)]
+
+
+def _dated_checkpoints(paths: Sequence[Path]) -> list[tuple[int | None, int | None, Path]]:
+    """``(epoch, global step, path)`` in training order: by epoch, then by step (not by file name).
+
+    By name ``step=15`` sorts before ``step=5``; by step, of two checkpoints of one epoch the later weights are filed
+    last and kept.
+    """
+    dated = [(*_checkpoint_position(p), p) for p in paths]
+    ordered = sorted(dated, key=lambda d: (d[0] is None, d[0] or 0, d[1] is None, d[1] or 0, str(d[2])))
+    by_epoch: dict[int, list[Path]] = {}
+    for epoch, _, path in ordered:
+        if epoch is not None:
+            by_epoch.setdefault(epoch, []).append(path)
+    shared = {e: ps for e, ps in by_epoch.items() if len(ps) > 1}
+    if shared:
+        listing = "; ".join(f"epoch {e}: {', '.join(p.name for p in ps)}" for e, ps in shared.items())
+        warnings.warn(
+            f"several checkpoints share an epoch ({listing}); the history keeps one round per epoch, that of the "
+            "latest step (each round's identity records its step)",
+            stacklevel=3,
+        )
+    return ordered
+
+
+def _checkpoint_position(path: Path) -> tuple[int | None, int | None]:
+    """The checkpoint's epoch and global step (from the file, else from ``epoch=``/``step=`` in its name)."""
+    state = load_checkpoint(path)
+    values: list[int | None] = []
+    for key in ("epoch", "global_step"):
+        if isinstance(state, dict) and isinstance(state.get(key), int):
+            values.append(int(state[key]))
+            continue
+        match = re.search(rf"{'epoch' if key == 'epoch' else 'step'}=(\d+)", path.name)
+        values.append(int(match.group(1)) if match else None)
+    return values[0], values[1]
 
 
 def _checkpoint_epoch(path: Path) -> int | None:
-    state = load_checkpoint(path)
-    if isinstance(state, dict) and isinstance(state.get("epoch"), int):
-        return int(state["epoch"])
-    match = re.search(r"epoch=(\d+)", path.name)
-    return int(match.group(1)) if match else None
+    return _checkpoint_position(path)[0]
 
 
-def _load_model(model_class: type[nn.Module], path: Path) -> nn.Module:
-    return load_model(model_class, path)
+def _load_model(model_class: type[nn.Module], path: Path, model_args: dict[str, Any] | None = None) -> nn.Module:
+    return load_model(model_class, path, model_args)
 
 
 def evaluate_run(
@@ -314,8 +383,8 @@ def evaluate_run(
     explainers = [cb for cb in cli.trainer.callbacks if isinstance(cb, NeuronExplainer)]  # type: ignore[attr-defined]
     if not explainers:
         raise ValueError(f"{config} configures no lightning_neurons.NeuronExplainer callback")
-    paths = _checkpoint_paths(checkpoint if checkpoint is not None else run)
-    epoch, path = paths[-1]
+    paths = _checkpoint_steps(checkpoint if checkpoint is not None else run)
+    epoch, step, path = paths[-1]
     load_model_weights(cli.model, path)
     cli.datamodule.setup("validate")
     explainer = explainers[0]
@@ -324,6 +393,6 @@ def evaluate_run(
     loader = cli.datamodule.val_dataloader()
     session = open_session(run_settings, loader, target)
     try:
-        return explain_with(session, cli.model.eval(), loader, epoch=epoch)
+        return explain_with(session, cli.model.eval(), loader, epoch=epoch, step=step)
     finally:
         session.teardown()

@@ -177,11 +177,15 @@ class UnitExplanation:
         unit: Channel / hidden-dimension index inside the layer.
         epoch: Training epoch the explanation belongs to (``None`` post hoc without an epoch).
         description: Short natural-language description (the best concept or the describe-stage phrase).
-        score: AUC in ``[0, 1]`` of the description's image-text similarity over the unit's top crops against
-            the control crops (0.5 = chance).
+        score: The headline score, in ``[-1, 1]``: the Pearson correlation between the unit's activations and the
+            description's image-text similarity over the recording's reservoir (a uniform sample of the probe set)
+            plus the unit's top samples, whole images (:func:`lightning_neurons.explanation.metrics.correlation`; a
+            metric that passes NeuronEval's missing- and extra-labels tests, on one scale across models and
+            vocabulary sizes). NaN for a dead unit.
         margin: Mean similarity of the description with the top crops minus its mean with the control crops.
-        concept_score: The corrected, rank-weighted concept score that chose the description.
-        alternatives: The next best concepts with their concept scores.
+        concept_score: The value that chose the description: its correlation (``ExplainConfig.selection=
+            "correlation"``, the default) or its corrected, rank-weighted top-crop concept score (``"concept_score"``).
+        alternatives: The next best concepts with their values on the same scale.
         source: ``"concept"`` when the description is a vocabulary concept, ``"describe"`` when it is a
             caption-and-summarise phrase.
         top_sample_ids: Probe-sample ids of the unit's top activations, best first.
@@ -229,8 +233,10 @@ class UnitExplanation:
 
     @property
     def shown(self) -> str:
-        """The text every sink displays (:func:`shown_text`): the description, ``"low-level: ..."``,
-        ``"no clear concept"`` or ``"dead unit"``."""
+        """The text every sink displays (:func:`shown_text`).
+
+        The description, ``"low-level: ..."``, ``"no clear concept"`` or ``"dead unit"``.
+        """
         return shown_text(self.description, self.kind, self.low_level)
 
     @property

@@ -30,9 +30,11 @@ from lightning_neurons.backends.base import Backend
 from lightning_neurons.backends.cache import CachedImageEncoder
 from lightning_neurons.concepts.concept_set import ConceptSet
 from lightning_neurons.config import RunConfig
-from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
+from lightning_neurons.drift.baseline import settings_warning
+from lightning_neurons.drift.history import HISTORY_FILENAME, STORE_DIRNAME, RunHistory
 from lightning_neurons.explanation.embedding_cache import RegionEmbeddingCache
 from lightning_neurons.explanation.pipeline import explain_recording
+from lightning_neurons.identity import new_run_id, round_identity, settings_fingerprint
 from lightning_neurons.logging.base import RoundOutput, RoundWriter
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, select_units
@@ -69,8 +71,17 @@ class ExplanationSession:
         #: Region embeddings kept across rounds (``None``: ``embedding_cache`` off); made in :meth:`setup`.
         self.cache: RegionEmbeddingCache | None = None
         self._evaluation_backend: Backend | None = None
-        self._restored_path: Path | None = None  # the history file a restored checkpoint continues
+        self._restored_path: Path | None = None  # the history store a restored checkpoint continues
+        #: The run the rounds belong to (:class:`~lightning_neurons.results.RoundIdentity`); the callback sets it.
+        self.run_id: str = new_run_id()
+        #: Fingerprint and summary of the settings that change what a round means (set in :meth:`setup`).
+        self.settings: tuple[str, dict[str, Any]] = ("", {})
+        self._checkpoint_settings: dict[str, Any] | None = None
         self._foreign = False
+        self._report_due = False
+        #: Post hoc into a folder the caller named: a round of some layers keeps the folder's other layers at its
+        #: epoch (``lightning-neurons explain -o existing``), instead of replacing the whole epoch.
+        self.continues_folder = False
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -108,6 +119,13 @@ class ExplanationSession:
         )
         # Embedding the vocabulary here makes a broken backend fail in setup, not after an epoch of training.
         self.concepts = ConceptSet(tuple(vocabulary.concepts), vocabulary.embed(backend.encoder))
+        self.settings = settings_fingerprint(
+            self.config,
+            class_names=self.class_names,
+            concepts=self.concepts.texts,
+            model=f"{backend.name}:{getattr(backend.encoder, 'name', type(backend.encoder).__name__)}",
+        )
+        self._warn_settings_changed()
 
     def open(self, output_dir: str | Path, writers: Sequence[RoundWriter] = ()) -> None:
         """Write into ``output_dir`` (history, rounds, previews, report) and to ``writers`` (logger families).
@@ -121,11 +139,10 @@ class ExplanationSession:
         if not self.writes:
             return
         _check_writable(directory)
-        existing = directory / HISTORY_FILENAME
         # Another run's history, and nothing restored (yet): attach only once claim_output decides.
-        self._foreign = not len(self.history) and existing.is_file() and existing.stat().st_size > 0
+        self._foreign = not len(self.history) and _holds_history(directory)
         if not self._foreign:
-            self.history.attach(existing)
+            self.history.attach(directory / STORE_DIRNAME)
 
     def claim_output(self, *, fresh_folder: bool) -> Path | None:
         """Make sure this run does not append to another run's history (call after any checkpoint restore).
@@ -143,23 +160,23 @@ class ExplanationSession:
         if not self._foreign or self.output_dir is None:
             return None
         self._foreign = False
-        path = self.output_dir / HISTORY_FILENAME
+        path = self.output_dir / STORE_DIRNAME
         if len(self.history) or self._restored_path == path:
             # A checkpoint restored this run's history (maybe still empty: saved while its first round was explained
-            # in the background): it continues that file.
+            # in the background): it continues that store.
             self.history.attach(path)
             return None
         if not fresh_folder:
             raise FileExistsError(
-                f"{self.output_dir / HISTORY_FILENAME} holds another run's history; a new run does not append to "
+                f"{self.output_dir / STORE_DIRNAME} holds another run's history; a new run does not append to "
                 "it: pass another history_dir, remove the folder, or resume that run from its checkpoint"
             )
         n = 1
-        while (self.output_dir.parent / f"{self.output_dir.name}_{n}" / HISTORY_FILENAME).exists():
+        while _holds_history(self.output_dir.parent / f"{self.output_dir.name}_{n}"):
             n += 1
         self.output_dir = self.output_dir.parent / f"{self.output_dir.name}_{n}"
         _check_writable(self.output_dir)
-        self.history.attach(self.output_dir / HISTORY_FILENAME)
+        self.history.attach(self.output_dir / STORE_DIRNAME)
         return self.output_dir
 
     def evaluation_metrics(self) -> list[str]:
@@ -211,7 +228,7 @@ class ExplanationSession:
         Raises:
             RuntimeError: If :meth:`setup` did not run.
         """
-        rnd = self.explain_round(model, recording, source, epoch=epoch, share=share)
+        rnd = self.explain_round(model, recording, source, epoch=epoch, share=share, global_step=global_step)
         key = recording.epoch if epoch is None else epoch
         self.record_round(
             rnd, key=key if key is not None else 0, step=step, keep_later=keep_later, global_step=global_step
@@ -227,12 +244,15 @@ class ExplanationSession:
         epoch: int | None = None,
         share: WorkShare | None = None,
         progress: bool = True,
+        global_step: int | None = None,
     ) -> ExplanationRound:
         """Explain a recording (and evaluate it with ``evaluate=True``) without recording or writing anything.
 
         Touches neither the history nor the writers, so a background thread may run it while the main thread
         trains (:mod:`lightning_neurons.background`); :meth:`record_round` then files the round. ``progress=False``
-        hides the progress bars (a background round does not draw over the trainer's).
+        hides the progress bars (a background round does not draw over the trainer's). The round's identity (run,
+        weights of ``model``, epoch, ``global_step``, settings) is stamped here, from the model it was explained
+        with.
 
         Raises:
             RuntimeError: If :meth:`setup` did not run.
@@ -264,6 +284,7 @@ class ExplanationSession:
                 rnd.meta["evaluation"] = rnd.evaluation.metrics
                 rnd.meta["evaluation_baselines"] = rnd.evaluation.baselines
         rnd.meta.setdefault("timings", {})["total_s"] = round(time.perf_counter() - start, 3)
+        rnd.identity = round_identity(self.run_id, model, epoch=key, step=global_step, settings=self.settings)
         return rnd
 
     def record_round(
@@ -352,8 +373,13 @@ class ExplanationSession:
         assert self.backend is not None
         if self.writes and self._foreign:  # post hoc into a folder the caller named: continue its epochs there
             self._foreign = False
-            self.history.attach(self.output_dir / HISTORY_FILENAME)
-        drift = self.history.add_round(rnd, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
+            self.history = continued_history(self.output_dir, self.history)
+            self.history.attach(self.output_dir / STORE_DIRNAME)
+        filed = with_other_layers(self.history, rnd, key) if self.continues_folder else rnd
+        drift = self.history.add_round(filed, self.backend.encode_descriptions, epoch=key, keep_later=keep_later)
+        if filed is not rnd:  # the writers log this round's units; the other layers' stay as they were
+            mine = {(u.layer, u.unit) for u in rnd.units}
+            drift = [d for d in drift if (d.layer, d.unit) in mine]
         self.last_output = RoundOutput(
             round=rnd,
             drift=drift,
@@ -374,9 +400,7 @@ class ExplanationSession:
         rnd, key = output.round, output.epoch
         NeuronTensorBoardLogger.save_previews(rnd, self.output_dir / PREVIEWS_DIRNAME, epoch=key)
         rnd.to_json(self.output_dir / f"round_epoch={key}.json")
-        from lightning_neurons.logging.report import write_report
-
-        write_report(self.history, self.output_dir / REPORT_FILENAME, previews_dir=self.output_dir / PREVIEWS_DIRNAME)
+        self._report_due = True  # the HTML report is an export, written once at the end (teardown), not per round
         for writer in self.writers:
             writer.write_round(output)
 
@@ -386,7 +410,7 @@ class ExplanationSession:
         if self.output_dir is None or not self.writes:
             return {}
         return {
-            "History": self.output_dir / HISTORY_FILENAME,
+            "History": self.output_dir / STORE_DIRNAME,
             "HTML report": self.output_dir / REPORT_FILENAME,
             "Region crops": self.output_dir / PREVIEWS_DIRNAME,
         }
@@ -397,22 +421,50 @@ class ExplanationSession:
         The history file, its round ids and each unit's latest record: the full history stays in the file, so a
         checkpoint does not grow with the run.
         """
-        return {"history": self.history.checkpoint_state()}
+        return {"history": self.history.checkpoint_state(), "settings": self.settings[1] or None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; re-attaches the history file when the session is already open."""
+        """Inverse of :meth:`state_dict`; re-attaches the history file when the session is already open.
+
+        Warns, naming them, when the settings that decide what a round means changed since the checkpoint (the next
+        round starts a new drift baseline).
+        """
         if "history" in state:
             store = state["history"].get("store") if isinstance(state["history"], dict) else None
             self._restored_path = Path(store["path"]) if isinstance(store, dict) and "path" in store else None
             self.history.load_state_dict(state["history"])
             if self.output_dir is not None and self.writes and not self._foreign:
-                self.history.attach(self.output_dir / HISTORY_FILENAME)
+                self.history.attach(self.output_dir / STORE_DIRNAME)
+        self._checkpoint_settings = state.get("settings")
+        self._warn_settings_changed()
+
+    def _warn_settings_changed(self) -> None:
+        # Once both are known: the checkpoint's settings and this session's (set up before or after the restore).
+        if self._checkpoint_settings and self.settings[1]:
+            message = settings_warning(self._checkpoint_settings, self.settings[1])
+            if message and self.writes:
+                warnings.warn(message, stacklevel=3)
+            self._checkpoint_settings = None
+
+    def write_report(self) -> Path | None:
+        """Export the HTML report of the rounds written so far (once per run, at the end; ``None``: nothing new)."""
+        if not self._report_due or self.output_dir is None:
+            return None
+        from lightning_neurons.logging.report import write_report
+
+        self._report_due = False
+        return write_report(
+            self.history, self.output_dir / REPORT_FILENAME, previews_dir=self.output_dir / PREVIEWS_DIRNAME
+        )
 
     def teardown(self) -> None:
         """Flush and close the writers and release the models (the history stays for a later run)."""
-        for writer in self.writers:
-            writer.close()
-        self.writers = []
+        try:
+            self.write_report()
+        finally:
+            for writer in self.writers:
+                writer.close()
+            self.writers = []
         self.history.close()  # releases the history file's lock
         self.output_dir = None
         self.backend = None
@@ -423,14 +475,57 @@ class ExplanationSession:
             torch.cuda.empty_cache()
 
 
+def continued_history(folder: Path, history: RunHistory) -> RunHistory:
+    """The history a post-hoc session continues: the folder's history read back (``history`` when there is none)."""
+    if len(history) or not _holds_history(folder):
+        return history
+    from lightning_neurons.drift.history import load_history
+
+    found = load_history(folder)
+    found.stable_rounds = history.stable_rounds
+    return found
+
+
+def with_other_layers(history: RunHistory, rnd: ExplanationRound, key: int) -> ExplanationRound:
+    """``rnd`` plus the units the history holds at epoch ``key`` for layers the round does not explain.
+
+    Filing the result replaces the epoch without dropping another layer's explanations of the same weights.
+    """
+    layers = {u.layer for u in rnd.units}
+    kept = [r.explanation for r in history.records if r.key[2] == key and r.key[0] not in layers]
+    if not kept:
+        return rnd
+    return dataclasses.replace(rnd, units=[*kept, *rnd.units])
+
+
 def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | None:
     return list(log_units) if isinstance(log_units, tuple) else log_units
 
 
 def _preview_units(recording: Recording, log_units: int | tuple[int, ...] | None) -> dict[str, list[int]]:
-    """The units that get crop previews: the ones logged per unit."""
+    """The units that get crop previews (small PNG grids the HTML report shows).
+
+    Every unit of a layer up to the units the report shows per layer (``DEFAULT_MAX_UNITS``), the logged ones
+    (``log_units``, which only chooses the per-unit logger cards) first: the report never lacks a shown unit's crops
+    because it was not logged.
+    """
+    from lightning_neurons.logging.report import DEFAULT_MAX_UNITS
+
     selection = _log_units(log_units)
-    return {name: select_units(selection, name, range(layer.num_units)) for name, layer in recording.layers.items()}
+    out = {}
+    for name, layer in recording.layers.items():
+        logged = select_units(selection, name, range(layer.num_units))
+        rest = [u for u in range(layer.num_units) if u not in set(logged)]
+        out[name] = sorted([*logged, *rest][: max(DEFAULT_MAX_UNITS, len(logged))])
+    return out
+
+
+def _holds_history(directory: Path) -> bool:
+    # A run's history: the round store or, from earlier versions, a non-empty history.jsonl.
+    from lightning_neurons.drift.round_store import is_round_store
+
+    legacy = directory / HISTORY_FILENAME
+    return is_round_store(directory / STORE_DIRNAME) or (legacy.is_file() and legacy.stat().st_size > 0)
 
 
 def _check_writable(directory: Path) -> None:

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -23,7 +24,12 @@ from lightning_neurons.backends.base import (
     resolve_device,
 )
 
-BACKENDS = ("embedded", "clip", "hf")
+BACKENDS = ("auto", "embedded", "clip", "hf")
+
+#: ``backend_kwargs`` keys that only the CLIP choice of ``backend="auto"`` reads; the rest go to the offline pack.
+_AUTO_CLIP_KEYS = ("model_name", "pretrained", "cache_dir", "captioner")
+#: Keys both choices read.
+_AUTO_SHARED_KEYS = ("batch_size", "resize_mode")
 
 __all__ = [
     "BACKENDS",
@@ -86,17 +92,57 @@ def _load_hf(device: torch.device, kwargs: dict[str, Any]) -> Backend:
     )
 
 
+def _load_auto(device: torch.device, kwargs: dict[str, Any]) -> Backend:
+    from lightning_neurons.backends.auto import choose_auto, fallback_warning
+    from lightning_neurons.backends.embedded import load_embedded_backend
+
+    clip_keys = {k: kwargs.pop(k) for k in _AUTO_CLIP_KEYS if k in kwargs}
+    shared = {k: kwargs.pop(k) for k in _AUTO_SHARED_KEYS if k in kwargs}
+    generator = kwargs.get("generator", True)
+    choice = choose_auto(clip_keys.get("model_name"), clip_keys.get("pretrained"), cache_dir=clip_keys.get("cache_dir"))
+    reason = choice.reason
+    if choice.backend == "clip":
+        options: dict[str, Any] = {**clip_keys, **shared, "model_name": choice.model_name}
+        options["pretrained"] = choice.pretrained
+        options.setdefault("cache_dir", choice.cache_dir)
+        if isinstance(generator, str):
+            options["generator"] = generator
+        try:
+            backend = _load_clip(device, options)
+        except ModelLoadError as exc:
+            reason = f"open_clip {choice.model_name} could not be loaded ({str(exc).splitlines()[0]})"
+        else:
+            if generator is True:
+                # The LLM vocabulary keeps working offline: the pack's small text generator, loaded on first use.
+                from lightning_neurons.backends.embedded import smollm_generator
+
+                try:
+                    backend = dataclasses.replace(backend, generator=smollm_generator(device, lazy=True))
+                except ModelLoadError:
+                    pass  # no pack installed: CLIP without a generator, as backend="clip" gives
+            return backend
+    fallback_warning(reason)
+    if isinstance(generator, str):
+        kwargs["generator"] = True
+    return load_embedded_backend(device, **{**kwargs, **shared})
+
+
 def load_backend(
     spec: str | Backend = "embedded", *, device: str | torch.device | None = None, **kwargs: Any
 ) -> Backend:
     """Load a backend by name (models are cached per process), or pass a :class:`Backend` through.
 
     Args:
-        spec: ``"embedded"`` (offline pack: MobileNetV2 ConSE + MiniLM + SmolLM2), ``"clip"`` (open_clip encoder,
+        spec: ``"auto"`` (an open_clip model whose weights are cached or can be fetched, else the offline pack with
+            one :class:`~lightning_neurons.backends.auto.AutoBackendWarning`; see
+            :mod:`lightning_neurons.backends.auto`), ``"embedded"`` (offline pack: MobileNetV2 ConSE + MiniLM +
+            SmolLM2), ``"clip"`` (open_clip encoder,
             optional BLIP captioner and causal-LM generator) or ``"hf"`` (an encoder, ``"clip"`` or ``"embedded"``,
             plus a BLIP captioner and a causal-LM generator), or a ready :class:`Backend`.
         device: Target device; ``None`` picks CUDA, then MPS, then CPU.
         **kwargs: Backend options.
+            ``auto``: ``model_name``, ``pretrained``, ``cache_dir`` and ``captioner`` for the CLIP choice,
+            ``batch_size`` and ``resize_mode`` for both, every other key for the offline pack.
             ``embedded``: the ConSE encoder's options as flat keys (``top_t``, ``template_weight``,
             ``temperature``, ``image_size``, ``views``, ``centre``, ``space``, ``text_temperature``,
             ``hypernym_weight``, ``hypernym_levels``, ``colour_weight``, ``colour_threshold``, ``batch_size``,
@@ -129,6 +175,8 @@ def load_backend(
         raise ValueError(f"unknown backend {spec!r}; choose one of {list(BACKENDS)} or pass a Backend instance")
     dev = resolve_device(device)
     options = dict(kwargs)
+    if spec == "auto":
+        return _load_auto(dev, options)
     if spec == "embedded":
         from lightning_neurons.backends.embedded import load_embedded_backend
 

@@ -209,7 +209,7 @@ def load_clip_encoder(
             kwargs["pretrained"] = str(Path(str(pretrained)).expanduser()) if local else pretrained
         # Only the CLIP checkpoint may load weights: never fetch separate tower weights (e.g. an HF text tower).
         model = open_clip.create_model(model_name, pretrained_text=False, **kwargs)
-        tokenizer = open_clip.get_tokenizer(model_name)
+        tokenizer = open_clip.get_tokenizer(model_name, cache_dir=None if cache_dir is None else os.fspath(cache_dir))
         return model.eval(), tokenizer
 
     try:

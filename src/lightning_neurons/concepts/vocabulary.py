@@ -118,7 +118,8 @@ def read_concept_file(path: str | os.PathLike[str]) -> list[str]:
 
     Raises:
         FileNotFoundError: If the file does not exist (the message names the path and the valid source names).
-        ValueError: If the file is not UTF-8 text (the message names the file and the offending byte).
+        ValueError: If the file is not UTF-8 text (the message names the file and the offending byte), or holds no
+            concept.
 
     Example:
         >>> read_concept_file("my_concepts.txt")  # doctest: +SKIP
@@ -139,7 +140,13 @@ def read_concept_file(path: str | os.PathLike[str]) -> list[str]:
             "save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
         ) from None
     lines = (line.split("#", 1)[0] for line in text.splitlines())
-    return dedupe(lines)
+    concepts = dedupe(lines)
+    if not concepts:
+        raise ValueError(
+            f"concept file {file} holds no concepts (it is empty, or only blank lines and # comments); "
+            "write one concept per line, or leave the file out of the vocabulary"
+        )
+    return concepts
 
 
 def general_concepts() -> list[str]:

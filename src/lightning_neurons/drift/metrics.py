@@ -1,8 +1,17 @@
 """Drift between consecutive explanations of a unit, and per-layer summaries of it.
 
-A unit's meaning *changed* between two explained epochs when the text-embedding cosine similarity of its two
-descriptions is below a threshold (:data:`DEFAULT_CHANGE_THRESHOLD`). Identical descriptions (after trimming and
-case folding) have similarity exactly 1 and are never embedded.
+Only meaning counts. A unit's meaning *changed* between two explained epochs when it has a concept in both
+(``UnitExplanation.kind == "concept"``, or ``None`` in records written before kinds existed, judged as before) and
+the text-embedding cosine similarity of its two descriptions is below a threshold (:data:`DEFAULT_CHANGE_THRESHOLD`).
+A unit that moves from no concept (``"low_level"``, ``"unclear"``) to a concept *gained* one (semantics forming); the
+reverse *lost* one; both are counted apart from ``changed``. Two rounds without a concept ("no clear concept" on both
+sides, or low-level statistics) are never a change, and a ``"dead"`` unit (never active on the probe) is never
+changed, gained or lost. Identical descriptions (after trimming and case folding) have similarity exactly 1 and are
+never embedded.
+
+A change of the settings that decide what a round means (vocabulary, class names, backend and its model, top_k,
+reduction; :mod:`lightning_neurons.drift.baseline`) starts a new *baseline*: the unit is not compared across it
+(``compared`` is false, ``baseline`` true), so a change of settings is never reported as a change of meaning.
 
 The threshold default, 0.75, was chosen for MiniLM-like sentence encoders (``all-MiniLM-L6-v2``, the embedded
 backend's text encoder), where paraphrases score above it and different concepts below it, e.g.
@@ -37,18 +46,23 @@ Example:
     >>> d = compare_units({("fc", 0): old[0]}, new, embed)[0]
     >>> (d.changed, d.concepts_changed, round(d.concept_jaccard, 3))
     (False, True, 0.333)
+    >>> old[0].kind, new[0].kind = "unclear", "concept"
+    >>> d = compare_units({("fc", 0): old[0]}, new, embed)[0]
+    >>> (d.changed, d.gained, d.lost)
+    (False, True, False)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_neurons.results import Alternative, UnitExplanation
+from lightning_neurons.results import Alternative, UnitExplanation, shown_text
 
 #: Cosine similarity below which two descriptions of a unit count as different meanings (MiniLM-like encoders).
 DEFAULT_CHANGE_THRESHOLD = 0.75
@@ -61,6 +75,41 @@ DEFAULT_STABLE_ROUNDS = 3
 
 #: Embeds a batch of texts; returns ``[len(texts), D]`` (normalised here, so any scale is fine).
 EmbedFn = Callable[[list[str]], Tensor]
+
+
+def has_concept(kind: str | None) -> bool:
+    """Whether a unit of this kind is shown with a concept: ``"concept"``, or ``None`` (a record made before kinds).
+
+    Example:
+        >>> has_concept("concept"), has_concept(None), has_concept("unclear"), has_concept("low_level")
+        (True, True, False, False)
+    """
+    return kind is None or kind == "concept"
+
+
+def meaning_change(previous_kind: str | None, kind: str | None, similarity: float, threshold: float) -> str | None:
+    """What a unit's move between two compared rounds counts as: ``"changed"``, ``"gained"``, ``"lost"`` or ``None``.
+
+    The one rule of drift. ``"changed"``: a concept on both sides (or records without kinds) whose descriptions'
+    similarity is below ``threshold``. ``"gained"`` / ``"lost"``: a concept on one side only, both kinds known.
+    Nothing otherwise: no concept on either side (two "no clear concept" rounds differ in their raw best concept
+    only, which nobody is shown), or a dead unit on either side.
+
+    Example:
+        >>> meaning_change("concept", "concept", 0.2, 0.75), meaning_change("unclear", "unclear", 0.1, 0.75)
+        ('changed', None)
+        >>> meaning_change("low_level", "concept", 0.9, 0.75), meaning_change("concept", "dead", 0.0, 0.75)
+        ('gained', None)
+    """
+    if kind == "dead" or previous_kind == "dead":
+        return None
+    if has_concept(previous_kind) and has_concept(kind):
+        return "changed" if similarity < threshold else None
+    if previous_kind is None or kind is None:  # a legacy record beside a known non-concept kind: unknown
+        return None
+    if has_concept(kind):
+        return "gained"
+    return "lost" if has_concept(previous_kind) else None
 
 
 @dataclass
@@ -78,8 +127,8 @@ class UnitDrift:
         previous_epoch: The unit's previous explained epoch, ``None`` if this is its first.
         previous_description: The description at ``previous_epoch``.
         similarity: Cosine similarity of the two descriptions' text embeddings (1.0 for identical texts).
-        changed: The meaning changed: ``similarity < threshold`` (the description's meaning; combinations never
-            set it).
+        changed: The meaning changed: a concept in both rounds and ``similarity < threshold`` (the description's
+            meaning; combinations never set it; see :func:`meaning_change`).
         jaccard: Jaccard index of the two top-k sample-id sets.
         score_delta: Current score minus previous score.
         threshold: The change threshold that was applied.
@@ -87,6 +136,14 @@ class UnitDrift:
             round and where neither round has a combination.
         previous_combination: The combination at ``previous_epoch`` (``None`` without one), for printouts of what
             changed; not stored in the history (the previous record holds it) and not compared by ``==``.
+        kind: The unit's kind this round (``UnitExplanation.kind``; ``None`` for records without kinds).
+        previous_kind: Its kind at ``previous_epoch`` (for printouts, like ``previous_combination``; the previous
+            record holds it).
+        previous_shown: The text shown for it at ``previous_epoch`` (``UnitExplanation.shown``; for printouts).
+        gained: It has a concept now and had none (``"low_level"`` / ``"unclear"``) at ``previous_epoch``.
+        lost: It had a concept at ``previous_epoch`` and has none now (dead units never gain or lose one).
+        baseline: The settings that decide what a round means changed since its previous explanation, so this
+            round starts a new baseline and is not compared (:mod:`lightning_neurons.drift.baseline`).
 
     Example:
         >>> d = UnitDrift("fc", 0, 2, "fruit", 0.8, 1, "fruit", 1.0, concept_jaccard=0.2)
@@ -108,13 +165,25 @@ class UnitDrift:
     threshold: float = DEFAULT_CHANGE_THRESHOLD
     concept_jaccard: float | None = None
     previous_combination: list[Alternative] | None = field(default=None, compare=False)
+    kind: str | None = None
+    previous_kind: str | None = field(default=None, compare=False)
+    previous_shown: str | None = field(default=None, compare=False)
+    gained: bool = False
+    lost: bool = False
+    baseline: bool = False
+
+    @property
+    def dead(self) -> bool:
+        """Whether the unit is dead this round (never active on the probe)."""
+        return self.kind == "dead"
 
     @property
     def concepts_changed(self) -> bool:
         """The concept set changed: ``changed``, or ``concept_jaccard <`` :data:`COMBINATION_CHANGE_JACCARD`.
 
         Derived, not stored: a change of meaning is a change of the concept set too (a one-concept set, the
-        description), and ``concept_jaccard`` is set only where either round has a combination.
+        description), and ``concept_jaccard`` is set only where either round has a combination and both rounds have
+        a concept.
         """
         overlap = self.concept_jaccard
         return self.changed or (overlap is not None and overlap < COMBINATION_CHANGE_JACCARD)
@@ -185,9 +254,10 @@ class LayerDriftSummary:
         epoch: The epoch summarised.
         n_units: Units explained at this epoch.
         n_compared: Units that had a previous explanation.
-        n_changed: Units whose meaning changed (:attr:`UnitDrift.changed`: the description's similarity).
+        n_changed: Units whose meaning changed (:attr:`UnitDrift.changed`: a concept in both rounds, the
+            description's similarity below the threshold).
         fraction_changed: ``n_changed / n_compared`` (0.0 when nothing was compared).
-        mean_score: Mean score of the layer's units.
+        mean_score: Mean score of the layer's units that have one (NaN when none has).
         mean_similarity: Mean description similarity over compared units (``None`` when none).
         mean_jaccard: Mean top-k Jaccard over compared units (``None`` when none).
         stable_rounds: The ``N`` of ``n_stable``.
@@ -198,6 +268,12 @@ class LayerDriftSummary:
             a multi-concept combination's concepts); at least ``n_changed`` (raised to it when given less, e.g. by
             summaries written before the field existed).
         fraction_concepts_changed: ``n_concepts_changed / n_compared`` (0.0 when nothing was compared).
+        n_gained: Compared units that have a concept now and had none (:attr:`UnitDrift.gained`).
+        fraction_gained: ``n_gained / n_compared`` (0.0 when nothing was compared).
+        n_lost: Compared units that had a concept and have none now (:attr:`UnitDrift.lost`).
+        fraction_lost: ``n_lost / n_compared`` (0.0 when nothing was compared).
+        n_dead: Units of kind ``"dead"`` at this epoch.
+        n_baseline: Units not compared because the settings changed since their previous explanation.
 
     Example:
         >>> s = LayerDriftSummary("fc", 1, 4, 4, 1, 0.25, 0.8, 0.9, 0.5, 3, 0)  # no concept counts given
@@ -219,6 +295,12 @@ class LayerDriftSummary:
     first_stable_epoch: dict[int, int] = field(default_factory=dict)
     n_concepts_changed: int = 0
     fraction_concepts_changed: float = 0.0
+    n_gained: int = 0
+    fraction_gained: float = 0.0
+    n_lost: int = 0
+    fraction_lost: float = 0.0
+    n_dead: int = 0
+    n_baseline: int = 0
 
     def __post_init__(self) -> None:
         # Every change of meaning is a change of the concept set.
@@ -237,7 +319,7 @@ class LayerDriftSummary:
         """Inverse of :meth:`to_dict`."""
         data = dict(data)
         data["first_stable_epoch"] = {int(k): v for k, v in data.get("first_stable_epoch", {}).items()}
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def _same_text(a: str, b: str) -> bool:
@@ -317,8 +399,12 @@ def compare_units(
     embed: EmbedFn,
     threshold: float = DEFAULT_CHANGE_THRESHOLD,
     epoch: int | None = None,
+    baseline: Container[tuple[str, int]] = (),
 ) -> list[UnitDrift]:
     """Drift of every current unit explanation against that unit's previous explanation.
+
+    Changes are judged by :func:`meaning_change`: ``changed`` only with a concept in both rounds, ``gained`` /
+    ``lost`` apart, nothing for dead units or units without a concept in either round.
 
     Args:
         previous: Per ``(layer, unit)``, the unit's previous explanation (a unit missing here is a first round).
@@ -327,6 +413,9 @@ def compare_units(
         threshold: Similarity below which the meaning counts as changed (``changed``); a combination's concept set
             counts as changed (``concepts_changed``) below :data:`COMBINATION_CHANGE_JACCARD`.
         epoch: Epoch to record (default: each explanation's own ``epoch``).
+        baseline: Units whose previous explanation was made under other settings (see
+            :func:`~lightning_neurons.drift.baseline.baseline_units`): they start a new baseline, ``baseline=True``,
+            and are not compared.
 
     Returns:
         One :class:`UnitDrift` per current explanation, in input order.
@@ -335,7 +424,7 @@ def compare_units(
         ValueError: If an explanation has no epoch and ``epoch`` is not given.
     """
     current = list(current)
-    pairs = [(i, previous[u.key]) for i, u in enumerate(current) if u.key in previous]
+    pairs = [(i, previous[u.key]) for i, u in enumerate(current) if u.key in previous and u.key not in baseline]
     sims = description_similarity([p.description for _, p in pairs], [current[i].description for i, _ in pairs], embed)
     by_index = {i: (p, s) for (i, p), s in zip(pairs, sims)}
     out = []
@@ -350,14 +439,20 @@ def compare_units(
             description=u.description,
             score=float(u.score),
             threshold=threshold,
+            kind=u.kind,
+            baseline=u.key in baseline and u.key in previous,
         )
         if i in by_index:
             p, s = by_index[i]
             d.previous_epoch = p.epoch
             d.previous_description = p.description
+            d.previous_kind = p.kind
+            d.previous_shown = shown_text(p.description, p.kind, p.low_level)
             d.similarity = s
-            d.changed = s < threshold
-            if p.combination or u.combination:  # multi-concept explanations are compared as concept sets too
+            move = meaning_change(p.kind, u.kind, s, threshold)
+            d.changed, d.gained, d.lost = move == "changed", move == "gained", move == "lost"
+            meaningful = p.kind != "dead" and u.kind != "dead" and has_concept(p.kind) and has_concept(u.kind)
+            if meaningful and (p.combination or u.combination):  # multi-concept explanations: as concept sets too
                 d.concept_jaccard = jaccard(concept_set(p), concept_set(u))
                 d.previous_combination = p.combination
             d.jaccard = jaccard(p.top_sample_ids, u.top_sample_ids)
@@ -527,6 +622,9 @@ def _summary(
     compared = [d for d in now if d.compared]
     n_changed = sum(d.changed for d in compared)
     n_concepts = sum(d.concepts_changed for d in compared)
+    n_gained = sum(d.gained for d in compared)
+    n_lost = sum(d.lost for d in compared)
+    scores = [d.score for d in now if math.isfinite(d.score)]
     return LayerDriftSummary(
         layer=layer,
         epoch=epoch,
@@ -534,7 +632,8 @@ def _summary(
         n_compared=len(compared),
         n_changed=n_changed,
         fraction_changed=n_changed / len(compared) if compared else 0.0,
-        mean_score=sum(d.score for d in now) / len(now) if now else float("nan"),
+        # Over the units with a score: a dead unit has none (NaN), and one NaN must not hide the layer's mean.
+        mean_score=sum(scores) / len(scores) if scores else float("nan"),
         mean_similarity=sum(d.similarity or 0.0 for d in compared) / len(compared) if compared else None,
         mean_jaccard=sum(d.jaccard or 0.0 for d in compared) / len(compared) if compared else None,
         stable_rounds=stable_rounds,
@@ -542,6 +641,12 @@ def _summary(
         first_stable_epoch=first_stable,
         n_concepts_changed=n_concepts,
         fraction_concepts_changed=n_concepts / len(compared) if compared else 0.0,
+        n_gained=n_gained,
+        fraction_gained=n_gained / len(compared) if compared else 0.0,
+        n_lost=n_lost,
+        fraction_lost=n_lost / len(compared) if compared else 0.0,
+        n_dead=sum(d.dead for d in now),
+        n_baseline=sum(d.baseline for d in now),
     )
 
 

@@ -5,6 +5,7 @@
 - Simulation (Linear Explanations): :func:`simulation_scores`.
 - Contrast (CoSy's AUC and MAD, concept images retrieved from a held-out probe): :func:`contrast_scores`.
 - Ablation check (the paper's): :func:`ablation_drops`, :func:`ablation_agreement`.
+- NeuronEval's candidate metrics (samples-first reference implementations): :mod:`.candidate_metrics`.
 - Baselines: :func:`random_baseline`, :func:`constant_baseline`, :func:`label_baseline`.
 - All of it on one round: :func:`evaluate_round`; TensorBoard: :func:`log_evaluation`.
 - The published protocols on your own model and ImageFolder: :func:`run_protocol`.

@@ -22,6 +22,7 @@ from torch import Tensor
 from lightning_neurons.backends.base import ImageTextEncoder
 from lightning_neurons.explanation.embedding_cache import RegionEmbeddingCache, embed_regions
 from lightning_neurons.explanation.forward import ForwardResult, LayerMaps
+from lightning_neurons.explanation.seeding import layer_generator
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.recording.types import LayerTopK
 from lightning_neurons.regions import (
@@ -68,15 +69,29 @@ class Regions:
 class CropEmbeddings:
     """Embeddings of a round's unique crops followed by its control crops.
 
+    Rows: the unique top crops, then the control crops (the whole reservoir images first, then each layer's random
+    crops), then the whole images of the other fetched samples (the top samples outside the reservoir).
+
     Args:
-        embeddings: CPU float32 ``[num_unique + num_control, D]``.
+        embeddings: CPU float32 ``[num_unique + num_control + extra whole images, D]``.
         num_unique: Unique top crops (the first rows).
-        num_control: Control crops (the remaining rows).
+        num_control: Control crops (the rows after them).
+        layer_controls: Per layer, int64 rows of its control crops (the whole reservoir images and its own random
+            crops); ``None``: every control row serves every layer.
+        whole_rows: int64 ``[N]`` the row of each image-bank sample's whole image (``None``: not embedded).
     """
 
     embeddings: Tensor
     num_unique: int
     num_control: int
+    layer_controls: dict[str, Tensor] | None = None
+    whole_rows: Tensor | None = None
+
+    def control_rows(self, layer: str) -> Tensor:
+        """int64 rows of ``layer``'s control crops."""
+        if self.layer_controls is not None and layer in self.layer_controls:
+            return self.layer_controls[layer]
+        return torch.arange(self.num_unique, self.num_unique + self.num_control)
 
 
 @dataclass(frozen=True)
@@ -119,18 +134,24 @@ def find_regions(forward: ForwardResult, previews_of: dict[str, list[int]], cfg:
         lm.top_maps = lm.top_maps[:0]  # free the maps
     bank = _cat([p.bank_index for p in parts.values()], torch.empty(0, dtype=torch.long, device=device))
     boxes = _cat([p.boxes for p in parts.values()], torch.empty(0, 4, dtype=torch.long, device=device))
-    keep, assign = dedupe_boxes(bank, boxes, cfg.dedupe_iou)
     spans: dict[str, slice] = {}
     crop_index: dict[str, Tensor] = {}
-    offset = 0
+    kept: list[Tensor] = []
+    offset = unique = 0
     for name, pairs in parts.items():
         spans[name] = slice(offset, offset + pairs.slots.numel())
+        # Boxes are merged within a layer only: which box stands for a merged group must not depend on the
+        # other layers explained beside it (a layer's records depend on the layer alone).
+        keep, assign = dedupe_boxes(pairs.bank_index, pairs.boxes, cfg.dedupe_iou)
+        kept.append(keep + offset)
         shape = forward.layers[name].sample_ids.shape
         index = torch.full((shape.numel(),), -1, dtype=torch.long, device=device)
-        index[pairs.slots] = assign[spans[name]]
+        index[pairs.slots] = assign + unique
         crop_index[name] = index.reshape(shape)
         offset = spans[name].stop
-    return Regions(bank, boxes, spans, crop_index, bank[keep], boxes[keep], previews)
+        unique += int(keep.numel())
+    keep_all = _cat(kept, torch.empty(0, dtype=torch.long, device=device))
+    return Regions(bank, boxes, spans, crop_index, bank[keep_all], boxes[keep_all], previews)
 
 
 def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
@@ -190,25 +211,44 @@ def _layer_previews(
     return previews
 
 
-def control_crops(forward: ForwardResult, top_boxes: Tensor, cfg: ExplainConfig) -> tuple[Tensor, Tensor]:
-    """Whole reservoir images plus random crops whose sizes are drawn from the top boxes' sizes.
+def control_crops(
+    forward: ForwardResult, top_boxes: Tensor, cfg: ExplainConfig, spans: dict[str, slice] | None = None
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Whole reservoir images plus, per layer, random crops whose sizes are drawn from that layer's top boxes.
+
+    Each layer's random crops come from its own generator (:func:`~lightning_neurons.explanation.seeding.
+    layer_generator`) and its own boxes, so its control set does not depend on the other layers.
+
+    Args:
+        forward: The image bank and the reservoir.
+        top_boxes: ``[P, 4]`` every layer's top boxes.
+        cfg: ``control_crops_per_image``, ``seed``.
+        spans: Each layer's run of ``top_boxes`` (``None``: one pool named ``""``).
 
     Returns:
-        ``(bank rows [M] on the work device, boxes [M, 4] on the CPU)``.
+        ``(bank rows [M] on the work device, boxes [M, 4] on the CPU, {layer: its control rows in [0, M)})``.
     """
     height, width = image_size = forward.image_size
     reservoir = forward.samples.reservoir.to(forward.device)
     bank_idx = forward.bank_rows(reservoir)
     whole = torch.tensor([[0, 0, width, height]], dtype=torch.long).expand(reservoir.numel(), 4)
     parts_bank, parts_boxes = [bank_idx], [whole]
+    whole_rows = torch.arange(reservoir.numel())
+    rows: dict[str, Tensor] = {}
     n_random = reservoir.numel() * cfg.control_crops_per_image
-    if n_random:
-        tb = top_boxes.float().cpu()
-        fractions = torch.stack([(tb[:, 2] - tb[:, 0]) / width, (tb[:, 3] - tb[:, 1]) / height], dim=1)
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        parts_boxes.append(random_boxes(n_random, image_size, fractions, gen))
-        parts_bank.append(bank_idx.repeat(cfg.control_crops_per_image))
-    return torch.cat(parts_bank), torch.cat(parts_boxes)
+    offset = reservoir.numel()
+    for name, span in (spans if spans is not None else {"": slice(0, top_boxes.shape[0])}).items():
+        tb = top_boxes[span].float().cpu()
+        if n_random and tb.shape[0]:
+            fractions = torch.stack([(tb[:, 2] - tb[:, 0]) / width, (tb[:, 3] - tb[:, 1]) / height], dim=1)
+            gen = layer_generator(cfg.seed, name, "control_crops")
+            parts_boxes.append(random_boxes(n_random, image_size, fractions, gen))
+            parts_bank.append(bank_idx.repeat(cfg.control_crops_per_image))
+            rows[name] = torch.cat([whole_rows, torch.arange(offset, offset + n_random)])
+            offset += n_random
+        else:
+            rows[name] = whole_rows
+    return torch.cat(parts_bank), torch.cat(parts_boxes), rows
 
 
 def embed_crops(
@@ -229,9 +269,25 @@ def embed_crops(
         share: This rank's share of the work (``None``: this process embeds every crop).
         cache: Embeddings of regions seen in earlier rounds (or layers); only the others are embedded.
     """
-    ctrl_bank, ctrl_boxes = control_crops(forward, regions.boxes, cfg)
-    jobs_bank = torch.cat([regions.crop_bank, ctrl_bank])
-    jobs_boxes = torch.cat([regions.crop_boxes, ctrl_boxes.to(forward.device)])
+    ctrl_bank, ctrl_boxes, ctrl_rows = control_crops(forward, regions.boxes, cfg, regions.spans)
+    # The whole images of the other fetched samples (top samples outside the reservoir), for the score and the
+    # significance tests, which compare whole images on the reservoir and the top samples alike.
+    num_bank = int(forward.bank.shape[0])
+    in_reservoir = torch.zeros(num_bank, dtype=torch.bool, device=forward.device)
+    reservoir_rows = forward.bank_rows(forward.samples.reservoir.to(forward.device))
+    in_reservoir[reservoir_rows] = True
+    extra = torch.nonzero(~in_reservoir).squeeze(1)
+    height, width = forward.image_size
+    extra_boxes = torch.tensor([[0, 0, width, height]], dtype=torch.long, device=forward.device).expand(
+        extra.numel(), 4
+    )
+    jobs_bank = torch.cat([regions.crop_bank, ctrl_bank, extra])
+    jobs_boxes = torch.cat([regions.crop_boxes, ctrl_boxes.to(forward.device), extra_boxes])
+    num_unique, num_control = int(regions.crop_bank.numel()), int(ctrl_bank.numel())
+    whole_rows = torch.empty(num_bank, dtype=torch.long)
+    whole_rows[reservoir_rows.cpu()] = torch.arange(reservoir_rows.numel()) + num_unique
+    whole_rows[extra.cpu()] = torch.arange(extra.numel()) + num_unique + num_control
+    layer_controls = {name: rows + num_unique for name, rows in ctrl_rows.items()}
     if share is not None and share.world_size > 1:
         # DDP: each rank embeds one contiguous chunk of the crops; one gather gives every rank all embeddings.
         part = share.chunk(jobs_bank.numel())
@@ -240,7 +296,7 @@ def embed_crops(
         embeddings = share.gather_rows(local, jobs_bank.numel())
     else:
         embeddings = embed_region_crops(encoder, forward, jobs_bank, jobs_boxes, cfg, cache)
-    return CropEmbeddings(embeddings, int(regions.crop_bank.numel()), int(ctrl_bank.numel()))
+    return CropEmbeddings(embeddings, num_unique, num_control, layer_controls, whole_rows)
 
 
 def embed_region_crops(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_neurons.explanation.seeding import layer_generator
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.recording.hooks import LayerTaps
 from lightning_neurons.recording.samples import SampleSource
@@ -150,13 +151,24 @@ class _MapKeeper:
         self.layers = layers
         self.reservoir = reservoir
         self.per_sample = per_sample
-        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed = seed
+        self.picks: dict[str, Tensor] = {}
         self.chunk_ids = torch.empty(0, dtype=torch.long)
         self.reservoir_pos = torch.empty(0, dtype=torch.long)
+        self.reservoir_index = torch.empty(0, dtype=torch.long)
 
     def start_chunk(self, chunk_ids: Tensor) -> None:
         self.chunk_ids = chunk_ids
         self.reservoir_pos = torch.nonzero(torch.isin(chunk_ids, self.reservoir)).squeeze(1)
+        self.reservoir_index = torch.searchsorted(self.reservoir, chunk_ids[self.reservoir_pos])
+
+    def _picks(self, name: str, hw: int, device: torch.device) -> Tensor:
+        """``[R, per_sample]`` map positions kept of each reservoir sample: drawn once per layer from its own
+        generator, so they do not depend on the other layers or on how the samples fall into chunks."""
+        if name not in self.picks:
+            gen = layer_generator(self.seed, name, "control_values")
+            self.picks[name] = torch.randint(0, hw, (self.reservoir.numel(), self.per_sample), generator=gen)
+        return self.picks[name].to(device)
 
     def keep(self, name: str, maps: Tensor) -> None:
         lm = self.layers[name]
@@ -179,7 +191,7 @@ class _MapKeeper:
             lm.reservoir.append(torch.stack([whole.amax(dim=2), whole.mean(dim=2)], dim=-1).transpose(0, 1))
             hw = values.shape[2]
             if hw > self.per_sample:
-                pick = torch.randint(0, hw, (rpos.numel(), self.per_sample), generator=self.gen).to(values.device)
+                pick = self._picks(name, hw, values.device)[self.reservoir_index.to(values.device)]
                 values = values.gather(2, pick[:, None, :].expand(-1, num_units, -1))
             lm.control.append(values.permute(1, 0, 2).reshape(num_units, -1))
 

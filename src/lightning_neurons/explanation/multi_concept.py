@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from lightning_neurons.explanation.seeding import layer_generator
 from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
 
 if TYPE_CHECKING:
@@ -253,12 +254,12 @@ def combine_units(
     index = {text: i for i, text in enumerate(concepts.texts)}
     by_key = {u.key: u for u in units}
     kept = 0
-    for offset, name in enumerate(evidence.forward.layers):
+    for name in evidence.forward.layers:
         lm = evidence.forward.layers[name]
         reservoir_acts = _reservoir_values(lm.reservoir_values(reduction), num_reservoir, lm.topk.num_units, device)
         crop_index = evidence.regions.crop_index[name].to(device)
         values = lm.topk.values.to(device).float()
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + offset)  # one fixed split per layer and seed
+        gen = layer_generator(cfg.seed, name, "multi_concept")  # one fixed split per layer and seed
         fit_half = torch.rand(crop_index.shape[0], crop_index.shape[1] + num_reservoir, generator=gen) < 0.5
         single = torch.tensor(
             [index.get(by_key[(name, u)].description, -1) if (name, u) in by_key else -1 for u in range(len(values))],
@@ -280,7 +281,8 @@ def combine_units(
             )
             for row, pairs in found.items():
                 unit = by_key.get((name, start + row))
-                if unit is not None and unit.description:
+                # Only a unit with a concept gets a combination ("no clear concept" with "a (0.6) + b (0.4)" contradicts).
+                if unit is not None and unit.description and unit.kind in (None, "concept"):
                     unit.combination = [Alternative(concepts.texts[i], round_weight(w)) for i, w in pairs]
                     kept += 1
     return kept

@@ -21,9 +21,10 @@ from torch import Tensor
 
 from lightning_neurons.backends.base import ImageTextEncoder
 from lightning_neurons.explanation.describe import describe_units
+from lightning_neurons.explanation.metrics import correlation
 from lightning_neurons.explanation.scoring import concept_scores, separation, similarity
 from lightning_neurons.explanation.settings import ExplainConfig
-from lightning_neurons.explanation.units import RoundEvidence
+from lightning_neurons.explanation.units import RoundEvidence, layer_samples
 from lightning_neurons.regions import crop_images
 from lightning_neurons.results import Alternative, UnitExplanation
 
@@ -37,6 +38,7 @@ class _PhraseScores:
     score: Tensor  # [n] corrected score of the phrase
     best_concept: Tensor  # [n] corrected score of the unit's best concept
     auc: Tensor  # [n]
+    correlation: Tensor  # [n] the phrase's correlation with the unit (the score)
     margin: Tensor  # [n]
 
 
@@ -105,7 +107,7 @@ def _score_phrases(
     full_index = evidence.regions.crop_index[name]
     sub_index = full_index[rows]
     valid = sub_index >= 0
-    top_sims, control = sims[:num_unique][sub_index.clamp_min(0)], sims[num_unique:]
+    top_sims, control = sims[:num_unique][sub_index.clamp_min(0)], sims[evidence.crops.control_rows(name).to(device)]
     correction = cfg.correction_value
     if correction.layer_wide:
         # p(c) of soft-WPMI is a mean over the layer's units: score all of them with the phrases added.
@@ -114,6 +116,7 @@ def _score_phrases(
         aug = concept_scores(top_sims, valid, control, correction)
     cols = num_c + torch.arange(len(todo), device=device)
     auc, margin = separation(top_sims, valid, control, cols)
+    phrase_correlation = _phrase_correlations(name, rows, sims[:, num_c:], evidence)
     return _PhraseScores(
         units=[u for u, _ in todo],
         phrases=[p for _, p in todo],
@@ -121,20 +124,36 @@ def _score_phrases(
         best_concept=aug[:, :num_c].max(dim=1).values,
         auc=auc,
         margin=margin,
+        correlation=phrase_correlation,
     )
+
+
+def _phrase_correlations(name: str, rows: Tensor, phrase_sims: Tensor, evidence: RoundEvidence) -> Tensor:
+    """``[n]`` each unit's correlation with its own phrase over its samples (NaN without whole-image embeddings)."""
+    whole_rows = evidence.crops.whole_rows
+    if whole_rows is None:
+        return torch.full((rows.numel(),), float("nan"))
+    device = phrase_sims.device
+    samples = layer_samples(evidence.forward, name, evidence.reduction, device)
+    whole = phrase_sims[whole_rows.to(device)]
+    stats = torch.zeros(whole.shape[0], 1, device=device)
+    acts, weights, x, _, _ = samples.chunk(rows, whole, stats)
+    own = torch.arange(rows.numel(), device=device)
+    return correlation(acts, x, weights)[own, own]
 
 
 def _keep_better(
     by_key: dict[tuple[str, int], UnitExplanation], name: str, scored: _PhraseScores, num_alternatives: int
 ) -> None:
     for j, (u, phrase) in enumerate(zip(scored.units, scored.phrases)):
-        if float(scored.score[j]) <= float(scored.best_concept[j]):
-            continue
         ex = by_key[(name, u)]
+        # The kind stays the one the concept tests gave (the phrase is an LLM's pick, not a tested selection).
+        if float(scored.score[j]) <= float(scored.best_concept[j]) or ex.kind == "dead":
+            continue
         ex.alternatives = [Alternative(ex.description, ex.concept_score), *ex.alternatives][:num_alternatives]
         ex.description, ex.source = phrase, "describe"
         ex.concept_score = float(scored.score[j])
-        ex.score, ex.margin = float(scored.auc[j]), float(scored.margin[j])
+        ex.score, ex.auc, ex.margin = float(scored.correlation[j]), float(scored.auc[j]), float(scored.margin[j])
 
 
 __all__ = ["rephrase_units"]

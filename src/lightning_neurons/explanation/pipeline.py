@@ -12,8 +12,13 @@ one a small dataclass, each timed in ``round.meta["timings"]``:
 3. ``embed_crops`` (:mod:`.crops`): -> :class:`CropEmbeddings`, unique crops and control crops (whole reservoir
    images plus random crops whose sizes follow the top boxes) in large encoder batches, split between DDP ranks;
    ``embed_concepts`` (:mod:`.units`): -> :class:`~lightning_neurons.concepts.concept_set.ConceptSet`.
-4. ``score`` (:mod:`.units`): one similarity product, then per layer the batched concept scores with the
-   correction value (:mod:`.correction`), AUC and margin; :class:`RoundEvidence` -> ``UnitExplanation`` list.
+4. ``score`` (:mod:`.units`): one similarity product; ``significance`` (:mod:`.significance`): per layer each
+   unit's correlation with every concept over the reservoir and its top samples (whole images), the permutation
+   test (selection repeated, Benjamini-Hochberg over the layer), the cross-validated gain over image statistics and
+   the unit's kind; then per layer the description (by correlation, or by the corrected concept score of
+   :mod:`.correction`), its correlation (``score``), AUC and margin; :class:`RoundEvidence` -> ``UnitExplanation``
+   list. Every random draw comes from the layer's own generator (:mod:`.seeding`): a layer's records do not depend
+   on the other layers explained beside it.
 5. ``multi_concept`` (:mod:`.multi_concept`, ``ExplainConfig.multi_concept``): each unit's combination of up to
    ``max_concepts`` concepts, fitted on its top crops and the reservoir images, kept where it simulates better.
 6. optional ``describe`` (:mod:`.phrases`) and ``ablation``.
@@ -50,12 +55,13 @@ from lightning_neurons.explanation.units import (
     concept_set,
     crop_similarities,
     score_layers,
+    test_layers,
 )
 from lightning_neurons.recording.hooks import evaluating, model_device
 from lightning_neurons.recording.samples import SampleSource
 from lightning_neurons.recording.types import LayerTopK, Recording
 from lightning_neurons.regions import box_area_fraction
-from lightning_neurons.results import ExplanationRound, UnitExplanation
+from lightning_neurons.results import UNIT_KINDS, ExplanationRound, UnitExplanation
 from lightning_neurons.sharing import WorkShare
 
 
@@ -110,7 +116,7 @@ def explain_recording(
     _check_layers(model, samples.layers)
     meta = _round_meta(backend, encoder, recording, samples, cfg)
     if samples.ids.numel() == 0:
-        meta.update(units=0, crops=0, unique_crops=0, control_crops=0, concepts=0)
+        meta.update(units=0, crops=0, unique_crops=0, control_crops=0, whole_images=0, concepts=0)
         return ExplanationRound(epoch=epoch, units=[], meta=meta)
     timings = meta["timings"]
     device = torch.device(cfg.device) if cfg.device else model_device(model)
@@ -127,8 +133,14 @@ def explain_recording(
         concept_values = concept_set(concepts, encoder, cfg.encoder_batch_size)
     with _timed(timings, "score"):
         sims = crop_similarities(crops, concept_values, device)
-        scores = score_layers(sims, crops, regions, cfg, device)
-    evidence = RoundEvidence(forward, regions, crops, concept_values, scores, sims)
+        # selection="concept_score": the description is chosen first, then its correlation is tested.
+        scores = score_layers(sims, crops, regions, cfg, device) if cfg.selection == "concept_score" else None
+    with _timed(timings, "significance"):
+        significance = test_layers(forward, crops, sims, cfg, reduction=recording.reduction, scores=scores)
+    if scores is None:  # selection="correlation": the tests' correlations rank the concepts
+        with _timed(timings, "rank"):
+            scores = score_layers(sims, crops, regions, cfg, device, significance)
+    evidence = RoundEvidence(forward, regions, crops, concept_values, scores, sims, significance, recording.reduction)
     units = build_units(evidence, epoch)
     if cfg.multi_concept:
         with _timed(timings, "multi_concept"):
@@ -176,8 +188,12 @@ def _round_meta(
         "backend": getattr(backend, "name", type(backend).__name__),
         "encoder": getattr(encoder, "name", type(encoder).__name__),
         "correction": cfg.correction_value.name,
-        # Writers show units at or below the threshold as "no clear concept" and print the threshold itself.
+        # Deprecated: older writers hid units at or below it; set only where a confidence is still computed.
         "confidence_threshold": cfg.confidence_threshold if cfg.confidence_samples > 0 else None,
+        "selection": cfg.selection,
+        "permutations": cfg.permutations,
+        "q_threshold": cfg.q_threshold,
+        "gain_margin": cfg.gain_margin,
         "frequency_penalty": cfg.frequency_penalty,
         "quantile": cfg.quantile,
         "top_k": recording.top_k,
@@ -193,9 +209,11 @@ def _counts(evidence: RoundEvidence, units: list[UnitExplanation]) -> dict[str, 
         "crops": int(boxes.shape[0]),
         "unique_crops": evidence.crops.num_unique,
         "control_crops": evidence.crops.num_control,
+        "whole_images": int(evidence.crops.embeddings.shape[0]) - evidence.crops.num_unique - evidence.crops.num_control,
         "concepts": len(evidence.concepts),
         "mean_box_area": box_area_fraction(boxes, evidence.forward.image_size),
         "labels": evidence.forward.labels is not None,
+        "kinds": {kind: sum(u.kind == kind for u in units) for kind in UNIT_KINDS},
     }
 
 

@@ -345,6 +345,7 @@ def score_layer(
     confidence_samples: int = 256,
     confidence_pool: str = "layer",
     seed: int = 0,
+    ranking: Tensor | None = None,
     **correction_options: Any,
 ) -> LayerScores:
     """Pick each unit's description and alternatives and score them.
@@ -365,6 +366,8 @@ def score_layer(
         confidence_pool: Where the null's subsets come from: ``"layer"`` (the layer's top crops), ``"control"``
             (the control crops) or ``"both"``.
         seed: Seed of the confidence null.
+        ranking: ``[U, C]`` values that rank the concepts instead of the corrected scores (e.g. the correlations of
+            :mod:`~lightning_neurons.explanation.metrics`); ``top_values`` are then these values.
         **correction_options: With a name, the correction's options (see :func:`concept_scores`).
 
     Returns:
@@ -379,7 +382,7 @@ def score_layer(
         # Sparse: a layer of 100k units never builds a [U, U] matrix. Past max_pairs the sharing rule is dropped.
         scores = frequency_penalty(scores, shared_pairs(samples_of, valid, shared_overlap), frequency_weight)
     n = min(scores.shape[1], 1 + num_alternatives)
-    top_values, top_indices = torch.topk(scores, n, dim=1)
+    top_values, top_indices = torch.topk(scores if ranking is None else ranking.to(scores.device), n, dim=1)
     auc, margin = separation(top_sims, valid, control_sims, top_indices[:, 0])
     conf = None
     if confidence:

@@ -2,7 +2,9 @@
 
 Lightning's base ``Logger`` has no text or image API, so this writer logs the numbers of
 :func:`~lightning_neurons.logging.metrics.round_metrics` with ``logger.log_metrics`` and writes each layer's table
-as ``<output_dir>/tables/<layer>_epoch_<epoch>.csv`` (``_step_<step>`` under step-based validation) into the
+as ``<output_dir>/tables/<layer>_epoch_<epoch>.csv`` (``_step_<step>`` under step-based validation; the row every sink
+shows, :func:`~lightning_neurons.logging.rows.unit_row`) and its concept distribution as
+``<layer>_concepts_epoch_<epoch>.csv`` into the
 run's ``neurons`` folder, beside the history, the crop previews and the HTML report that the session writes there.
 
 Step axis: the trainer's global step (``output.global_step``, else ``output.step``), the step every other metric of
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 from lightning_neurons.files import write_text_atomic
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics, unit_metrics
-from lightning_neurons.logging.rows import layer_rows, round_label, rows_csv
+from lightning_neurons.logging.rows import distribution_csv, layer_distribution, layer_rows, round_label, rows_csv
 from lightning_neurons.logging.tensorboard import LogUnits, select_units
 
 if TYPE_CHECKING:
@@ -62,6 +64,8 @@ class LoggerRoundWriter:
             if self.write_tables and output.output_dir is not None:
                 path = output.output_dir / TABLES_DIRNAME / f"{layer}_{round_label(output)}.csv"
                 write_text_atomic(path, rows_csv(layer_rows(output, layer)))  # a reader never sees half a table
+                dist = output.output_dir / TABLES_DIRNAME / f"{layer}_concepts_{round_label(output)}.csv"
+                write_text_atomic(dist, distribution_csv(layer_distribution(output, layer)))
         metrics["epoch"] = float(output.epoch)
         step = output.global_step if output.global_step is not None else output.step
         self.logger.log_metrics(metrics, step=step)

@@ -6,21 +6,28 @@ session puts these into ``trainer.callback_metrics`` after each round, so that `
 scalars. Names (``<prefix>`` is ``neurons`` unless the explainer has its own):
 
 - ``<prefix>/<layer>/fraction_changed``: fraction of the layer's compared units whose meaning changed since their
-  previous explained round (description similarity below the threshold). At a layer's first round nothing can be
+  previous explained round (a concept in both rounds, description similarity below the threshold; see
+  :mod:`lightning_neurons.drift.metrics`). At a layer's first round (or the first after a change of settings, a new
+  baseline) nothing can be
   compared and it is **1.0** (no meaning is settled yet), so a ``mode="min"`` monitor never sees a premature best
   value of 0.
 - ``<prefix>/<layer>/fraction_concepts_changed``: fraction of the layer's compared units whose concept set changed:
   the meaning, or a multi-concept combination's concepts (Jaccard below
   :data:`~lightning_neurons.drift.metrics.COMBINATION_CHANGE_JACCARD`); at least ``fraction_changed``, equal to it
   without combinations, 1.0 at the first round like it.
-- ``<prefix>/<layer>/mean_score``: mean description score (AUC) of the layer's units.
+- ``<prefix>/<layer>/fraction_gained`` / ``fraction_lost``: fraction of the compared units that gained a concept
+  (no concept before: low-level or unclear) or lost one since their previous round (from the second round on).
+- ``<prefix>/<layer>/top_concept_share``: units of the layer's most frequent shown concept over its units shown with
+  a concept (:func:`~lightning_neurons.logging.rows.concept_distribution`); near 1 the layer collapsed onto one word.
+- ``<prefix>/<layer>/concept_units``: units shown with a concept.
+- ``<prefix>/<layer>/mean_score``: mean headline score of the layer's units.
 - ``<prefix>/<layer>/mean_similarity``: mean description similarity to the previous round (from the second round
   on; absent at the first).
 - ``<prefix>/<layer>/stable_units``: units whose last ``N`` comparisons were all unchanged
   (``N`` = :data:`~lightning_neurons.drift.metrics.DEFAULT_STABLE_ROUNDS` unless the history says otherwise).
 - ``<prefix>/<layer>/stable_fraction``: ``stable_units`` over the layer's explained units.
-- ``<prefix>/<layer>/dead_units``: units with no description or no positive activation on the probe
-  (:func:`~lightning_neurons.logging.rows.is_dead`).
+- ``<prefix>/<layer>/dead_units``: units of kind ``"dead"`` (records without kinds: no description or no positive
+  activation on the probe; :func:`~lightning_neurons.logging.rows.is_dead`).
 - ``evaluation/<method>/<metric>`` (``evaluate=True``): the quality metrics of the explanations (``<method>`` =
   the backend's name) and of the ``random`` / ``constant`` / ``label`` baselines, nested keys joined by ``/``.
 
@@ -40,12 +47,16 @@ import math
 from collections.abc import Sequence
 
 from lightning_neurons.logging.base import RoundOutput
-from lightning_neurons.logging.rows import is_dead
+from lightning_neurons.logging.rows import is_dead, layer_distribution
 
 #: Per-layer metric names (the last tag component), in the order :func:`round_metrics` writes them.
 LAYER_METRIC_NAMES = (
     "fraction_changed",
     "fraction_concepts_changed",
+    "fraction_gained",
+    "fraction_lost",
+    "top_concept_share",
+    "concept_units",
     "mean_score",
     "mean_similarity",
     "stable_units",
@@ -74,7 +85,8 @@ def round_metrics(output: RoundOutput, *, first_round_changed: float | None = 1.
             round, like TensorBoard's).
 
     Returns:
-        The metrics named in this module's documentation; a layer without a summary gets only ``dead_units``.
+        The metrics named in this module's documentation; a layer without a summary gets only ``top_concept_share``,
+        ``concept_units`` and ``dead_units``.
     """
     from lightning_neurons.evaluation.harness import flatten_metrics
 
@@ -91,6 +103,9 @@ def round_metrics(output: RoundOutput, *, first_round_changed: float | None = 1.
             elif first_round_changed is not None:
                 metrics[metric_name(prefix, layer, "fraction_changed")] = float(first_round_changed)
                 metrics[metric_name(prefix, layer, "fraction_concepts_changed")] = float(first_round_changed)
+            if s.n_compared:
+                metrics[metric_name(prefix, layer, "fraction_gained")] = float(s.fraction_gained)
+                metrics[metric_name(prefix, layer, "fraction_lost")] = float(s.fraction_lost)
             if s.mean_score is not None and math.isfinite(s.mean_score):
                 metrics[metric_name(prefix, layer, "mean_score")] = float(s.mean_score)
             if s.n_compared and s.mean_similarity is not None:
@@ -98,6 +113,9 @@ def round_metrics(output: RoundOutput, *, first_round_changed: float | None = 1.
             metrics[metric_name(prefix, layer, "stable_units")] = float(s.n_stable)
             if s.n_units:
                 metrics[metric_name(prefix, layer, "stable_fraction")] = s.n_stable / s.n_units
+        dist = layer_distribution(output, layer)
+        metrics[metric_name(prefix, layer, "top_concept_share")] = float(dist.top_concept_share)
+        metrics[metric_name(prefix, layer, "concept_units")] = float(dist.n_concept)
         metrics[metric_name(prefix, layer, "dead_units")] = float(sum(is_dead(u) for u in units))
     if output.evaluation:
         metrics.update(flatten_metrics(output.evaluation, "evaluation"))

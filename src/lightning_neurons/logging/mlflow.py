@@ -8,9 +8,11 @@ Per round, on the run of a Lightning ``MLFlowLogger``:
   selection; the step is ``output.step`` (the epoch, as TensorBoard's), not Lightning's global step, so that
   the image slider and the charts count explained rounds;
 - artifacts ``<prefix>/<layer>/table_epoch_<epoch>.csv`` and ``.json`` (``table_step_<step>`` when rounds are filed by
-  global step): every unit's row (see
-  :func:`~lightning_neurons.logging.rows.layer_rows`);
-- artifacts ``<prefix>/report.html`` and ``<prefix>/history.jsonl``: the session's HTML report and history, when
+  global step): every unit's row, the one every sink shows (see
+  :func:`~lightning_neurons.logging.rows.unit_row`: shown description, kind, score, q-value, changed / gained / lost,
+  ...), and ``<prefix>/<layer>/concepts_epoch_<epoch>.csv``: the layer's concept distribution (units per shown text);
+- artifacts ``<prefix>/history/round-*.parquet`` (the history store, each round file once), and
+  ``<prefix>/report.html`` and ``<prefix>/history.jsonl``: the session's HTML report and a JSON Lines history, when
   ``output.output_dir`` holds them (replaced each round);
 - images through ``MlflowClient.log_image(key=..., step=output.step)``: the crop grid of each selected unit under
   the key ``<prefix>/<layer>/<unit>/top_k``, shown by the MLflow UI's image panel with a step slider.
@@ -29,10 +31,19 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from lightning_neurons.drift.store import STORE_DIRNAME
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics, unit_metrics
 from lightning_neurons.logging.previews import preview_grid
-from lightning_neurons.logging.rows import hwc, layer_rows, round_label, rows_csv, rows_json
+from lightning_neurons.logging.rows import (
+    distribution_csv,
+    hwc,
+    layer_distribution,
+    layer_rows,
+    round_label,
+    rows_csv,
+    rows_json,
+)
 from lightning_neurons.logging.tensorboard import LogUnits, select_units
 
 if TYPE_CHECKING:
@@ -71,6 +82,7 @@ class MLflowRoundWriter:
         self.log_units = log_units
         self.preview_nrow = preview_nrow
         self.upload_files = upload_files
+        self._uploaded: set[str] = set()
 
     def write_round(self, output: RoundOutput) -> None:
         """Log the round's metrics, tables, images and the session's report."""
@@ -82,6 +94,8 @@ class MLflowRoundWriter:
             rows = layer_rows(output, layer)
             client.log_text(run_id, rows_csv(rows), f"{prefix}/{layer}/table_{round_label(output)}.csv")
             client.log_text(run_id, rows_json(rows), f"{prefix}/{layer}/table_{round_label(output)}.json")
+            dist = distribution_csv(layer_distribution(output, layer))  # units per shown text
+            client.log_text(run_id, dist, f"{prefix}/{layer}/concepts_{round_label(output)}.csv")
             logged = select_units(self.log_units, layer, output.round.units_of(layer))
             metrics.update(unit_metrics(output, layer, logged))
             for unit in logged:
@@ -96,6 +110,11 @@ class MLflowRoundWriter:
                 path = output.output_dir / name
                 if path.is_file():
                     client.log_artifact(run_id, str(path), artifact_path=prefix)
+            # The round store: each round file once (a file never changes once written).
+            for path in sorted((output.output_dir / STORE_DIRNAME).glob("round-*.parquet")):
+                if path.name not in self._uploaded:
+                    client.log_artifact(run_id, str(path), artifact_path=f"{prefix}/{STORE_DIRNAME}")
+                    self._uploaded.add(path.name)
 
     def close(self) -> None:
         """Nothing is buffered here (the ``MLFlowLogger`` ends the run)."""

@@ -3,8 +3,10 @@
 Each point is a unit; its vector is the text embedding of its description (``embed``, e.g.
 ``backend.encode_descriptions``: units with similar meanings lie close together) or, without an embedder, its
 concept-score vector (the scores of its description and alternatives over the union of all units' concepts). The
-unit's top region crop is its sprite thumbnail; ``unit``, ``description``, ``score``, ``changed`` and
-``previous`` are its metadata columns, so the Projector can colour by ``changed`` and search descriptions.
+unit's top region crop is its sprite thumbnail; ``unit``, ``description`` (the shown text), ``kind``, ``score``,
+``q_value``, ``changed``, ``gained``, ``lost`` and ``previous`` are its metadata columns, taken from the row every sink
+shows (:func:`~lightning_neurons.logging.rows.unit_row`), so the Projector can colour by kind or change and search
+descriptions.
 
 Files, next to the TensorBoard event files of the run (``writer.log_dir``)::
 
@@ -42,13 +44,14 @@ from torch import Tensor
 
 from lightning_neurons.files import write_text_atomic
 from lightning_neurons.logging.base import RoundOutput
+from lightning_neurons.logging.rows import round_threshold, unit_row
 from lightning_neurons.results import UnitExplanation
 
 #: The projector plugin's config file name (``tensorboard.plugins.projector.metadata.PROJECTOR_FILENAME``).
 PROJECTOR_FILENAME = "projector_config.pbtxt"
 
 #: Metadata columns of every point.
-METADATA_COLUMNS = ("unit", "description", "score", "changed", "previous")
+METADATA_COLUMNS = ("unit", "description", "kind", "score", "q_value", "changed", "gained", "lost", "previous")
 
 #: Thumbnail of a unit without a crop preview (mid grey).
 _BLANK = 0.5
@@ -193,11 +196,13 @@ class ProjectorWriter:
             mat = self.vectors(units).numpy()
             np.savetxt(folder / "tensors.tsv", mat, fmt="%.6g", delimiter="\t")
             rows = ["\t".join(METADATA_COLUMNS)]
+            threshold = round_threshold(output)
             for u in units:
-                d = by_key.get(u.key)
-                prev = d.previous_description if d is not None and d.previous_description else ""
-                score = "nan" if not math.isfinite(u.score) else f"{u.score:.3f}"
-                cells = [u.unit, u.description, score, bool(d is not None and d.changed), prev]
+                row = unit_row(u, by_key.get(u.key), epoch=output.epoch, confidence_threshold=threshold)  # every sink's
+                score = "nan" if row["score"] is None else f"{row['score']:.3f}"
+                q = "" if row["q_value"] is None else f"{row['q_value']:.3g}"
+                cells = [u.unit, row["description"], row["kind"] or "", score, q, row["changed"], row["gained"]]
+                cells += [row["lost"], row["previous_description"] or ""]
                 rows.append("\t".join(_tsv_cell(c) for c in cells))
             (folder / "metadata.tsv").write_text("\n".join(rows) + "\n")
             from PIL import Image

@@ -24,7 +24,9 @@ import html
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from lightning_neurons.dashboard.queries import HistoryTables, layer_charts
 from lightning_neurons.drift.history import HistoryRecord, RunHistory, find_history_file, load_history
 from lightning_neurons.drift.metrics import (
     COMBINATION_CHANGE_JACCARD,
@@ -33,8 +35,8 @@ from lightning_neurons.drift.metrics import (
     summarize_layer_epochs,
 )
 from lightning_neurons.explanation.multi_concept import NO_COMBINATION, format_combination
-from lightning_neurons.explanation.scoring import shown_description
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
+from lightning_neurons.logging.rows import record_row
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
@@ -143,6 +145,95 @@ def line_plot_svg(
     return "".join(parts)
 
 
+def lines_plot_svg(
+    epochs: Sequence[float],
+    series: dict[str, tuple[Sequence[float | None], str]],
+    title: str,
+    width: int = 360,
+    height: int = 180,
+) -> str:
+    """An inline SVG of several lines over epochs in ``[0, 1]``, with a legend (``series``: name -> values, colour).
+
+    Example:
+        >>> lines_plot_svg([0, 1], {"changed": ([0.0, 0.5], "#fb8f44")}, "states").count("<polyline")
+        1
+    """
+    first = next(iter(series.values()), ([], "#0969da"))
+    svg = line_plot_svg(
+        list(zip(epochs, [math.nan if v is None else v for v in first[0]])),
+        title,
+        colour=first[1],
+        width=width,
+        height=height,
+    )
+    pad_l, pad_r, pad_t, pad_b = 40, 12, 24, 28
+    xs = [float(x) for x in epochs] or [0.0]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    extra, legend = [], []
+    for i, (name, (values, colour)) in enumerate(series.items()):
+        legend.append(
+            f'<rect x="{pad_l + 80 * i}" y="{height - 12}" width="8" height="8" fill="{colour}"/>'
+            f'<text x="{pad_l + 80 * i + 11}" y="{height - 4}" font-size="10">{_esc(name)}</text>'
+        )
+        if i == 0:
+            continue
+        pts = [
+            (
+                pad_l + (float(x) - x0) / (x1 - x0) * (width - pad_l - pad_r),
+                height - pad_b - min(max(float(v), 0.0), 1.0) * (height - pad_t - pad_b),
+            )
+            for x, v in zip(epochs, values)
+            if v is not None and not math.isnan(v)
+        ]
+        if len(pts) > 1:
+            coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+            extra.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
+    # The legend replaces the axis caption ("epoch") at the bottom; the x ticks are the epochs.
+    svg = svg.replace('text-anchor="middle">epoch</text>', 'text-anchor="middle"></text>')
+    return svg.replace("</svg>", "".join(extra + legend) + "</svg>")
+
+
+def concept_bars_svg(
+    epochs: Sequence[float], concepts: dict[str, list[int]], width: int = 360, height: int = 180
+) -> str:
+    """Stacked bars: per epoch, how many units each concept holds (:func:`~.queries.layer_charts`'s ``concepts``).
+
+    Example:
+        >>> concept_bars_svg([0, 1], {"dots": [2, 1], "stripes": [0, 1]}).count("<rect") >= 4
+        True
+    """
+    palette = ["#0969da", "#2da44e", "#fb8f44", "#8250df", "#cf222e", "#1b7c83", "#bf8700", "#6e7781", "#d0d7de"]
+    names = list(concepts)
+    totals = [sum(concepts[c][i] for c in names) for i in range(len(epochs))]
+    top_h, bottom = 24, height - 44
+    scale = (bottom - top_h) / max(1, max(totals, default=1))
+    bar = max(3.0, (width - 50) / max(1, len(epochs)) - 3)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        'aria-label="concept distribution">',
+        '<text x="10" y="15" font-size="12" font-weight="600">concept distribution (units per concept)</text>',
+    ]
+    for i, ep in enumerate(epochs):
+        x, y = 40 + i * (bar + 3), float(bottom)
+        for j, c in enumerate(names):
+            h = concepts[c][i] * scale
+            colour = palette[j % len(palette)]
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y - h:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="{colour}">'
+                f"<title>epoch {ep:g}: {_esc(c)} {concepts[c][i]}</title></rect>"
+            )
+            y -= h
+    for j, c in enumerate(names[:6]):
+        parts.append(
+            f'<rect x="{10 + 58 * j}" y="{height - 28}" width="8" height="8" fill="{palette[j % len(palette)]}"/>'
+            f'<text x="{21 + 58 * j}" y="{height - 20}" font-size="9">{_esc(c[:9])}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _img(path: Path | None) -> str:
     if path is None:
         return '<span class="none">no crops saved</span>'
@@ -164,9 +255,13 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
     start = len(timeline) - len(shown)
     for i, r in enumerate(shown, start):
         d = r.drift
-        cls = "ep changed" if d.changed else "ep concepts" if d.concepts_only_changed else "ep"
+        row = record_row(r)  # the row every sink shows
+        moved = d.changed or d.gained or d.lost
+        cls = "ep changed" if moved else "ep concepts" if d.concepts_only_changed else "ep"
         sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
-        tip = f"previously: {d.previous_description}" if d.previous_description is not None else "first round"
+        tip = f"previously: {row['previous_description']}" if d.previous_description is not None else "first round"
+        tip = "new baseline: the settings changed, not compared" if d.baseline else tip
+        tip = f"{'gained a concept' if d.gained else 'lost its concept'}; {tip}" if d.gained or d.lost else tip
         hurt = r.explanation.ablation
         hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
         combo = r.explanation.combination  # the multi-concept explanation, e.g. "stripes (0.62) + zebra (0.38)"
@@ -178,24 +273,25 @@ def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> st
             was = format_combination(before) if known else ""
             hurts = f'<div class="c">concept set changed{" from " + _esc(was) if known else ""}</div>' + hurts
             tip = f"concept set changed, description kept its meaning; previously: {d.previous_description}"
+        combo = combo if row["combination"] else None  # combinations are shown for concept units only
         if combo or overlap:
             shown_combo = f"= {_esc(format_combination(combo))}" if combo else NO_COMBINATION
             hurts = f'<div class="c">{shown_combo}{overlap}</div>' + hurts
-        text = _shown(r)
-        unclear = f'<div class="s">best concept {_esc(d.description)}</div>' if text != d.description else ""
-        conf = r.explanation.confidence
+        kind = f'<div class="s">{_esc(row["kind"])}</div>' if row["kind"] else ""
+        conf = row["confidence"]
+        significance = f" · q {_num(row['q_value'], 3)}" if row["q_value"] is not None else ""
         confidence = f" · conf {_num(conf, 2)}" if conf is not None else ""
         cells.append(
             f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
-            f'<div class="d">{_esc(text)}</div>{unclear}'
-            f'<div class="s">score {_num(d.score, 2)}{confidence}{sim}</div>{hurts}</div>'
+            f'<div class="d">{_esc(row["description"])}</div>{kind}'
+            f'<div class="s">score {_num(row["score"], 2)}{significance}{confidence}{sim}</div>{hurts}</div>'
         )
     return "".join(cells)
 
 
 def _shown(record: HistoryRecord) -> str:
-    """The record's description as shown: "no clear concept" at or below its round's confidence threshold."""
-    return shown_description(record.drift.description, record.explanation.confidence, record.confidence_threshold)
+    """The record's text as every sink shows it (:func:`~lightning_neurons.logging.rows.record_row`)."""
+    return str(record_row(record)["description"])
 
 
 def _description_index(layer: str, latest: dict[int, str], rows: set[int]) -> str:
@@ -215,8 +311,12 @@ def _description_index(layer: str, latest: dict[int, str], rows: set[int]) -> st
     return "\n".join(out)
 
 
+_STATE_COLOURS = {"changed": "#fb8f44", "gained": "#2da44e", "lost": "#cf222e", "dead": "#24292f"}
+
+
 def _layer_section(
     layer: str,
+    charts: dict[str, Any],
     summaries: list[LayerDriftSummary],
     timelines: dict[int, list[HistoryRecord]],
     previews: Path | None,
@@ -224,12 +324,14 @@ def _layer_section(
     page_size: int = DEFAULT_PAGE_SIZE,
     max_epochs: int | None = DEFAULT_MAX_EPOCHS,
 ) -> str:
-    changed = [(s.epoch, s.fraction_changed if s.n_compared else float("nan")) for s in summaries]
-    scores = [(s.epoch, s.mean_score) for s in summaries]
+    # The charts are the Neurons tab's layer charts (dashboard.queries.layer_charts), drawn as inline SVG.
+    epochs, fraction = charts["epochs"], charts["fraction"]
+    states = {name: (fraction[name], colour) for name, colour in _STATE_COLOURS.items()}
+    scores = [(e, math.nan if s is None else s) for e, s in zip(epochs, charts["mean_score"])]
     last = summaries[-1]
     # Multi-concept layers: concept-set changes (meaning or combination) get their own plot, apart from meaning.
     multi = any(r.explanation.combination for t in timelines.values() for r in t)
-    concepts = [(s.epoch, s.fraction_concepts_changed if s.n_compared else float("nan")) for s in summaries]
+    concepts = [(e, math.nan if v is None else v) for e, v in zip(epochs, fraction["concepts_changed"])]
     concept_plot = (
         [f'<div class="plot">{line_plot_svg(concepts, "fraction of concept sets changed", colour="#8250df")}</div>']
         if multi
@@ -240,9 +342,10 @@ def _layer_section(
         f'<p class="meta">{last.n_units} units at epoch {last.epoch} · mean score {_num(last.mean_score)} · '
         f"stable for the last {last.stable_rounds} comparisons: {last.n_stable}</p>",
         '<div class="plots">',
-        f'<div class="plot">{line_plot_svg(changed, "fraction of units changed", colour="#cf222e")}</div>',
+        f'<div class="plot">{lines_plot_svg(epochs, states, "fraction of units changed, gained, lost, dead")}</div>',
         *concept_plot,
         f'<div class="plot">{line_plot_svg(scores, "mean score", colour="#0969da")}</div>',
+        f'<div class="plot">{concept_bars_svg(epochs, charts["concepts"])}</div>',
         "</div>",
     ]
     all_units = sorted(timelines)
@@ -349,7 +452,8 @@ def render_report(
     meta = (
         f"{len(history.layers)} layers · {len(epochs)} explained epochs"
         + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
-        + f" · meaning counts as changed when description similarity &lt; {history.threshold:g}"
+        + " · meaning counts as changed when a unit has a concept in both rounds and the description similarity is"
+        + f" &lt; {history.threshold:g}; gaining or losing a concept is counted apart"
     )
     if any(r.explanation.combination for r in records):
         meta += (
@@ -360,10 +464,20 @@ def render_report(
     if shown_at is not None:
         meta += (
             f" · units with confidence &le; {shown_at:g} (the confidence threshold; 0.5 = chance) are shown as "
-            "<em>no clear concept</em>, with their best concept below"
+            "<em>no clear concept</em>"
         )
+    tables = HistoryTables.of(history)
     body = [
-        _layer_section(layer, by_layer[layer], timelines[layer], previews, max_units, page_size, max_epochs)
+        _layer_section(
+            layer,
+            layer_charts(tables, layer),
+            by_layer[layer],
+            timelines[layer],
+            previews,
+            max_units,
+            page_size,
+            max_epochs,
+        )
         for layer in history.layers
     ]
     if not body:
@@ -408,11 +522,11 @@ def write_report(
     """
     if isinstance(run_dir_or_history, RunHistory):
         history = run_dir_or_history
-        run_dir = history.path.parent if history.path is not None else None
+        run_dir = history.path.parent if isinstance(history.path, Path) else None
     else:
         history_file = find_history_file(run_dir_or_history)
         history = load_history(history_file)
-        run_dir = history_file.parent
+        run_dir = history_file.parent if isinstance(history_file, Path) else None
     if previews_dir is None and run_dir is not None:
         previews_dir = run_dir / PREVIEWS_DIRNAME
     if title is None:

@@ -52,11 +52,12 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_neurons.drift.metrics import LayerDriftSummary, UnitDrift
 from lightning_neurons.explanation.multi_concept import format_combination
-from lightning_neurons.explanation.scoring import confident, shown_description
+from lightning_neurons.explanation.scoring import confident
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.previews import preview_grid
 from lightning_neurons.logging.previews import save_previews as _save_previews
-from lightning_neurons.results import ExplanationRound, UnitExplanation
+from lightning_neurons.logging.rows import concept_distribution, unit_row
+from lightning_neurons.results import NO_CLEAR_CONCEPT, ExplanationRound, UnitExplanation
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -71,6 +72,9 @@ TENSORBOARD_SAMPLES_FLAG = "--samples_per_plugin=text=100000,images=100000"
 
 #: Default ``table_rows``: the most units listed in a layer's table per round (about 50 KB of text).
 DEFAULT_TABLE_ROWS = 512
+
+#: Shown texts listed in a layer's ``concepts`` text (its concept distribution), most frequent first.
+DISTRIBUTION_ROWS = 10
 
 _WRITER_METHODS = ("add_text", "add_image", "add_scalar", "add_custom_scalars", "flush")
 
@@ -143,14 +147,28 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None or x != x else f"{x:.{digits}f}"
 
 
+def _conf(confidence: float | None) -> str:
+    # Records without kinds: their confidence stands where the q-value would.
+    return "–" if confidence is None else f"conf {confidence:.2f}"
+
+
+def _move(row: Mapping[str, Any]) -> str:
+    # The drift column: what the unit's move since its previous round counts as.
+    for flag in ("changed", "gained", "lost", "baseline"):
+        if row[flag]:
+            return flag
+    return "–"
+
+
 def _table_units(
     units: Sequence[UnitExplanation], drift: Mapping[tuple[str, int], UnitDrift], rows: int
 ) -> list[UnitExplanation]:
-    # The rows a capped table keeps: changed units first, then the best scored (NaN last), ties by unit.
+    # The rows a capped table keeps: changed, gained and lost units first, then the best scored (NaN last).
     def rank(u: UnitExplanation) -> tuple[bool, float, int]:
         d = drift.get(u.key)
+        moved = d is not None and (d.changed or d.gained or d.lost)
         score = u.score if u.score == u.score else float("-inf")
-        return (not (d is not None and d.changed), -score, u.unit)
+        return (not moved, -score, u.unit)
 
     return sorted(units, key=rank)[:rows]
 
@@ -284,6 +302,9 @@ class NeuronTensorBoardLogger:
                     self._scalar(self._tag(layer, "fraction_changed"), summary.fraction_changed, step)
                     self._scalar(self._tag(layer, "mean_similarity"), summary.mean_similarity, step)
                     self._scalar(self._tag(layer, "fraction_concepts_changed"), summary.fraction_concepts_changed, step)
+                    self._scalar(self._tag(layer, "fraction_gained"), summary.fraction_gained, step)
+                    self._scalar(self._tag(layer, "fraction_lost"), summary.fraction_lost, step)
+            self.write_distribution(layer, units, step, threshold)
             selected = set(self.selected_units(layer, [u.unit for u in units]))
             for u in units:
                 if u.unit in selected:
@@ -296,6 +317,7 @@ class NeuronTensorBoardLogger:
         self.writer.add_text(self._tag(u.layer, u.unit, "description"), self.unit_text(u, d, threshold), step)
         self._scalar(self._tag(u.layer, u.unit, "score"), u.score, step)
         self._scalar(self._tag(u.layer, u.unit, "confidence"), u.confidence, step)
+        self._scalar(self._tag(u.layer, u.unit, "q_value"), u.q_value, step)
         if d is not None and d.drift is not None:
             self._scalar(self._tag(u.layer, u.unit, "drift"), d.drift, step)
         previews = round.previews.get(u.key)
@@ -320,53 +342,73 @@ class NeuronTensorBoardLogger:
     ) -> str:
         """The Markdown table of one layer (a one-line summary above it when ``summary`` is given).
 
-        Units whose confidence is at or below ``threshold`` show "no clear concept" (their best concept stays in
-        the history and the description text); the summary line then names the threshold.
+        One line per unit, from :func:`~lightning_neurons.logging.rows.unit_row` (the row every sink shows): the
+        shown text (the description, "low-level: ...", "no clear concept" or "dead unit"), the kind, the score and
+        the significance (q-value) in columns of their own, so a reader sees why a unit reads as it does, the move
+        since the previous round (``changed`` / ``gained`` / ``lost`` / ``baseline``), the text shown then and the
+        similarity. Records without kinds show "no clear concept" at or below the confidence ``threshold``.
 
-        With more than ``rows`` units, the table lists ``rows`` of them, the changed ones first, then by score
-        (best first), and a last line says how many more the history and the report hold.
+        With more than ``rows`` units, the table lists ``rows`` of them, the changed, gained and lost ones first,
+        then by score (best first), and a last line says how many more the history and the report hold.
 
         A changed description is in bold. A unit whose description kept its meaning while its combination's concept
         set changed (:attr:`~lightning_neurons.drift.metrics.UnitDrift.concepts_only_changed`) is in italics, and
-        its previous combination follows its previous description; the summary line then also counts concept-set
-        changes.
+        its previous combination follows its previous description.
 
         Example:
-            >>> u = UnitExplanation("fc", 0, epoch=0, description="dots", score=0.8)
+            >>> u = UnitExplanation("fc", 0, epoch=0, description="dots", score=0.8, kind="concept", q_value=0.01)
             >>> print(NeuronTensorBoardLogger.table([u], {}))
-            | unit | description | score | previous description | similarity |
-            |---:|---|---:|---|---:|
-            | 0 | dots | 0.800 | – | – |
+            | unit | description | kind | score | q | drift | previous description | similarity |
+            |---:|---|---|---:|---:|---|---|---:|
+            | 0 | dots | concept | 0.800 | 0.01 | – | – | – |
         """
         lines = []
         if summary is not None:
             head = f"epoch {summary.epoch} · {summary.n_units} units · mean score {_fmt(summary.mean_score)}"
             if summary.n_compared:
                 head += f" · {summary.n_changed}/{summary.n_compared} changed"
+                if summary.n_gained or summary.n_lost:
+                    head += f" · {summary.n_gained} gained a concept · {summary.n_lost} lost one"
                 if summary.n_concepts_changed > summary.n_changed or any(u.combination for u in units):
                     head += f" · {summary.n_concepts_changed}/{summary.n_compared} concept sets changed"
                 head += (
                     f" · mean similarity {_fmt(summary.mean_similarity)}"
                     f" · stable for {summary.stable_rounds} rounds: {summary.n_stable}"
                 )
+            if summary.n_baseline:
+                head += f" · {summary.n_baseline} units start a new baseline (settings changed; not compared)"
+            if summary.n_dead:
+                head += f" · {summary.n_dead} dead"
+            dist = concept_distribution(units, threshold)
+            if dist.top_concept is not None:
+                head += (
+                    f" · most frequent concept {escape_markdown(dist.top_concept)} "
+                    f"({dist.top_concept_share:.0%} of {dist.n_concept} concept units)"
+                )
             if threshold is not None:
                 head += f" · confidence threshold {_fmt(threshold)}"
             lines += [head, ""]
-        lines += ["| unit | description | score | previous description | similarity |", "|---:|---|---:|---|---:|"]
+        lines += [
+            "| unit | description | kind | score | q | drift | previous description | similarity |",
+            "|---:|---|---|---:|---:|---|---|---:|",
+        ]
         shown = list(units) if rows is None or len(units) <= rows else _table_units(units, drift, rows)
         for u in shown:
             d = drift.get(u.key)
-            desc = _cell(shown_description(u.description, u.confidence, threshold))
-            if u.combination:
-                desc += " · " + _cell(format_combination(u.combination))
-            if d is not None and d.changed:
+            row = unit_row(u, d, confidence_threshold=threshold)
+            desc = _cell(row["description"])
+            if row["combination"]:
+                desc += " · " + _cell(row["combination"])
+            if row["changed"]:
                 desc = f"**{desc}**"
-            prev = _cell(d.previous_description) if d is not None and d.previous_description is not None else "–"
+            prev = _cell(row["previous_description"]) if row["previous_description"] is not None else "–"
             if d is not None and d.concepts_only_changed:  # the combination is what changed: show both
                 desc = f"*{desc}*"
                 prev += " · " + _cell(format_combination(d.previous_combination))
-            sim = _fmt(d.similarity) if d is not None else "–"
-            lines.append(f"| {u.unit} | {desc} | {_fmt(u.score)} | {prev} | {sim} |")
+            kind = _cell(row["kind"]) if row["kind"] else "–"
+            q = _fmt(row["q_value"], 2) if row["q_value"] is not None else _conf(row["confidence"])
+            sim = _fmt(row["similarity"])
+            lines.append(f"| {u.unit} | {desc} | {kind} | {_fmt(row['score'])} | {q} | {_move(row)} | {prev} | {sim} |")
         if len(shown) < len(units):
             lines += [
                 "",
@@ -377,49 +419,82 @@ class NeuronTensorBoardLogger:
 
     @staticmethod
     def unit_text(u: UnitExplanation, d: UnitDrift | None = None, threshold: float | None = None) -> str:
-        """The Markdown description text of one unit.
-
-        Below the confidence ``threshold`` the unit reads "no clear concept", followed by its best concept, its
-        confidence and the threshold.
+        """The Markdown description text of one unit (its :func:`~lightning_neurons.logging.rows.unit_row`).
 
         Example:
-            >>> print(NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "dots", 0.8)))
-            **dots** (score 0.800)
+            >>> print(NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "dots", 0.8, kind="concept")))
+            **dots** (concept, score 0.800)
             >>> unclear = UnitExplanation("fc", 0, 1, "dots", 0.8, confidence=0.6)
             >>> print(NeuronTensorBoardLogger.unit_text(unclear, None, 0.85))
-            **no clear concept** (best concept *dots*, score 0.800, confidence 0.600 <= threshold 0.850)
+            **no clear concept** (score 0.800, confidence 0.600 <= threshold 0.850)
         """
         esc = escape_markdown  # every text from a vocabulary file or a language model is shown literally
-        shown = shown_description(u.description, u.confidence, threshold)
-        if shown != u.description:
-            text = (
-                f"**{esc(shown)}** (best concept *{esc(u.description)}*, score {_fmt(u.score)}, "
-                f"confidence {_fmt(u.confidence)} <= threshold {_fmt(threshold)})"
+        row = unit_row(u, d, confidence_threshold=threshold)
+        facts = [esc(row["kind"])] if row["kind"] else []
+        facts.append(f"score {_fmt(row['score'])}")
+        if row["q_value"] is not None:
+            facts.append(f"q {_fmt(row['q_value'], 3)}")
+        if row["concept_gain"] is not None:
+            facts.append(f"gain beyond image statistics {_fmt(row['concept_gain'])}")
+        if row["confidence"] is not None:
+            below = u.kind is None and row["description"] == NO_CLEAR_CONCEPT and threshold is not None
+            facts.append(
+                f"confidence {_fmt(row['confidence'])}" + (f" <= threshold {_fmt(threshold)}" if below else "")
             )
-        else:
-            text = f"**{esc(u.description)}** (score {_fmt(u.score)})"
-            if u.confidence is not None:
-                text = text[:-1] + f", confidence {_fmt(u.confidence)})"
-        if u.combination:  # the multi-concept explanation, weights normalised to sum to 1
-            text += "\n\ncombination: " + esc(format_combination(u.combination))
-        if u.alternatives:
+        text = f"**{esc(row['description'])}** ({', '.join(facts)})"
+        if row["combination"]:  # the multi-concept explanation, weights normalised to sum to 1
+            text += "\n\ncombination: " + esc(row["combination"])
+        if row["alternatives"]:
             text += "\n\nalternatives: " + ", ".join(f"{esc(a.text)} ({_fmt(a.score)})" for a in u.alternatives)
         if u.ablation:
             text += "\n\nzeroing it hurts: " + ", ".join(f"{esc(c)} (-{_fmt(drop)})" for c, drop in u.ablation)
-        if d is not None and d.concepts_only_changed:  # same meaning, another concept set: the combinations differ
+        prev = esc(row["previous_description"])
+        if d is not None and d.baseline:
+            text += "\n\nnew baseline: the settings changed since its previous round, so it is not compared"
+        elif d is not None and d.concepts_only_changed:  # same meaning, another concept set: the combinations differ
             text += (
-                f"\n\nconcepts changed from *{esc(d.previous_description)}* · "
+                f"\n\nconcepts changed from *{prev}* · "
                 f"{esc(format_combination(d.previous_combination))} at epoch {d.previous_epoch} "
                 f"(concept overlap {_fmt(d.concept_jaccard, 2)}, similarity {_fmt(d.similarity)}, "
                 f"top-k Jaccard {_fmt(d.jaccard)})"
             )
         elif d is not None and d.compared:
-            verb = "changed from" if d.changed else "previously"
+            verb = (
+                "changed from"
+                if row["changed"]
+                else "gained a concept; was"
+                if row["gained"]
+                else "lost its concept; was"
+                if row["lost"]
+                else "previously"
+            )
             text += (
-                f"\n\n{verb} *{esc(d.previous_description)}* at epoch {d.previous_epoch} "
+                f"\n\n{verb} *{prev}* at epoch {d.previous_epoch} "
                 f"(similarity {_fmt(d.similarity)}, top-k Jaccard {_fmt(d.jaccard)})"
             )
         return text
+
+    def write_distribution(
+        self, layer: str, units: Sequence[UnitExplanation], step: int, threshold: float | None
+    ) -> None:
+        """Log the layer's concept distribution (:func:`~lightning_neurons.logging.rows.concept_distribution`).
+
+        ``<prefix>/<layer>/concepts`` (text): the most frequent shown texts with their unit counts;
+        ``<prefix>/<layer>/top_concept_share`` (scalar): the most frequent concept's share of the concept units.
+        """
+        dist = concept_distribution(units, threshold)
+        lines = [
+            f"{dist.n_concept} of {dist.n_units} units shown with a concept; most frequent concept: "
+            + (f"{escape_markdown(dist.top_concept)} ({dist.top_concept_share:.0%})" if dist.top_concept else "none"),
+            "",
+            "| description | units | share |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {_cell(r['description'])} | {r['units']} | {r['share']:.0%} |" for r in dist.table(DISTRIBUTION_ROWS)
+        ]
+        self.writer.add_text(self._tag(layer, "concepts"), "\n".join(lines), step)
+        self._scalar(self._tag(layer, "top_concept_share"), dist.top_concept_share, step)
 
     def write_layout(self, layers: Sequence[str]) -> None:
         """Write the custom-scalars layout (once per logger; :meth:`log_round` calls it at the first round).

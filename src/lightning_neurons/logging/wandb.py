@@ -2,12 +2,15 @@
 
 Per round, one ``run.log`` call (one W&B step) with:
 
-- ``<prefix>/<layer>/table``: a ``wandb.Table`` of every unit of the layer: epoch, unit, description, score,
-  previous description, similarity, drift, changed, top-k Jaccard, alternatives, and the unit's top crop as a
-  ``wandb.Image`` (``None`` for units without previews).
+- ``<prefix>/<layer>/table``: a ``wandb.Table`` of every unit of the layer, the row every sink shows
+  (:func:`~lightning_neurons.logging.rows.unit_row`: the shown description, kind, score, q-value, combination,
+  changed / gained / lost, previous description, similarity, ...), and the unit's top crop as a ``wandb.Image``
+  (``None`` for units without previews).
+- ``<prefix>/<layer>/concepts``: a ``wandb.Table`` of the layer's concept distribution (units per shown text).
 - ``<prefix>/<layer>/<unit>/top_k``: the crop grid of each unit selected by ``log_units``, a ``wandb.Image``.
 - the scalars of :func:`~lightning_neurons.logging.metrics.round_metrics` (``<prefix>/<layer>/fraction_changed``,
-  ``mean_score``, ..., ``evaluation/<method>/<metric>``) and ``<prefix>/<layer>/<unit>/score`` / ``drift``.
+  ``fraction_gained``, ``fraction_lost``, ``top_concept_share``, ``mean_score``, ...,
+  ``evaluation/<method>/<metric>``) and ``<prefix>/<layer>/<unit>/score`` / ``drift``.
 
 Step axis: Lightning's ``WandbLogger`` declares ``trainer/global_step`` as the x-axis of every metric
 (``define_metric("*", step_metric="trainer/global_step")``) and lets W&B count its own step. The writer therefore
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics, unit_metrics
 from lightning_neurons.logging.previews import preview_grid
-from lightning_neurons.logging.rows import ROW_COLUMNS, hwc, layer_rows, top_crop
+from lightning_neurons.logging.rows import ROW_COLUMNS, hwc, layer_distribution, layer_rows, top_crop
 from lightning_neurons.logging.tensorboard import LogUnits, select_units
 
 if TYPE_CHECKING:
@@ -79,14 +82,21 @@ class WandbRoundWriter:
                 image = wandb.Image(hwc(crop), caption=row["description"]) if crop is not None else None
                 table.add_data(*[row[c] for c in ROW_COLUMNS], image)
             payload[f"{prefix}/{layer}/table"] = table
+            dist = layer_distribution(output, layer)  # units per shown text: a collapse onto one word is visible
+            concepts = wandb.Table(columns=["description", "units", "share"])
+            for r in dist.table(len(dist.counts)):
+                concepts.add_data(r["description"], r["units"], r["share"])
+            payload[f"{prefix}/{layer}/concepts"] = concepts
+            rows = {row["unit"]: row for row in layer_rows(output, layer)}
             logged = select_units(self.log_units, layer, output.round.units_of(layer))
             payload.update(unit_metrics(output, layer, logged))
             for unit in logged:
-                u = output.round.get(layer, unit)
                 previews = output.round.previews.get((layer, unit))
                 if previews is not None and previews.numel() > 0:
                     grid = preview_grid(previews, nrow=self.preview_nrow)
-                    payload[f"{prefix}/{layer}/{unit}/top_k"] = wandb.Image(hwc(grid), caption=u.description)
+                    payload[f"{prefix}/{layer}/{unit}/top_k"] = wandb.Image(
+                        hwc(grid), caption=rows[unit]["description"]
+                    )
         payload.update(round_metrics(output, first_round_changed=None))
         payload["epoch"] = output.epoch
         payload["trainer/global_step"] = output.global_step if output.global_step is not None else output.step

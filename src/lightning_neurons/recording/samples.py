@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 InputKey = int | str | None
@@ -63,6 +63,50 @@ def _pick(batch: Any, key: InputKey, default_index: int, names: Sequence[str]) -
     return None
 
 
+def stream_order(dataloader: DataLoader) -> list[int] | None:
+    """The dataset index of each streamed position of a map-style loader (``None``: position = dataset index).
+
+    A plain sequential loader (or a non-shuffling ``DistributedSampler``, whose global ids are dataset indices)
+    needs no table. A custom ``sampler=`` or ``batch_sampler=`` is read the way the loader reads it: position ``i``
+    is the ``i``-th index its batches yield (``drop_last`` included).
+
+    Raises:
+        ValueError: If the loader shuffles, or its (batch) sampler gives another order on a second pass.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> data = TensorDataset(torch.arange(6.0))
+        >>> stream_order(DataLoader(data, batch_sampler=[[5, 4], [1, 0]]))
+        [5, 4, 1, 0]
+        >>> stream_order(DataLoader(data, batch_size=4)) is None
+        True
+    """
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    sampler = batch_sampler.sampler if isinstance(batch_sampler, BatchSampler) else dataloader.sampler
+    if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
+        raise ValueError(
+            "the probe dataloader shuffles its samples, so recorded sample ids cannot be mapped back to "
+            "the data; use shuffle=False for the validation dataloader"
+        )
+    custom_batches = batch_sampler is not None and not isinstance(batch_sampler, BatchSampler)
+    if not custom_batches and isinstance(sampler, (SequentialSampler, DistributedSampler)):
+        return None
+    if batch_sampler is not None:
+        def read() -> list[int]:
+            return [int(i) for batch in batch_sampler for i in batch]
+    else:  # batch_size=None: the sampler yields one index per item
+        def read() -> list[int]:
+            return [int(i) for i in sampler]
+    order = read()
+    if read() != order:
+        raise ValueError(
+            f"the probe dataloader's {'batch_sampler' if custom_batches else 'sampler'} "
+            f"({type(batch_sampler if custom_batches else sampler).__name__}) gives another order on each pass, so "
+            "recorded sample ids cannot be mapped back to the data; use a deterministic order for validation"
+        )
+    return order
+
+
 @runtime_checkable
 class SampleSource(Protocol):
     """Gives back probe samples by their ids (see docs/ARCHITECTURE.md, "Sample ids")."""
@@ -77,7 +121,8 @@ class DataLoaderSampleSource:
 
     A sample id is the sample's position in the (non-shuffled) validation stream. Map-style datasets with a
     sequential sampler (or a ``DistributedSampler`` with ``shuffle=False``, whose global ids equal dataset indices)
-    are indexed directly; another deterministic sampler maps id ``i`` to ``list(sampler)[i]``. Items are collated
+    are indexed directly; another deterministic ``sampler=`` or ``batch_sampler=`` maps id ``i`` to the dataset
+    index it streamed ``i``-th (:func:`stream_order`). Items are collated
     with the loader's ``collate_fn``. Iterable datasets are re-iterated through the loader and only the wanted
     positions are kept (memory bounded by the wanted set; iteration stops once all are found).
 
@@ -87,8 +132,8 @@ class DataLoaderSampleSource:
         target_key: Index/key of integer labels in a batch (``None``: guess).
 
     Raises:
-        ValueError: If the loader shuffles (a ``RandomSampler`` or a shuffling ``DistributedSampler``): the ids
-            would not point at the recorded samples.
+        ValueError: If the loader shuffles (a ``RandomSampler``, a shuffling ``DistributedSampler``, or a sampler or
+            batch sampler whose order differs between two passes): the ids would not point at the recorded samples.
 
     Example:
         >>> import torch
@@ -106,17 +151,7 @@ class DataLoaderSampleSource:
         self._iterable = isinstance(dataloader.dataset, IterableDataset)
         self._order: list[int] | None = None
         if not self._iterable:
-            sampler = dataloader.sampler
-            batch_sampler = getattr(dataloader, "batch_sampler", None)
-            if batch_sampler is not None and hasattr(batch_sampler, "sampler"):
-                sampler = batch_sampler.sampler
-            if isinstance(sampler, RandomSampler) or (isinstance(sampler, DistributedSampler) and sampler.shuffle):
-                raise ValueError(
-                    "the probe dataloader shuffles its samples, so recorded sample ids cannot be mapped back to "
-                    "the data; use shuffle=False for the validation dataloader"
-                )
-            if not isinstance(sampler, (SequentialSampler, DistributedSampler)):
-                self._order = [int(i) for i in sampler]  # another deterministic order: id -> dataset index
+            self._order = stream_order(dataloader)
 
     @property
     def size(self) -> int | None:
@@ -142,7 +177,8 @@ class DataLoaderSampleSource:
             raise IndexError(f"sample ids {bad[:5]} are outside the probe set of {size} samples")
         indices = [self._order[i] for i in ids] if self._order is not None else ids
         dataset = self.dataloader.dataset
-        collate = self.dataloader.collate_fn if self.dataloader.batch_size is not None else None
+        # The loader's own collate_fn whenever it collates batches (batch_size or batch_sampler).
+        collate = self.dataloader.collate_fn if getattr(self.dataloader, "batch_sampler", None) is not None else None
         batch = (collate or torch.utils.data.default_collate)([dataset[i] for i in indices])
         return batch_inputs(batch, self.input_key), batch_targets(batch, self.target_key)
 

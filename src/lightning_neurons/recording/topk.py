@@ -38,6 +38,8 @@ def sort_keys(values: Tensor, ids: Tensor) -> Tensor:
     The float32 value's bits are mapped to an order-preserving int32 and put in the high 32 bits; the low
     32 bits hold ``2**32 - 1 - id``. Non-finite values and empty slots (``id < 0``) get the smallest key.
     """
+    # float32 whatever the default dtype (a float64 default, precision="64-true"): the bit trick reads 32-bit floats.
+    values = values.to(torch.float32)
     bits = values.contiguous().view(torch.int32).to(torch.int64)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # negative floats: flip magnitude order
     keys = (ordered << 32) + (_ID_LIMIT - 1 - ids.clamp(min=0))
@@ -119,7 +121,9 @@ class TopKBuffer:
         if max_pending_bytes is not None:
             self.merge_rows = min(self.merge_rows, max(1, max_pending_bytes // (12 * num_units)))
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.values = torch.full((num_units, k), float("-inf"), device=self.device)
+        # Explicit float32: under torch.set_default_dtype(torch.float64) (precision="64-true") the buffer would be
+        # float64 and its 64-bit values would not pack into the int64 sort keys.
+        self.values = torch.full((num_units, k), float("-inf"), dtype=torch.float32, device=self.device)
         self.sample_ids = torch.full((num_units, k), -1, dtype=torch.long, device=self.device)
         self.peaks = torch.full_like(self.sample_ids, -1)
         self.labels = torch.full_like(self.sample_ids, -1)

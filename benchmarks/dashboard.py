@@ -1,0 +1,229 @@
+"""Dashboard and history-store figures on a synthetic ViT-L-sized history (100 rounds x 98,304 units by default).
+
+Prints ONE JSON object on stdout (progress on stderr):
+
+- ``write_round_s``: one round of ``--units`` records written through ``RunHistory``'s store (records -> Arrow ->
+  Parquet, atomic rename), pinned to one CPU core; ``bytes_per_unit_round``: the store's bytes over all rounds;
+- the Neurons tab's queries (:mod:`lightning_neurons.dashboard.queries`), each on a fresh store object (as after a
+  TensorBoard start: no cached footer): ``first_view_s`` (a layer's grid at the latest epoch), ``timeline_s`` (one
+  unit across all rounds; ``timeline_warm_s`` again, footers cached), ``search_s`` (every unit of the latest round),
+  ``charts_s`` (a layer's charts over all rounds);
+- ``open_s`` (``load_history``, lazy) and ``to_pandas_s`` (every record of every round as a DataFrame).
+
+The rounds after the first are the first round's table with the epoch, some descriptions and the drift columns
+changed per round (vectorised, so that writing 100 rounds takes minutes, not hours); the write figure is for real
+records. Everything runs on one core (``os.sched_setaffinity``, Arrow's CPU and IO pools at 1 thread).
+
+Examples:
+    python benchmarks/dashboard.py                              # the full size: ~1.7 GB in a temporary folder
+    python benchmarks/dashboard.py --units 4096 --rounds 10     # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from lightning_neurons.dashboard.queries import HistoryTables, layer_charts, layer_view, search, unit_timeline
+from lightning_neurons.drift.columns import records_to_table
+from lightning_neurons.drift.history import load_history
+from lightning_neurons.drift.metrics import UnitDrift
+from lightning_neurons.drift.records import HistoryRecord
+from lightning_neurons.drift.round_store import RoundStore
+from lightning_neurons.results import Alternative, UnitExplanation
+
+KINDS = ["concept", "concept", "concept", "unclear", "low_level", "dead"]
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"[dashboard] {message}\n")
+    sys.stderr.flush()
+
+
+def synthetic_records(units: int, per_layer: int, vocab: list[str], top_k: int, seed: int = 0) -> list[HistoryRecord]:
+    """One round of records shaped like a real one: descriptions from a vocabulary, 3 alternatives, top-k ids,
+    the shared-contract fields (kind, p, q, ...) and drift against a previous epoch."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(units):
+        layer, unit = f"encoder.layers.encoder_layer_{i // per_layer}.mlp.1", i % per_layer
+        text = vocab[rng.randrange(len(vocab))]
+        kind = KINDS[rng.randrange(len(KINDS))]
+        e = UnitExplanation(
+            layer,
+            unit,
+            1,
+            text,
+            rng.random(),
+            margin=rng.random(),
+            concept_score=rng.random(),
+            alternatives=[Alternative(vocab[rng.randrange(len(vocab))], rng.random()) for _ in range(3)],
+            top_sample_ids=rng.sample(range(2048), top_k),
+            confidence=rng.random(),
+            kind=kind,
+            p_value=rng.random() / 10,
+            q_value=rng.random() / 5,
+            low_level="brightness" if kind == "low_level" else None,
+            concept_gain=rng.random() / 10,
+            auc=rng.random(),
+        )
+        similarity = rng.random()
+        d = UnitDrift(layer, unit, 1, text, e.score, 0, vocab[rng.randrange(len(vocab))], similarity, similarity < 0.3)
+        d.jaccard, d.score_delta = rng.random(), rng.random() - 0.5
+        out.append(HistoryRecord(e, d))
+    return out
+
+
+def round_table(base: pa.Table, epoch: int, vocab: pa.Array, rng: np.random.Generator) -> pa.Table:
+    """The base round moved to ``epoch``: a seventh of the units take another concept, drift columns to match."""
+    n = base.num_rows
+    moved = rng.random(n) < 1 / 7
+    desc = base.column("description").combine_chunks().dictionary_decode()
+    new = pa.array(np.asarray(vocab)[rng.integers(0, len(vocab), n)])
+    description = pa.array(np.where(moved, new.to_numpy(zero_copy_only=False), desc.to_numpy(zero_copy_only=False)))
+    similarity = np.where(moved, rng.random(n) * 0.7, 1.0)
+    columns = {
+        "epoch": pa.array(np.full(n, epoch, dtype=np.int32)),
+        "description": description.dictionary_encode(),
+        "shown": description.dictionary_encode(),
+        "previous_epoch": pa.array(np.full(n, epoch - 1, dtype=np.int32), mask=np.full(n, epoch == 0)),
+        "similarity": pa.array(similarity, mask=np.full(n, epoch == 0)),
+        "changed": pa.array(moved & (epoch > 0)),
+        "score": pa.array(rng.random(n)),
+    }
+    table = base
+    for name, values in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
+
+
+CPU: dict[str, float] = {}  # CPU seconds of the process per figure: on a shared machine, wall time includes waiting
+
+
+def timed(fn: Any, repeat: int = 1, name: str | None = None) -> tuple[float, Any]:
+    best, best_cpu, out = float("inf"), float("inf"), None
+    for _ in range(repeat):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+        best_cpu = min(best_cpu, time.process_time() - c0)
+    if name:
+        CPU[name] = round(best_cpu, 4)
+    return best, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--units", type=int, default=98304, help="units per round (24 x 4096 = ViT-L MLP units)")
+    parser.add_argument("--per-layer", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--concepts", type=int, default=1500, help="vocabulary size")
+    parser.add_argument("--dir", default=None, help="folder for the store (default: a temporary one, removed)")
+    args = parser.parse_args()
+
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    vocab = [f"concept {i}" for i in range(args.concepts)]
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ln_dashboard_"))
+    url = root / "history"
+    result: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), measured on 1 core",
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "pyarrow": pa.__version__,
+        "units": args.units,
+        "rounds": args.rounds,
+        "top_k": args.top_k,
+    }
+    try:
+        t0 = time.perf_counter()
+        records = synthetic_records(args.units, args.per_layer, vocab, args.top_k)
+        log(f"{args.units} synthetic records in {time.perf_counter() - t0:.1f} s")
+        RoundStore(root / "warm-up").write_round(records[:16])  # imports and codec set-up, once per process
+        store = RoundStore(url)
+        write_s, _ = timed(lambda: store.write_round(records), name="write_round_s")
+        first_file = store.files()[0]
+        result["write_round_s"] = round(write_s, 3)
+        result["write_round_bytes_per_unit"] = round(store.size_bytes() / args.units, 1)
+        t0 = time.perf_counter()
+        records_to_table(records)
+        result["write_round_encode_s"] = round(time.perf_counter() - t0, 3)
+        log(f"write: {write_s:.2f} s for one round ({result['write_round_bytes_per_unit']} B/unit)")
+
+        base = store.read(first_file)
+        store.fs.rm(store._path(first_file.name))
+        store._next_seq = None
+        rng = np.random.default_rng(0)
+        vocab_arr = pa.array(vocab)
+        t0 = time.perf_counter()
+        for epoch in range(args.rounds):
+            store.publish(round_table(base, epoch, vocab_arr, rng), epoch)
+        log(f"{args.rounds} rounds written in {time.perf_counter() - t0:.0f} s")
+        store.close()
+        total = store.size_bytes()
+        result["store_bytes"] = total
+        result["bytes_per_unit_round"] = round(total / (args.units * args.rounds), 1)
+
+        layer = "encoder.layers.encoder_layer_0.mlp.1"
+        last_layer = f"encoder.layers.encoder_layer_{(args.units - 1) // args.per_layer}.mlp.1"
+
+        def fresh() -> HistoryTables:
+            return HistoryTables(store=RoundStore(url))
+
+        result["first_view_s"], view = timed(
+            lambda: layer_view(fresh(), last_layer, sort="drift", limit=200), name="first_view_s"
+        )
+        assert view["total"] == args.per_layer and len(view["units"]) == 200
+        tables = fresh()
+        result["timeline_s"], timeline = timed(lambda: unit_timeline(tables, last_layer, 123), name="timeline_s")
+        assert len(timeline["epochs"]) == args.rounds
+        result["timeline_warm_s"], _ = timed(
+            lambda: unit_timeline(tables, last_layer, 123), repeat=3, name="timeline_warm_s"
+        )
+        result["search_s"], found = timed(lambda: search(fresh(), "concept 42"), name="search_s")
+        result["search_matched"] = found["matched"]
+        result["search_warm_s"], _ = timed(lambda: search(tables, "concept 42"), repeat=3, name="search_warm_s")
+        result["charts_s"], charts = timed(lambda: layer_charts(fresh(), layer), name="charts_s")
+        assert len(charts["epochs"]) == args.rounds
+        result["open_s"], history = timed(lambda: load_history(url), name="open_s")
+        result["to_pandas_s"], frame = timed(lambda: history.to_pandas(), name="to_pandas_s")
+        result["to_pandas_rows"] = len(frame)
+        assert len(frame) == args.units * args.rounds
+        result["to_pandas_columns"] = len(frame.columns)
+        targets = {
+            "bytes_per_unit_round": 200,
+            "write_round_s": 2,
+            "first_view_s": 2,
+            "timeline_s": 0.2,
+            "search_s": 1,
+            "to_pandas_s": 10,
+        }
+        result["targets"] = {k: {"target": v, "met": bool(result[k] < v)} for k, v in targets.items()}
+        for k in ("first_view_s", "timeline_s", "timeline_warm_s", "search_s", "search_warm_s", "charts_s", "open_s"):
+            result[k] = round(result[k], 4)
+        result["to_pandas_s"] = round(result["to_pandas_s"], 3)
+        result["cpu_s"] = dict(CPU)
+        result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""A resume under other settings (vocabulary, class names, top_k) starts a new drift baseline: real Trainer, callback,
+session, pipeline and writers (cheap real encoder). Filed: 8 of 8 units "changed" after such a resume."""
+
+from __future__ import annotations
+
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_neurons import load_history
+from test_lightning_contract import Tiny, explainer, loaders, trainer
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "named"),
+    [
+        ({"vocabulary": ["general"]}, {"vocabulary": ["<file>"]}, "vocabulary"),
+        ({"class_names": ["a", "b", "c"]}, {"class_names": ["cat", "dog", "car"]}, "class_names"),
+        ({"top_k": 3}, {"top_k": 5}, "top_k"),
+    ],
+)
+def test_resume_under_other_settings_reports_no_drift_across_it(tmp_path, first, second, named):
+    if second.get("vocabulary") == ["<file>"]:  # another vocabulary: a user file of concepts
+        (tmp_path / "concepts.txt").write_text("red\nstripes\ndots\ngrass\nsky\nwheel\n")
+        second = {"vocabulary": [str(tmp_path / "concepts.txt")]}
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, [explainer(layers=["head"], **first), ckpt], logger=False, limit_train_batches=1).fit(
+        Tiny(), *loaders()
+    )
+    resumed = explainer(layers=["head"], **second)
+    with pytest.warns(UserWarning, match=rf"settings changed since the checkpoint \({named} "):
+        fit = trainer(tmp_path, [resumed], logger=False, max_epochs=3, limit_train_batches=1)
+        fit.fit(Tiny(), *loaders(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    history = load_history(tmp_path / "neurons")
+    assert history.epochs == [0, 1, 2]
+    across = [r.drift for r in history.records if r.key[2] == 2]
+    assert len(across) == 3  # the head's 3 units
+    assert all(d.baseline and not d.compared for d in across)
+    assert not any(d.changed or d.gained or d.lost for d in across)
+    (summary,) = history.summary(2)
+    assert (summary.n_compared, summary.n_changed, summary.n_baseline) == (0, 0, 3)
+    before = [r.drift for r in history.records if r.key[2] == 1]
+    assert all(d.compared and not d.baseline for d in before)  # same settings: compared as always
