@@ -48,8 +48,9 @@ def _explain(weight: torch.Tensor, **settings):
     # The confidence was built for descriptions chosen by the corrected concept score.
     cfg = ExplainConfig(confidence_samples=256, selection="concept_score", show_progress=False, **settings)
     backend = Backend("colour", ColourEncoder())
-    source = DataLoaderSampleSource(loader)
-    return explain_recording(model, recording, source, backend, [*COLOURS, "thing"], cfg, epoch=0)
+    return explain_recording(
+        model, recording, DataLoaderSampleSource(loader), backend, [*COLOURS, "thing"], cfg, epoch=0
+    )
 
 
 def _trained() -> torch.Tensor:
@@ -96,6 +97,17 @@ def test_the_kind_decides_what_is_shown_not_the_threshold(rounds):
     assert [u.kind for u in random.units] == ["unclear"] * UNITS
     for threshold in (0.85, None):  # deprecated: it no longer shows or hides anything
         assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(random.units, {}, threshold=threshold)
+    assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
+
+
+def test_threshold_none_shows_every_description(rounds):
+    import dataclasses
+
+    _, random = rounds
+    # Records made before kinds (kind=None) keep the confidence rule they were shown with; a unit's kind wins over it.
+    legacy = [dataclasses.replace(u, kind=None) for u in random.units]
+    assert NO_CLEAR_CONCEPT in NeuronTensorBoardLogger.table(legacy, {}, threshold=0.85)
+    assert NO_CLEAR_CONCEPT not in NeuronTensorBoardLogger.table(legacy, {}, threshold=None)
     assert RunConfig.from_arguments("feat", confidence_threshold=None).explain.confidence_threshold is None
     assert ExplainConfig().confidence_samples == 0  # the confidence decides nothing now: not computed by default
 

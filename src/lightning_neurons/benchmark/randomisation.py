@@ -96,6 +96,8 @@ class RandomisationConfig:
 def kind_fractions(units: Sequence[Any]) -> dict[str, Any]:
     """Share of each kind among ``units`` (``"legacy"`` counts units without a kind), the unit count, the mean score.
 
+    The mean score leaves out units whose score is NaN (dead units); ``None`` when no unit has a score.
+
     Example:
         >>> from lightning_neurons.results import UnitExplanation
         >>> units = [UnitExplanation("l", i, None, "red", 0.5, kind=k) for i, k in enumerate(["concept", "dead"])]
@@ -108,7 +110,8 @@ def kind_fractions(units: Sequence[Any]) -> dict[str, Any]:
     if counts.get("legacy"):
         out["legacy"] = counts["legacy"] / n
     out["units"] = len(units)
-    out["mean_score"] = sum(float(u.score) for u in units) / n
+    scores = [float(u.score) for u in units if u.score == u.score]  # a dead unit's score is NaN
+    out["mean_score"] = sum(scores) / len(scores) if scores else None
     return out
 
 

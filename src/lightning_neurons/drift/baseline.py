@@ -3,9 +3,10 @@
 Two rounds explained under different vocabularies, class names, backends (or backend models), ``top_k`` or
 reductions describe the same weights in different terms: their descriptions differ because the question changed,
 not the network. Such rounds are never compared for drift. Each round carries a fingerprint of those settings,
-``ExplanationRound.identity.settings`` (made by :func:`lightning_neurons.identity.settings_fingerprint`, the one
-place that says which settings count); a unit whose previous explanation has another fingerprint starts a new
-baseline (:func:`baseline_units`), and :func:`changed_settings` names what changed for the resume warning.
+``ExplanationRound.identity.settings``, made by :func:`lightning_neurons.identity.settings_fingerprint` (the one
+place that says which settings count, with the keys :data:`SETTING_NAMES`). A unit whose previous
+explanation has another fingerprint starts a new baseline (:func:`baseline_units`), and :func:`changed_settings`
+names what changed for the resume warning.
 
 Example:
     >>> from lightning_neurons.config import RunConfig
@@ -22,6 +23,9 @@ from collections.abc import Container, Mapping
 from typing import Any
 
 from lightning_neurons.results import ExplanationRound
+
+#: The settings that change what a round means, in display order (keys of a settings summary).
+SETTING_NAMES: tuple[str, ...] = ("vocabulary", "concepts", "class_names", "backend", "model", "top_k", "reduction")
 
 
 def round_settings(round: ExplanationRound) -> str | None:
@@ -111,6 +115,7 @@ def settings_warning(checkpoint: Mapping[str, Any] | None, current: Mapping[str,
 
 
 __all__ = [
+    "SETTING_NAMES",
     "baseline_units",
     "changed_settings",
     "comparable",

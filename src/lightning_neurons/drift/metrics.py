@@ -54,6 +54,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Container, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -256,7 +257,7 @@ class LayerDriftSummary:
         n_changed: Units whose meaning changed (:attr:`UnitDrift.changed`: a concept in both rounds, the
             description's similarity below the threshold).
         fraction_changed: ``n_changed / n_compared`` (0.0 when nothing was compared).
-        mean_score: Mean score of the layer's units.
+        mean_score: Mean score of the layer's units that have one (NaN when none has).
         mean_similarity: Mean description similarity over compared units (``None`` when none).
         mean_jaccard: Mean top-k Jaccard over compared units (``None`` when none).
         stable_rounds: The ``N`` of ``n_stable``.
@@ -623,6 +624,7 @@ def _summary(
     n_concepts = sum(d.concepts_changed for d in compared)
     n_gained = sum(d.gained for d in compared)
     n_lost = sum(d.lost for d in compared)
+    scores = [d.score for d in now if math.isfinite(d.score)]
     return LayerDriftSummary(
         layer=layer,
         epoch=epoch,
@@ -630,7 +632,8 @@ def _summary(
         n_compared=len(compared),
         n_changed=n_changed,
         fraction_changed=n_changed / len(compared) if compared else 0.0,
-        mean_score=sum(d.score for d in now) / len(now) if now else float("nan"),
+        # Over the units with a score: a dead unit has none (NaN), and one NaN must not hide the layer's mean.
+        mean_score=sum(scores) / len(scores) if scores else float("nan"),
         mean_similarity=sum(d.similarity or 0.0 for d in compared) / len(compared) if compared else None,
         mean_jaccard=sum(d.jaccard or 0.0 for d in compared) / len(compared) if compared else None,
         stable_rounds=stable_rounds,
