@@ -13,7 +13,11 @@ per-crop zero-shot accuracy (the ceiling of every method), the baselines, and th
 
     HF_HUB_OFFLINE=1 python benchmarks/quality.py [--splits development held_out] [--seeds 0 1 2] [--epochs 6]
         [--threads N] [--correction control|soft_wpmi] [--ablation-measure probability|accuracy]
-        [--previous-defaults] [-o out.json]
+        [--previous-defaults] [--quick] [-o out.json]
+
+``--quick`` is the check people run often (under 5 minutes on 2 CPU cores): the development split, seed 0, a
+smaller network trained 3 epochs on fewer crops (``QUICK``); ``--splits``/``--seeds``/``--epochs`` still override
+it. Its figures are noisier than the full run's and are not the README's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+#: BenchmarkConfig fields of ``--quick`` (with the development split and seed 0).
+QUICK = {"epochs": 3, "train_per_class": 24, "probe_per_class": 8, "eval_per_class": 8, "reservoir_size": 24}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         help="hurt measure of the ablation check (default probability: drop of mean true-class probability)",
     )
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of data, weights and baselines (default 0 1 2)"
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of data, weights and baselines (default 0 1 2; 0 with --quick)",
     )
     parser.add_argument(
         "--conse-temperature", type=float, default=None, help="ConSE softmax temperature of the embedded backend"
@@ -49,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         "--splits",
         nargs="+",
         choices=["development", "held_out", "photo12"],
-        default=["development", "held_out"],
-        help="benchmark splits (default: development held_out)",
+        default=None,
+        help="benchmark splits (default: development held_out; development with --quick)",
     )
     parser.add_argument(
         "--previous-defaults",
@@ -60,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: up to 4; 1 when splits run side by side)"
     )
+    parser.add_argument("--quick", action="store_true", help="a reduced run for frequent checks (< 5 min, 2 cores)")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    if args.splits is None:
+        args.splits = ["development"] if args.quick else ["development", "held_out"]
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
 
     import torch
 
@@ -69,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
     overrides = {
-        "epochs": args.epochs,
+        **(QUICK if args.quick else {}),
+        "epochs": args.epochs if args.epochs is not None else (QUICK["epochs"] if args.quick else None),
         "correction": args.correction,
         "conv_layer": args.conv_layer,
         "ablation_measure": args.ablation_measure,
@@ -87,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         result[split] = run_benchmark_seeds(args.seeds, config=config)
     result["total_s"] = round(time.perf_counter() - start, 1)
+    result["quick"] = bool(args.quick)
     text = json.dumps(result, indent=1)
     if args.output:
         Path(args.output).write_text(text)

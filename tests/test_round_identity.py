@@ -536,3 +536,22 @@ def test_a_one_off_explain_without_epoch_never_replaces_a_folders_epoch_0(tmp_pa
     _explain("head", 0, tmp_path)
     with pytest.raises(ValueError, match=r"already holds the rounds of epochs \[0\]: pass epoch="):
         _explain("head", None, tmp_path)
+
+
+class StreamOfMixedSizes(torch.utils.data.IterableDataset):
+    """An iterable probe set (the check before step 0 cannot sample it) whose last batch has another size."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(1)
+        for i in range(20):
+            side = 10 if i < 15 else 12
+            yield torch.rand(3, side, side, generator=g), i % 3
+
+
+def test_mixed_sizes_in_a_streamed_probe_set_fail_the_round_with_the_fix_not_a_stack_error(tmp_path):
+    model = Tiny()
+    with pytest.warns(UserWarning, match=r"different sizes \(\[3, 10, 10\] in batch 0, \[3, 12, 12\] in batch 3\)"):
+        trainer(tmp_path, explainer(layers=["head"]), max_epochs=1, limit_train_batches=1).fit(
+            model, loaders()[0], DataLoader(StreamOfMixedSizes(), batch_size=5)
+        )
+    assert model.train_steps == 1

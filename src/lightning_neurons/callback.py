@@ -32,7 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_neurons.backends.base import Backend
+from lightning_neurons.background import BackgroundExplainer, RoundJob, async_refusal, frozen_copy, worker_stream
 from lightning_neurons.config import RunConfig
+from lightning_neurons.explanation.embedding_cache import DEFAULT_CACHE_MB
 from lightning_neurons.identity import new_run_id
 from lightning_neurons.recording.prechecks import (
     check_log_units,
@@ -40,7 +42,7 @@ from lightning_neurons.recording.prechecks import (
     warn_if_unnormalised,
     with_dataset_normalisation,
 )
-from lightning_neurons.recording.probe_data import check_image_sizes, class_names_of, setup_val_loader
+from lightning_neurons.recording.probe_data import check_image_sizes, check_one_size, class_names_of, setup_val_loader
 from lightning_neurons.recording.recorder import ActivationRecorder
 from lightning_neurons.recording.samples import DataLoaderSampleSource, batch_inputs, batch_targets
 from lightning_neurons.recording.types import Recording
@@ -85,6 +87,8 @@ _FLAT = {
     "name": ("output", "name"),
     "show_progress": ("output", "show_progress"),
     "projector": ("output", "projector"),
+    "async_explain": ("speed", "async_explain"),
+    "when_busy": ("speed", "when_busy"),
 }
 
 
@@ -176,6 +180,20 @@ class NeuronExplainer(Callback):
         projector: Also write a TensorBoard Projector map of all units per layer and round (one point per unit:
             its description's text embedding; its top crop as sprite; unit, description, score, changed as
             metadata; at most 2,000 units per layer).
+        async_explain: Explain each scheduled round in a background thread while training goes on. The round is
+            handed off at the end of its validation pass (the recording and a frozen copy of the model) and filed
+            under its own epoch and step in every logger at the first hook after it is ready; at most one round is
+            in flight, the end of ``fit`` and ``teardown`` wait for it, and a failure follows ``on_error`` (with
+            ``"raise"``, at the next hook). Rounds still run in the validation hook, as with ``False``, under DDP,
+            in ``trainer.validate``, for a compiled model, an iterable probe dataset, the explanation at fit end, or
+            when a callback monitors this explainer's metrics (it must see the round in its own epoch).
+        when_busy: When a scheduled round comes while the previous one is still explained in the background:
+            ``"wait"`` for it, or ``"skip"`` the new round with a warning.
+        embedding_cache: Keep the embeddings of region crops, control crops and whole images across rounds and
+            layers, so that a region embedded once is never embedded again (the encoder is frozen; results are the
+            same). Hits and misses are in each round's ``meta["embedding_cache"]``.
+        embedding_cache_mb: Bound of that cache in MiB (least recently used embeddings go first; an embedding of
+            the embedded backend is about 4 KiB).
 
     Example:
         >>> from lightning_neurons import NeuronExplainer
@@ -219,6 +237,10 @@ class NeuronExplainer(Callback):
         name: str | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         projector: bool = False,
+        async_explain: bool = True,
+        when_busy: Literal["wait", "skip"] = "wait",
+        embedding_cache: bool = True,
+        embedding_cache_mb: float = DEFAULT_CACHE_MB,
     ) -> None:
         super().__init__()
         self.config = RunConfig.from_arguments(
@@ -256,6 +278,10 @@ class NeuronExplainer(Callback):
             name=name,
             forward_fn=forward_fn,
             projector=projector,
+            async_explain=async_explain,
+            when_busy=when_busy,
+            embedding_cache=embedding_cache,
+            embedding_cache_mb=embedding_cache_mb,
         )
         self.session: ExplanationSession | None = None
         self.last_recording: Recording | None = None
@@ -276,6 +302,8 @@ class NeuronExplainer(Callback):
         self._pass_index = 0
         self._keep_history = False
         self._run_config: RunConfig = self.config
+        self._background = BackgroundExplainer(self._explain_job)
+        self._pending_round: int | None = None  # a checkpoint's round that was still in the background
         # Which run the state above belongs to (see lightning_neurons.identity): the Trainer it runs in, the run id
         # its rounds carry, and the (key, global step) of the last explained pass.
         self._run = RunBinding()
@@ -283,6 +311,7 @@ class NeuronExplainer(Callback):
         self._last_recording_step: int | None = None
         self._checkpoint_step: int | None = None
         self._recorded_any = False
+        self._probe_sizes: dict[tuple[int, ...], int] = {}  # input size -> first batch index, per recorded pass
 
     def __getattr__(self, name: str) -> Any:
         # Read-only views of the flat arguments (``explainer.top_k``); settings live in ``self.config``.
@@ -291,6 +320,9 @@ class NeuronExplainer(Callback):
             return getattr(getattr(self.__dict__["config"], part), field)
         if name in ("evaluate", "on_error") and "config" in self.__dict__:
             return getattr(self.__dict__["config"], name)
+        if name in ("embedding_cache", "embedding_cache_mb") and "config" in self.__dict__:
+            mb = self.__dict__["config"].speed.embedding_cache_mb
+            return mb is not None if name == "embedding_cache" else (mb or DEFAULT_CACHE_MB)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ identity
@@ -382,24 +414,30 @@ class NeuronExplainer(Callback):
         self._stop_recording()
         if self.session is not None:
             try:
-                self._session_state = self.session.state_dict()
-                self._outputs = self.session.outputs()
+                try:
+                    self._settle(trainer)  # a round in the background is finished and filed first
+                finally:
+                    self._session_state = self.session.state_dict()
+                    self._outputs = self.session.outputs()
             finally:
                 self.session.teardown()
                 self.session = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """No hook may outlive a crash."""
+        """No hook may outlive a crash; a round still in the background is dropped (no half-filed round)."""
         self._stop_recording()
+        self._background.abandon()
 
     # ------------------------------------------------------------------ recording
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run one validation batch through the chosen layers, so that an unsupported output fails before step 0."""
         self._claim_output()
         self._check_outputs(trainer, pl_module)
+        self._explain_pending(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Register the hooks if this validation pass is to be recorded."""
+        self._drain(trainer)
         if self._recorder is None or self._disabled or trainer.sanity_checking:
             return
         if trainer.state.fn == TrainerFn.FITTING and not _end_of_epoch_pass(trainer) and not _step_based(trainer):
@@ -413,6 +451,7 @@ class NeuronExplainer(Callback):
         self._recorder.world_size = trainer.world_size
         self._recorder.rank = trainer.global_rank
         self._recorder.reset()
+        self._probe_sizes = {}
         self._recorder.attach()
         self._recording_now = True
         self._pass_index = index
@@ -427,7 +466,9 @@ class NeuronExplainer(Callback):
             self._recorder.skip_batch()
             return
         try:
-            size: int | None = batch_inputs(batch, self.config.recording.input_key).shape[0]
+            inputs = batch_inputs(batch, self.config.recording.input_key)
+            size: int | None = inputs.shape[0]
+            self._probe_sizes.setdefault(tuple(inputs.shape[1:]), batch_idx)  # metadata only: no host sync
         except TypeError:
             size = None  # read off the first hooked output instead
         labels = batch_targets(batch, self.config.recording.target_key)
@@ -442,6 +483,7 @@ class NeuronExplainer(Callback):
         def read() -> Recording:
             # A collective: every rank must get here, so never guard it with is_global_zero.
             recorder.sync(trainer.strategy, device=pl_module.device, num_samples=_probe_size(trainer))
+            check_one_size(self._probe_sizes)  # e.g. an iterable dataset, which the check before step 0 cannot sample
             return recorder.result(epoch=self._round_key(trainer))
 
         try:
@@ -459,8 +501,19 @@ class NeuronExplainer(Callback):
         if validating or (self._scheduled(trainer, self._pass_index) and not self._explained(recording)):
             self._explain(trainer, pl_module, recording)
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """File a round the background worker finished (on the main thread: loggers, history, metrics)."""
+        self._drain(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """File a round the background worker finished."""
+        self._drain(trainer)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Explain the last recording if the schedule left it unexplained."""
+        """Wait for a round in the background, then explain the last recording if the schedule left it unexplained."""
+        self._settle(trainer)
         if self._disabled:
             return
         if self.last_recording is None:
@@ -469,7 +522,7 @@ class NeuronExplainer(Callback):
             return
         if self.config.schedule.explain_on_fit_end and not self._last_recording_explained:
             if not self._explained(self.last_recording):
-                self._explain(trainer, pl_module, self.last_recording)
+                self._explain(trainer, pl_module, self.last_recording, background=False)  # fit end waits anyway
         if trainer.is_global_zero and self.session is not None and self.rounds:
             outputs = "; ".join(f"{label}: {path}" for label, path in self.session.outputs().items())
             rank_zero_info(f"NeuronExplainer[{self.identity}] wrote {outputs}")
@@ -478,15 +531,23 @@ class NeuronExplainer(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Layer names, last explained key, the last recording and the explanation session's history."""
         session_state = self.session.state_dict() if self.session is not None else self._session_state
+        explained_key, recording_explained = self.last_explained_key, self._last_recording_explained
+        explained_step = self._last_explained_step
+        pending = self._background.outstanding
+        if pending is not None:  # handed off, not filed: the checkpoint holds finished rounds only
+            explained_key, explained_step = pending.previous_key, pending.previous_step
+            recording_explained = recording_explained and self.last_recording is not pending.recording
         return {
             "name": self.identity,
             "layers": self.layer_names,
-            "last_explained_epoch": self.last_explained_key,
+            "last_explained_epoch": explained_key,
             "last_recording": self.last_recording.to_state() if self.last_recording is not None else None,
-            "last_recording_explained": self._last_recording_explained,
+            "last_recording_explained": recording_explained,
+            # Handed to the background worker, not filed yet: a run resumed from this checkpoint explains it again.
+            "pending_round": pending.key if pending is not None else None,
             "val_passes": self._val_passes,
             "run": self._run.run_id,
-            "last_explained_step": self._last_explained_step,
+            "last_explained_step": explained_step,
             "last_recording_step": self._last_recording_step,
             "session": session_state or {},
         }
@@ -506,6 +567,7 @@ class NeuronExplainer(Callback):
         last = state_dict.get("last_recording")
         self.last_recording = Recording.from_state(last) if last is not None else None
         self._last_recording_explained = bool(state_dict.get("last_recording_explained", True))
+        self._pending_round = state_dict.get("pending_round")
         self._val_passes = int(state_dict.get("val_passes", 0))
         session_state = state_dict.get("session") or {}
         if self._keep_history:
@@ -645,10 +707,18 @@ class NeuronExplainer(Callback):
             check_log_units(self.config.output.log_units, probe)
             warn_if_unnormalised(self._run_config, inputs, self.identity)
 
-    def _explain(self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording) -> None:
-        """Explain a recording on every rank (each takes its share); rank 0 writes. Failures warn or raise."""
+    def _explain(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording, background: bool = True
+    ) -> None:
+        """Explain a recording on every rank (each takes its share); rank 0 writes. Failures warn or raise.
+
+        With ``async_explain`` (and ``background``) the round goes to the background worker where that is safe.
+        """
         if not recording.layers:
             return  # no chosen layer ran (the recorder warned): an empty round would look like an explained one
+        if self.session is not None and self._in_background(trainer, pl_module, recording, background):
+            return
+        self._settle(trainer)  # rounds are filed in order
         self.last_explained_key = recording.epoch
         self._last_explained_step = self._last_recording_step
         self._last_recording_explained = True
@@ -680,15 +750,115 @@ class NeuronExplainer(Callback):
             self.rounds.append(rnd)
             self._publish_metrics(trainer)
         except Exception as err:
-            if self.config.on_error == "raise":
-                raise
-            log.exception("NeuronExplainer: explaining round %s failed", recording.epoch)
-            rank_zero_warn(
-                f"NeuronExplainer[{self.identity}]: explaining round {recording.epoch} failed "
-                f"({type(err).__name__}: {err}); training continues (set on_error='raise' to stop instead)"
-            )
+            self._failed(recording.epoch, err)
         finally:
             pl_module.train(was_training)
+
+    def _failed(self, key: int | None, err: BaseException) -> None:
+        """``on_error``: raise, or log and warn (training goes on)."""
+        if self.config.on_error == "raise":
+            raise err
+        log.error("NeuronExplainer: explaining round %s failed", key, exc_info=err)
+        rank_zero_warn(
+            f"NeuronExplainer[{self.identity}]: explaining round {key} failed "
+            f"({type(err).__name__}: {err}); training continues (set on_error='raise' to stop instead)"
+        )
+
+    # ------------------------------------------------------------------ background rounds (async_explain)
+    def _in_background(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording, background: bool
+    ) -> bool:
+        """Hand the round to the background worker if that is safe; ``True`` when handed off (or skipped)."""
+        if not (background and self.config.speed.async_explain) or recording.epoch is None:
+            return False
+        if async_refusal(trainer, pl_module, self._run_config.output.prefix) is not None:
+            return False
+        if self._background.busy:
+            if self.config.speed.when_busy == "skip":
+                rank_zero_warn(
+                    f"NeuronExplainer[{self.identity}]: round {recording.epoch} is skipped: round "
+                    f"{self._background.outstanding.key if self._background.outstanding else '?'} is still being "
+                    "explained in the background (when_busy='skip'; 'wait' explains every round)"
+                )
+                return True
+        self._settle(trainer)
+        try:
+            model = frozen_copy(pl_module)  # the weights of this epoch, whatever training does next
+            source = DataLoaderSampleSource(
+                _probe_loader(trainer), self.config.recording.input_key, self.config.recording.target_key
+            )
+        except Exception as err:  # noqa: BLE001 - e.g. a module that cannot be deep-copied: explain here instead
+            log.info("NeuronExplainer: explaining round %s in the validation hook (%s)", recording.epoch, err)
+            return False
+        job = RoundJob(
+            key=recording.epoch,
+            step=recording.epoch,
+            global_step=self._last_recording_step,
+            keep_later=False,
+            recording=recording,
+            model=model,
+            source=source,
+            previous_key=self.last_explained_key,
+            previous_step=self._last_explained_step,
+            stream=worker_stream(pl_module.device),
+        )
+        self.last_explained_key = recording.epoch
+        self._last_explained_step = self._last_recording_step
+        self._last_recording_explained = True
+        self._background.submit(job)
+        return True
+
+    def _explain_job(self, job: RoundJob) -> ExplanationRound:
+        """The worker's work: explain the round on the frozen copy; nothing is recorded or written here."""
+        session = self.session
+        if session is None or job.model is None:
+            raise RuntimeError("the explanation session was closed before the background round ran")
+        return session.explain_round(
+            job.model, job.recording, job.source, epoch=job.key, progress=False, global_step=job.global_step
+        )
+
+    def _drain(self, trainer: pl.Trainer) -> None:
+        """File the rounds the worker finished, on the main thread; a failed one follows ``on_error``."""
+        for finished in self._background.collect():
+            job = finished.job
+            if finished.error is not None:
+                self._failed(job.key, finished.error)
+                continue
+            if self.session is None:
+                continue
+            try:
+                self.session.record_round(
+                    finished.result, key=job.key, step=job.step, keep_later=job.keep_later, global_step=job.global_step
+                )
+                self.rounds.append(finished.result)
+                self._publish_metrics(trainer)
+            except Exception as err:
+                self._failed(job.key, err)
+
+    def _explain_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On resume: explain the round the checkpoint saved while it was still in the background.
+
+        Only when the checkpoint's weights are the recording's (saved at the end of the same epoch, or at the same
+        global step under step-based validation), restricted to the layers this explainer explains now.
+        """
+        key, self._pending_round = self._pending_round, None
+        recording = self.last_recording
+        if key is None or recording is None or recording.epoch != key or self._disabled:
+            return
+        saved_at = self._checkpoint_step if _step_based(trainer) else self._checkpoint_epoch
+        layers = {name: lt for name, lt in recording.layers.items() if name in (self.layer_names or [])}
+        if saved_at != key or not layers:
+            rank_zero_warn(
+                f"NeuronExplainer[{self.identity}]: round {key} was still being explained when the checkpoint was "
+                "saved, and cannot be explained again on resume (the checkpoint's weights or layers differ)"
+            )
+            return
+        self._explain(trainer, pl_module, dataclasses.replace(recording, layers=layers))
+
+    def _settle(self, trainer: pl.Trainer) -> None:
+        """Wait for the round in the background and file it."""
+        self._background.wait()
+        self._drain(trainer)
 
     def _publish_metrics(self, trainer: pl.Trainer) -> None:
         """Put the round's per-layer figures into ``trainer.callback_metrics`` (EarlyStopping, ModelCheckpoint)."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch import nn
 
+from lightning_neurons.explanation.embedding_cache import DEFAULT_CACHE_MB
 from lightning_neurons.explanation.pipeline import ExplainConfig
 
 if TYPE_CHECKING:
@@ -186,6 +187,34 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class SpeedConfig:
+    """How rounds are run so that training waits as little as possible (README, "Speed").
+
+    Args:
+        async_explain: Explain in a background thread while training continues, where that is safe (one process,
+            ``trainer.fit``, an uncompiled model, a map-style probe dataset, no callback monitoring this explainer's
+            metrics); elsewhere rounds run in the validation hook as before.
+        when_busy: When a scheduled round comes while the previous one is still being explained in the background:
+            ``"wait"`` for it (every scheduled round is explained) or ``"skip"`` the new one with a warning.
+        embedding_cache_mb: Bound in MiB of the cache of region embeddings kept across rounds (least recently
+            used first out); ``None``: no cache.
+
+    Example:
+        >>> SpeedConfig().async_explain, SpeedConfig().embedding_cache_bytes > 0
+        (True, True)
+    """
+
+    async_explain: bool = True
+    when_busy: Literal["wait", "skip"] = "wait"
+    embedding_cache_mb: float | None = DEFAULT_CACHE_MB
+
+    @property
+    def embedding_cache_bytes(self) -> int:
+        """The cache bound in bytes (0: no cache)."""
+        return int(self.embedding_cache_mb * 2**20) if self.embedding_cache_mb else 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Every setting of an explanation run, validated once.
 
@@ -197,6 +226,7 @@ class RunConfig:
         output: Where and what is written.
         schedule: When rounds are explained.
         on_error: ``"warn"`` (a failed round is logged, training goes on) or ``"raise"``.
+        speed: Background explanation and the region-embedding cache.
     """
 
     recording: RecordingConfig
@@ -206,6 +236,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     on_error: Literal["warn", "raise"] = "warn"
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     @property
     def evaluate(self) -> bool:
@@ -261,6 +292,10 @@ class RunConfig:
         name: str | None = None,
         forward_fn: ForwardFn | None = None,
         projector: bool = False,
+        async_explain: bool = True,
+        when_busy: str = "wait",
+        embedding_cache: bool = True,
+        embedding_cache_mb: float = DEFAULT_CACHE_MB,
     ) -> RunConfig:
         """Validate the flat arguments of :class:`~lightning_neurons.NeuronExplainer` and build the value.
 
@@ -349,6 +384,15 @@ class RunConfig:
         )
         _check(forward_fn is None or callable(forward_fn), f"forward_fn must be a callable, got {forward_fn!r}")
         _check(isinstance(multi_concept, bool), f"multi_concept must be True or False, got {multi_concept!r}")
+        _check(isinstance(async_explain, bool), f"async_explain must be True or False, got {async_explain!r}")
+        _check_choice("when_busy", when_busy, ("wait", "skip"))
+        _check(isinstance(embedding_cache, bool), f"embedding_cache must be True or False, got {embedding_cache!r}")
+        _check(
+            isinstance(embedding_cache_mb, (int, float))
+            and not isinstance(embedding_cache_mb, bool)
+            and embedding_cache_mb > 0,
+            f"embedding_cache_mb must be a number > 0 (MiB), got {embedding_cache_mb!r}",
+        )
 
         recording = RecordingConfig(
             layers=list(layers) if isinstance(layers, (list, tuple)) else layers,
@@ -405,6 +449,11 @@ class RunConfig:
                 every_n_val_passes=every_n_val_passes,
             ),
             on_error=on_error,  # type: ignore[arg-type]
+            speed=SpeedConfig(
+                async_explain=async_explain,
+                when_busy=when_busy,  # type: ignore[arg-type]
+                embedding_cache_mb=float(embedding_cache_mb) if embedding_cache else None,
+            ),
         )
 
 
@@ -483,4 +532,5 @@ __all__ = [
     "RecordingConfig",
     "RunConfig",
     "ScheduleConfig",
+    "SpeedConfig",
 ]

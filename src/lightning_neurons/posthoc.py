@@ -156,11 +156,11 @@ def explain_checkpoints(
 
 def _check_epoch_given(output_dir: Path) -> None:
     """A one-off round (no epoch) goes to epoch 0: refuse where that would replace a folder's own epoch 0."""
-    from lightning_neurons.drift.history import HISTORY_FILENAME, load_history
+    from lightning_neurons.drift.history import load_history
+    from lightning_neurons.session import _holds_history
 
-    path = output_dir / HISTORY_FILENAME
-    if path.is_file() and path.stat().st_size > 0:
-        epochs = load_history(path).epochs
+    if _holds_history(output_dir):
+        epochs = load_history(output_dir).epochs
         if epochs:
             raise ValueError(
                 f"{output_dir} already holds the rounds of epochs {epochs}: pass epoch= (the epoch of these weights) "

@@ -32,6 +32,7 @@ from lightning_neurons.concepts.concept_set import ConceptSet
 from lightning_neurons.config import RunConfig
 from lightning_neurons.drift.baseline import settings_warning
 from lightning_neurons.drift.history import HISTORY_FILENAME, STORE_DIRNAME, RunHistory
+from lightning_neurons.explanation.embedding_cache import RegionEmbeddingCache
 from lightning_neurons.explanation.pipeline import explain_recording
 from lightning_neurons.identity import new_run_id, round_identity, settings_fingerprint
 from lightning_neurons.logging.base import RoundOutput, RoundWriter
@@ -67,6 +68,10 @@ class ExplanationSession:
         self.output_dir: Path | None = None
         self.writers: list[RoundWriter] = []
         self.last_output: RoundOutput | None = None
+        #: Region embeddings kept across rounds (``None``: ``embedding_cache`` off); made in :meth:`setup`.
+        self.cache: RegionEmbeddingCache | None = None
+        self._evaluation_backend: Backend | None = None
+        self._restored_path: Path | None = None  # the history store a restored checkpoint continues
         #: The run the rounds belong to (:class:`~lightning_neurons.results.RoundIdentity`); the callback sets it.
         self.run_id: str = new_run_id()
         #: Fingerprint and summary of the settings that change what a round means (set in :meth:`setup`).
@@ -95,10 +100,14 @@ class ExplanationSession:
 
         settings = self.config.backend
         backend = load_backend(settings.backend, **dict(settings.backend_kwargs))
-        if not torch.cuda.is_available():
-            # On a CPU, embedding crops dominates a round, and consecutive rounds share many crops.
-            backend = dataclasses.replace(backend, encoder=CachedImageEncoder(backend.encoder))
         self.backend = backend
+        cache_bytes = self.config.speed.embedding_cache_bytes
+        # Embedding crops dominates a round, and consecutive rounds (and layers) share many regions.
+        self.cache = RegionEmbeddingCache(cache_bytes) if cache_bytes else None
+        self._evaluation_backend = backend
+        if cache_bytes and not torch.cuda.is_available():
+            # The evaluation probe's images are not regions of the round: keyed by their pixels (CPU only).
+            self._evaluation_backend = dataclasses.replace(backend, encoder=CachedImageEncoder(backend.encoder))
         names = settings.class_names or (tuple(class_names) if class_names else None)
         self.class_names = list(names) if names else None
         vocabulary = Vocabulary(
@@ -151,8 +160,11 @@ class ExplanationSession:
         if not self._foreign or self.output_dir is None:
             return None
         self._foreign = False
-        if len(self.history):  # a checkpoint restored this run's history: it continues that file
-            self.history.attach(self.output_dir / STORE_DIRNAME)
+        path = self.output_dir / STORE_DIRNAME
+        if len(self.history) or self._restored_path == path:
+            # A checkpoint restored this run's history (maybe still empty: saved while its first round was explained
+            # in the background): it continues that store.
+            self.history.attach(path)
             return None
         if not fresh_folder:
             raise FileExistsError(
@@ -200,6 +212,8 @@ class ExplanationSession:
     ) -> ExplanationRound:
         """Explain a recording, then record and log the round (history, writers, previews, report).
 
+        The same as :meth:`explain_round` followed by :meth:`record_round`.
+
         Args:
             model: The recorded network (in eval mode, under ``no_grad``; the caller restores its mode).
             recording: The round's top-k samples.
@@ -214,6 +228,35 @@ class ExplanationSession:
         Raises:
             RuntimeError: If :meth:`setup` did not run.
         """
+        rnd = self.explain_round(model, recording, source, epoch=epoch, share=share, global_step=global_step)
+        key = recording.epoch if epoch is None else epoch
+        self.record_round(
+            rnd, key=key if key is not None else 0, step=step, keep_later=keep_later, global_step=global_step
+        )
+        return rnd
+
+    def explain_round(
+        self,
+        model: nn.Module,
+        recording: Recording,
+        source: SampleSource,
+        *,
+        epoch: int | None = None,
+        share: WorkShare | None = None,
+        progress: bool = True,
+        global_step: int | None = None,
+    ) -> ExplanationRound:
+        """Explain a recording (and evaluate it with ``evaluate=True``) without recording or writing anything.
+
+        Touches neither the history nor the writers, so a background thread may run it while the main thread
+        trains (:mod:`lightning_neurons.background`); :meth:`record_round` then files the round. ``progress=False``
+        hides the progress bars (a background round does not draw over the trainer's). The round's identity (run,
+        weights of ``model``, epoch, ``global_step``, settings) is stamped here, from the model it was explained
+        with.
+
+        Raises:
+            RuntimeError: If :meth:`setup` did not run.
+        """
         if self.backend is None or self.concepts is None:
             raise RuntimeError("ExplanationSession.setup must run before explain")
         start = time.perf_counter()
@@ -221,7 +264,7 @@ class ExplanationSession:
         explain_config = dataclasses.replace(
             self.config.explain,
             preview_units=_preview_units(recording, self.config.output.log_units),
-            show_progress=self.config.output.show_progress and self.writes,
+            show_progress=self.config.output.show_progress and self.writes and progress,
         )
         rnd = explain_recording(
             model,
@@ -233,6 +276,7 @@ class ExplanationSession:
             epoch=key,
             class_names=self.class_names,
             share=share,
+            cache=self.cache,
         )
         if self.config.evaluate:
             rnd.evaluation = self._evaluate(model, rnd, recording, source)
@@ -241,8 +285,27 @@ class ExplanationSession:
                 rnd.meta["evaluation_baselines"] = rnd.evaluation.baselines
         rnd.meta.setdefault("timings", {})["total_s"] = round(time.perf_counter() - start, 3)
         rnd.identity = round_identity(self.run_id, model, epoch=key, step=global_step, settings=self.settings)
-        self._record(rnd, key if key is not None else 0, step, keep_later, global_step)
         return rnd
+
+    def record_round(
+        self,
+        rnd: ExplanationRound,
+        *,
+        key: int,
+        step: int | None = None,
+        keep_later: bool = False,
+        global_step: int | None = None,
+    ) -> None:
+        """File a round explained by :meth:`explain_round`: history, drift, previews, report and every writer.
+
+        Args:
+            rnd: The round.
+            key: The key it is filed under (its epoch, or global step under step-based validation).
+            step: The step the loggers file it under (default: the key).
+            keep_later: Replace an earlier epoch and keep the later ones (see :meth:`explain`).
+            global_step: The trainer's global step when the round was recorded.
+        """
+        self._record(rnd, key, step, keep_later, global_step)
 
     def _evaluate(
         self, model: nn.Module, rnd: ExplanationRound, recording: Recording, source: SampleSource
@@ -265,6 +328,7 @@ class ExplanationSession:
         )
 
         assert self.backend is not None and self.concepts is not None and self.config.evaluation is not None
+        backend = self._evaluation_backend or self.backend
         config = self.config.evaluation
         seed = self.config.recording.seed
         explained = explained_sample_ids(rnd)
@@ -279,7 +343,7 @@ class ExplanationSession:
         layers = list(recording.layers)
         # One probe (activations, image embeddings, ablation drops) serves the round and every baseline.
         exclude = None if isinstance(data, tuple) else explained  # iterable dataset: stream positions are the ids
-        probe = probe_for(model, data, layers, self.backend, config, exclude_ids=exclude)
+        probe = probe_for(model, data, layers, backend, config, exclude_ids=exclude)
         texts, embeddings = list(self.concepts.texts), self.concepts.embeddings
         assert probe.image_embeddings is not None
         constant = generic_concepts(None, texts, probe.image_embeddings, n=5, text_embeddings=embeddings)
@@ -289,16 +353,16 @@ class ExplanationSession:
         }
         if self.class_names and recording.labels and all(i in recording.labels for i in explained):
             rounds["label"] = label_baseline(rnd, recording.labels, self.class_names)
-        metrics = evaluate_round(model, rnd, probe, self.backend, layers, self.class_names, config=config)
+        metrics = evaluate_round(model, rnd, probe, backend, layers, self.class_names, config=config)
         baselines: dict[str, dict[str, Any]] = {}
         with warnings.catch_warnings():
             # evaluate_round's small-probe warning spoke once, for the explanations; not again per baseline.
             warnings.simplefilter("ignore", UserWarning)
             for name, baseline in rounds.items():
                 baselines[name] = evaluate_round(
-                    model, baseline, probe, self.backend, layers, self.class_names, config=config
+                    model, baseline, probe, backend, layers, self.class_names, config=config
                 )
-        return RoundEvaluation(self.backend.name, metrics, baselines)
+        return RoundEvaluation(backend.name, metrics, baselines)
 
     def _record(
         self, rnd: ExplanationRound, key: int, step: int | None, keep_later: bool, global_step: int | None
@@ -366,6 +430,8 @@ class ExplanationSession:
         round starts a new drift baseline).
         """
         if "history" in state:
+            store = state["history"].get("store") if isinstance(state["history"], dict) else None
+            self._restored_path = Path(store["path"]) if isinstance(store, dict) and "path" in store else None
             self.history.load_state_dict(state["history"])
             if self.output_dir is not None and self.writes and not self._foreign:
                 self.history.attach(self.output_dir / STORE_DIRNAME)
@@ -402,7 +468,9 @@ class ExplanationSession:
         self.history.close()  # releases the history file's lock
         self.output_dir = None
         self.backend = None
+        self._evaluation_backend = None
         self.concepts = None
+        self.cache = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

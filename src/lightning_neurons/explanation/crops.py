@@ -18,15 +18,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from lightning_neurons.backends.base import ImageTextEncoder
+from lightning_neurons.explanation.embedding_cache import RegionEmbeddingCache, embed_regions
 from lightning_neurons.explanation.forward import ForwardResult, LayerMaps
 from lightning_neurons.explanation.seeding import layer_generator
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.recording.types import LayerTopK
 from lightning_neurons.regions import (
-    crop_batches,
     crop_images,
     crop_masks,
     dedupe_boxes,
@@ -258,6 +257,7 @@ def embed_crops(
     regions: Regions,
     cfg: ExplainConfig,
     share: WorkShare | None = None,
+    cache: RegionEmbeddingCache | None = None,
 ) -> CropEmbeddings:
     """Embed the unique crops, then the control crops; under DDP each rank embeds its chunk and all gather.
 
@@ -267,6 +267,7 @@ def embed_crops(
         regions: The unique crops.
         cfg: ``crop_size``, ``encoder_batch_size``, control-crop settings.
         share: This rank's share of the work (``None``: this process embeds every crop).
+        cache: Embeddings of regions seen in earlier rounds (or layers); only the others are embedded.
     """
     ctrl_bank, ctrl_boxes, ctrl_rows = control_crops(forward, regions.boxes, cfg, regions.spans)
     # The whole images of the other fetched samples (top samples outside the reservoir), for the score and the
@@ -291,26 +292,57 @@ def embed_crops(
         # DDP: each rank embeds one contiguous chunk of the crops; one gather gives every rank all embeddings.
         part = share.chunk(jobs_bank.numel())
         mine = slice(part.start, part.stop)
-        local = _embed(encoder, forward.bank, jobs_bank[mine], jobs_boxes[mine], cfg)
+        local = embed_region_crops(encoder, forward, jobs_bank[mine], jobs_boxes[mine], cfg, cache)
         embeddings = share.gather_rows(local, jobs_bank.numel())
     else:
-        embeddings = _embed(encoder, forward.bank, jobs_bank, jobs_boxes, cfg)
+        embeddings = embed_region_crops(encoder, forward, jobs_bank, jobs_boxes, cfg, cache)
     return CropEmbeddings(embeddings, num_unique, num_control, layer_controls, whole_rows)
 
 
-def _embed(encoder: ImageTextEncoder, bank: Tensor, bank_idx: Tensor, boxes: Tensor, cfg: ExplainConfig) -> Tensor:
-    """Cut and embed crops in encoder-sized batches; returns CPU float32 ``[n, D]``."""
-    out: list[Tensor] = []
-    total = -(-bank_idx.numel() // cfg.encoder_batch_size)
-    # On CUDA the next batch is cut on a side stream while the encoder works on this one (regions.crop_batches).
-    batches = crop_batches(bank, bank_idx, boxes, cfg.crop_size, cfg.encoder_batch_size)
-    progress = tqdm(batches, total=total, desc="explain: embed crops", disable=not cfg.show_progress, leave=False)
-    with torch.no_grad():
-        for crops in progress:
-            out.append(encoder.encode_images(crops).float().cpu())
-    if not out:
-        return torch.empty(0, 0)
-    return torch.cat(out)
+def embed_region_crops(
+    encoder: ImageTextEncoder,
+    forward: ForwardResult,
+    bank_rows: Tensor,
+    boxes: Tensor,
+    cfg: ExplainConfig,
+    cache: RegionEmbeddingCache | None = None,
+) -> Tensor:
+    """Embed any regions of the round's images (top crops, control crops, whole images); CPU float32 ``[n, D]``.
+
+    A whole image is the box ``(0, 0, W, H)``. With a ``cache`` only regions not embedded before are encoded.
+
+    Args:
+        encoder: The image encoder.
+        forward: The image bank and its sample ids.
+        bank_rows: int64 ``[n]`` bank row of each region.
+        boxes: int64 ``[n, 4]`` boxes in input pixels.
+        cfg: ``crop_size``, ``encoder_batch_size``, ``show_progress``.
+        cache: The session's region cache, or ``None``.
+    """
+    if cache is None:
+        return embed_regions(
+            encoder, forward.bank, bank_rows, boxes, cfg.crop_size, cfg.encoder_batch_size, cfg.show_progress
+        )
+    keys = forward.sample_keys()
+    return cache.embed(
+        encoder,
+        forward.bank,
+        bank_rows,
+        boxes,
+        keys,
+        crop_size=cfg.crop_size,
+        batch_size=cfg.encoder_batch_size,
+        show_progress=cfg.show_progress,
+    )
 
 
-__all__ = ["CropEmbeddings", "Previews", "Regions", "control_crops", "embed_crops", "find_regions", "preview_units"]
+__all__ = [
+    "CropEmbeddings",
+    "Previews",
+    "Regions",
+    "control_crops",
+    "embed_crops",
+    "embed_region_crops",
+    "find_regions",
+    "preview_units",
+]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -131,6 +132,16 @@ class ForwardResult:
     def bank_rows(self, sample_ids: Tensor) -> Tensor:
         """Rows of ``bank`` holding the given (present) sample ids."""
         return torch.searchsorted(self.ids, sample_ids.to(self.device))
+
+    def sample_keys(self) -> list[tuple[int, int, int]]:
+        """Per bank row, the region cache's key of its sample: id and pixel fingerprints (computed once)."""
+        return self._sample_keys
+
+    @cached_property
+    def _sample_keys(self) -> list[tuple[int, int, int]]:
+        from lightning_neurons.explanation.embedding_cache import RegionEmbeddingCache
+
+        return RegionEmbeddingCache.sample_keys(self.ids, self.bank)
 
 
 class _MapKeeper:

