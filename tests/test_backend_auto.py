@@ -22,12 +22,12 @@ TINY_CFG = {
 
 @pytest.fixture
 def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty hub cache and home (no open_clip download folder either), offline, the warning memory cleared."""
+    """An empty hub cache and open_clip download folder, offline, the warning memory cleared."""
     cache = tmp_path / "hub"
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(auto_module, "OPEN_CLIP_URL_CACHE", tmp_path / "clip")
     monkeypatch.setattr(auto_module, "_WARNED", set())
     return cache
 

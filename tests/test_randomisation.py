@@ -36,4 +36,7 @@ def test_reduced_randomisation_table_structure() -> None:
         assert abs(sum(shares[k] for k in (*UNIT_KINDS, "legacy") if k in shares) - 1.0) < 1e-6
     checks = out["checks"]["smallcnn"]["conse_classes"]
     assert checks["random_concept_at_most_0.1"] == (row["random"]["concept"] <= 0.1)
+    # Robust as measured: 0 random units of kind concept on seeds 0 and 1 of this reduced run, and in every cell of
+    # benchmarks/results/randomisation.json (SmallCNN 32 units, MobileNetV2 160 units, both encoders).
+    assert row["random"]["concept"] <= 0.1
     assert set(out["setup"]["timings_s"]) == {"smallcnn/conse_classes/trained", "smallcnn/conse_classes/random"}

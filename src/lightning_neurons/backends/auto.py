@@ -31,6 +31,9 @@ from typing import Literal
 
 from lightning_neurons.backends.clip import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
+#: open_clip's own download folder for the weights it fetches by URL (its default ``cache_dir``).
+OPEN_CLIP_URL_CACHE = Path("~/.cache/clip")
+
 #: Weight files of an open_clip checkpoint on the Hugging Face hub, preferred first (open_clip's own names).
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -152,8 +155,7 @@ def weights_cached(model_name: str, pretrained: str | None, cache_dir: Path) -> 
             return True
     url = str(cfg.get("url") or "")
     if url:
-        # open_clip's own download folder for weights fetched by URL.
-        return (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file()
+        return (OPEN_CLIP_URL_CACHE.expanduser() / os.path.basename(url)).is_file()
     return False
 
 
@@ -230,6 +232,7 @@ def fallback_warning(reason: str) -> None:
 __all__ = [
     "FALLBACK_MESSAGE",
     "HF_WEIGHT_FILES",
+    "OPEN_CLIP_URL_CACHE",
     "PREFETCH_COMMAND",
     "AutoBackendWarning",
     "AutoChoice",
