@@ -80,11 +80,11 @@ def explainer(encoder, **kwargs):
     return NeuronExplainer(backend=Backend(name="stats", encoder=encoder), **kwargs)
 
 
-def fit(tmp_path, callbacks, max_epochs=2, loggers=None, **kwargs):
-    trainer = pl.Trainer(
+def quiet_trainer(tmp_path, callbacks, max_epochs=2, logger=False, **kwargs):
+    return pl.Trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
-        logger=loggers if loggers is not None else TensorBoardLogger(tmp_path, name="run"),
+        logger=logger,
         default_root_dir=tmp_path,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
@@ -92,6 +92,11 @@ def fit(tmp_path, callbacks, max_epochs=2, loggers=None, **kwargs):
         num_sanity_val_steps=0,
         **kwargs,
     )
+
+
+def fit(tmp_path, callbacks, max_epochs=2, loggers=None, **kwargs):
+    logger = loggers if loggers is not None else TensorBoardLogger(tmp_path, name="run")
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs, logger, **kwargs)
     trainer.fit(Tiny(), *loaders())
     return trainer
 
@@ -159,16 +164,7 @@ def test_worker_failure_warns_and_training_goes_on(tmp_path):
 def test_worker_failure_raises_on_the_main_thread_with_on_error_raise(tmp_path):
     cb = explainer(GatedEncoder(fail=True), on_error="raise")
     model = Tiny()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, [cb], max_epochs=3)
     with pytest.raises(RuntimeError, match="encoder exploded in the worker"):
         trainer.fit(model, *loaders())
     assert trainer.current_epoch < 3 and cb.rounds == []
@@ -191,16 +187,7 @@ def test_checkpoint_taken_while_a_round_is_in_flight_holds_finished_rounds_only(
     resumed = explainer(StatsEncoder(), history_dir=str(tmp_path / "hist"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(
-            max_epochs=3,
-            callbacks=[resumed],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=tmp_path,
-        )
+        trainer = quiet_trainer(tmp_path, [resumed], max_epochs=3)
         trainer.fit(Tiny(), *loaders(), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
     # the round in flight at the checkpoint is explained again on resume (the checkpoint has its weights), then
     # the later ones; the file's rounds are whole, each epoch once
