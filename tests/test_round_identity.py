@@ -312,12 +312,17 @@ class TamperWithHistory(pl.Callback):
     up would)."""
 
     def __init__(self, explainer, how):
-        self.explainer, self.how = explainer, how
+        self.explainer, self.how, self.done = explainer, how, False
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch != 1:
+        if trainer.current_epoch < 1 or self.done:
             return
-        (path,) = self.explainer.outputs()["History"].glob("round-*.parquet")  # epoch 0's round
+        session = self.explainer.session
+        rounds = sorted((session.output_dir / "history").glob("round-*.parquet")) if session else []
+        if not rounds:  # epoch 0's round is not written yet (explained in the background): next epoch then
+            return
+        self.done = True
+        path = rounds[0]
         if self.how == "delete":
             path.unlink()
         else:
