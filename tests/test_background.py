@@ -281,3 +281,16 @@ def test_cache_is_bounded_by_bytes():
         batch_size=2,
     )
     assert cache.misses == 5
+
+
+def test_the_explainer_pickles_for_ddp_spawn_without_its_worker():
+    # ddp_spawn pickles the Trainer's callbacks; the worker's thread lock made that fail ("cannot pickle
+    # '_thread.lock' object") once background rounds were on by default.
+    import pickle
+
+    from lightning_neurons import NeuronExplainer
+
+    explainer = NeuronExplainer(layers=["net.0"])
+    twin = pickle.loads(pickle.dumps(explainer))
+    assert twin._background.outstanding is None and not twin._background.busy
+    assert twin._background.collect() == []  # its lock works in the new process
