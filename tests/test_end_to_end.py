@@ -189,5 +189,9 @@ def test_validate_after_fit_continues_the_same_history(tmp_path):
         warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec|log_every_n_steps).*")
         trainer.validate(model, data)
     history = load_history(Path(trainer.log_dir) / "neurons")
-    assert history.epochs == [0, 1] and explainer.num_hooks == 0
-    assert [r.epoch for r in explainer.rounds] == [0, 1]
+    # validate after fit files its round under the epoch that last trained the weights (round identity): epoch 0
+    # of a one-epoch fit, the same weights as fit's round, so it replaces that epoch instead of adding an epoch 1.
+    assert history.epochs == [0] and explainer.num_hooks == 0
+    assert len(history) == len(explainer.rounds[-1].units)  # replaced, not duplicated
+    assert [r.epoch for r in explainer.rounds] == [0, 0]
+    assert explainer.rounds[0].identity.weights == explainer.rounds[1].identity.weights
