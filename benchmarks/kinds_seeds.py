@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,18 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args(argv)
 
-    import dataclasses
-
     import torch
-    from torch.utils.data import ConcatDataset, DataLoader
-    from torchvision.models import mobilenet_v2
 
-    from lightning_neurons.backends import load_backend
-    from lightning_neurons.backends.embedded import load_mobilenet
-    from lightning_neurons.benchmark.quality import MemoEncoder
-    from lightning_neurons.benchmark.scenes import SceneCrops, split_classes
-    from lightning_neurons.concepts.vocabulary import Vocabulary
-    from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD
+    from lightning_neurons.benchmark.common import mobilenets, save_json, scene_probe
     from lightning_neurons.explanation.pipeline import explain_recording
     from lightning_neurons.explanation.settings import ExplainConfig
     from lightning_neurons.recording.recorder import collect_top_k
@@ -53,17 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     from lightning_neurons.results import UNIT_KINDS
 
     torch.set_num_threads(1)  # the benchmark machines are shared
-    data = ConcatDataset(
-        [SceneCrops(split_classes(s), args.per_class, 128, seed=7) for s in ("development", "held_out")]
-    )
-    loader = DataLoader(data, batch_size=32)
-    loaded = load_backend("embedded", device="cpu", generator=False)
-    backend = dataclasses.replace(loaded, encoder=MemoEncoder(loaded.encoder))  # each crop embedded once
-    vocabulary = Vocabulary(["general"], exclude_general=loaded.basis_concepts, show_progress=False)
-    torch.manual_seed(0)
-    networks = {"pretrained": load_mobilenet("cpu"), "random": mobilenet_v2().eval()}
+    probe = scene_probe(args.per_class)
+    loader = probe.loader
+    networks = mobilenets()
     selection = args.selection or ExplainConfig().selection
-    result: dict = {"layer": args.layer, "images": len(data), "seeds": args.seeds, "selection": selection}
+    result: dict = {"layer": args.layer, "images": len(probe.data), "seeds": args.seeds, "selection": selection}
     for name in args.networks:
         net = networks[name]
         rounds = []
@@ -72,15 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             recording = collect_top_k(
                 net, loader, [args.layer], args.top_k, reservoir_size=args.reservoir, seed=seed, show_progress=False
             )
-            cfg = ExplainConfig(
-                image_mean=IMAGE_MEAN,
-                image_std=IMAGE_STD,
-                show_progress=False,
-                preview_units={},
-                seed=seed,
-                selection=selection,
-            )
-            rnd = explain_recording(net, recording, DataLoaderSampleSource(loader), backend, vocabulary, cfg)
+            cfg = probe.config(seed=seed, selection=selection)
+            source = DataLoaderSampleSource(loader)
+            rnd = explain_recording(net, recording, source, probe.backend, probe.vocabulary, cfg)
             rounds.append((rnd.layer(args.layer), time.perf_counter() - start, rnd.meta["timings"]))
         first = rounds[0][0]
         n = len(first)
@@ -108,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             "examples": [(u.unit, u.kind, u.shown, round(u.score, 3), u.low_level) for u in first[:12]],
         }
         print(json.dumps({name: result[name]}, indent=1), flush=True)
-    text = json.dumps(result, indent=1)
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
+    print(save_json(result, args.output))
     return 0
 
 

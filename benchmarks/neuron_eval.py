@@ -15,7 +15,6 @@ writes benchmarks/results/neuron_eval.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -48,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from lightning_neurons.benchmark.common import machine, save_json
     from lightning_neurons.benchmark.neuron_eval import NeuronEvalConfig, run_neuron_eval
 
     torch.set_num_threads(args.threads)
@@ -64,12 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         frequencies=tuple(None if f == "natural" else float(f) for f in args.frequencies),
     )
     out = run_neuron_eval(config)
-    out["setup"]["machine"] = f"{os.cpu_count()} CPU cores (shared), torch threads {args.threads}"
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+    out["setup"]["machine"] = machine(args.threads)
+    print(save_json(out, args.output))
     print(_table(out), file=sys.stderr)
     return 0
 

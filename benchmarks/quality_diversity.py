@@ -16,9 +16,7 @@ others are shown as "no clear concept").
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,37 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
 
     import torch
-    from torch.utils.data import ConcatDataset, DataLoader
-    from torchvision.models import mobilenet_v2
 
-    from lightning_neurons.backends import load_backend
-    from lightning_neurons.backends.embedded import load_mobilenet
-    from lightning_neurons.benchmark.quality import MemoEncoder, description_diversity
-    from lightning_neurons.benchmark.scenes import SceneCrops, split_classes
-    from lightning_neurons.concepts.vocabulary import Vocabulary
-    from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD
+    from lightning_neurons.benchmark.common import mobilenets, save_json, scene_probe
+    from lightning_neurons.benchmark.quality import description_diversity
     from lightning_neurons.explanation.pipeline import explain_recording
-    from lightning_neurons.explanation.settings import ExplainConfig
     from lightning_neurons.recording.recorder import collect_top_k
     from lightning_neurons.recording.samples import DataLoaderSampleSource
 
     torch.set_num_threads(1)  # the benchmark machines are shared
-    data = ConcatDataset(
-        [SceneCrops(split_classes(s), args.per_class, 128, seed=7) for s in ("development", "held_out")]
-    )
-    loader = DataLoader(data, batch_size=32)
-    loaded = load_backend("embedded", device="cpu", generator=False)
-    backend = dataclasses.replace(loaded, encoder=MemoEncoder(loaded.encoder))  # each crop embedded once
-    vocabulary = Vocabulary(["general"], exclude_general=loaded.basis_concepts, show_progress=False)
-    cfg = ExplainConfig(image_mean=IMAGE_MEAN, image_std=IMAGE_STD, show_progress=False, preview_units={})
+    probe = scene_probe(args.per_class)
+    loader, backend, vocabulary = probe.loader, probe.backend, probe.vocabulary
+    cfg = probe.config(confidence_samples=256)  # the deprecated confidence this script reports (its old default)
     if args.frequency_penalty is not None:
         cfg = dataclasses.replace(cfg, frequency_penalty=args.frequency_penalty)
     threshold = cfg.confidence_threshold
-    torch.manual_seed(0)
-    networks = {"pretrained": load_mobilenet("cpu"), "random": mobilenet_v2().eval()}
+    networks = mobilenets()
     result: dict = {
         "layer": args.layer,
-        "images": len(data),
+        "images": len(probe.data),
         "confidence_threshold": threshold,
         "frequency_penalty": cfg.frequency_penalty,
     }
@@ -81,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mean_confidence": float(conf.mean()),
                 "above_threshold": float((conf > threshold).float().mean()),
             }
-    text = json.dumps(result, indent=1)
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
+    print(save_json(result, args.output))
     return 0
 
 

@@ -14,7 +14,6 @@ whether the random network stays at or below 10% "concept" while the trained one
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -38,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from lightning_neurons.benchmark.common import machine, save_json
     from lightning_neurons.benchmark.randomisation import RandomisationConfig, run_randomisation
 
     torch.set_num_threads(args.threads)
@@ -49,12 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         probe_per_class=args.probe_per_class,
     )
     out = run_randomisation(config)
-    out["setup"]["machine"] = f"{os.cpu_count()} CPU cores (shared), torch threads {args.threads}"
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+    out["setup"]["machine"] = machine(args.threads)
+    print(save_json(out, args.output))
     return 0
 
 

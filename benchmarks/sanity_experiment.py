@@ -132,16 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default='[{}]', help="JSON list of score_layer option dicts")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args(argv)
+    from lightning_neurons.benchmark.common import save_json
+
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
     for seed in args.seeds:
         data = _cache(args.split, seed, Path(args.cache))
         for settings in json.loads(args.settings):
             out.setdefault(json.dumps(settings), {})[seed] = _evaluate(data, settings)
-    text = json.dumps({"split": args.split, "results": out}, indent=1)
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
+    print(save_json({"split": args.split, "results": out}, args.output))
     return 0
 
 

@@ -271,11 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="fewer, smaller photos, 2 epochs (busy machines)")
     parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    from lightning_neurons.benchmark.common import save_json
+
     result = run(args.jobs, args.quick, args.variants, Path(args.output) if args.output else None, args.small)
-    text = json.dumps(result, indent=1)
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text)
+    print(save_json(result, args.output))
     return 0
 
 

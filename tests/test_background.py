@@ -19,31 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _cheap import StatsEncoder
+from _tiny import Tiny
 from lightning_neurons import NeuronExplainer, load_history
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.background import frozen_copy
 
 UNITS = 8 + 3  # features.2 (8 channels) + head (3 units)
-
-
-class Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.features(x).amax(dim=(2, 3)))
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def loaders():
@@ -99,11 +80,11 @@ def explainer(encoder, **kwargs):
     return NeuronExplainer(backend=Backend(name="stats", encoder=encoder), **kwargs)
 
 
-def fit(tmp_path, callbacks, max_epochs=2, loggers=None, **kwargs):
-    trainer = pl.Trainer(
+def quiet_trainer(tmp_path, callbacks, max_epochs=2, logger=False, **kwargs):
+    return pl.Trainer(
         max_epochs=max_epochs,
         callbacks=callbacks,
-        logger=loggers if loggers is not None else TensorBoardLogger(tmp_path, name="run"),
+        logger=logger,
         default_root_dir=tmp_path,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
@@ -111,6 +92,11 @@ def fit(tmp_path, callbacks, max_epochs=2, loggers=None, **kwargs):
         num_sanity_val_steps=0,
         **kwargs,
     )
+
+
+def fit(tmp_path, callbacks, max_epochs=2, loggers=None, **kwargs):
+    logger = loggers if loggers is not None else TensorBoardLogger(tmp_path, name="run")
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs, logger, **kwargs)
     trainer.fit(Tiny(), *loaders())
     return trainer
 
@@ -178,16 +164,7 @@ def test_worker_failure_warns_and_training_goes_on(tmp_path):
 def test_worker_failure_raises_on_the_main_thread_with_on_error_raise(tmp_path):
     cb = explainer(GatedEncoder(fail=True), on_error="raise")
     model = Tiny()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, [cb], max_epochs=3)
     with pytest.raises(RuntimeError, match="encoder exploded in the worker"):
         trainer.fit(model, *loaders())
     assert trainer.current_epoch < 3 and cb.rounds == []
@@ -210,16 +187,7 @@ def test_checkpoint_taken_while_a_round_is_in_flight_holds_finished_rounds_only(
     resumed = explainer(StatsEncoder(), history_dir=str(tmp_path / "hist"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(
-            max_epochs=3,
-            callbacks=[resumed],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=tmp_path,
-        )
+        trainer = quiet_trainer(tmp_path, [resumed], max_epochs=3)
         trainer.fit(Tiny(), *loaders(), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
     # the round in flight at the checkpoint is explained again on resume (the checkpoint has its weights), then
     # the later ones; the file's rounds are whole, each epoch once
@@ -313,3 +281,16 @@ def test_cache_is_bounded_by_bytes():
         batch_size=2,
     )
     assert cache.misses == 5
+
+
+def test_the_explainer_pickles_for_ddp_spawn_without_its_worker():
+    # ddp_spawn pickles the Trainer's callbacks; the worker's thread lock made that fail ("cannot pickle
+    # '_thread.lock' object") once background rounds were on by default.
+    import pickle
+
+    from lightning_neurons import NeuronExplainer
+
+    explainer = NeuronExplainer(layers=["net.0"])
+    twin = pickle.loads(pickle.dumps(explainer))
+    assert twin._background.outstanding is None and not twin._background.busy
+    assert twin._background.collect() == []  # its lock works in the new process

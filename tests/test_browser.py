@@ -6,26 +6,20 @@ real MiniLM text embedder, so that the similarities shown are realistic).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
+from _browser import CHROMIUM, chromium, get_json, running_tensorboard, wait_for
 from _rounds import bow_embed, make_real_round
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME
 from lightning_neurons.logging.tensorboard import TENSORBOARD_SAMPLES_FLAG, NeuronTensorBoardLogger
 
-CHROMIUM = "/usr/bin/chromium"
 # "=0" ("keep everything") makes TensorBoard 2.21's text and image plugins return no samples at all.
 SAMPLES = TENSORBOARD_SAMPLES_FLAG
 
@@ -56,76 +50,19 @@ def _write_run(run_dir: Path) -> None:
             tb.save_previews(rnd, run_dir / PREVIEWS_DIRNAME)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return json.loads(r.read())
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tensorboard exited with {proc.returncode}")
-        try:
-            if _get_json(url):
-                return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"tensorboard did not answer {url} within {timeout} s")
-
-
 def _screenshot(url: str, path: Path, profile: Path, size: str = "1400,1000") -> None:
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        f"--window-size={size}",
-        "--hide-scrollbars",
-        "--virtual-time-budget=10000",
-        f"--screenshot={path}",
-        url,
-    ]
-    subprocess.run(cmd, check=True, timeout=60, capture_output=True)
+    chromium(url, profile, f"--screenshot={path}", size=size, budget_ms=10000, timeout=60)
     assert path.is_file()
 
 
 def test_tensorboard_dashboards_show_neuron_tags(tmp_path):
     logdir = tmp_path / "logs"
     _write_run(logdir / "version_0")
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tensorboard.main",
-        "--logdir",
-        str(logdir),
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        SAMPLES,
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_ready(proc, f"{base}/data/plugin/scalars/tags")
-        text_tags = _get_json(f"{base}/data/plugin/text/tags")["version_0"]
-        image_tags = _get_json(f"{base}/data/plugin/images/tags")["version_0"]
-        scalar_tags = _get_json(f"{base}/data/plugin/scalars/tags")["version_0"]
+    with running_tensorboard(logdir, SAMPLES) as (proc, base):
+        wait_for(proc, lambda: get_json(f"{base}/data/plugin/scalars/tags", timeout=5), 30.0, "answer")
+        text_tags = get_json(f"{base}/data/plugin/text/tags")["version_0"]
+        image_tags = get_json(f"{base}/data/plugin/images/tags")["version_0"]
+        scalar_tags = get_json(f"{base}/data/plugin/scalars/tags")["version_0"]
         assert {"neurons/layer3/table/text_summary", "neurons/layer3/0/description/text_summary"} <= set(text_tags)
         assert {"neurons/layer3/0/top_k", "neurons/layer4/1/top_k"} <= set(image_tags)
         assert {
@@ -135,14 +72,14 @@ def test_tensorboard_dashboards_show_neuron_tags(tmp_path):
             "neurons/layer3/0/drift",
         } <= set(scalar_tags)
 
-        table = _get_json(f"{base}/data/plugin/text/text?run=version_0&tag=neurons/layer3/table/text_summary")
+        table = get_json(f"{base}/data/plugin/text/text?run=version_0&tag=neurons/layer3/table/text_summary")
         assert [e["step"] for e in table] == [0, 1, 2, 3, 4]
         assert "<strong>cat face</strong>" in table[2]["text"]  # rendered Markdown, the change in bold
-        images = _get_json(f"{base}/data/plugin/images/images?run=version_0&tag=neurons/layer3/0/top_k")
+        images = get_json(f"{base}/data/plugin/images/images?run=version_0&tag=neurons/layer3/0/top_k")
         assert [e["step"] for e in images] == [0, 1, 2, 3, 4]
-        scores = _get_json(f"{base}/data/plugin/scalars/scalars?run=version_0&tag=neurons/layer3/fraction_changed")
+        scores = get_json(f"{base}/data/plugin/scalars/scalars?run=version_0&tag=neurons/layer3/fraction_changed")
         assert [row[1] for row in scores] == [1, 2, 3, 4]
-        layout = _get_json(f"{base}/data/plugin/custom_scalars/layout")
+        layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
         assert "neurons: layer3" in {c["title"] for c in layout["category"]}
 
         shots = {}
@@ -160,10 +97,3 @@ def test_tensorboard_dashboards_show_neuron_tags(tmp_path):
         if target:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shots["text"], target)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)

@@ -9,13 +9,10 @@ Set ``LIGHTNING_NEURONS_SCREENSHOT_DIR=docs`` to refresh ``docs/neurons_tab.png`
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from importlib.metadata import entry_points
@@ -24,9 +21,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from _browser import CHROMIUM, chromium, get_json, running_tensorboard, wait_for
 from lightning_neurons.drift.history import load_history
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 FIT = Path(__file__).parent / "_fit_run.py"
 KEY = "run/version_0/neurons"  # the explainer's output folder, relative to the logdir
 
@@ -40,17 +37,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
-
-
 def _fit(root: Path, epochs: int, resume: Path | None = None) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, str(FIT), str(root), str(epochs)] + ([] if resume is None else ["--resume", str(resume)])
@@ -58,44 +44,16 @@ def _fit(root: Path, epochs: int, resume: Path | None = None) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _chromium(url: str, profile: Path, *extra: str) -> str:
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--window-size=1400,1000",
-        "--hide-scrollbars",
-        "--virtual-time-budget=20000",
-        *extra,
-        url,
-    ]
-    done = subprocess.run(cmd, check=True, timeout=120, capture_output=True, text=True)
-    return done.stdout
-
-
 def _tab(base: str, **params: object) -> str:
     return f"{base}/data/plugin_entry.html?" + urllib.parse.urlencode({"name": "neurons", **params})
 
 
 def _wait_listed(proc: subprocess.Popen, base: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tensorboard exited with {proc.returncode}")
-        try:
-            listing = _get_json(f"{base}/data/plugins_listing")
-            if listing.get("neurons", {}).get("enabled"):
-                return listing
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("tensorboard did not list an enabled neurons plugin")
+    def listed() -> dict | None:
+        listing = get_json(f"{base}/data/plugins_listing")
+        return listing if listing.get("neurons", {}).get("enabled") else None
+
+    return wait_for(proc, listed, timeout, "list an enabled neurons plugin", poll=0.5)
 
 
 def test_neurons_tab_in_chromium_on_a_real_fit(tmp_path):
@@ -105,39 +63,35 @@ def test_neurons_tab_in_chromium_on_a_real_fit(tmp_path):
     assert history.epochs == [0, 1]
     known = history.get("head", 0, 1).explanation.shown  # a concept the run holds
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(root), "--port", str(port), "--host", "127.0.0.1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     profile = tmp_path / "profile"
-    try:
+    with running_tensorboard(root) as (proc, base):
         listing = _wait_listed(proc, base)
         assert listing["neurons"]["tab_name"] == "Neurons"
         assert listing["neurons"]["loading_mechanism"]["type"] == "IFRAME"
 
         # The tab appears in TensorBoard's own page.
-        page = _chromium(f"{base}/#neurons", profile, "--dump-dom")
+        page = chromium(f"{base}/#neurons", profile, "--dump-dom")
         assert "Neurons" in page
 
         # The grid of the latest epoch, then a unit's timeline (crops and description per epoch).
-        grid = _chromium(_tab(base, run=KEY, layer="head"), profile, "--dump-dom")
+        grid = chromium(_tab(base, run=KEY, layer="head"), profile, "--dump-dom")
         assert "head at epoch 1" in grid and "(2 explained)" in grid
         assert grid.count('class="card"') == 3  # head has 3 units
-        timeline = _chromium(_tab(base, run=KEY, layer="head", unit=0), profile, "--dump-dom")
+        timeline = chromium(_tab(base, run=KEY, layer="head", unit=0), profile, "--dump-dom")
         assert "head · unit 0: 2 explained epochs" in timeline
         assert timeline.count('class="ep"') == 2 and "/crop?" in timeline
 
         # Search finds a concept the run holds.
-        found = _chromium(_tab(base, run=KEY, q=known), profile, "--dump-dom")
+        found = chromium(_tab(base, run=KEY, q=known), profile, "--dump-dom")
         assert f'"{known}": ' in found and 'class="card"' in found
 
         # Training goes on (a resumed fit writes epoch 2's round): a reload shows the new round.
         _fit(root, 3, resume=root / "run" / "version_0" / "checkpoints" / "epoch=1.ckpt")
-        again = _chromium(_tab(base, run=KEY, layer="head"), profile, "--dump-dom")
+        again = chromium(_tab(base, run=KEY, layer="head"), profile, "--dump-dom")
         assert "head at epoch 2" in again and "(3 explained)" in again
 
         shot = tmp_path / "neurons_tab.png"
-        _chromium(f"{base}/#neurons", profile, f"--screenshot={shot}")
+        chromium(f"{base}/#neurons", profile, f"--screenshot={shot}")
         img = Image.open(shot).convert("L")
         lo, hi = img.getextrema()
         assert img.size == (1400, 1000) and hi - lo > 100, "the tab looks blank"
@@ -145,15 +99,8 @@ def test_neurons_tab_in_chromium_on_a_real_fit(tmp_path):
         if target:
             Path(target).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shot, Path(target) / "neurons_tab.png")
-            _chromium(
+            chromium(
                 _tab(base, run=KEY, layer="head", unit=0),
                 profile,
                 f"--screenshot={Path(target) / 'neurons_timeline.png'}",
             )
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)

@@ -15,35 +15,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _cheap import cheap_backend
+from _tiny import Tiny
 from lightning_neurons import NeuronExplainer, load_history
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["features.0", "features.2", "head"]
 N_VAL = 61  # odd: the DistributedSampler pads rank 1 with a duplicate that must not count
-
-
-class Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.features(x).amax(dim=(2, 3)))
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]), sync_dist=True)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay put: compare with one process
 
 
 def val_data():
@@ -78,7 +58,8 @@ def fit(tmp_path: Path, devices: int) -> Path:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Tiny(), DataLoader(val_data(), batch_size=8), DataLoader(val_data(), batch_size=5))
+    model = Tiny(lr=0.0, sync_dist=True)  # weights stay put: compare with one process
+    trainer.fit(model, DataLoader(val_data(), batch_size=8), DataLoader(val_data(), batch_size=5))
     return tmp_path / "run" / "version_0" / "neurons"
 
 

@@ -17,29 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _cheap import cheap_backend
+from _tiny import Tiny
 from lightning_neurons import NeuronExplainer, load_history
-
-
-class Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2))
-        self.head = nn.Linear(8, 3)
-        self.train_steps = 0
-
-    def forward(self, x):
-        return self.head(self.features(x).amax(dim=(2, 3)))
-
-    def training_step(self, batch, batch_idx):
-        self.train_steps += 1
-        return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def data(n=24, seed=0):

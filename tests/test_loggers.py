@@ -15,6 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from _explained import LAYER, explained_outputs
+from _stores import offline_store_env, offline_wandb_logger
 from lightning_neurons.logging.generic import LoggerRoundWriter
 from lightning_neurons.logging.metrics import round_metrics
 from lightning_neurons.logging.mlflow import MLflowRoundWriter
@@ -31,9 +32,7 @@ def offline_stores(tmp_path_factory):
     """MLflow file stores allowed, W&B's data/cache/config folders in a temporary folder (restored afterwards)."""
     root = tmp_path_factory.mktemp("stores")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-        for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
-            mp.setenv(var, str(root / var.lower()))
+        offline_store_env(mp, root)
         yield
 
 
@@ -201,18 +200,8 @@ def _finished_wandb_records(path: str, timeout: float = 30.0) -> list:
 
 @pytest.fixture(scope="module")
 def wandb_run(outputs, tmp_path_factory):
-    import wandb
-
     root = tmp_path_factory.mktemp("wandb")
-    settings = wandb.Settings(
-        x_disable_stats=True,
-        x_disable_meta=True,
-        x_disable_machine_info=True,
-        disable_git=True,
-        console="off",
-        silent=True,
-    )
-    logger = WandbLogger(save_dir=str(root), offline=True, project="neurons", settings=settings)
+    logger = offline_wandb_logger(root)
     run_dir = run_output_dir([logger], root)
     (writer,) = round_writers([logger], log_units=[0, 3])
     assert isinstance(writer, WandbRoundWriter)

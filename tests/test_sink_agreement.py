@@ -17,15 +17,17 @@ import re
 from pathlib import Path
 
 import pytest
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from _stores import offline_store_env, offline_wandb_logger
+from _tiny import Tiny
 from lightning_neurons import load_history
 from lightning_neurons.logging.printout import history_lines
 from lightning_neurons.logging.rows import record_row
 from lightning_neurons.logging.tensorboard import escape_markdown
 from lightning_neurons.results import ExplanationRound
-from test_lightning_contract import Tiny, explainer, loaders, trainer
+from test_lightning_contract import explainer, loaders, trainer
 
 LAYERS = ["features.2", "head"]
 LAST = 1  # the last explained epoch (max_epochs=2)
@@ -36,23 +38,11 @@ def fitted(tmp_path_factory):
     """One real fit, every logger family at once; returns the folders and loggers to read back."""
     root = tmp_path_factory.mktemp("sinks")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-        for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
-            mp.setenv(var, str(root / var.lower()))
-        import wandb
-
-        settings = wandb.Settings(
-            x_disable_stats=True,
-            x_disable_meta=True,
-            x_disable_machine_info=True,
-            disable_git=True,
-            console="off",
-            silent=True,
-        )
+        offline_store_env(mp, root)
         loggers = [
             TensorBoardLogger(root, name="tb"),
             CSVLogger(root, name="csv"),
-            WandbLogger(save_dir=str(root), offline=True, project="neurons", settings=settings),
+            offline_wandb_logger(root),
             MLFlowLogger(experiment_name="neurons", tracking_uri=f"file:{root / 'mlruns'}"),
         ]
         fit = trainer(root, [explainer(layers=LAYERS, log_units=None)], logger=loggers, limit_train_batches=1)

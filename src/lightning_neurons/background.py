@@ -105,6 +105,17 @@ class BackgroundExplainer:
         #: The job handed off and not yet collected (in flight, or finished and waiting for the main thread).
         self.outstanding: RoundJob | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn and deepcopy pickle the callbacks before training: a thread or a lock cannot travel, and a round in
+        # flight belongs to this process only.
+        state = self.__dict__.copy()
+        state.update(_thread=None, _lock=None, _done=[], _abandoned=False, outstanding=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     @property
     def busy(self) -> bool:
         """Whether a round is being explained now."""

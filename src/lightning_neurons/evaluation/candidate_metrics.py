@@ -15,8 +15,12 @@ this project's units with known meaning):
 - :func:`correlation_top_random`: Pearson correlation on the unit's top samples plus a uniform sample of the
   probe (the reservoir), what a streaming recorder can afford (NeuronEval's "top-and-random" variant).
 
-These are the benchmark's reference implementations, samples first as in NeuronEval; the pipeline's own score
-lives in the explanation stage.
+These are the benchmark's reference implementations, samples first as in NeuronEval. Where a metric is one the
+pipeline computes too, it is the pipeline's own (:mod:`lightning_neurons.explanation.metrics`, units first) called
+with the axes this module uses: :func:`correlation`, :func:`cosine`, :func:`correlation_top_random` and :func:`auc`
+(the pipeline's AUC with the roles swapped: the concept's values rank the unit's active samples). What is only here
+is what the pipeline does not compute: :func:`auprc` with scikit-learn's tie handling, the thresholded :func:`f1`
+and :func:`iou`, :func:`mad`, :func:`soft_wpmi` and the binarisation helpers.
 
 Binary concepts are ``concepts >= concept_threshold`` (0.5 for labels and probabilities); for similarities, pass
 ``concept_threshold=None`` to binarise each concept at its own top ``concept_alpha`` fraction instead.
@@ -38,6 +42,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from lightning_neurons.explanation import metrics as pipeline
 
 #: Standard deviations below this (relative to the values' scale) count as constant: correlation 0, not NaN.
 _EPS = 1e-6
@@ -100,14 +106,7 @@ def correlation(activations: Tensor, concepts: Tensor) -> Tensor:
         [[1.0, 0.0]]
     """
     a, c = _check(activations, concepts)
-    a = a - a.mean(dim=0)
-    c = c - c.mean(dim=0)
-    sa, sc = a.norm(dim=0), c.norm(dim=0)
-    r = (a.T @ c) / (sa[:, None] * sc[None]).clamp_min(1e-300)
-    scale_a = activations.abs().amax(dim=0).double().clamp_min(1.0) * math.sqrt(a.shape[0])
-    scale_c = concepts.abs().amax(dim=0).double().clamp_min(1.0) * math.sqrt(c.shape[0])
-    flat = (sa <= _EPS * scale_a)[:, None] | (sc <= _EPS * scale_c)[None]
-    return torch.where(flat, torch.zeros_like(r), r.clamp(-1.0, 1.0)).float()
+    return pipeline.correlation(a.T, c).float()
 
 
 def cosine(activations: Tensor, concepts: Tensor) -> Tensor:
@@ -119,9 +118,7 @@ def cosine(activations: Tensor, concepts: Tensor) -> Tensor:
         [1.0, 0.7071]
     """
     a, c = _check(activations, concepts)
-    a = a / a.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    c = c / c.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    return (a.T @ c).float()
+    return pipeline.cosine(a.T, c).float()
 
 
 def auc(activations: Tensor, concepts: Tensor, *, alpha: float = 0.1) -> Tensor:
@@ -134,26 +131,8 @@ def auc(activations: Tensor, concepts: Tensor, *, alpha: float = 0.1) -> Tensor:
         tensor([[0.7500]])
     """
     a, c = _check(activations, concepts)
-    active = binarize_top(a, alpha).double()  # [N, U]
-    n = a.shape[0]
-    # Mid-ranks of each concept column: the rank sum of the active samples gives the Mann-Whitney U.
-    order = c.argsort(dim=0)
-    sorted_c = c.gather(0, order)
-    # Ties share their mean rank: group equal values per column.
-    new_group = torch.ones_like(sorted_c, dtype=torch.bool)
-    new_group[1:] = sorted_c[1:] != sorted_c[:-1]
-    group = new_group.long().cumsum(dim=0) - 1  # [N, C] group id in sorted order
-    pos = torch.arange(1, n + 1, dtype=c.dtype)[:, None].expand_as(c)
-    sums = torch.zeros_like(c).scatter_add_(0, group, pos)
-    counts = torch.zeros_like(c).scatter_add_(0, group, torch.ones_like(c))
-    mid = (sums / counts.clamp_min(1)).gather(0, group)
-    ranks = torch.empty_like(c).scatter_(0, order, mid)
-    n_act = active.sum(dim=0)  # [U]
-    rank_sum = active.T @ ranks  # [U, C]
-    denom = (n_act * (n - n_act))[:, None]
-    u = rank_sum - (n_act * (n_act + 1) / 2)[:, None]
-    out = torch.where(denom > 0, u / denom.clamp_min(1), torch.full_like(u, 0.5))
-    return out.float()
+    # The pipeline's AUC ranks its first argument to find the second's positives: here the concepts rank the active.
+    return pipeline.auc(c.T, binarize_top(a, alpha)).T.nan_to_num(0.5).float()
 
 
 def auprc(activations: Tensor, concepts: Tensor, *, alpha: float = 0.1) -> Tensor:
@@ -184,6 +163,16 @@ def auprc(activations: Tensor, concepts: Tensor, *, alpha: float = 0.1) -> Tenso
     return out.float()
 
 
+def _overlap(
+    activations: Tensor, concepts: Tensor, alpha: float, concept_threshold: float | None, concept_alpha: float
+) -> tuple[Tensor, Tensor]:
+    """``[U, C]`` counts of samples both active and positive, and of active plus positive samples."""
+    a, c = _check(activations, concepts)
+    act = binarize_top(a, alpha).double()
+    pos = binarize_concepts(c, concept_threshold, concept_alpha).double()
+    return act.T @ pos, act.sum(dim=0)[:, None] + pos.sum(dim=0)[None]
+
+
 def f1(
     activations: Tensor,
     concepts: Tensor,
@@ -198,11 +187,8 @@ def f1(
         >>> f1(torch.tensor([[3.0], [2.0], [1.0], [0.0]]), torch.tensor([[1.0], [0.0], [1.0], [0.0]]), alpha=0.5)
         tensor([[0.5000]])
     """
-    a, c = _check(activations, concepts)
-    act = binarize_top(a, alpha).double()
-    pos = binarize_concepts(c, concept_threshold, concept_alpha).double()
-    tp = act.T @ pos
-    return (2 * tp / (act.sum(dim=0)[:, None] + pos.sum(dim=0)[None]).clamp_min(1)).float()
+    tp, sizes = _overlap(activations, concepts, alpha, concept_threshold, concept_alpha)
+    return (2 * tp / sizes.clamp_min(1)).float()
 
 
 def iou(
@@ -219,12 +205,8 @@ def iou(
         >>> iou(torch.tensor([[3.0], [2.0], [1.0], [0.0]]), torch.tensor([[1.0], [0.0], [1.0], [0.0]]), alpha=0.5)
         tensor([[0.3333]])
     """
-    a, c = _check(activations, concepts)
-    act = binarize_top(a, alpha).double()
-    pos = binarize_concepts(c, concept_threshold, concept_alpha).double()
-    inter = act.T @ pos
-    union = act.sum(dim=0)[:, None] + pos.sum(dim=0)[None] - inter
-    return (inter / union.clamp_min(1)).float()
+    inter, sizes = _overlap(activations, concepts, alpha, concept_threshold, concept_alpha)
+    return (inter / (sizes - inter).clamp_min(1)).float()
 
 
 def mad(
@@ -316,13 +298,7 @@ def correlation_top_random(
     idx = torch.cat([a.topk(k, dim=0).indices.T, rand[None].expand(a.shape[1], -1)], dim=1)  # [U, m]
     a_sub = a.gather(0, idx.T).T  # [U, m]
     c_sub = c[idx]  # [U, m, C]
-    a_sub = a_sub - a_sub.mean(dim=1, keepdim=True)
-    c_sub = c_sub - c_sub.mean(dim=1, keepdim=True)
-    sa = a_sub.norm(dim=1)  # [U]
-    sc = c_sub.norm(dim=1)  # [U, C]
-    r = torch.einsum("um,umc->uc", a_sub, c_sub) / (sa[:, None] * sc).clamp_min(1e-300)
-    flat = (sa[:, None] <= _EPS * math.sqrt(idx.shape[1])) | (sc <= _EPS * math.sqrt(idx.shape[1]))
-    return torch.where(flat, torch.zeros_like(r), r.clamp(-1.0, 1.0)).float()
+    return pipeline.correlation(a_sub, c_sub).float()  # each unit its own samples
 
 
 __all__ = [
