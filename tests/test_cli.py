@@ -53,7 +53,8 @@ def test_fit_help_lists_callback_arguments_with_docstrings(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--trainer.callbacks.help", "NeuronExplainer"])
     out = capsys.readouterr().out
-    for arg in ("layers", "top_k", "backend", "on_error", "every_n_epochs", "describe"):
+    significance = ("selection", "permutations", "q_threshold", "gain_margin")
+    for arg in ("layers", "top_k", "backend", "on_error", "every_n_epochs", "describe", *significance):
         assert f"--trainer.callbacks.{arg}" in out
     assert "Show progress bars while explaining" in out  # Google-style Args docstrings become the help
 

@@ -210,6 +210,14 @@ def test_old_history_records_load_without_confidence():
         ({"confidence_threshold": True}, "confidence_threshold"),
         ({"frequency_penalty": -0.1}, "frequency_penalty"),
         ({"frequency_penalty": "high"}, "frequency_penalty"),
+        ({"selection": "auc"}, "selection"),
+        ({"permutations": -1}, "permutations"),
+        ({"permutations": 2.5}, "permutations"),
+        ({"permutations": True}, "permutations"),
+        ({"q_threshold": 0.0}, "q_threshold"),
+        ({"q_threshold": "0.05"}, "q_threshold"),
+        ({"gain_margin": 2.0}, "gain_margin"),
+        ({"gain_margin": True}, "gain_margin"),
     ],
 )
 def test_flat_arguments_are_validated(arguments, message):
@@ -227,3 +235,15 @@ def test_explain_config_validation_and_flat_views():
 
     explainer = NeuronExplainer("feat", confidence_threshold=0.7, frequency_penalty=0.5)
     assert explainer.confidence_threshold == 0.7 and explainer.frequency_penalty == 0.5
+
+
+def test_significance_settings_flow_from_the_callback_into_explain_config():
+    from lightning_neurons import NeuronExplainer
+
+    flat = {"selection": "correlation", "permutations": 50, "q_threshold": 0.1, "gain_margin": 0.02}
+    defaults = ExplainConfig()
+    assert all(getattr(defaults, k) != v for k, v in flat.items())  # each value below differs from the default
+    explainer = NeuronExplainer(layers=["feat"], backend="embedded", **flat)
+    assert {k: getattr(explainer.config.explain, k) for k in flat} == flat
+    assert {k: getattr(explainer, k) for k in flat} == flat  # the callback's read-only flat views
+    assert RunConfig.from_arguments("feat").explain.permutations == defaults.permutations  # same defaults

@@ -102,7 +102,12 @@ def test_posthoc_calls_as_documented(tmp_path, monkeypatch):
     history = load_history("neurons")
     assert history.epochs == [0] and len(history) == 8  # a one-off round is filed as epoch 0
     assert (tmp_path / "neurons" / "report.html").is_file() and list((tmp_path / "neurons").glob("events.out.*"))
-    again = explain(model, val_loader, ["layer4"], top_k=16, output_dir="neurons", show_progress=False)
+    # Into a folder that holds rounds, the documented call names the epoch of the weights (a one-off round would
+    # silently replace the folder's own epoch 0, so explain() refuses it without epoch=).
+    with pytest.raises(ValueError, match="pass epoch="):
+        explain(model, val_loader, ["layer4"], top_k=16, output_dir="neurons", show_progress=False)
+    assert len(load_history("neurons")) == 8  # the refused call wrote nothing
+    again = explain(model, val_loader, ["layer4"], top_k=16, epoch=0, output_dir="neurons", show_progress=False)
     assert len(load_history("neurons")) == 8  # a rerun replaces its epoch, never duplicates it
     assert [u.description for u in again] == [u.description for u in rnd]
     recording = collect_top_k(model, val_loader, ["layer3", "layer4"], top_k=4, show_progress=False)

@@ -197,9 +197,16 @@ def test_format_summary_and_resolve(tmp_path):
 
     history = RunHistory(path=tmp_path / HISTORY_FILENAME)
     _run(history, range(3))
-    lines = history.format_summary()
-    assert lines[0].split()[:3] == ["layer", "epoch", "units"] and len(lines) == 1 + 6 + 2
-    assert lines[-1] == "  features.3[0] epoch 2: 'red dots' -> 'vertical stripes' (similarity 0.00)"
+    from lightning_neurons.logging.printout import history_lines
+
+    lines = history_lines(history)
+    assert lines[0].split()[:3] == ["layer", "epoch", "units"]
+    assert "  features.3[0] epoch 2: 'red dots' -> 'vertical stripes' (similarity 0.00)" in lines
+    # The old spelling keeps working with a DeprecationWarning, and prints the same meaning changes.
+    with pytest.warns(DeprecationWarning, match="history_lines"):
+        old = history.format_summary()
+    assert old[0].split()[:3] == ["layer", "epoch", "units"] and len(old) == 1 + 6 + 2
+    assert old[-1] == "  features.3[0] epoch 2: 'red dots' -> 'vertical stripes' (similarity 0.00)"
     assert resolve_history_path(tmp_path) == tmp_path / HISTORY_FILENAME
 
 

@@ -19,6 +19,7 @@ from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory, load_h
 from lightning_neurons.drift.metrics import UnitDrift, compare_units
 from lightning_neurons.logging.base import RoundOutput
 from lightning_neurons.logging.metrics import round_metrics
+from lightning_neurons.logging.printout import history_lines
 from lightning_neurons.logging.report import render_report
 from lightning_neurons.logging.rows import layer_rows
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, escape_markdown
@@ -159,7 +160,7 @@ def test_an_old_history_without_concepts_changed_loads_with_both_flags(tmp_path)
     (s,) = loaded.summary(1)
     assert (s.n_changed, s.n_concepts_changed) == (1, 2)
     assert f"  {LAYER}[7] epoch 1: 'fruit' [{BEFORE}] -> 'fruit' [{AFTER}] (concept overlap 0.33)" in (
-        loaded.format_summary()
+        history_lines(loaded)
     )
     # Records of runs without combinations keep their flag for both, and an old summary dictionary loads too.
     plain = {k: v for k, v in lines[0].items() if k != "concepts_changed"} | {"changed": True}

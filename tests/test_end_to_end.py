@@ -107,11 +107,31 @@ def test_units_acquire_and_change_meaning_at_the_right_epoch(drift_run):
     # The untouched classes keep their meaning throughout.
     for unit in (CLASSES.index("grass"), CLASSES.index("coffee cup")):
         assert {described[(unit, e)] for e in range(1, 5)} == {CLASSES[unit]}
-    changed = {(d.unit, d.epoch) for d in history.drift() if d.changed}
-    assert all(epoch >= 2 for _, epoch in changed)  # nothing changes before the data switch ...
-    first_change = {unit: min(e for u, e in changed if u == unit) for unit in (cat, brick)}
-    assert min(first_change.values()) == 2  # ... the first swapped unit flips in the epoch of the switch ...
-    assert {u for u, _ in changed} == {cat, brick}  # ... and only the swapped units ever change
+    # The descriptions move (text similarity below the drift threshold) only with the data switch: ...
+    moved = {(d.unit, d.epoch) for d in history.drift() if d.similarity is not None and d.similarity < d.threshold}
+    assert all(epoch >= 2 for _, epoch in moved)  # nothing moves before the data switch ...
+    first_move = {unit: min(e for u, e in moved if u == unit) for unit in (cat, brick)}
+    assert min(first_move.values()) == 2  # ... the first swapped unit moves in the epoch of the switch ...
+    assert {u for u, _ in moved} == {cat, brick}  # ... and only the swapped units ever move
+    # ... but a move counts as a change of meaning only between two rounds of kind "concept" (issue 21): on
+    # 32-pixel patches with 8 reservoir images these class units are not told apart from colour statistics
+    # (kinds "unclear" / "low_level"), so the swap is not claimed as a change, a gain or a loss of a concept.
+    kinds = {(r.key[1], r.key[2]): r.explanation.kind for r in history.records}
+    for d in history.drift():
+        both = (
+            d.previous_epoch is not None and kinds[(d.unit, d.previous_epoch)] == kinds[(d.unit, d.epoch)] == "concept"
+        )
+        assert d.changed == (both and (d.unit, d.epoch) in moved)
+        if d.previous_epoch is not None and "dead" not in (kinds[(d.unit, d.epoch)], kinds[(d.unit, d.previous_epoch)]):
+            assert d.gained == (kinds[(d.unit, d.epoch)] == "concept" != kinds[(d.unit, d.previous_epoch)])
+            assert d.lost == (kinds[(d.unit, d.previous_epoch)] == "concept" != kinds[(d.unit, d.epoch)])
+        else:
+            assert not (d.gained or d.lost)  # a first round or a dead unit never gains or loses a concept
+    events_of_meaning = {d.unit for d in history.drift() if d.changed or d.gained or d.lost}
+    assert events_of_meaning <= {cat, brick}  # an untouched unit is never reported as changing meaning
+    # What every sink shows follows the kind: the best concept only for kind "concept".
+    for r in history.records:
+        assert (r.explanation.shown == r.explanation.description) == (r.explanation.kind == "concept")
 
     # TensorBoard shows the same: the per-layer table and the per-unit description at global_step = epoch.
     events = EventAccumulator(trainer.log_dir, size_guidance={"tensors": 0, "images": 0, "scalars": 0}).Reload()
@@ -120,9 +140,12 @@ def test_units_acquire_and_change_meaning_at_the_right_epoch(drift_run):
     steps = [e.step for e in events.Tensors(f"neurons/head/{cat}/description/text_summary")]
     assert steps == [0, 1, 2, 3, 4]
     last = events.Tensors(f"neurons/head/{cat}/description/text_summary")[-1]
-    assert "brick wall" in last.tensor_proto.string_val[0].decode()
+    card, final = last.tensor_proto.string_val[0].decode(), history.get("head", cat, 4).explanation
+    assert final.description == "brick wall" and final.shown in card  # the shown text, as every sink shows it
+    assert ("brick wall" in card) == (final.kind == "concept")  # the best concept only where it is a concept
     fraction = {e.step: e.value for e in events.Scalars("neurons/head/fraction_changed")}
-    assert fraction[1] == 0.0 and fraction[2] >= 0.25
+    n_changed = {e: sum(d.changed for d in history.drift() if d.epoch == e) for e in range(1, 5)}
+    assert fraction[1] == 0.0 and all(fraction[e] == pytest.approx(n_changed[e] / 4) for e in range(1, 5))
     assert any(tag.endswith("/top_k") for tag in events.Tags()["images"])
     assert (Path(trainer.log_dir) / "neurons" / "report.html").stat().st_size > 1000
 
@@ -189,5 +212,9 @@ def test_validate_after_fit_continues_the_same_history(tmp_path):
         warnings.filterwarnings("ignore", message=".*(num_workers|LeafSpec|log_every_n_steps).*")
         trainer.validate(model, data)
     history = load_history(Path(trainer.log_dir) / "neurons")
-    assert history.epochs == [0, 1] and explainer.num_hooks == 0
-    assert [r.epoch for r in explainer.rounds] == [0, 1]
+    # validate after fit files its round under the epoch that last trained the weights (round identity): epoch 0
+    # of a one-epoch fit, the same weights as fit's round, so it replaces that epoch instead of adding an epoch 1.
+    assert history.epochs == [0] and explainer.num_hooks == 0
+    assert len(history) == len(explainer.rounds[-1].units)  # replaced, not duplicated
+    assert [r.epoch for r in explainer.rounds] == [0, 0]
+    assert explainer.rounds[0].identity.weights == explainer.rounds[1].identity.weights

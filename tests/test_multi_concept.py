@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightning_neurons.explanation.multi_concept import (
+    _greedy_nnls,
+    _nnls_small,
     combination_embedding,
     explain_combinations,
     fit_combination,
@@ -70,3 +73,22 @@ def test_units_below_the_confidence_threshold_show_no_clear_concept() -> None:
     assert confident(0.9, 0.8) and not confident(0.8, 0.8) and not confident(float("nan"), 0.5)
     assert shown_description("stripes", 0.7, 0.8) == NO_CLEAR_CONCEPT == "no clear concept"
     assert shown_description("stripes", 0.7, None) == "stripes" == shown_description("stripes", 0.9, 0.8)
+
+
+def test_collinear_concepts_do_not_make_the_fit_fail_as_singular() -> None:
+    # Two concepts whose similarities are identical on every sample (a random or tiny encoder gives such pairs) made
+    # the batched subset solve raise "input matrix is singular" for the whole layer; the fit now falls back to the
+    # minimum-norm solution, which predicts as well as the one-concept fit.
+    gen = torch.Generator().manual_seed(0)
+    one_top, one_res = torch.rand(4, 6, 1, generator=gen), torch.rand(20, 1, generator=gen)
+    acts_top = torch.rand(4, 6, generator=gen)
+    acts_res = 2 * one_res[:, 0].repeat(4, 1) + 0.1 * torch.rand(4, 20, generator=gen)
+    ones = (torch.ones(4, 6), torch.ones(4, 20))
+    _, w_two = _greedy_nnls(one_top.repeat(1, 1, 2), one_res.repeat(1, 2), acts_top, acts_res, *ones, max_concepts=2)
+    _, w_one = _greedy_nnls(one_top, one_res, acts_top, acts_res, *ones, max_concepts=1)
+    assert torch.isfinite(w_two).all() and (w_two >= 0).all()
+    assert torch.allclose(w_two.sum(1), w_one.sum(1), rtol=1e-3)  # the same prediction, however it is split
+    # The exact subset solver on a singular Gram matrix: the optimum objective (-1), not an error.
+    gram, rhs = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]]), torch.tensor([[1.0, 1.0]])
+    w = _nnls_small(gram, rhs, torch.ones(1, 2, dtype=torch.bool))
+    assert (w >= 0).all() and float(w[0] @ gram[0] @ w[0] - 2 * (w * rhs).sum()) == pytest.approx(-1.0)

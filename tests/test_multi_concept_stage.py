@@ -129,21 +129,31 @@ def test_history_round_trips_the_combination_and_its_drift(tmp_path) -> None:
     history, _ = _two_rounds()
     last = [r for r in history.records if r.drift.epoch == 1 and r.drift.unit == 0][0]
     again = HistoryRecord.from_dict(last.to_dict())
-    assert again.explanation.combination == last.explanation.combination
+    # The history stores the weights normalised to sum to 1 (issue 22), as every view shows them: 1 and 0.5 -> 2/3, 1/3.
+    assert _weights(again.explanation.combination) == _weights(last.explanation.combination)
+    assert _weights(again.explanation.combination) == [("red", pytest.approx(2 / 3)), ("blue", pytest.approx(1 / 3))]
     assert again.drift.concept_jaccard == pytest.approx(1 / 3) and again.drift.concepts_changed
     assert not again.drift.changed  # "red" stayed "red": only the concept set changed
     plain = [r for r in history.records if r.drift.epoch == 1 and r.drift.unit == 1][0].to_dict()
     assert "concept_jaccard" not in plain and "combination" not in plain
     rows = list(csv.DictReader(history.to_csv(tmp_path / "h.csv").open()))
     assert [(r["combination"], r["concept_jaccard"]) for r in rows if r["unit"] == "0"] == [
-        ("red=1; green=0.5", ""),
-        ("red=1; blue=0.5", "0.3333333333333333"),
+        ("red=0.6667; green=0.3333", ""),
+        ("red=0.6667; blue=0.3333", "0.3333333333333333"),
     ]
     history.attach(tmp_path / "history.jsonl")
     loaded = load_history(tmp_path / "history.jsonl")
-    assert [(r.drift.concept_jaccard, r.explanation.combination) for r in loaded.records] == [
-        (r.drift.concept_jaccard, r.explanation.combination) for r in history.records
+    assert [(r.drift.concept_jaccard, _weights(r.explanation.combination)) for r in loaded.records] == [
+        (r.drift.concept_jaccard, _weights(r.explanation.combination)) for r in history.records
     ]
+
+
+def _weights(combination: list[Alternative] | None) -> list[tuple[str, object]] | None:
+    """A combination's concepts with weights normalised to sum to 1 (approximately compared)."""
+    if combination is None:
+        return None
+    total = sum(max(a.score, 0.0) for a in combination) or 1.0
+    return [(a.text, pytest.approx(a.score / total)) for a in combination]
 
 
 def test_writers_show_the_combination(tmp_path) -> None:

@@ -80,6 +80,10 @@ _FLAT = {
     "correction": ("explain", "correction"),
     "confidence_threshold": ("explain", "confidence_threshold"),
     "frequency_penalty": ("explain", "frequency_penalty"),
+    "selection": ("explain", "selection"),
+    "permutations": ("explain", "permutations"),
+    "q_threshold": ("explain", "q_threshold"),
+    "gain_margin": ("explain", "gain_margin"),
     "image_mean": ("explain", "image_mean"),
     "image_std": ("explain", "image_std"),
     "log_units": ("output", "log_units"),
@@ -157,6 +161,16 @@ class NeuronExplainer(Callback):
         frequency_penalty: Weight of the penalty on concepts that win across a layer (each unit's concept scores
             minus this times the concept's mean score over the layer's units that do not share its top samples);
             ``0`` turns it off.
+        selection: How a unit's description is chosen: ``"concept_score"`` (the corrected top-crop concept score,
+            stable across seeds) or ``"correlation"`` (the concept whose image similarity correlates best with the
+            unit's activations over the reservoir and its top samples).
+        permutations: Permutations of each unit's activations in the per-round significance test (the smallest
+            p-value is ``1 / (permutations + 1)``); ``0``: no test, every live unit is kind ``"unclear"``.
+        q_threshold: Benjamini-Hochberg false discovery rate over a layer's units, in ``(0, 1]``: units with a
+            q-value above it are kind ``"unclear"`` ("no clear concept").
+        gain_margin: Cross-validated correlation, in ``[-1, 2)``, the concept must add beyond simple image
+            statistics (colour, brightness, edges) for a significant unit to be kind ``"concept"``; at or below
+            it the unit is ``"low_level"``.
         image_mean: Per-channel mean the inputs were normalised with (to show and embed them); ``None``:
             per-image min-max scaling.
         image_std: Per-channel std the inputs were normalised with.
@@ -226,6 +240,10 @@ class NeuronExplainer(Callback):
         correction: Literal["control", "soft_wpmi"] = "control",
         confidence_threshold: float | None = 0.85,
         frequency_penalty: float = 0.5,
+        selection: Literal["concept_score", "correlation"] = "concept_score",
+        permutations: int = 200,
+        q_threshold: float = 0.05,
+        gain_margin: float = 0.05,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         log_units: int | list[int] | None = 8,
@@ -267,6 +285,10 @@ class NeuronExplainer(Callback):
             correction=correction,
             confidence_threshold=confidence_threshold,
             frequency_penalty=frequency_penalty,
+            selection=selection,
+            permutations=permutations,
+            q_threshold=q_threshold,
+            gain_margin=gain_margin,
             image_mean=image_mean,
             image_std=image_std,
             log_units=log_units,

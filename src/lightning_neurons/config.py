@@ -281,6 +281,10 @@ class RunConfig:
         correction: Any = "control",
         confidence_threshold: float | None = 0.85,
         frequency_penalty: float = 0.5,
+        selection: str = "concept_score",
+        permutations: int = 200,
+        q_threshold: float = 0.05,
+        gain_margin: float = 0.05,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
         log_units: int | Sequence[int] | None = 8,
@@ -328,6 +332,19 @@ class RunConfig:
             and not isinstance(frequency_penalty, bool)
             and frequency_penalty >= 0.0,
             f"frequency_penalty must be a number >= 0, got {frequency_penalty!r}",
+        )
+        _check_choice("selection", selection, ("concept_score", "correlation"))
+        _check(
+            isinstance(permutations, int) and not isinstance(permutations, bool) and permutations >= 0,
+            f"permutations must be an integer >= 0, got {permutations!r}",
+        )
+        _check(
+            _is_number(q_threshold) and 0.0 < q_threshold <= 1.0,
+            f"q_threshold must be a number in (0, 1], got {q_threshold!r}",
+        )
+        _check(
+            _is_number(gain_margin) and -1.0 <= gain_margin < 2.0,
+            f"gain_margin must be a number in [-1, 2), got {gain_margin!r}",
         )
         _check_choice("on_error", on_error, ("warn", "raise"))
         if output_selector is not None:
@@ -410,6 +427,10 @@ class RunConfig:
             correction=correction,  # type: ignore[arg-type]
             confidence_threshold=None if confidence_threshold is None else float(confidence_threshold),
             frequency_penalty=float(frequency_penalty),
+            selection=selection,  # type: ignore[arg-type]
+            permutations=permutations,
+            q_threshold=float(q_threshold),
+            gain_margin=float(gain_margin),
             describe=describe,
             multi_concept=multi_concept,
             ablation=ablation,
@@ -483,6 +504,11 @@ def _check(ok: bool, message: str) -> None:
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass, but True is no threshold; NaN fails the range checks that follow.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _validate_layers(layers: Any) -> None:

@@ -60,7 +60,9 @@ def explain(
         dataloader: The probe set, e.g. the validation loader (not shuffled).
         layers: Layer names, glob patterns, or a predicate ``(name, module) -> bool``.
         top_k: Top samples kept per unit.
-        epoch: Epoch to file the round under (drift needs it); ``None`` files a one-off explanation as epoch 0.
+        epoch: Epoch to file the round under (drift needs it); ``None`` files a one-off explanation as epoch 0,
+            and is refused where ``output_dir`` already holds rounds (name the epoch of these weights to continue
+            or replace one of them).
         output_dir: When given, the history, TensorBoard events, crop previews and the HTML report are written
             there, as the callback writes them into a run's log directory.
         backend: ``"auto"`` (open_clip when its weights are cached or can be fetched, else the offline pack with

@@ -264,6 +264,12 @@ class ExplanationSession:
         explain_config = dataclasses.replace(
             self.config.explain,
             preview_units=_preview_units(recording, self.config.output.log_units),
+            # The ablation check is documented for the logged units; the previews now cover the report's units.
+            ablation_units=(
+                self.config.explain.ablation_units
+                if self.config.explain.ablation_units is not None
+                else _logged_units(recording, self.config.output.log_units)
+            ),
             show_progress=self.config.output.show_progress and self.writes and progress,
         )
         rnd = explain_recording(
@@ -500,6 +506,12 @@ def with_other_layers(history: RunHistory, rnd: ExplanationRound, key: int) -> E
 
 def _log_units(log_units: int | tuple[int, ...] | None) -> int | list[int] | None:
     return list(log_units) if isinstance(log_units, tuple) else log_units
+
+
+def _logged_units(recording: Recording, log_units: int | tuple[int, ...] | None) -> dict[str, list[int]]:
+    """``{layer: units}`` that ``log_units`` selects (the per-unit logger cards and the ablation check)."""
+    selection = _log_units(log_units)
+    return {name: select_units(selection, name, range(layer.num_units)) for name, layer in recording.layers.items()}
 
 
 def _preview_units(recording: Recording, log_units: int | tuple[int, ...] | None) -> dict[str, list[int]]:

@@ -247,17 +247,25 @@ class RunHistory:
         return out
 
     def format_summary(self) -> list[str]:
-        """Terminal lines of the drift summary.
+        """Terminal lines of the drift summary (deprecated: use ``printout.history_lines``).
 
-        One line per layer and epoch (units, changes of meaning, with multi-concept explanations also changes of
-        the concept set, mean score and similarity, stable units), then the units whose meaning changed (their
-        descriptions), then, apart, the units whose description kept its meaning while their combination's concept
-        set changed (both combinations and the concept overlap).
+        ``history_lines`` is the one printout of a history (what ``lightning-neurons history`` prints: gained, lost
+        and dead units and the shown texts of the row every sink uses). It lives above ``drift/`` (it reads the
+        sinks' row builder), so this method cannot call it without an import cycle; it keeps its old columns and
+        only shows the shown texts (``"no clear concept"``, ``"low-level: red"``), never a raw best concept.
 
         Example:
-            >>> RunHistory().format_summary()
+            >>> import warnings
+            >>> with warnings.catch_warnings():
+            ...     warnings.simplefilter("ignore", DeprecationWarning)
+            ...     RunHistory().format_summary()
             ['(empty history)']
         """
+        warnings.warn(
+            "RunHistory.format_summary is deprecated: use lightning_neurons.logging.printout.history_lines(history)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         self._ready()
         if not self._records:
             return ["(empty history)"]
@@ -277,13 +285,14 @@ class RunHistory:
                 f"{sim:>8} {s.n_stable:>6}"
             )
         records = self.records
-        changes = [r.drift for r in records if r.drift.changed]
+        changes = [r for r in records if r.drift.changed]
         if changes:
             lines.append("meaning changes:")
             lines += [
-                f"  {d.layer}[{d.unit}] epoch {d.epoch}: {d.previous_description!r} -> {d.description!r} "
-                f"(similarity {d.similarity:.2f})"
-                for d in changes
+                f"  {r.drift.layer}[{r.drift.unit}] epoch {r.drift.epoch}: "
+                f"{r.drift.previous_shown or r.drift.previous_description!r} -> {r.explanation.shown!r} "
+                f"(similarity {r.drift.similarity:.2f})"
+                for r in changes
             ]
         concept_changes = [r for r in records if r.drift.concepts_only_changed]
         if concept_changes:

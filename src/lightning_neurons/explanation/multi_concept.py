@@ -449,12 +449,31 @@ def _nnls_small(gram: Tensor, rhs: Tensor, active: Tensor) -> Tensor:
         ok = (use == s).all(1)  # the subset only holds active columns
         outer = (s[:, None] & s[None, :]).float()
         system = gram * outer + eye * (~s).float() + 1e-9 * scale[:, None, None] * eye
-        w = torch.linalg.solve(system, (rhs * s.float())[..., None])[..., 0]
+        w = _solve_or_pinv(system, (rhs * s.float())[..., None])[..., 0]
         obj = (w[:, None, :] @ gram @ w[..., None])[:, 0, 0] - 2 * (w * rhs).sum(1)
         better = ok & (w >= 0).all(1) & (obj < best_obj)
         best = torch.where(better[:, None], w, best)
         best_obj = torch.where(better, obj, best_obj)
     return best
+
+
+def _solve_or_pinv(system: Tensor, rhs: Tensor) -> Tensor:
+    """``system⁻¹ rhs`` per batch row; a singular row falls back to the pseudo-inverse's minimum-norm solution.
+
+    Two concepts whose similarities are (numerically) collinear on the unit's samples, as a random or tiny encoder
+    gives, make the Gram system singular: the 1e-9 ridge is below float32's resolution, and ``linalg.solve`` raises
+    for the whole batch. The minimum-norm least-squares solution splits the weight evenly between such concepts and
+    has the same objective, so the subset search stays exact. Well-conditioned rows keep the exact solve.
+
+    Example:
+        >>> _solve_or_pinv(torch.tensor([[[1.0, 1.0], [1.0, 1.0]]]), torch.tensor([[[1.0], [1.0]]]))[0, :, 0]
+        tensor([0.5000, 0.5000])
+    """
+    w, info = torch.linalg.solve_ex(system, rhs)
+    bad = (info != 0) | ~torch.isfinite(w).all(dim=(1, 2))
+    if bool(bad.any()):
+        w = torch.where(bad[:, None, None], torch.linalg.pinv(system, hermitian=True) @ rhs, w)
+    return w
 
 
 def _predict(top: Tensor, reservoir_sims: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
