@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 
 import pytest
+
+from lightning_neurons.results import UNIT_KINDS
 
 
 def test_old_benchmark_paths_warn_and_serve_the_moved_names() -> None:
@@ -86,6 +89,10 @@ def test_held_out_split_end_to_end_on_a_reduced_classifier() -> None:
     assert multi["simulation_single"] == pytest.approx(out["embedded"]["simulation"], abs=1e-3)
     sanity = out["sanity"]
     assert 0 <= sanity["trained_confident"] <= 1 and 1 <= sanity["trained_distinct"] <= 32
-    assert 0 <= sanity["random_confident"] <= 1 and 0 <= sanity["random_confidence"] <= 1
-    assert sanity["threshold"] == pytest.approx(0.85)
+    for network in ("trained", "random"):  # every unit has one kind
+        assert sum(sanity[f"{network}_{kind}_share"] for kind in UNIT_KINDS) == pytest.approx(1.0)
+    assert sanity["random_concept_share"] <= 0.1  # a random-weight network has (almost) no concept units
+    # The confidence is not computed by default any more (the kind decides what is shown): NaN, or in [0, 1].
+    confidence = sanity["random_confidence"]
+    assert math.isnan(confidence) or 0 <= confidence <= 1
     assert 1 <= sanity["trained_distinct_unpenalised"] <= 32 and 0 < sanity["random_top_share_unpenalised"] <= 1

@@ -50,7 +50,7 @@ from lightning_neurons.evaluation.harness import DIAGNOSTIC_METRICS, LAYER_METRI
 from lightning_neurons.evaluation.probe import build_probe
 from lightning_neurons.evaluation.simulation import simulation_scores
 from lightning_neurons.explanation.multi_concept import combination_embedding, format_combination
-from lightning_neurons.results import ExplanationRound
+from lightning_neurons.results import UNIT_KINDS, ExplanationRound
 
 #: Metrics on which the method must beat the random and constant baselines (higher is better for all).
 HEADLINE_METRICS = (
@@ -513,8 +513,9 @@ def randomisation_check(
 ) -> dict[str, Any]:
     """The model-randomisation check and the diversity of the descriptions, for one layer.
 
-    The same network with random weights is explained like the trained one. Per network: the mean explanation
-    score (AUC against control crops, which a random network passes too), the mean confidence
+    The same network with random weights is explained like the trained one. Per network: the share of the layer's
+    units of each kind (``<network>_<kind>_share``; a random network should have almost no ``concept``), the mean
+    explanation score, the mean confidence (``None`` unless ``confidence_samples > 0``)
     (``UnitExplanation.confidence``, 0.5 = chance) and the share of units above the rounds' confidence threshold
     (``round.meta["confidence_threshold"]``: the others are shown as "no clear concept"), the held-out simulation
     (a random network should sit near 0), distinct descriptions and the share of the most frequent one, after
@@ -533,6 +534,10 @@ def randomisation_check(
         conf = torch.tensor([float("nan") if u.confidence is None else u.confidence for u in units])
         diversity = description_diversity(units)
         out[f"{name}_score"] = sum(u.score for u in units) / max(1, len(units))
+        layer_units = rnd.layer(layer)
+        for kind in UNIT_KINDS:  # what each network's units amount to (the randomisation check of the kinds)
+            share = sum(u.kind == kind for u in layer_units) / max(1, len(layer_units))
+            out[f"{name}_{kind}_share"] = float(share)
         out[f"{name}_confidence"] = float(conf.nanmean()) if len(units) else float("nan")
         out[f"{name}_confident"] = float((conf > threshold).float().mean()) if threshold is not None else 1.0
         out[f"{name}_simulation"] = _layer_simulation(rnd, layer, sim_probe, encoder, {})
