@@ -6,9 +6,17 @@ a layer's grid reads one round file, a unit's timeline the rows of one unit, the
 
 - :func:`layer_view`: the units of one layer at one epoch, with shown text, score, significance and drift state,
   filtered by state or text, sorted by unit, score or drift, one page at a time;
-- :func:`unit_timeline`: one unit across epochs (description, combination, alternatives, ablation classes);
+- :func:`unit_timeline`: one unit across epochs (shown text, score, significance, state, drift against the previous
+  epoch, combination, alternatives, ablation classes, crop); :func:`layer_timelines` is the same view of many units
+  of a layer, reading each epoch's layer rows once (the HTML report's unit rows);
 - :func:`search`: units whose shown text or description contains a text, across all layers of an epoch;
-- :func:`layer_charts`: per epoch the fractions changed / gained / lost / dead and the concept distribution.
+- :func:`layer_charts`: per epoch the fractions changed / gained / lost / dead, the units stable for the last N
+  comparisons, and the concept distribution.
+
+Every view shows a unit's text as every other sink does (:func:`~lightning_neurons.logging.rows.unit_row`): the
+shown text (``"no clear concept"``, ``"low-level: ..."``, ``"dead unit"``; records made before kinds: the
+description, or ``"no clear concept"`` at or below their round's confidence threshold), the text shown at the
+previous epoch as ``previous_description``, and a combination and alternatives only for units shown with a concept.
 
 A unit's **state** against its previous explained epoch: ``dead`` (kind dead), ``gained`` (a concept where it had
 none), ``lost`` (the reverse), ``changed`` (a concept both times, another meaning), ``new`` (first explained),
@@ -25,8 +33,8 @@ Example:
     >>> tables = HistoryTables.of(history)
     >>> [(u["unit"], u["shown"], u["state"]) for u in layer_view(tables, "fc")["units"]]
     [(0, 'stripes', 'changed')]
-    >>> [e["shown"] for e in unit_timeline(tables, "fc", 0)["epochs"]]
-    ['dots', 'stripes']
+    >>> [(e["shown"], e["state"], e["previous_description"]) for e in unit_timeline(tables, "fc", 0)["epochs"]]
+    [('dots', 'new', None), ('stripes', 'changed', 'dots')]
     >>> [(m["layer"], m["unit"]) for m in search(tables, "STRIPES")["units"]]
     [('fc', 0)]
 """
@@ -35,31 +43,29 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lightning_neurons.drift.columns import records_to_table
-from lightning_neurons.drift.round_store import RoundFile, RoundStore
-from lightning_neurons.drift.run_history import RunHistory, load_history
-from lightning_neurons.drift.store import find_history_file
-from lightning_neurons.results import DEAD_UNIT, shown_text
+from lightning_neurons.dashboard.tables import HistoryTables
+from lightning_neurons.drift.columns import concat_rounds
+from lightning_neurons.drift.metrics import DEFAULT_STABLE_ROUNDS, has_concept
+from lightning_neurons.results import NO_CLEAR_CONCEPT
 
 #: Unit states, in the order the legend shows them.
 STATES = ("changed", "gained", "lost", "stable", "new", "dead")
 SortKey = Literal["unit", "score", "drift"]
 
-_GRID_COLUMNS = (
+# What a unit's shown text is made of (records made before kinds: the confidence rule of their round).
+_TEXT_COLUMNS = ("description", "shown", "kind", "confidence", "confidence_threshold")
+# What a grid row shows.
+_ROW_COLUMNS = (
     "layer",
     "unit",
-    "description",
-    "shown",
-    "kind",
-    "low_level",
+    *_TEXT_COLUMNS,
     "score",
     "p_value",
     "q_value",
@@ -68,146 +74,31 @@ _GRID_COLUMNS = (
     "lost",
     "previous_epoch",
     "previous_description",
+    "previous_shown",
     "similarity",
     "score_delta",
 )
-# What the timeline shows, and no more: each column costs ~0.15 ms per round read.
-_TIMELINE_COLUMNS = (
-    "unit",
-    "description",
-    "shown",
-    "kind",
-    "score",
-    "p_value",
-    "q_value",
-    "changed",
-    "gained",
-    "lost",
-    "previous_epoch",
-    "alternatives",
-    "combination",
-    "ablation",
-)
-
-
-class HistoryTables:
-    """A run's history as one Arrow table per explained epoch, read from its round store or from memory.
-
-    Args:
-        store: The run's round store (files are listed again on every call: new rounds appear while a run trains).
-        history: A history in memory (a JSON Lines history of an earlier run, or one not written to a store).
-        previews_dir: The run's folder of crop PNGs (``<output folder>/previews``), if any.
-    """
-
-    def __init__(
-        self,
-        store: RoundStore | None = None,
-        history: RunHistory | None = None,
-        previews_dir: Path | None = None,
-    ) -> None:
-        if (store is None) == (history is None):
-            raise ValueError("give exactly one of store= or history=")
-        self.store = store
-        self.history = history
-        self.previews_dir = previews_dir
-        self._memory: dict[int, pa.Table] = {}
-        self._listing: dict[int, RoundFile] | None = None
-
-    @classmethod
-    def of(cls, history: RunHistory, previews_dir: Path | None = None) -> HistoryTables:
-        """The tables of a history: its store's files when it has one, else its records in memory."""
-        store = history.store
-        if store is not None:
-            return cls(store=store, previews_dir=previews_dir)
-        return cls(history=history, previews_dir=previews_dir)
-
-    @classmethod
-    def open(cls, run_dir: str | Path) -> HistoryTables:
-        """The tables of a run's output folder (its round store, or the ``history.jsonl`` of an earlier run).
-
-        Raises:
-            FileNotFoundError: If it holds no history.
-        """
-        found = find_history_file(run_dir)
-        previews = Path(found).parent / "previews" if isinstance(found, Path) else None
-        if str(found).endswith((".jsonl", ".json")):
-            return cls(history=load_history(found), previews_dir=previews)
-        return cls(store=RoundStore(found), previews_dir=previews)
-
-    def _files(self, refresh: bool = True) -> dict[int, RoundFile]:
-        assert self.store is not None
-        if refresh or self._listing is None:
-            self._listing = {f.epoch: f for f in self.store.effective()}
-        return self._listing
-
-    def epochs(self) -> list[int]:
-        """Explained epochs, ascending (a store is listed again: each query starts here and sees new rounds)."""
-        if self.store is not None:
-            return sorted(self._files())
-        assert self.history is not None
-        return self.history.epochs
-
-    def table(self, epoch: int, columns: Sequence[str], layer: str | None = None, unit: int | None = None) -> pa.Table:
-        """The rows of one epoch (of ``layer`` and ``unit`` if given), with those of ``columns`` the epoch has."""
-        if self.store is not None:
-            f = self._files(refresh=False).get(epoch)
-            if f is None:
-                return pa.table({})
-            return self.store.read(f, columns=list(columns), layer=layer, unit=unit)
-        table = self._memory.get(epoch)
-        if table is None:
-            assert self.history is not None
-            records = self.history._epoch_list(epoch) if epoch in self.history.epochs else []
-            table = records_to_table(records) if records else pa.table({})
-            self._memory[epoch] = table
-        if not table.num_columns:
-            return table
-        if layer is not None:
-            table = table.filter(pc.field("layer") == layer)
-        if unit is not None:
-            table = table.filter(pc.field("unit") == int(unit))
-        return table.select([c for c in columns if c in table.column_names])
-
-    def layers(self, epoch: int | None = None) -> list[str]:
-        """Layers explained at ``epoch`` (default: the latest), in round order."""
-        epochs = self.epochs()
-        if not epochs:
-            return []
-        table = self.table(epochs[-1] if epoch is None else epoch, ["layer"])
-        if not table.num_rows:
-            return []
-        return [str(x) for x in dict.fromkeys(table.column("layer").to_pylist())]
-
-    def crop(self, layer: str, unit: int, epoch: int) -> str | None:
-        """The unit's crop file at ``epoch``, relative to the run's output folder (``None`` where there is none)."""
-        if self.previews_dir is None:
-            return None
-        from lightning_neurons.logging.previews import preview_path
-
-        path = preview_path(self.previews_dir, layer, unit, epoch)
-        return path.relative_to(self.previews_dir.parent).as_posix() if path.is_file() else None
+# What a timeline entry shows besides. A timeline decodes one row group of each column per round: a number costs
+# ~0.03 ms, a text ~0.14 ms, the alternatives ~0.4 ms (4,096-row groups), so nothing is read that is known (the layer,
+# the epoch) or not shown.
+_TIMELINE_EXTRA = ("baseline", "concepts_changed", "concept_jaccard", "alternatives", "combination", "ablation")
+_TIMELINE_COLUMNS = (*(c for c in _ROW_COLUMNS if c != "layer"), *_TIMELINE_EXTRA)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _column(table: pa.Table, name: str, default: Any = None) -> list[Any]:
-    if name in table.column_names:
-        return table.column(name).to_pylist()
-    return [default] * table.num_rows
-
-
 def _num(x: Any) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def _flag(table: pa.Table, name: str) -> np.ndarray:
+    if name not in table.column_names:
+        return np.zeros(table.num_rows, dtype=bool)
+    return np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _states(table: pa.Table) -> np.ndarray:
     # Vectorised state per row (STATES), in priority order dead > gained > lost > changed > new > stable.
     n = table.num_rows
-
-    def flag(name: str) -> np.ndarray:
-        if name not in table.column_names:
-            return np.zeros(n, dtype=bool)
-        return np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
-
     kinds = table.column("kind") if "kind" in table.column_names else None
     dead = np.zeros(n, dtype=bool) if kinds is None else np.asarray(pc.fill_null(pc.equal(kinds, "dead"), False))
     first = (
@@ -217,42 +108,67 @@ def _states(table: pa.Table) -> np.ndarray:
     )
     state = np.full(n, "stable", dtype=object)
     state[first] = "new"
-    state[flag("changed")] = "changed"
-    state[flag("lost")] = "lost"
-    state[flag("gained")] = "gained"
+    state[_flag(table, "changed")] = "changed"
+    state[_flag(table, "lost")] = "lost"
+    state[_flag(table, "gained")] = "gained"
     state[dead] = "dead"
     return state
 
 
+def _text(table: pa.Table, name: str) -> pa.ChunkedArray:
+    if name in table.column_names:
+        return pc.cast(table.column(name), pa.string())
+    return pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+
+
 def _shown_column(table: pa.Table) -> pa.ChunkedArray:
-    # The shown text where the record has it, else the description (records written before kinds existed).
-    desc = pc.cast(table.column("description"), pa.string())
-    if "shown" not in table.column_names:
-        return desc
-    return pc.coalesce(pc.cast(table.column("shown"), pa.string()), desc)
+    # The text shown for each row: the stored shown text, else (records made before kinds) the description, or
+    # "no clear concept" at or below the round's confidence threshold (as explanation.scoring.shown_description).
+    description = pc.fill_null(_text(table, "description"), "")
+    stored = _text(table, "shown")
+    if "confidence" not in table.column_names or "confidence_threshold" not in table.column_names:
+        return pc.coalesce(stored, description)
+    unsure = pc.less_equal(table.column("confidence"), table.column("confidence_threshold"))
+    unsure = pc.fill_null(pc.and_(unsure, pc.not_equal(description, "")), False)
+    legacy = pc.if_else(unsure, pa.scalar(NO_CLEAR_CONCEPT), description)
+    return pc.coalesce(stored, legacy)
 
 
-def _row(table: pa.Table, i: int, state: str) -> dict[str, Any]:
-    get = {name: table.column(name)[i].as_py() for name in table.column_names}
-    description = get.get("description") or ""
-    kind = get.get("kind")
-    shown = get.get("shown") or shown_text(description, kind, get.get("low_level"))
-    if not description and kind is None:
-        shown = DEAD_UNIT if state == "dead" else shown
-    return {
-        "layer": get.get("layer"),
-        "unit": int(get["unit"]),
-        "shown": shown,
-        "description": description,
-        "kind": kind,
-        "score": _num(get.get("score")),
-        "p_value": _num(get.get("p_value")),
-        "q_value": _num(get.get("q_value")),
-        "state": state,
-        "previous_description": get.get("previous_description"),
-        "similarity": _num(get.get("similarity")),
-        "score_delta": _num(get.get("score_delta")),
-    }
+def _previous_column(table: pa.Table) -> pa.ChunkedArray:
+    # The text shown at the previous epoch: stored apart only where it was not the previous description.
+    return pc.coalesce(_text(table, "previous_shown"), _text(table, "previous_description"))
+
+
+def _rows(table: pa.Table, states: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """One dict per row: layer, unit, shown text, description, kind, score, significance, state, drift."""
+    states = _states(table) if states is None else states
+    shown = _shown_column(table).to_pylist()
+    previous = _previous_column(table).to_pylist()
+    plain = table.select([c for c in _ROW_COLUMNS if c in table.column_names]).to_pylist()
+    out = []
+    for i, get in enumerate(plain):
+        out.append(
+            {
+                "layer": get.get("layer"),
+                "unit": int(get["unit"]),
+                "shown": shown[i],
+                "description": get.get("description") or "",
+                "kind": get.get("kind"),
+                "score": _num(get.get("score")),
+                "p_value": _num(get.get("p_value")),
+                "q_value": _num(get.get("q_value")),
+                "confidence": _num(get.get("confidence")),
+                "state": str(states[i]),
+                "previous_description": previous[i],
+                "similarity": _num(get.get("similarity")),
+                "score_delta": _num(get.get("score_delta")),
+            }
+        )
+    return out
+
+
+def _pairs(items: Iterable[dict[str, Any]] | None, text: str, value: str) -> list[dict[str, Any]]:
+    return [{text: a[text], value: _num(a[value])} for a in items or []]
 
 
 # ---------------------------------------------------------------------------------------------------- views
@@ -281,8 +197,8 @@ def layer_view(
 
     Returns:
         ``{"layer", "epoch", "epochs", "total", "matched", "counts": {state: n}, "units": [row, ...]}``; a row has
-        ``unit, shown, description, kind, score, p_value, q_value, state, previous_description, similarity,
-        score_delta, crop``.
+        ``unit, shown, description, kind, score, p_value, q_value, confidence, state, previous_description,
+        similarity, score_delta, crop``.
     """
     epochs = tables.epochs()
     ep = epochs[-1] if epoch is None and epochs else epoch
@@ -297,7 +213,7 @@ def layer_view(
     }
     if ep is None or ep not in epochs:
         return empty
-    table = tables.table(ep, _GRID_COLUMNS, layer=layer)
+    table = tables.table(ep, _ROW_COLUMNS, layer=layer)
     if not table.num_rows:
         return empty
     states = _states(table)
@@ -317,11 +233,9 @@ def layer_view(
     else:
         idx = idx[np.argsort(table.column("unit").to_numpy()[idx], kind="stable")]
     page = idx[offset : None if limit is None else offset + limit]
-    units = []
-    for i in page.tolist():
-        row = _row(table, i, str(states[i]))
+    units = _rows(table.take(pa.array(page, pa.int64())), states[page])
+    for row in units:
         row["crop"] = tables.crop(layer, row["unit"], ep)
-        units.append(row)
     return {
         "layer": layer,
         "epoch": ep,
@@ -354,85 +268,129 @@ def search(tables: HistoryTables, query: str, epoch: int | None = None, limit: i
     out: dict[str, Any] = {"query": query, "epoch": ep, "matched": 0, "layers": {}, "units": []}
     if ep is None or ep not in epochs or not query.strip():
         return out
-    table = tables.table(ep, _GRID_COLUMNS)
+    table = tables.table(ep, _ROW_COLUMNS)
     if not table.num_rows:
         return out
     idx = np.flatnonzero(_matches(table, query))
-    hits = table.take(pa.array(idx))
-    states = _states(hits)
+    hits = table.take(pa.array(idx, pa.int64()))
     out["matched"] = int(len(idx))
     out["layers"] = dict(Counter(hits.column("layer").to_pylist()))
-    for i in range(min(limit, hits.num_rows)):
-        row = _row(hits, i, str(states[i]))
+    for row in _rows(hits.slice(0, limit)):
         row["crop"] = tables.crop(row["layer"], row["unit"], ep)
         out["units"].append(row)
     return out
 
 
 def unit_timeline(tables: HistoryTables, layer: str, unit: int) -> dict[str, Any]:
-    """One unit at every explained epoch: shown text, description, score, significance, state, combination,
-    alternatives, ablation classes and crop (the full records: ``RunHistory.timeline``).
+    """One unit at every explained epoch: :func:`layer_timelines` of one unit, reading only its row of each round.
 
     Returns:
-        ``{"layer", "unit", "epochs": [entry, ...]}`` in epoch order.
-    """  # noqa: D205
-    entries = []
+        ``{"layer", "unit", "stable_since", "epochs": [entry, ...]}`` in epoch order (see :func:`layer_timelines`).
+    """
+    return layer_timelines(tables, layer, [unit])[int(unit)]
+
+
+def layer_timelines(
+    tables: HistoryTables, layer: str, units: Sequence[int], *, crops: bool = True
+) -> dict[int, dict[str, Any]]:
+    """The timelines of ``units`` of ``layer``: each epoch's rows of the layer are read once, for all of them.
+
+    Args:
+        tables: The run's history tables.
+        layer: Layer name.
+        units: The units (one unit: only its row of each round is read).
+        crops: Give each entry its crop file (one file lookup per entry).
+
+    Returns:
+        Per unit ``{"layer", "unit", "stable_since", "epochs": [entry, ...]}``, entries in epoch order. An entry is
+        a grid row (:func:`layer_view`) plus ``epoch``, ``baseline`` (the settings changed: not compared),
+        ``concepts_changed`` and ``concept_jaccard`` (a multi-concept combination's concept set against the previous
+        epoch), ``combination`` and ``alternatives`` (``[{"text", "score"}]``, units shown with a concept only),
+        ``ablation`` (``[{"class", "drop"}]``) and ``crop``. ``stable_since``: the epoch of the unit's last change of
+        meaning, else its first explained epoch.
+
+    Example:
+        >>> from lightning_neurons.drift.history import RunHistory
+        >>> layer_timelines(HistoryTables.of(RunHistory()), "fc", [0, 3])[3]
+        {'layer': 'fc', 'unit': 3, 'stable_since': None, 'epochs': []}
+    """
+    wanted = sorted({int(u) for u in units})
+    one = wanted[0] if len(wanted) == 1 else None
+    parts, epochs = [], []
     for ep in tables.epochs():
-        table = tables.table(ep, _TIMELINE_COLUMNS, layer=layer, unit=int(unit))
-        if not table.num_rows:
-            continue
-        states = _states(table)
-        row = _row(table, 0, str(states[0]))
-        get = {name: table.column(name)[0].as_py() for name in table.column_names}
+        table = tables.table(ep, _TIMELINE_COLUMNS, layer=layer, unit=one)
+        if one is None and table.num_rows:
+            table = table.filter(pc.is_in(table.column("unit"), pa.array(wanted, table.column("unit").type)))
+        if table.num_rows:
+            epochs.append(np.full(table.num_rows, ep, dtype=np.int64))
+            parts.append(table)
+    out = {u: {"layer": layer, "unit": u, "stable_since": None, "epochs": []} for u in wanted}
+    if not parts:
+        return out
+    table = concat_rounds(parts)
+    extra = table.select([c for c in _TIMELINE_EXTRA if c in table.column_names]).to_pylist()
+    changed = _flag(table, "changed")
+    at = np.concatenate(epochs).tolist()
+    for i, row in enumerate(_rows(table)):
+        get, ep = extra[i], at[i]
+        concept = bool(row["shown"]) and has_concept(row["kind"]) and row["shown"] != NO_CLEAR_CONCEPT
         row.update(
             layer=layer,
             epoch=ep,
-            alternatives=[{"text": a["text"], "score": _num(a["score"])} for a in get.get("alternatives") or []],
-            combination=[{"text": a["text"], "score": _num(a["score"])} for a in get.get("combination") or []],
-            ablation=[{"class": a["class"], "drop": _num(a["drop"])} for a in get.get("ablation") or []],
-            crop=tables.crop(layer, int(unit), ep),
+            baseline=bool(get.get("baseline")),
+            concepts_changed=bool(get.get("concepts_changed")),
+            concept_jaccard=_num(get.get("concept_jaccard")),
+            combination=_pairs(get.get("combination"), "text", "score") if concept else [],
+            alternatives=_pairs(get.get("alternatives"), "text", "score") if concept else [],
+            ablation=_pairs(get.get("ablation"), "class", "drop"),
+            crop=tables.crop(layer, row["unit"], ep) if crops else None,
         )
-        entries.append(row)
-    return {"layer": layer, "unit": int(unit), "epochs": entries}
+        timeline = out[row["unit"]]
+        timeline["epochs"].append(row)
+        if changed[i] or timeline["stable_since"] is None:
+            timeline["stable_since"] = ep
+    return out
 
 
-def layer_charts(tables: HistoryTables, layer: str, top_concepts: int = 8) -> dict[str, Any]:
-    """Per explained epoch of ``layer``: units, fractions changed / gained / lost / dead, mean score, and the concept
-    distribution (how many units each of the ``top_concepts`` most held concepts holds; the rest as ``"other"``).
+def layer_charts(
+    tables: HistoryTables, layer: str, top_concepts: int = 8, stable_rounds: int = DEFAULT_STABLE_ROUNDS
+) -> dict[str, Any]:
+    """Per explained epoch of ``layer``: units, fractions changed / gained / lost / dead, mean score, units stable for
+    the last ``stable_rounds`` comparisons, and the concept distribution (how many units each of the
+    ``top_concepts`` most held concepts holds; the rest as ``"other"``).
 
     ``fraction`` has one list per state (:data:`STATES`) and ``concepts_changed`` (the meaning or the concept set of
-    a multi-concept combination changed).
+    a multi-concept combination changed). ``stable`` equals the drift summaries' ``n_stable``
+    (:func:`~lightning_neurons.drift.metrics.summarize_layer_epochs`); ``combinations`` counts the units with a
+    multi-concept combination.
 
     Returns:
         ``{"layer", "epochs": [...], "units": [...], "fraction": {state: [...]}, "mean_score": [...],
-        "concepts": {concept: [count per epoch]}}``.
+        "stable": [...], "stable_rounds", "combinations": [...], "concepts": {concept: [count per epoch]}}``.
     """  # noqa: D205
-    per_epoch: list[tuple[int, int, Counter[str], dict[str, float | None], float | None]] = []
+    per_epoch: list[tuple[int, int, Counter[str], dict[str, float | None], float | None, int, int]] = []
     totals: Counter[str] = Counter()
+    run = np.zeros(0, dtype=np.int64)  # per unit: compared rounds since its last change (UnitStability.run)
+    columns = (
+        "layer",
+        "unit",
+        *_TEXT_COLUMNS,
+        "score",
+        "changed",
+        "concepts_changed",
+        "gained",
+        "lost",
+        "previous_epoch",
+        "combination",
+    )
     for ep in tables.epochs():
-        table = tables.table(
-            ep,
-            (
-                "layer",
-                "unit",
-                "description",
-                "shown",
-                "kind",
-                "score",
-                "changed",
-                "concepts_changed",
-                "gained",
-                "lost",
-                "previous_epoch",
-            ),
-            layer=layer,
-        )
+        table = tables.table(ep, columns, layer=layer)
         n = table.num_rows
         if not n:
             continue
         states = Counter(_states(table).tolist())
         # The concept distribution counts units that hold a concept (kind concept, or legacy records).
-        kinds = _column(table, "kind")
+        kinds = table.column("kind").to_pylist() if "kind" in table.column_names else [None] * n
         texts = _shown_column(table).to_pylist()
         held = Counter(t for t, k in zip(texts, kinds) if t and k in (None, "concept"))
         totals.update(held)
@@ -443,11 +401,23 @@ def layer_charts(tables: HistoryTables, layer: str, top_concepts: int = 8) -> di
             fractions["concepts_changed"] = pc.sum(pc.fill_null(table.column("concepts_changed"), False)).as_py() / n
         if states.get("new", 0) + states.get("dead", 0) == n:  # nothing compared yet (a first round): no drift
             fractions.update(changed=None, gained=None, lost=None, concepts_changed=None)
-        per_epoch.append((ep, n, held, fractions, mean))
+        units = np.asarray(table.column("unit").to_numpy(zero_copy_only=False), dtype=np.int64)
+        if len(units) and units.max() >= len(run):
+            run = np.concatenate([run, np.zeros(int(units.max()) + 1 - len(run), dtype=np.int64)])
+        compared = (
+            ~np.asarray(table.column("previous_epoch").is_null()) if "previous_epoch" in table.column_names else 0
+        )
+        now = run[units]
+        run[units] = np.where(compared, np.where(_flag(table, "changed"), 0, now + 1), now)
+        combos = 0
+        if "combination" in table.column_names:
+            combos = int(pc.sum(pc.is_valid(table.column("combination"))).as_py() or 0)
+        per_epoch.append((ep, n, held, fractions, mean, int((run[units] >= stable_rounds).sum()), combos))
     top = [c for c, _ in totals.most_common(top_concepts)]
     concepts: dict[str, list[int]] = {c: [] for c in top}
     other: list[int] = []
-    for _, _, held, _, _ in per_epoch:
+    for p in per_epoch:
+        held = p[2]
         for c in top:
             concepts[c].append(held.get(c, 0))
         other.append(sum(held.values()) - sum(held.get(c, 0) for c in top))
@@ -459,8 +429,11 @@ def layer_charts(tables: HistoryTables, layer: str, top_concepts: int = 8) -> di
         "units": [p[1] for p in per_epoch],
         "fraction": {s: [p[3].get(s) for p in per_epoch] for s in (*STATES, "concepts_changed")},
         "mean_score": [p[4] for p in per_epoch],
+        "stable": [p[5] for p in per_epoch],
+        "stable_rounds": stable_rounds,
+        "combinations": [p[6] for p in per_epoch],
         "concepts": concepts,
     }
 
 
-__all__ = ["STATES", "HistoryTables", "layer_charts", "layer_view", "search", "unit_timeline"]
+__all__ = ["STATES", "HistoryTables", "layer_charts", "layer_timelines", "layer_view", "search", "unit_timeline"]

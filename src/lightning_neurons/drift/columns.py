@@ -162,6 +162,33 @@ def records_to_table(records: Sequence[HistoryRecord]) -> pa.Table:
     return pa.table(cols)
 
 
+def concat_rounds(tables: Sequence[pa.Table]) -> pa.Table:
+    """The tables of several rounds as one: columns missing from a round are null, and a column whose type differs
+    between rounds (a field's inferred type, a record format that changed) takes the type of the latest round.
+
+    Example:
+        >>> old = pa.table({"unit": pa.array([0], pa.int32()), "description": ["dots"]})
+        >>> new = pa.table({"unit": pa.array([1], pa.int32()), "description": _strings(["stripes"]), "kind": ["x"]})
+        >>> both = concat_rounds([old, new])
+        >>> both.schema.field("description").type == _DICT, both.column("kind").to_pylist()
+        (True, [None, 'x'])
+    """  # noqa: D205
+    if len(tables) == 1:
+        return tables[0]
+    if all(t.schema.equals(tables[0].schema) for t in tables[1:]):  # the usual case: nothing to reconcile
+        return pa.concat_tables(tables)
+    newest: dict[str, pa.DataType] = {}
+    for table in tables:
+        newest.update((f.name, f.type) for f in table.schema)
+    same = []
+    for table in tables:
+        for i, f in enumerate(table.schema):
+            if f.type != newest[f.name] and not pa.types.is_null(f.type):
+                table = table.set_column(i, f.name, table.column(i).cast(newest[f.name]))
+        same.append(table)
+    return pa.concat_tables(same, promote_options="permissive")
+
+
 def table_to_dicts(table: pa.Table) -> list[dict[str, Any]]:
     """The flat records of a table, as :meth:`HistoryRecord.from_dict` reads them (null fields left out)."""
     return [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]

@@ -47,16 +47,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from lightning_neurons.drift.columns import records_to_table, table_to_dicts
 from lightning_neurons.drift.records import HistoryRecord
+from lightning_neurons.drift.round_layout import META_LAYOUT, FileIndex, layout_metadata, write_options
 from lightning_neurons.drift.store import ROUND_FILE, STORE_DIRNAME, HistoryWriteError, acquire_lock, release_lock
 
 __all__ = ["STORE_DIRNAME", "RoundFile", "RoundStore", "effective_rounds", "is_round_store"]
 _OPEN_READERS = 256
 _META_IDENTITY = b"lightning_neurons.identity"
 _META_ROUND = b"lightning_neurons.meta"
-# Rows per row group: a query of one layer or unit reads only the groups whose statistics can hold it. A unit's
-# timeline decodes one group per round (12 columns: 0.8 ms at 1,024 rows, 1.4 ms at 4,096); smaller groups cost
-# bytes (174 B per unit at 1,024 rows, 194 at 512, 160 at 4,096, measured on a synthetic 98k-unit round).
-_ROW_GROUP = 1024
 
 
 @dataclass(frozen=True, order=True)
@@ -113,9 +110,10 @@ class RoundStore:
         self.local = isinstance(self.fs, LocalFileSystem)
         self._lock: Any = None
         self._next_seq: int | None = None
-        # Open readers of visible round files (they never change): a query of one unit across 100 rounds then costs
-        # the decoding of 100 row groups, not 100 file opens and footer parses (0.05 ms instead of 0.7 ms each).
-        self._readers: OrderedDict[str, pq.ParquetFile] = OrderedDict()
+        # Open readers of visible round files (they never change), with where each file's layers and units are: a
+        # query of one unit across 100 rounds then costs the decoding of 100 row groups, not 100 file opens, footer
+        # parses and walks over row-group statistics.
+        self._readers: OrderedDict[str, tuple[pq.ParquetFile, FileIndex]] = OrderedDict()
         #: Round files this object wrote, with their sizes (to notice files deleted or cut behind its back).
         self.written: dict[str, int] = {}
 
@@ -144,16 +142,23 @@ class RoundStore:
 
     def reader(self, f: RoundFile) -> pq.ParquetFile:
         """An open Parquet reader of the round file (kept for the :data:`_OPEN_READERS` latest files used)."""
-        reader = self._readers.get(f.name)
-        if reader is None:
+        return self._open(f)[0]
+
+    def index(self, f: RoundFile) -> FileIndex:
+        """Where the file's layers and units are (:class:`~lightning_neurons.drift.round_layout.FileIndex`)."""
+        return self._open(f)[1]
+
+    def _open(self, f: RoundFile) -> tuple[pq.ParquetFile, FileIndex]:
+        entry = self._readers.get(f.name)
+        if entry is None:
             path = self._path(f.name)
             reader = pq.ParquetFile(path if self.local else self.fs.open(path, "rb"))
-            self._readers[f.name] = reader
+            entry = self._readers[f.name] = (reader, FileIndex.of(reader))
             while len(self._readers) > _OPEN_READERS:
-                self._readers.popitem(last=False)[1].close()
+                self._readers.popitem(last=False)[1][0].close()
         else:
             self._readers.move_to_end(f.name)
-        return reader
+        return entry
 
     def metadata(self, f: RoundFile) -> pq.FileMetaData:
         """The file's Parquet footer (read once: a round file never changes once visible)."""
@@ -168,22 +173,32 @@ class RoundStore:
     ) -> pa.Table:
         """The round's table: the rows of ``layer`` (and ``unit``) if given, with those of ``columns`` it has.
 
-        Only the row groups whose statistics can hold the layer and unit are read (rows are written layer by layer,
-        units ascending, so one unit's row is in one group of :data:`_ROW_GROUP` rows).
+        Only the row groups that hold the layer's or unit's rows are decoded, found by the file's layer map (a
+        unit's row is one row of one group), or in files written without one by the groups' statistics.
         """
-        footer = self.metadata(f)
-        schema = footer.schema.to_arrow_schema()
-        if columns is not None:
-            columns = [c for c in columns if c in schema.names]
-        groups = _row_groups(footer, layer, unit)
-        table = self.reader(f).read_row_groups(groups, columns=columns)
-        mask = None
-        if layer is not None and "layer" in table.column_names:
-            mask = pc.equal(table.column("layer"), layer)
-        if unit is not None and "unit" in table.column_names:
-            same = pc.equal(table.column("unit"), int(unit))
-            mask = same if mask is None else pc.and_(mask, same)
-        return table if mask is None else table.filter(mask)
+        reader, index = self._open(f)
+        unit = None if unit is None else int(unit)
+        wanted = None if columns is None else [c for c in columns if c in index.names]
+        selection = index.select(layer, unit)
+        keys = [k for k, v in (("layer", layer), ("unit", unit)) if v is not None and k in index.names]
+        read = wanted
+        if selection.filter and wanted is not None:
+            read = [*wanted, *(k for k in keys if k not in wanted)]
+        if selection.groups == list(range(reader.metadata.num_row_groups)):
+            table = reader.read(columns=read)
+        else:
+            table = reader.read_row_groups(selection.groups, columns=read)
+        if selection.slices is not None:
+            parts = [table.slice(a, n) for a, n in selection.slices]
+            table = parts[0] if len(parts) == 1 else pa.concat_tables(parts) if parts else table.slice(0, 0)
+        if selection.filter:
+            mask = None
+            for key, value in (("layer", layer), ("unit", unit)):
+                if key in keys:
+                    same = pc.equal(table.column(key), value)
+                    mask = same if mask is None else pc.and_(mask, same)
+            table = table if mask is None else table.filter(mask)
+        return table if wanted is None or read == wanted else table.select(wanted)
 
     def identity(self, f: RoundFile) -> dict[str, Any] | None:
         """The round's identity (``RoundIdentity.to_dict()``) as written, ``None`` where it had none."""
@@ -216,7 +231,7 @@ class RoundStore:
     def close(self) -> None:
         """Release the writer's lock and close the open readers."""
         while self._readers:
-            self._readers.popitem()[1].close()
+            self._readers.popitem()[1][0].close()
         lock, self._lock = self._lock, None
         release_lock(lock)  # and remove its file: no stray history.lock in the run folder
 
@@ -254,6 +269,7 @@ class RoundStore:
             HistoryWriteError: If the file could not be written; nothing becomes visible.
         """
         self.acquire()
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_LAYOUT: layout_metadata(table)})
         rid = uuid.uuid4().hex[:16]
         if self._next_seq is None:
             self._next_seq = max((f.seq for f in self.files()), default=-1) + 1
@@ -310,30 +326,9 @@ class RoundStore:
                 pass
 
 
-def _row_groups(footer: pq.FileMetaData, layer: str | None, unit: int | None) -> list[int]:
-    # The row groups whose min/max statistics admit the layer and unit (all groups where statistics are missing).
-    leaves = {footer.schema.column(i).path: i for i in range(footer.num_columns)}
-    wanted = [(leaves.get("layer"), layer), (leaves.get("unit"), unit)]
-    groups = []
-    for g in range(footer.num_row_groups):
-        rg = footer.row_group(g)
-        keep = True
-        for index, value in wanted:
-            if value is None or index is None:
-                continue
-            stats = rg.column(index).statistics
-            if stats is not None and stats.has_min_max and not stats.min <= value <= stats.max:
-                keep = False
-        if keep:
-            groups.append(g)
-    return groups
-
-
 def _write_parquet(table: pa.Table, fh: Any) -> None:
-    # zstd: the smallest files at about the speed of snappy here (167 vs 181 bytes per unit on a 98k-unit round).
-    # Statistics only where queries prune row groups by them (the footer stays small with many groups).
-    stats = [c for c in ("layer", "unit", "epoch") if c in table.column_names]
-    pq.write_table(table, fh, compression="zstd", row_group_size=_ROW_GROUP, write_statistics=stats)
+    # The layout that keeps both one-unit queries and whole-history reads cheap: drift.round_layout.
+    pq.write_table(table, fh, **write_options(table.schema))
 
 
 def _fsync_dir(path: str) -> None:

@@ -39,7 +39,7 @@ import pyarrow as pa
 from filelock import FileLock
 
 from lightning_neurons.drift.baseline import baseline_units, round_settings
-from lightning_neurons.drift.columns import records_to_table, table_to_dicts
+from lightning_neurons.drift.columns import concat_rounds, records_to_table, table_to_dicts
 from lightning_neurons.drift.metrics import (
     DEFAULT_CHANGE_THRESHOLD,
     DEFAULT_STABLE_ROUNDS,
@@ -339,7 +339,7 @@ class RunHistory:
         if store is not None:
             files = store.effective()
             if files:
-                return pa.concat_tables([store.read(f) for f in files], promote_options="permissive")
+                return concat_rounds([store.read(f) for f in files])
         records = self.records
         return records_to_table(records) if records else pa.table({})
 
