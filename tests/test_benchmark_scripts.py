@@ -2,6 +2,8 @@
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +65,32 @@ def test_quality_quick_runs_one_split_and_one_seed(monkeypatch, capsys, tmp_path
     assert out["quick"] is True and set(out) == {"development", "total_s", "quick"}
     assert out["development"]["seeds"] == [0]
     assert "embedded" in out["development"] and "sanity" in out["development"]
+
+
+def test_dashboard_benchmark_runs_reduced_and_prints_every_figure(tmp_path):
+    # In a process of its own: the benchmark pins itself to one core and sizes Arrow's thread pools.
+    command = [sys.executable, str(BENCHMARKS / "dashboard.py"), "--units", "96", "--per-layer", "32", "--rounds", "3"]
+    command += ["--concepts", "20", "--top-k", "4", "--dir", str(tmp_path)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(BENCHMARKS.parent / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    figures = {"write_round_s", "first_view_s", "charts_s", "search_s", "timeline_s", "timeline_cold_s"}
+    figures |= {"timeline_warm_s", "open_s", "to_pandas_s", "to_pandas_all_cores_s"}
+    assert figures <= set(out) and figures <= set(out["cpu_s"])
+    assert set(out["targets"]) == {
+        "bytes_per_unit_round",
+        "write_round_s",
+        "first_view_s",
+        "timeline_s",
+        "timeline_cold_s",
+        "search_s",
+        "to_pandas_s",
+        "to_pandas_all_cores_s",
+    }
+    assert out["to_pandas_rows"] == 96 * 3 and out["units"] == 96 and out["rounds"] == 3
+    assert out["bytes_per_unit_round"] > 0 and len(out["load_average"]) == 3
+    assert (tmp_path / "history").is_dir()  # --dir keeps the store

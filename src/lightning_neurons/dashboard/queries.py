@@ -96,23 +96,24 @@ def _flag(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(table.column(name).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _states(table: pa.Table) -> np.ndarray:
-    # Vectorised state per row (STATES), in priority order dead > gained > lost > changed > new > stable.
+def _state_codes(table: pa.Table) -> np.ndarray:
+    # Vectorised state per row as an index into STATES, in priority order dead > gained > lost > changed > new > stable.
     n = table.num_rows
-    kinds = table.column("kind") if "kind" in table.column_names else None
-    dead = np.zeros(n, dtype=bool) if kinds is None else np.asarray(pc.fill_null(pc.equal(kinds, "dead"), False))
-    first = (
-        np.asarray(table.column("previous_epoch").is_null())
-        if "previous_epoch" in table.column_names
-        else np.ones(n, dtype=bool)
-    )
-    state = np.full(n, "stable", dtype=object)
-    state[first] = "new"
-    state[_flag(table, "changed")] = "changed"
-    state[_flag(table, "lost")] = "lost"
-    state[_flag(table, "gained")] = "gained"
-    state[dead] = "dead"
-    return state
+    code = np.full(n, STATES.index("stable"), dtype=np.int8)
+    if "previous_epoch" in table.column_names:
+        code[np.asarray(table.column("previous_epoch").is_null())] = STATES.index("new")
+    else:
+        code[:] = STATES.index("new")
+    for name in ("changed", "lost", "gained"):
+        code[_flag(table, name)] = STATES.index(name)
+    if "kind" in table.column_names:
+        code[np.asarray(pc.fill_null(pc.equal(table.column("kind"), "dead"), False))] = STATES.index("dead")
+    return code
+
+
+def _states(table: pa.Table) -> np.ndarray:
+    # The state names of _state_codes.
+    return np.asarray(STATES, dtype=object)[_state_codes(table)]
 
 
 def _text(table: pa.Table, name: str) -> pa.ChunkedArray:
@@ -217,7 +218,7 @@ def layer_view(
     if not table.num_rows:
         return empty
     states = _states(table)
-    counts = Counter(states.tolist())
+    counts = Counter(dict(zip(STATES, np.bincount(_state_codes(table), minlength=len(STATES)).tolist())))
     keep = np.ones(table.num_rows, dtype=bool)
     if state:
         keep &= states == state
@@ -388,11 +389,16 @@ def layer_charts(
         n = table.num_rows
         if not n:
             continue
-        states = Counter(_states(table).tolist())
+        counts = np.bincount(_state_codes(table), minlength=len(STATES))
+        states = dict(zip(STATES, counts.tolist()))
         # The concept distribution counts units that hold a concept (kind concept, or legacy records).
-        kinds = table.column("kind").to_pylist() if "kind" in table.column_names else [None] * n
-        texts = _shown_column(table).to_pylist()
-        held = Counter(t for t, k in zip(texts, kinds) if t and k in (None, "concept"))
+        texts = _shown_column(table)
+        if "kind" in table.column_names:
+            kind = table.column("kind")
+            holds = pc.fill_null(pc.or_(pc.is_null(kind), pc.equal(kind, "concept")), False)
+            texts = pc.filter(texts, holds)
+        texts = pc.filter(texts, pc.fill_null(pc.not_equal(texts, ""), False))
+        held = Counter({v["values"]: v["counts"] for v in pc.value_counts(texts).to_pylist()})
         totals.update(held)
         scores = table.column("score").to_numpy(zero_copy_only=False).astype(float)
         mean = float(np.nanmean(scores)) if np.isfinite(scores).any() else None
