@@ -254,7 +254,7 @@ def _matches(table: pa.Table, query: str) -> np.ndarray:
         return np.ones(table.num_rows, dtype=bool)
     hit = pc.match_substring(pc.utf8_lower(_shown_column(table)), text)
     desc = pc.match_substring(pc.utf8_lower(pc.cast(table.column("description"), pa.string())), text)
-    return np.asarray(pc.fill_null(pc.or_(hit, desc), False))
+    return np.asarray(pc.fill_null(pc.or_kleene(hit, desc), False))
 
 
 def search(tables: HistoryTables, query: str, epoch: int | None = None, limit: int = 200) -> dict[str, Any]:
@@ -395,7 +395,7 @@ def layer_charts(
         texts = _shown_column(table)
         if "kind" in table.column_names:
             kind = table.column("kind")
-            holds = pc.fill_null(pc.or_(pc.is_null(kind), pc.equal(kind, "concept")), False)
+            holds = pc.fill_null(pc.or_kleene(pc.is_null(kind), pc.equal(kind, "concept")), False)
             texts = pc.filter(texts, holds)
         texts = pc.filter(texts, pc.fill_null(pc.not_equal(texts, ""), False))
         held = Counter({v["values"]: v["counts"] for v in pc.value_counts(texts).to_pylist()})
