@@ -6,7 +6,7 @@ from _rounds import bow_embed, make_round
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, save_previews
 from lightning_neurons.logging.report import render_report, write_report
-from lightning_neurons.results import UnitExplanation
+from lightning_neurons.results import Alternative, ExplanationRound, UnitExplanation
 
 
 def test_report_from_run_dir(tmp_path):
@@ -77,3 +77,67 @@ def test_cli_report_help_states_the_library_default(capsys):
     with pytest.raises(SystemExit):
         main(["report", "--help"])
     assert f"default {DEFAULT_MAX_UNITS}" in " ".join(capsys.readouterr().out.split())
+
+
+def _kinds_round(epoch: int) -> ExplanationRound:
+    # Per unit a kind and text per epoch: 0 changes meaning, 1 gains a concept, 2 loses it, 3 is dead, 4 is stable.
+    plan = {
+        0: [("concept", "red dots"), ("concept", "red dots"), ("concept", "vertical stripes")],
+        1: [("unclear", "fog"), ("unclear", "fog"), ("concept", "wheel")],
+        2: [("concept", "grass"), ("low_level", "grass"), ("low_level", "grass")],
+        3: [("dead", ""), ("dead", ""), ("dead", "")],
+        4: [("concept", "sky"), ("concept", "sky"), ("concept", "sky")],
+    }
+    units = [
+        UnitExplanation(
+            "conv",
+            unit,
+            epoch,
+            text,
+            float("nan") if kind == "dead" else 0.5 + 0.1 * unit + 0.01 * epoch,
+            kind=kind,
+            q_value=None if kind == "dead" else 0.01 * (unit + 1),
+            low_level="brightness" if kind == "low_level" else None,
+            alternatives=[Alternative("mesh", 0.1)],
+        )
+        for unit, steps in plan.items()
+        for kind, text in [steps[epoch]]
+    ]
+    return ExplanationRound(epoch=epoch, units=units)
+
+
+def test_the_report_and_the_tabs_json_show_the_same_unit_at_every_epoch(tmp_path):
+    """One implementation of the unit timeline: the report's cells are the tab's /unit entries, rendered."""
+    import html
+    import json
+
+    from tensorboard.plugins import base_plugin
+    from werkzeug.test import Client
+
+    from lightning_neurons.dashboard.plugin import NeuronsPlugin
+
+    out = tmp_path / "logs" / "version_0" / "neurons"
+    history = RunHistory()
+    history.attach(out / "history")
+    for epoch in range(3):
+        history.add_round(_kinds_round(epoch), bow_embed)
+    history.close()
+    page = write_report(out, tmp_path / "report.html").read_text()
+    apps = NeuronsPlugin(base_plugin.TBContext(logdir=str(tmp_path / "logs"))).get_plugin_apps()
+    section = page.split('<section id="layer-conv">')[1].split("</section>")[0]
+    cell = re.compile(
+        r'data-state="([a-z]+)" title="[^"]*"><div class="e">epoch (\d+)</div><div class="d">([^<]*)</div>'
+        r'(?:<div class="s">[a-z_]+</div>)?<div class="s">score (\S+?)[ <]'
+    )
+    states = set()
+    for unit in range(5):
+        response = Client(apps["/unit"]).get(
+            "/unit", query_string={"run": "version_0/neurons", "layer": "conv", "unit": unit}
+        )
+        tab = [(e["state"], e["epoch"], e["shown"], e["score"]) for e in json.loads(response.data)["epochs"]]
+        row = section.split(f"<tr><td>{unit}</td>")[1].split("</tr>")[0]
+        report = [(s, int(e), html.unescape(text), score) for s, e, text, score in cell.findall(row)]
+        assert [(s, e, text) for s, e, text, _ in report] == [(s, e, text) for s, e, text, _ in tab]
+        assert [score for *_, score in report] == ["–" if x is None else f"{x:.2f}" for *_, x in tab]
+        states |= {s for s, *_ in tab}
+    assert states == {"new", "changed", "gained", "lost", "stable", "dead"}

@@ -160,6 +160,7 @@ def _rows(table: pa.Table, states: np.ndarray | None = None) -> list[dict[str, A
                 "q_value": _num(get.get("q_value")),
                 "confidence": _num(get.get("confidence")),
                 "state": str(states[i]),
+                "previous_epoch": get.get("previous_epoch"),
                 "previous_description": previous[i],
                 "similarity": _num(get.get("similarity")),
                 "score_delta": _num(get.get("score_delta")),
@@ -183,6 +184,7 @@ def layer_view(
     query: str | None = None,
     offset: int = 0,
     limit: int | None = 200,
+    crops: bool = True,
 ) -> dict[str, Any]:
     """The units of ``layer`` at ``epoch`` (default: the latest explained epoch), one page of them.
 
@@ -195,11 +197,12 @@ def layer_view(
         query: Keep only units whose shown text or description contains it (case-insensitive).
         offset: First unit of the page (after filtering and sorting).
         limit: Units per page (``None``: all).
+        crops: Give each row its crop file (one file lookup per row).
 
     Returns:
         ``{"layer", "epoch", "epochs", "total", "matched", "counts": {state: n}, "units": [row, ...]}``; a row has
-        ``unit, shown, description, kind, score, p_value, q_value, confidence, state, previous_description,
-        similarity, score_delta, crop``.
+        ``layer, unit, shown, description, kind, score, p_value, q_value, confidence, state, previous_epoch,
+        previous_description`` (the text shown at the previous epoch)``, similarity, score_delta, crop``.
     """
     epochs = tables.epochs()
     ep = epochs[-1] if epoch is None and epochs else epoch
@@ -236,7 +239,7 @@ def layer_view(
     page = idx[offset : None if limit is None else offset + limit]
     units = _rows(table.take(pa.array(page, pa.int64())), states[page])
     for row in units:
-        row["crop"] = tables.crop(layer, row["unit"], ep)
+        row["crop"] = tables.crop(layer, row["unit"], ep) if crops else None
     return {
         "layer": layer,
         "epoch": ep,

@@ -125,6 +125,10 @@ class HistoryTables:
             return []
         return [str(x) for x in dict.fromkeys(table.column("layer").to_pylist())]
 
+    def all_layers(self) -> list[str]:
+        """Layers explained at any epoch, in the order first seen (epoch by epoch, each in round order)."""
+        return list(dict.fromkeys(layer for ep in self.epochs() for layer in self.layers(ep)))
+
     def crop(self, layer: str, unit: int, epoch: int) -> str | None:
         """The unit's crop file at ``epoch``, relative to the run's output folder (``None`` where there is none)."""
         if self.previews_dir is None:

@@ -8,9 +8,16 @@ descriptions across epochs (changes of meaning highlighted; a multi-concept comb
 while the description kept its meaning gets a dashed outline and the previous combination), in pages of
 :data:`DEFAULT_PAGE_SIZE` units.
 
-Built to stay usable at 100k units: at most ``max_units`` unit rows per layer (the index lists every unit),
-timelines of at most ``max_epochs`` cells, and pages switched by CSS ``:target`` (a link to a unit opens its page).
-Summaries are computed in one pass over the history (:func:`~lightning_neurons.drift.metrics.summarize_layer_epochs`).
+It is a static export of the Neurons tab's views, from the same queries (:mod:`lightning_neurons.dashboard.queries`):
+the layer charts are :func:`~lightning_neurons.dashboard.queries.layer_charts`, the description index is the layer's
+grid (:func:`~lightning_neurons.dashboard.queries.layer_view`) at its latest epoch, and a unit's row is its timeline
+(:func:`~lightning_neurons.dashboard.queries.layer_timelines`, every shown unit of a layer from one read of each
+round): the same shown text, score, significance and state as the tab's JSON. A history in a round store is read
+by those queries only, never replayed into records.
+
+Built to stay usable at 100k units: at most ``max_units`` unit rows per layer (the index lists every unit of the
+layer's latest epoch), timelines of at most ``max_epochs`` cells, and pages switched by CSS ``:target`` (a link to a
+unit opens its page).
 
 Example:
     >>> write_report("lightning_logs/version_0", "report.html")  # doctest: +SKIP
@@ -26,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_neurons.dashboard.queries import HistoryTables, layer_charts
+from lightning_neurons.dashboard.queries import HistoryTables, layer_charts, layer_timelines, layer_view
 from lightning_neurons.drift.history import HistoryRecord, RunHistory, find_history_file, load_history
 from lightning_neurons.drift.metrics import (
     COMBINATION_CHANGE_JACCARD,
@@ -36,7 +43,7 @@ from lightning_neurons.drift.metrics import (
 )
 from lightning_neurons.explanation.multi_concept import NO_COMBINATION, format_combination
 from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
-from lightning_neurons.logging.rows import record_row
+from lightning_neurons.results import Alternative
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1f2328;background:#fff}
@@ -51,6 +58,8 @@ table.units td,table.units th{border-top:1px solid #eaeef2;padding:6px;vertical-
 .ep{flex:0 0 auto;min-width:90px;max-width:160px;border:1px solid #d0d7de;border-radius:6px;padding:4px 6px;
 font-size:.85em;background:#f6f8fa}
 .ep.changed{background:#fff1e5;border-color:#fb8f44}
+.ep[data-state=changed]{border-left:4px solid #fb8f44}.ep[data-state=gained]{border-left:4px solid #2da44e}
+.ep[data-state=lost]{border-left:4px solid #cf222e}.ep[data-state=dead]{border-left:4px solid #24292f}
 .ep.concepts{border-style:dashed;border-color:#0969da}
 .ep .e{color:#57606a;font-size:.8em}.ep .d{font-weight:600;overflow-wrap:anywhere}.ep .s{color:#57606a}
 .ep .c{color:#0a3069;font-size:.85em;overflow-wrap:anywhere}
@@ -247,51 +256,50 @@ def _anchor(*parts: object) -> str:
     return _esc("-".join(str(p) for p in parts))
 
 
-def _timeline_cells(timeline: list[HistoryRecord], max_epochs: int | None) -> str:
-    shown = timeline if max_epochs is None or len(timeline) <= max_epochs else timeline[-max_epochs:]
+def _combination(items: list[dict[str, Any]]) -> list[Alternative]:
+    # A timeline entry's combination as format_combination reads it.
+    return [Alternative(str(a["text"]), float(a["score"] or 0.0)) for a in items]
+
+
+def _timeline_cells(entries: list[dict[str, Any]], max_epochs: int | None) -> str:
+    """A unit's timeline cells from its :func:`~lightning_neurons.dashboard.queries.layer_timelines` entries."""
+    shown = entries if max_epochs is None or len(entries) <= max_epochs else entries[-max_epochs:]
     cells = []
-    if len(shown) < len(timeline):
-        cells.append(f'<div class="ep"><div class="e">{len(timeline) - len(shown)} earlier epochs</div></div>')
-    start = len(timeline) - len(shown)
-    for i, r in enumerate(shown, start):
-        d = r.drift
-        row = record_row(r)  # the row every sink shows
-        moved = d.changed or d.gained or d.lost
-        cls = "ep changed" if moved else "ep concepts" if d.concepts_only_changed else "ep"
-        sim = f" · sim {_num(d.similarity, 2)}" if d.similarity is not None else ""
-        tip = f"previously: {row['previous_description']}" if d.previous_description is not None else "first round"
-        tip = "new baseline: the settings changed, not compared" if d.baseline else tip
-        tip = f"{'gained a concept' if d.gained else 'lost its concept'}; {tip}" if d.gained or d.lost else tip
-        hurt = r.explanation.ablation
-        hurts = f'<div class="s">zeroing hurts {_esc(", ".join(c for c, _ in hurt))}</div>' if hurt else ""
-        combo = r.explanation.combination  # the multi-concept explanation, e.g. "stripes (0.62) + zebra (0.38)"
-        overlap = f" · concept overlap {_num(d.concept_jaccard, 2)}" if d.concept_jaccard is not None else ""
-        if d.concepts_only_changed:  # same meaning, another concept set: what the combination was
-            previous = timeline[i - 1] if i > 0 and timeline[i - 1].key[2] == d.previous_epoch else None
-            before = previous.explanation.combination if previous is not None else d.previous_combination
-            known = previous is not None or before is not None  # else only the latest record was restored
-            was = format_combination(before) if known else ""
-            hurts = f'<div class="c">concept set changed{" from " + _esc(was) if known else ""}</div>' + hurts
-            tip = f"concept set changed, description kept its meaning; previously: {d.previous_description}"
-        combo = combo if row["combination"] else None  # combinations are shown for concept units only
+    if len(shown) < len(entries):
+        cells.append(f'<div class="ep"><div class="e">{len(entries) - len(shown)} earlier epochs</div></div>')
+    start = len(entries) - len(shown)
+    for i, e in enumerate(shown, start):
+        state = e["state"]
+        moved = state in ("changed", "gained", "lost")
+        concepts_only = e["concepts_changed"] and state != "changed"  # same meaning, another concept set
+        cls = "ep changed" if moved else "ep concepts" if concepts_only else "ep"
+        sim = f" · sim {_num(e['similarity'], 2)}" if e["similarity"] is not None else ""
+        previous_text = e["previous_description"]
+        tip = f"previously: {previous_text}" if previous_text is not None else "first round"
+        tip = "new baseline: the settings changed, not compared" if e["baseline"] else tip
+        if state in ("gained", "lost"):
+            tip = f"{'gained a concept' if state == 'gained' else 'lost its concept'}; {tip}"
+        hurt = e["ablation"]
+        hurts = f'<div class="s">zeroing hurts {_esc(", ".join(a["class"] for a in hurt))}</div>' if hurt else ""
+        overlap = f" · concept overlap {_num(e['concept_jaccard'], 2)}" if e["concept_jaccard"] is not None else ""
+        if concepts_only:  # what the combination was, from the entry of the epoch it was compared with
+            previous = entries[i - 1] if i > 0 and entries[i - 1]["epoch"] == e["previous_epoch"] else None
+            was = format_combination(_combination(previous["combination"])) if previous is not None else ""
+            hurts = f'<div class="c">concept set changed{" from " + _esc(was) if was else ""}</div>' + hurts
+            tip = f"concept set changed, description kept its meaning; previously: {previous_text}"
+        combo = e["combination"]  # the multi-concept explanation (units shown with a concept only)
         if combo or overlap:
-            shown_combo = f"= {_esc(format_combination(combo))}" if combo else NO_COMBINATION
+            shown_combo = f"= {_esc(format_combination(_combination(combo)))}" if combo else NO_COMBINATION
             hurts = f'<div class="c">{shown_combo}{overlap}</div>' + hurts
-        kind = f'<div class="s">{_esc(row["kind"])}</div>' if row["kind"] else ""
-        conf = row["confidence"]
-        significance = f" · q {_num(row['q_value'], 3)}" if row["q_value"] is not None else ""
-        confidence = f" · conf {_num(conf, 2)}" if conf is not None else ""
+        kind = f'<div class="s">{_esc(e["kind"])}</div>' if e["kind"] else ""
+        significance = f" · q {_num(e['q_value'], 3)}" if e["q_value"] is not None else ""
+        confidence = f" · conf {_num(e['confidence'], 2)}" if e["confidence"] is not None else ""
         cells.append(
-            f'<div class="{cls}" title="{_esc(tip)}"><div class="e">epoch {d.epoch}</div>'
-            f'<div class="d">{_esc(row["description"])}</div>{kind}'
-            f'<div class="s">score {_num(row["score"], 2)}{significance}{confidence}{sim}</div>{hurts}</div>'
+            f'<div class="{cls}" data-state="{_esc(state)}" title="{_esc(tip)}"><div class="e">epoch {e["epoch"]}</div>'
+            f'<div class="d">{_esc(e["shown"])}</div>{kind}'
+            f'<div class="s">score {_num(e["score"], 2)}{significance}{confidence}{sim}</div>{hurts}</div>'
         )
     return "".join(cells)
-
-
-def _shown(record: HistoryRecord) -> str:
-    """The record's text as every sink shows it (:func:`~lightning_neurons.logging.rows.record_row`)."""
-    return str(record_row(record)["description"])
 
 
 def _description_index(layer: str, latest: dict[int, str], rows: set[int]) -> str:
@@ -315,10 +323,9 @@ _STATE_COLOURS = {"changed": "#fb8f44", "gained": "#2da44e", "lost": "#cf222e", 
 
 
 def _layer_section(
+    tables: HistoryTables,
     layer: str,
     charts: dict[str, Any],
-    summaries: list[LayerDriftSummary],
-    timelines: dict[int, list[HistoryRecord]],
     previews: Path | None,
     max_units: int | None,
     page_size: int = DEFAULT_PAGE_SIZE,
@@ -328,19 +335,18 @@ def _layer_section(
     epochs, fraction = charts["epochs"], charts["fraction"]
     states = {name: (fraction[name], colour) for name, colour in _STATE_COLOURS.items()}
     scores = [(e, math.nan if s is None else s) for e, s in zip(epochs, charts["mean_score"])]
-    last = summaries[-1]
     # Multi-concept layers: concept-set changes (meaning or combination) get their own plot, apart from meaning.
-    multi = any(r.explanation.combination for t in timelines.values() for r in t)
     concepts = [(e, math.nan if v is None else v) for e, v in zip(epochs, fraction["concepts_changed"])]
     concept_plot = (
         [f'<div class="plot">{line_plot_svg(concepts, "fraction of concept sets changed", colour="#8250df")}</div>']
-        if multi
+        if any(charts["combinations"])
         else []
     )
+    last = epochs[-1]
     out = [
         f'<section id="layer-{_esc(layer)}"><h2>{_esc(layer)}</h2>',
-        f'<p class="meta">{last.n_units} units at epoch {last.epoch} · mean score {_num(last.mean_score)} · '
-        f"stable for the last {last.stable_rounds} comparisons: {last.n_stable}</p>",
+        f'<p class="meta">{charts["units"][-1]} units at epoch {last} · mean score {_num(charts["mean_score"][-1])} · '
+        f"stable for the last {charts['stable_rounds']} comparisons: {charts['stable'][-1]}</p>",
         '<div class="plots">',
         f'<div class="plot">{lines_plot_svg(epochs, states, "fraction of units changed, gained, lost, dead")}</div>',
         *concept_plot,
@@ -348,13 +354,15 @@ def _layer_section(
         f'<div class="plot">{concept_bars_svg(epochs, charts["concepts"])}</div>',
         "</div>",
     ]
-    all_units = sorted(timelines)
+    # The layer's grid at its latest epoch: every unit's shown text, for the index.
+    latest = {row["unit"]: row["shown"] for row in layer_view(tables, layer, last, limit=None, crops=False)["units"]}
+    all_units = sorted(latest)
     units = all_units
     if max_units is not None and len(units) > max_units:
         # Units with saved crops (the ones logged to TensorBoard) first: they are the ones the user chose to watch.
         with_crops = [u for u in units if previews is not None and latest_preview(previews, layer, u) is not None]
         units = sorted(dict.fromkeys([*with_crops, *units][:max_units]))
-    latest = {u: _shown(timelines[u][-1]) for u in all_units}
+    timelines = layer_timelines(tables, layer, units, crops=False) if units else {}
     out.append(_description_index(layer, latest, set(units)))
     pages = [units[i : i + page_size] for i in range(0, len(units), page_size)] or [[]]
     if len(pages) > 1:
@@ -369,10 +377,11 @@ def _layer_section(
         out.append(f'<div class="page" id="{_anchor("page", layer, i + 1)}">{header}')
         for unit in page:
             crop = latest_preview(previews, layer, unit) if previews is not None else None
-            stable = last.first_stable_epoch.get(unit)
+            timeline = timelines[unit]
+            stable = timeline["stable_since"]
             out.append(
                 f'<tr><td>{unit}</td><td class="crops" id="{_anchor("unit", layer, unit)}">{_img(crop)}</td>'
-                f'<td><div class="timeline">{_timeline_cells(timelines[unit], max_epochs)}</div></td>'
+                f'<td><div class="timeline">{_timeline_cells(timeline["epochs"], max_epochs)}</div></td>'
                 f"<td>{'–' if stable is None else f'epoch {stable}'}</td></tr>"
             )
         out.append("</table></div>")
@@ -416,6 +425,17 @@ def layer_summaries(
     }
 
 
+def _confidence_threshold(tables: HistoryTables, epochs: list[int]) -> float | None:
+    # The latest round's confidence threshold (records made before kinds were shown by it), if any round has one.
+    for ep in reversed(epochs):
+        values = tables.table(ep, ["confidence_threshold"])
+        if values.num_columns:
+            found = [v for v in values.column(0).to_pylist() if v is not None]
+            if found:
+                return float(found[-1])
+    return None
+
+
 def render_report(
     history: RunHistory,
     previews_dir: str | Path | None = None,
@@ -443,46 +463,35 @@ def render_report(
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
     previews = Path(previews_dir) if previews_dir is not None and Path(previews_dir).is_dir() else None
-    records = history.records  # sorted once: epoch, layer, unit
-    by_layer = layer_summaries(history, records)
-    timelines: dict[str, dict[int, list[HistoryRecord]]] = {}
-    for r in records:
-        timelines.setdefault(r.key[0], {}).setdefault(r.key[1], []).append(r)
-    epochs = history.epochs
+    tables = HistoryTables.of(history)  # a round store's files, or the records of a history in memory
+    epochs = tables.epochs()
+    layers = tables.all_layers()
+    charts = {layer: layer_charts(tables, layer, stable_rounds=history.stable_rounds) for layer in layers}
     meta = (
-        f"{len(history.layers)} layers · {len(epochs)} explained epochs"
+        f"{len(layers)} layers · {len(epochs)} explained epochs"
         + (f" ({epochs[0]}–{epochs[-1]})" if epochs else "")
         + " · meaning counts as changed when a unit has a concept in both rounds and the description similarity is"
         + f" &lt; {history.threshold:g}; gaining or losing a concept is counted apart"
     )
-    if any(r.explanation.combination for r in records):
+    if any(any(c["combinations"]) for c in charts.values()):
         meta += (
             f" · a multi-concept combination whose concept set overlaps the previous one less than "
             f"{COMBINATION_CHANGE_JACCARD:g} (Jaccard) is a concept-set change, outlined apart"
         )
-    shown_at = next((r.confidence_threshold for r in reversed(records) if r.confidence_threshold is not None), None)
+    shown_at = _confidence_threshold(tables, epochs)
     if shown_at is not None:
         meta += (
             f" · units with confidence &le; {shown_at:g} (the confidence threshold; 0.5 = chance) are shown as "
             "<em>no clear concept</em>"
         )
-    tables = HistoryTables.of(history)
     body = [
-        _layer_section(
-            layer,
-            layer_charts(tables, layer),
-            by_layer[layer],
-            timelines[layer],
-            previews,
-            max_units,
-            page_size,
-            max_epochs,
-        )
-        for layer in history.layers
+        _layer_section(tables, layer, charts[layer], previews, max_units, page_size, max_epochs)
+        for layer in layers
+        if charts[layer]["epochs"]
     ]
     if not body:
         body = ['<p class="none">The history is empty.</p>']
-    nav = " · ".join(f'<a href="#layer-{_esc(x)}">{_esc(x)}</a>' for x in history.layers)
+    nav = " · ".join(f'<a href="#layer-{_esc(x)}">{_esc(x)}</a>' for x in layers)
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
         f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head>\n'
