@@ -135,9 +135,23 @@ async function openTimeline(layer, unit) {
   for (const e of data.epochs) {
     const cell = el("div", {class: "ep", "data-epoch": String(e.epoch)});
     cell.style.borderLeftColor = STATE_COLOURS[e.state] || "#8c959f";
+    // What the HTML report's cell shows (the same entry of dashboard.queries.layer_timelines).
+    const q = e.q_value !== null ? " · q " + fmt(e.q_value) : "";
+    const conf = e.confidence !== null ? " · conf " + fmt(e.confidence, 2) : "";
+    const sim = e.similarity !== null ? " · sim " + fmt(e.similarity, 2) : "";
     cell.append(el("div", {class: "e", text: `epoch ${e.epoch} · ${e.state}`}), cropImage(e.crop),
-      el("div", {class: "d", text: e.shown}),
-      el("div", {class: "e", text: `score ${fmt(e.score)}${e.q_value !== null ? " · q " + fmt(e.q_value) : ""}`}));
+      el("div", {class: "d", text: e.shown}));
+    if (e.kind) cell.append(el("div", {class: "e", text: e.kind}));
+    cell.append(el("div", {class: "e", text: `score ${fmt(e.score)}${q}${conf}${sim}`}));
+    if (e.baseline) {
+      cell.append(el("div", {class: "x", text: "new baseline: the settings changed, not compared"}));
+    } else if (["changed", "gained", "lost"].includes(e.state) && e.previous_description !== null) {
+      cell.append(el("div", {class: "x", text: `was: ${e.previous_description}`}));
+    }
+    if (e.concepts_changed && e.state !== "changed") {
+      const overlap = e.concept_jaccard !== null ? ` (overlap ${fmt(e.concept_jaccard, 2)})` : "";
+      cell.append(el("div", {class: "x", text: `concept set changed${overlap}`}));
+    }
     if (e.combination.length) {
       cell.append(el("div", {class: "x", text: "combination: " + e.combination.map((a) => `${a.text} (${fmt(a.score, 2)})`).join(" + ")}));
     }
