@@ -328,9 +328,23 @@ def layer_timelines(
         if table.num_rows:
             epochs.append(np.full(table.num_rows, ep, dtype=np.int64))
             parts.append(table)
-    out = {u: {"layer": layer, "unit": u, "stable_since": None, "epochs": []} for u in wanted}
-    if not parts:
-        return out
+    entries: dict[int, list[dict[str, Any]]] = {u: [] for u in wanted}
+    since: dict[int, int | None] = dict.fromkeys(wanted)
+    if parts:
+        _timeline_entries(tables, layer, parts, epochs, crops, entries, since)
+    return {u: {"layer": layer, "unit": u, "stable_since": since[u], "epochs": entries[u]} for u in wanted}
+
+
+def _timeline_entries(
+    tables: HistoryTables,
+    layer: str,
+    parts: list[pa.Table],
+    epochs: list[np.ndarray],
+    crops: bool,
+    entries: dict[int, list[dict[str, Any]]],
+    since: dict[int, int | None],
+) -> None:
+    # The rows of every epoch read, as timeline entries per unit (in epoch order), and each unit's stable_since.
     table = concat_rounds(parts)
     extra = table.select([c for c in _TIMELINE_EXTRA if c in table.column_names]).to_pylist()
     changed = _flag(table, "changed")
@@ -349,11 +363,9 @@ def layer_timelines(
             ablation=_pairs(get.get("ablation"), "class", "drop"),
             crop=tables.crop(layer, row["unit"], ep) if crops else None,
         )
-        timeline = out[row["unit"]]
-        timeline["epochs"].append(row)
-        if changed[i] or timeline["stable_since"] is None:
-            timeline["stable_since"] = ep
-    return out
+        entries[row["unit"]].append(row)
+        if changed[i] or since[row["unit"]] is None:
+            since[row["unit"]] = ep
 
 
 def layer_charts(
