@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -114,11 +115,20 @@ class RoundStore:
         # query of one unit across 100 rounds then costs the decoding of 100 row groups, not 100 file opens, footer
         # parses and walks over row-group statistics.
         self._readers: OrderedDict[str, tuple[pq.ParquetFile, FileIndex]] = OrderedDict()
+        self._guard = threading.Lock()
         #: Round files this object wrote, with their sizes (to notice files deleted or cut behind its back).
         self.written: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"RoundStore({self.url!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy (pickled, deep-copied) opens its own readers and holds no writer's lock.
+        return {**self.__dict__, "_readers": OrderedDict(), "_guard": None, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._guard = threading.Lock()
 
     def _path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -149,15 +159,18 @@ class RoundStore:
         return self._open(f)[1]
 
     def _open(self, f: RoundFile) -> tuple[pq.ParquetFile, FileIndex]:
-        entry = self._readers.get(f.name)
-        if entry is None:
-            path = self._path(f.name)
-            reader = pq.ParquetFile(path if self.local else self.fs.open(path, "rb"))
-            entry = self._readers[f.name] = (reader, FileIndex.of(reader))
-            while len(self._readers) > _OPEN_READERS:
-                self._readers.popitem(last=False)[1][0].close()
-        else:
-            self._readers.move_to_end(f.name)
+        with self._guard:  # the Neurons tab queries one store from several request threads
+            entry = self._readers.get(f.name)
+            if entry is not None:
+                self._readers.move_to_end(f.name)
+                return entry
+        path = self._path(f.name)
+        reader = pq.ParquetFile(path if self.local else self.fs.open(path, "rb"))
+        entry = (reader, FileIndex.of(reader))
+        with self._guard:
+            entry = self._readers.setdefault(f.name, entry)
+            while len(self._readers) > _OPEN_READERS:  # a reader evicted while in use stays open until collected
+                self._readers.popitem(last=False)
         return entry
 
     def metadata(self, f: RoundFile) -> pq.FileMetaData:
@@ -187,7 +200,8 @@ class RoundStore:
         if selection.groups == list(range(reader.metadata.num_row_groups)):
             table = reader.read(columns=read)
         else:
-            table = reader.read_row_groups(selection.groups, columns=read)
+            # A group or two (a unit, a layer): decoded on this thread, handing each column to Arrow's pool costs more.
+            table = reader.read_row_groups(selection.groups, columns=read, use_threads=len(selection.groups) > 2)
         if selection.slices is not None:
             parts = [table.slice(a, n) for a, n in selection.slices]
             table = parts[0] if len(parts) == 1 else pa.concat_tables(parts) if parts else table.slice(0, 0)
