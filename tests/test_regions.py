@@ -201,6 +201,10 @@ def test_snapped_boxes_sit_on_the_grid_within_half_a_step():
     assert torch.equal(a, snap_boxes(torch.tensor([[14, 12, 41, 39]]), (96, 96), 16))
     assert torch.equal(snap_boxes(boxes, (72, 96), 0), boxes)
     assert snap_boxes(torch.tensor([[40, 40, 41, 41]]), (96, 96), 16).tolist() == [[42, 42, 48, 48]]  # one step
+    # a box at least half the image long moves on a grid half as fine: at most 1/16 of its length
+    large = torch.tensor([[3, 10, 60, 50], [20, 2, 90, 94]])
+    snapped_large = snap_boxes(large, (96, 96), 16)
+    assert (snapped_large % 12 == 0).all() and ((snapped_large - large).abs() <= 6).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

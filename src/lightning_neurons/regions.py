@@ -986,24 +986,29 @@ def pooled_control_boxes(
 def snap_boxes(boxes: Tensor, image_size: tuple[int, int], cells: int) -> Tensor:
     """Move box edges to the nearest line of a grid of ``cells`` steps per image side (``cells <= 0``: unchanged).
 
-    A region whose activation moves by a pixel between rounds keeps its box, so its crop is embedded once (the
-    region-embedding cache) and merges with its neighbours (deduplication). Edges move by at most half a step, in
-    either direction, so boxes keep their size on average; a box never shrinks below one step.
+    Along each side, a box at least half the image long uses a grid twice as coarse (``cells / 2`` steps), so an
+    edge moves by at most a sixteenth of the box's length and by at most a ``2 * cells``-th of the image for smaller
+    boxes (a small region keeps its place). A region whose activation moves a little between rounds keeps its box,
+    so its crop is embedded once (the region-embedding cache) and merges with its neighbours (deduplication). A box
+    never shrinks below one step.
 
     Example:
-        >>> snap_boxes(torch.tensor([[5, 7, 30, 33]]), (64, 64), 8).tolist()
-        [[8, 8, 32, 32]]
+        >>> snap_boxes(torch.tensor([[5, 7, 30, 33], [3, 3, 50, 60]]), (64, 64), 8).tolist()
+        [[8, 8, 32, 32], [0, 0, 48, 64]]
     """
     if cells <= 0 or boxes.numel() == 0:
         return boxes
     height, width = image_size
     out = boxes.clone()
     for lo, hi, side in ((0, 2, width), (1, 3, height)):
-        first = torch.div(boxes[:, lo] * cells * 2 + side, side * 2, rounding_mode="floor").clamp(0, cells - 1)
-        last = torch.div(boxes[:, hi] * cells * 2 + side, side * 2, rounding_mode="floor").clamp(max=cells)
+        large = (boxes[:, hi] - boxes[:, lo]) * 2 >= side
+        steps = torch.where(large, max(1, cells // 2), cells)
+        first = torch.div(boxes[:, lo] * steps * 2 + side, side * 2, rounding_mode="floor").clamp(min=0)
+        first = torch.minimum(first, steps - 1)
+        last = torch.minimum(torch.div(boxes[:, hi] * steps * 2 + side, side * 2, rounding_mode="floor"), steps)
         last = torch.maximum(last, first + 1)
-        out[:, lo] = first * side // cells
-        out[:, hi] = last * side // cells
+        out[:, lo] = first * side // steps
+        out[:, hi] = last * side // steps
     return out
 
 

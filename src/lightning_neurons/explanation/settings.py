@@ -31,8 +31,11 @@ class ExplainConfig:
         mask_size: Long side of the resolution at which region masks are computed.
         component: ``"peak"`` (the connected component holding the peak) or ``"all"`` (the whole mask's box).
         dedupe_iou: Boxes of the same sample overlapping more than this become one crop.
-        box_grid: Region boxes grow outward to a grid of this many steps per image side (0: exact boxes). A region
-            that moves by a pixel between rounds keeps its crop, which the region-embedding cache then embeds once.
+        box_grid: Region box edges move to the nearest line of a grid of this many steps per image side, half as
+            many along a side the box covers at least half of (0: exact boxes; see
+            :func:`~lightning_neurons.regions.snap_boxes`). A region that moves a little between rounds keeps its
+            crop, which the region-embedding cache then embeds once. 16 was chosen on the development split
+            (``benchmarks/quality.py --quick``: no figure moved beyond one unit's worth against exact boxes).
         num_alternatives: Runner-up concepts kept per unit.
         correction: The correction for concepts that match everything: a value,
             :class:`~lightning_neurons.explanation.correction.ControlCorrection` (minus the mean similarity on
