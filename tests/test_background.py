@@ -77,6 +77,7 @@ def explainer(encoder, **kwargs):
     kwargs.setdefault("top_k", 3)
     kwargs.setdefault("vocabulary", ["general"])
     kwargs.setdefault("show_progress", False)
+    kwargs.setdefault("async_explain", True)  # these fits run on the CPU, where "auto" keeps rounds in the hook
     return NeuronExplainer(backend=Backend(name="stats", encoder=encoder), **kwargs)
 
 
@@ -140,6 +141,24 @@ def test_background_round_lands_in_every_sink_under_its_epoch_after_training_mov
     ] == [steps_per_epoch * (e + 1) for e in range(3)]
     assert "neurons/head/mean_score" in trainer.callback_metrics
     assert hook_count(trainer.lightning_module) == 0
+
+
+def test_auto_keeps_a_cpu_runs_rounds_in_the_validation_hook_and_says_why(tmp_path, caplog):
+    # On the CPU a background round competes with training for the same cores: measured slower on 2 cores
+    # (benchmarks/train_overhead.py), so the default runs rounds where they were recorded, and says so once.
+    import logging
+
+    encoder = GatedEncoder()
+    cb = explainer(encoder, async_explain="auto")
+    with caplog.at_level(logging.INFO, logger="lightning_neurons"):
+        fit(tmp_path, [cb], max_epochs=2, limit_train_batches=2)
+    assert [r.epoch for r in cb.rounds] == [0, 1]
+    assert encoder.worker_calls == 0 and not any("background" in r.meta for r in cb.rounds)
+    said = [r.getMessage() for r in caplog.records if "rounds run in the validation hook" in r.getMessage()]
+    assert len(said) == 1 and "trains on the CPU" in said[0] and "async_explain=True" in said[0]
+    assert NeuronExplainer(layers=["head"]).config.speed.async_explain == "auto"  # the default
+    with pytest.raises(ValueError, match="async_explain must be True, False or 'auto'"):
+        NeuronExplainer(layers=["head"], async_explain="sometimes")
 
 
 def test_fit_end_waits_for_the_round_in_flight(tmp_path):

@@ -10,7 +10,11 @@ it did so too. It was regenerated with
 record says: ``score`` became the correlation of the description over the reservoir and the top samples (the AUC
 moved to ``auc``), records gained their kind (all 256 "unclear" on its 48 probe images), each layer got its own
 control crops and merged boxes, and drift counts meaning only; top-k sample ids were unchanged, and 14 of 256
-descriptions moved with the new control crops. Texts, sample ids and drift flags must match exactly; scores within
+descriptions moved with the new control crops. Regenerated again when issue 24 drew the control crops from a
+fixed pool per sample and moved region box edges onto a grid (16 steps per side, 8 for boxes half the image long),
+so that the embedding cache can serve the next round: top-k sample ids and kinds unchanged, 48 of 256 descriptions
+(all of "unclear" units, the best guess on 48 probe images) moved.
+Texts, sample ids and drift flags must match exactly; scores within
 float tolerance (the same kernels on another CPU or another build of the libraries may round differently in the last
 bits). The one exception is an exact tie: where two concepts' scores differ by less than :data:`TIE`, rounding may
 order them either way, so the ranked concepts are compared up to the order inside such a tie and the fields computed

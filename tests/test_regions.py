@@ -12,9 +12,11 @@ from lightning_neurons.regions import (
     dedupe_boxes,
     images_from_inputs,
     pad_boxes,
+    pooled_control_boxes,
     preview_images,
     random_boxes,
     region_boxes,
+    snap_boxes,
     unit_thresholds,
 )
 
@@ -146,6 +148,63 @@ def test_random_boxes_inside_image():
     b = random_boxes(50, (32, 48), torch.tensor([[0.5, 0.5], [1.0, 1.0]]), g)
     assert (b[:, 0] >= 0).all() and (b[:, 2] <= 48).all() and (b[:, 3] <= 32).all()
     assert ((b[:, 2] - b[:, 0]) >= 23).all()
+
+
+def _top_box_fractions(count, generator):
+    return torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+
+
+def test_control_boxes_follow_the_sizes_inside_the_image():
+    g = torch.Generator().manual_seed(0)
+    fr = _top_box_fractions(400, g)
+    boxes = pooled_control_boxes(torch.arange(500), 2, (32, 48), fr, seed=3)
+    assert boxes.shape == (1000, 4)
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 48).all() and (boxes[:, 3] <= 32).all()
+    assert ((boxes[:, 2:] - boxes[:, :2]) >= 1).all()
+    # the mean side matches the top boxes' to within the size classes' half width
+    sides = (boxes[:, 2:] - boxes[:, :2]).float() / torch.tensor([48.0, 32.0])
+    assert torch.allclose(sides.mean(0), fr.mean(0), atol=1 / 16 + 0.02)
+
+
+def test_control_boxes_repeat_across_rounds_and_layers_with_similar_sizes():
+    # The region-embedding cache only helps if a layer's control crops repeat when its top boxes barely change.
+    # Before, the crops were drawn from a generator over the boxes in their order, so any reordering of units or
+    # one more box redrew every crop: the second round re-embedded all of them.
+    g = torch.Generator().manual_seed(1)
+    fr = _top_box_fractions(300, g)
+    ids = torch.arange(100, 300)
+    first = pooled_control_boxes(ids, 2, (96, 96), fr, seed=0)
+    later = torch.cat([fr[torch.randperm(300, generator=g)][:285], _top_box_fractions(15, g)])  # 5% new boxes
+    second = pooled_control_boxes(ids, 2, (96, 96), later, seed=0)
+    shared = (first == second).all(1).float().mean().item()
+    assert shared > 0.8, shared
+    # ... and each set depends on its own sizes alone: another seed or other sizes give other boxes
+    assert (pooled_control_boxes(ids, 2, (96, 96), fr, seed=1) != first).any(1).float().mean() > 0.5
+    small = pooled_control_boxes(ids, 2, (96, 96), torch.full((5, 2), 0.15), seed=0)
+    assert ((small[:, 2:] - small[:, :2]) == 18).all()  # the centre of the 1/8-wide size class of 0.15
+
+
+def test_snapped_boxes_sit_on_the_grid_within_half_a_step():
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randint(0, 80, (500,), generator=g)
+    y0 = torch.randint(0, 60, (500,), generator=g)
+    boxes = torch.stack([x0, y0, x0 + torch.randint(7, 17, (500,), generator=g), y0 + 5 + y0 % 9], 1)  # >= a step
+    snapped = snap_boxes(boxes, (72, 96), 16)
+    step = torch.tensor([6, 4.5, 6, 4.5])
+    on_grid = snapped.float() / step
+    assert torch.allclose(on_grid, on_grid.round(), atol=0.12)  # integer pixels of a 4.5 px step
+    assert ((snapped - boxes).abs().float() <= step / 2 + 1).all()
+    assert (snapped[:, 2] > snapped[:, 0]).all() and (snapped[:, 3] > snapped[:, 1]).all()
+    assert (snapped[:, 2] <= 96).all() and (snapped[:, 3] <= 72).all()
+    # a region that moves by a pixel keeps its box; 0 cells leaves boxes as they are
+    a = snap_boxes(torch.tensor([[13, 13, 40, 40]]), (96, 96), 16)
+    assert torch.equal(a, snap_boxes(torch.tensor([[14, 12, 41, 39]]), (96, 96), 16))
+    assert torch.equal(snap_boxes(boxes, (72, 96), 0), boxes)
+    assert snap_boxes(torch.tensor([[40, 40, 41, 41]]), (96, 96), 16).tolist() == [[42, 42, 48, 48]]  # one step
+    # a box at least half the image long moves on a grid half as fine: at most 1/16 of its length
+    large = torch.tensor([[3, 10, 60, 50], [20, 2, 90, 94]])
+    snapped_large = snap_boxes(large, (96, 96), 16)
+    assert (snapped_large % 12 == 0).all() and ((snapped_large - large).abs() <= 6).all()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

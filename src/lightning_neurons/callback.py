@@ -200,7 +200,9 @@ class NeuronExplainer(Callback):
             in flight, the end of ``fit`` and ``teardown`` wait for it, and a failure follows ``on_error`` (with
             ``"raise"``, at the next hook). Rounds still run in the validation hook, as with ``False``, under DDP,
             in ``trainer.validate``, for a compiled model, an iterable probe dataset, the explanation at fit end, or
-            when a callback monitors this explainer's metrics (it must see the round in its own epoch).
+            when a callback monitors this explainer's metrics (it must see the round in its own epoch). ``"auto"``
+            (the default) also runs them in the validation hook when the model trains on the CPU, where the worker
+            would compete with training for the same cores (measured slower on 2 cores; README, "Speed").
         when_busy: When a scheduled round comes while the previous one is still explained in the background:
             ``"wait"`` for it, or ``"skip"`` the new round with a warning.
         embedding_cache: Keep the embeddings of region crops, control crops and whole images across rounds and
@@ -255,7 +257,7 @@ class NeuronExplainer(Callback):
         name: str | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         projector: bool = False,
-        async_explain: bool = True,
+        async_explain: bool | Literal["auto"] = "auto",
         when_busy: Literal["wait", "skip"] = "wait",
         embedding_cache: bool = True,
         embedding_cache_mb: float = DEFAULT_CACHE_MB,
@@ -326,6 +328,7 @@ class NeuronExplainer(Callback):
         self._run_config: RunConfig = self.config
         self._background = BackgroundExplainer(self._explain_job)
         self._pending_round: int | None = None  # a checkpoint's round that was still in the background
+        self._hook_reason: str | None = None  # why rounds run in the validation hook (logged once)
         # Which run the state above belongs to (see lightning_neurons.identity): the Trainer it runs in, the run id
         # its rounds carry, and the (key, global step) of the last explained pass.
         self._run = RunBinding()
@@ -791,9 +794,14 @@ class NeuronExplainer(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording, background: bool
     ) -> bool:
         """Hand the round to the background worker if that is safe; ``True`` when handed off (or skipped)."""
-        if not (background and self.config.speed.async_explain) or recording.epoch is None:
+        if not background or recording.epoch is None:
             return False
-        if async_refusal(trainer, pl_module, self._run_config.output.prefix) is not None:
+        mode = self.config.speed.async_explain
+        refusal = async_refusal(trainer, pl_module, self._run_config.output.prefix, mode)
+        if refusal is not None:
+            if mode is not False and refusal != self._hook_reason:
+                self._hook_reason = refusal  # said once per reason, not every round
+                log.info("NeuronExplainer[%s]: rounds run in the validation hook: %s", self.identity, refusal)
             return False
         if self._background.busy:
             if self.config.speed.when_busy == "skip":

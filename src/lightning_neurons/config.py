@@ -193,7 +193,10 @@ class SpeedConfig:
     Args:
         async_explain: Explain in a background thread while training continues, where that is safe (one process,
             ``trainer.fit``, an uncompiled model, a map-style probe dataset, no callback monitoring this explainer's
-            metrics); elsewhere rounds run in the validation hook as before.
+            metrics); elsewhere rounds run in the validation hook as before. ``"auto"`` (the default): in the
+            background where the model trains on an accelerator, in the validation hook where it trains on the CPU
+            (there the worker and the training steps share the same cores, and the fit was slower; README,
+            "Speed").
         when_busy: When a scheduled round comes while the previous one is still being explained in the background:
             ``"wait"`` for it (every scheduled round is explained) or ``"skip"`` the new one with a warning.
         embedding_cache_mb: Bound in MiB of the cache of region embeddings kept across rounds (least recently
@@ -201,10 +204,10 @@ class SpeedConfig:
 
     Example:
         >>> SpeedConfig().async_explain, SpeedConfig().embedding_cache_bytes > 0
-        (True, True)
+        ('auto', True)
     """
 
-    async_explain: bool = True
+    async_explain: bool | Literal["auto"] = "auto"
     when_busy: Literal["wait", "skip"] = "wait"
     embedding_cache_mb: float | None = DEFAULT_CACHE_MB
 
@@ -296,7 +299,7 @@ class RunConfig:
         name: str | None = None,
         forward_fn: ForwardFn | None = None,
         projector: bool = False,
-        async_explain: bool = True,
+        async_explain: bool | Literal["auto"] = "auto",
         when_busy: str = "wait",
         embedding_cache: bool = True,
         embedding_cache_mb: float = DEFAULT_CACHE_MB,
@@ -401,7 +404,10 @@ class RunConfig:
         )
         _check(forward_fn is None or callable(forward_fn), f"forward_fn must be a callable, got {forward_fn!r}")
         _check(isinstance(multi_concept, bool), f"multi_concept must be True or False, got {multi_concept!r}")
-        _check(isinstance(async_explain, bool), f"async_explain must be True or False, got {async_explain!r}")
+        _check(
+            isinstance(async_explain, bool) or async_explain == "auto",
+            f"async_explain must be True, False or 'auto', got {async_explain!r}",
+        )
         _check_choice("when_busy", when_busy, ("wait", "skip"))
         _check(isinstance(embedding_cache, bool), f"embedding_cache must be True or False, got {embedding_cache!r}")
         _check(

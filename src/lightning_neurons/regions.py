@@ -922,6 +922,96 @@ def random_boxes(
     return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1).round().long()
 
 
+#: Size classes per image side of the control crops (:func:`pooled_control_boxes`): a crop's side is the centre of
+#: one of these equal bins of ``(0, 1]``, so sizes are matched to within 1/16 of the side.
+CONTROL_SIZE_BINS = 8
+
+
+def pooled_control_boxes(
+    sample_ids: Tensor,
+    slots: int,
+    image_size: tuple[int, int],
+    side_fractions: Tensor,
+    seed: int = 0,
+    bins: int = CONTROL_SIZE_BINS,
+) -> Tensor:
+    """Control boxes whose sizes follow ``side_fractions``, drawn so that equal draws give equal boxes.
+
+    Each sample has a fixed pool of boxes, one per size class (``bins`` classes per side), at a position that
+    depends on the sample, the class and the seed only. Slot ``j`` of sample ``s`` takes the class that a fixed
+    uniform number of ``(s, j)`` falls on in the distribution of ``side_fractions``' classes (inverse-CDF sampling
+    with common random numbers). So two layers or two rounds whose top boxes have similar sizes get mostly the same
+    boxes (which the region-embedding cache embeds once), while each set still depends on its own sizes alone.
+
+    Args:
+        sample_ids: int64 ``[S]`` the probe sample ids (stable across rounds, unlike bank rows).
+        slots: Boxes per sample.
+        image_size: ``(H, W)``.
+        side_fractions: ``[M, 2]`` ``(width/W, height/H)`` of the boxes whose sizes are matched.
+        seed: The explanation's seed.
+        bins: Size classes per side.
+
+    Returns:
+        int64 ``[S * slots, 4]`` on the CPU, slot-major (all samples' slot 0, then slot 1, ...).
+
+    Example:
+        >>> fr = torch.tensor([[0.5, 0.5], [0.25, 0.25]])
+        >>> a = pooled_control_boxes(torch.arange(3), 2, (64, 64), fr)
+        >>> b = pooled_control_boxes(torch.arange(3), 2, (64, 64), fr[[1, 0]])
+        >>> a.shape, torch.equal(a, b)
+        (torch.Size([6, 4]), True)
+    """
+    from lightning_neurons.explanation.seeding import hashed_uniform
+
+    height, width = image_size
+    ids = sample_ids.long().cpu()
+    fr = side_fractions.cpu().float().reshape(-1, 2)
+    if fr.numel() == 0:
+        fr = torch.full((1, 2), 0.5)
+    classes = (fr * bins).floor().long().clamp(0, bins - 1)
+    counts = torch.bincount(classes[:, 0] * bins + classes[:, 1], minlength=bins * bins).double()
+    cdf = counts.cumsum(0) / counts.sum()
+    slot = torch.arange(slots).repeat_interleave(ids.numel())
+    sample = ids.repeat(slots)
+    u = hashed_uniform(torch.stack([sample, slot], 1), seed, "control size")
+    pick = torch.searchsorted(cdf, u, right=True).clamp(max=bins * bins - 1)
+    bw = (((pick // bins).double() + 0.5) / bins * width).round().clamp(1, width)
+    bh = (((pick % bins).double() + 0.5) / bins * height).round().clamp(1, height)
+    where = torch.stack([sample, pick], 1)
+    x0 = (hashed_uniform(where, seed, "control x") * (width - bw + 1)).floor()
+    y0 = (hashed_uniform(where, seed, "control y") * (height - bh + 1)).floor()
+    return torch.stack([x0, y0, x0 + bw, y0 + bh], dim=1).long()
+
+
+def snap_boxes(boxes: Tensor, image_size: tuple[int, int], cells: int) -> Tensor:
+    """Move box edges to the nearest line of a grid of ``cells`` steps per image side (``cells <= 0``: unchanged).
+
+    Along each side, a box at least half the image long uses a grid twice as coarse (``cells / 2`` steps), so an
+    edge moves by at most a sixteenth of the box's length and by at most a ``2 * cells``-th of the image for smaller
+    boxes (a small region keeps its place). A region whose activation moves a little between rounds keeps its box,
+    so its crop is embedded once (the region-embedding cache) and merges with its neighbours (deduplication). A box
+    never shrinks below one step.
+
+    Example:
+        >>> snap_boxes(torch.tensor([[5, 7, 30, 33], [3, 3, 50, 60]]), (64, 64), 8).tolist()
+        [[8, 8, 32, 32], [0, 0, 48, 64]]
+    """
+    if cells <= 0 or boxes.numel() == 0:
+        return boxes
+    height, width = image_size
+    out = boxes.clone()
+    for lo, hi, side in ((0, 2, width), (1, 3, height)):
+        large = (boxes[:, hi] - boxes[:, lo]) * 2 >= side
+        steps = torch.where(large, max(1, cells // 2), cells)
+        first = torch.div(boxes[:, lo] * steps * 2 + side, side * 2, rounding_mode="floor").clamp(min=0)
+        first = torch.minimum(first, steps - 1)
+        last = torch.minimum(torch.div(boxes[:, hi] * steps * 2 + side, side * 2, rounding_mode="floor"), steps)
+        last = torch.maximum(last, first + 1)
+        out[:, lo] = first * side // steps
+        out[:, hi] = last * side // steps
+    return out
+
+
 def box_area_fraction(boxes: Tensor, image_size: tuple[int, int]) -> float:
     """Mean area of boxes as a fraction of the image (a summary statistic for ``meta``)."""
     if boxes.numel() == 0:
@@ -931,6 +1021,7 @@ def box_area_fraction(boxes: Tensor, image_size: tuple[int, int]) -> float:
 
 
 __all__ = [
+    "CONTROL_SIZE_BINS",
     "box_area_fraction",
     "box_iou_matrix",
     "crop_batches",
@@ -946,7 +1037,9 @@ __all__ = [
     "peak_runs",
     "preview_images",
     "quantile_from_sorted",
+    "pooled_control_boxes",
     "random_boxes",
+    "snap_boxes",
     "region_boxes",
     "region_masks",
     "threshold_masks",

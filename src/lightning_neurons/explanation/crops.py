@@ -22,16 +22,16 @@ from torch import Tensor
 from lightning_neurons.backends.base import ImageTextEncoder
 from lightning_neurons.explanation.embedding_cache import RegionEmbeddingCache, embed_regions
 from lightning_neurons.explanation.forward import ForwardResult, LayerMaps
-from lightning_neurons.explanation.seeding import layer_generator
 from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.recording.types import LayerTopK
 from lightning_neurons.regions import (
     crop_images,
     crop_masks,
     dedupe_boxes,
+    pooled_control_boxes,
     preview_images,
-    random_boxes,
     region_boxes,
+    snap_boxes,
     unit_thresholds,
 )
 from lightning_neurons.sharing import WorkShare
@@ -165,6 +165,7 @@ def _layer_pairs(lm: LayerMaps, forward: ForwardResult, cfg: ExplainConfig) -> _
     slots = torch.nonzero(valid.flatten()).squeeze(1)
     maps = lm.top_maps.reshape(num_units * k, *lm.top_maps.shape[2:])[slots]
     boxes, _ = _regions(maps, thresholds[slots // k], forward.image_size, cfg)
+    boxes = snap_boxes(boxes, forward.image_size, cfg.box_grid)
     bank_index = forward.bank_rows(lm.sample_ids.flatten()[slots])
     return _LayerPairs(slots, k, maps, thresholds, bank_index, boxes)
 
@@ -214,10 +215,11 @@ def _layer_previews(
 def control_crops(
     forward: ForwardResult, top_boxes: Tensor, cfg: ExplainConfig, spans: dict[str, slice] | None = None
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Whole reservoir images plus, per layer, random crops whose sizes are drawn from that layer's top boxes.
+    """Whole reservoir images plus, per layer, control crops whose sizes follow that layer's top boxes.
 
-    Each layer's random crops come from its own generator (:func:`~lightning_neurons.explanation.seeding.
-    layer_generator`) and its own boxes, so its control set does not depend on the other layers.
+    The crops come from each reservoir sample's fixed pool (:func:`~lightning_neurons.regions.pooled_control_boxes`):
+    a layer's control set depends on its own boxes alone, and layers or rounds whose boxes have similar sizes share
+    most crops, which the region-embedding cache then embeds once.
 
     Args:
         forward: The image bank and the reservoir.
@@ -235,15 +237,15 @@ def control_crops(
     parts_bank, parts_boxes = [bank_idx], [whole]
     whole_rows = torch.arange(reservoir.numel())
     rows: dict[str, Tensor] = {}
-    n_random = reservoir.numel() * cfg.control_crops_per_image
+    slots = cfg.control_crops_per_image
+    n_random = reservoir.numel() * slots
     offset = reservoir.numel()
     for name, span in (spans if spans is not None else {"": slice(0, top_boxes.shape[0])}).items():
         tb = top_boxes[span].float().cpu()
         if n_random and tb.shape[0]:
             fractions = torch.stack([(tb[:, 2] - tb[:, 0]) / width, (tb[:, 3] - tb[:, 1]) / height], dim=1)
-            gen = layer_generator(cfg.seed, name, "control_crops")
-            parts_boxes.append(random_boxes(n_random, image_size, fractions, gen))
-            parts_bank.append(bank_idx.repeat(cfg.control_crops_per_image))
+            parts_boxes.append(pooled_control_boxes(reservoir, slots, image_size, fractions, cfg.seed))
+            parts_bank.append(bank_idx.repeat(slots))
             rows[name] = torch.cat([whole_rows, torch.arange(offset, offset + n_random)])
             offset += n_random
         else:

@@ -53,12 +53,44 @@ def hashed_folds(sample_ids: torch.Tensor, folds: int, seed: int) -> torch.Tenso
         >>> sorted(f.unique().tolist()), bool((f.bincount() > 150).all())
         ([0, 1, 2, 3, 4], True)
     """
+    return (_hash32(sample_ids, seed) % folds).to(sample_ids.device)
+
+
+def hashed_uniform(keys: torch.Tensor, seed: int, purpose: str = "") -> torch.Tensor:
+    """A uniform number in ``[0, 1)`` per key, from the key, the seed and the purpose alone (CPU float64 ``[N]``).
+
+    The same key gives the same number in every round, layer and process: draws made with it coincide wherever
+    their inputs coincide (control crops then repeat across rounds and layers, and the embedding cache hits).
+
+    Args:
+        keys: int64 ``[N]`` keys, or ``[N, M]`` for keys made of ``M`` integers (e.g. sample id and slot).
+        seed: The explanation's seed.
+        purpose: What the numbers are for (different purposes draw independent numbers).
+
+    Example:
+        >>> u = hashed_uniform(torch.tensor([[7, 0], [7, 1]]), seed=0, purpose="x")
+        >>> torch.equal(u, hashed_uniform(torch.tensor([[7, 0], [7, 1]]), 0, "x")), bool(u[0] != u[1])
+        (True, True)
+    """
+    cols = keys.long().cpu().reshape(keys.shape[0], -1) if keys.dim() else keys.long().cpu().reshape(1, 1)
+    salt = layer_seed(seed, "", purpose)
+    high = torch.full((cols.shape[0],), salt & 0xFFFFFFFF, dtype=torch.long)
+    low = torch.full((cols.shape[0],), (salt >> 32) & 0x7FFFFFFF, dtype=torch.long)
+    for c in range(cols.shape[1]):
+        high = _hash32(cols[:, c], high)
+        low = _hash32(cols[:, c], low ^ 0x5BD1E995)
+    return ((high << 21) ^ low).double().remainder(2.0**53) / 2.0**53
+
+
+def _hash32(keys: torch.Tensor, seed: int | torch.Tensor) -> torch.Tensor:
+    # A 32-bit integer mix (murmur3's finaliser) of int64 keys (high bits folded in), on the CPU.
     mask = (1 << 32) - 1
-    h = (sample_ids.long().cpu() * 0x9E3779B1 + (seed & mask)) & mask
+    k = keys.long().cpu()
+    k = (k ^ (k >> 32)) & mask
+    h = (k * 0x9E3779B1 + (seed & mask)) & mask
     h = ((h ^ (h >> 16)) * 0x85EBCA6B) & mask
     h = ((h ^ (h >> 13)) * 0xC2B2AE35) & mask
-    h = h ^ (h >> 16)
-    return (h % folds).to(sample_ids.device)
+    return h ^ (h >> 16)
 
 
-__all__ = ["hashed_folds", "layer_generator", "layer_seed"]
+__all__ = ["hashed_folds", "hashed_uniform", "layer_generator", "layer_seed"]

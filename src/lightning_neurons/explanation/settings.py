@@ -31,6 +31,11 @@ class ExplainConfig:
         mask_size: Long side of the resolution at which region masks are computed.
         component: ``"peak"`` (the connected component holding the peak) or ``"all"`` (the whole mask's box).
         dedupe_iou: Boxes of the same sample overlapping more than this become one crop.
+        box_grid: Region box edges move to the nearest line of a grid of this many steps per image side, half as
+            many along a side the box covers at least half of (0: exact boxes; see
+            :func:`~lightning_neurons.regions.snap_boxes`). A region that moves a little between rounds keeps its
+            crop, which the region-embedding cache then embeds once. 16 was chosen on the development split
+            (``benchmarks/quality.py --quick``: no figure moved beyond one unit's worth against exact boxes).
         num_alternatives: Runner-up concepts kept per unit.
         correction: The correction for concepts that match everything: a value,
             :class:`~lightning_neurons.explanation.correction.ControlCorrection` (minus the mean similarity on
@@ -118,6 +123,7 @@ class ExplainConfig:
     mask_size: int = 112
     component: Literal["peak", "all"] = "peak"
     dedupe_iou: float = 0.8
+    box_grid: int = 16
     num_alternatives: int = 4
     correction: Correction | CorrectionName = "control"
     wpmi_temperature: float = 10.0
@@ -168,6 +174,8 @@ class ExplainConfig:
             raise ValueError(f"component must be 'peak' or 'all', got {self.component!r}")
         if self.confidence_threshold is not None and not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1] or None, got {self.confidence_threshold}")
+        if self.box_grid < 0:
+            raise ValueError(f"box_grid must be >= 0 (0: exact boxes), got {self.box_grid}")
         if self.confidence_samples < 0:
             raise ValueError(f"confidence_samples must be >= 0, got {self.confidence_samples}")
         if self.confidence_threshold != 0.85:
