@@ -11,7 +11,9 @@ Prints one JSON object. Jobs (both offline, both on real photos of the bundled p
 
 Per job the plain fit runs first and last (the ratio divides by their mean, so that load drift on a shared machine
 hits both sides), the variants in between: ``sync`` (every round blocks training, no embedding cache: the code
-before issue 24), ``sync_cache``, ``async`` (background explanation, no cache) and ``async_cache`` (the defaults).
+before issue 24), ``sync_cache``, ``async`` (background explanation, no cache) and ``async_cache``
+(the defaults are ``sync_cache`` on the CPU, where ``async_explain="auto"`` keeps rounds in the validation hook, and
+``async_cache`` on an accelerator).
 On code without ``async_explain``/``embedding_cache`` arguments only the ``default`` variant runs. Each variant
 reports its ratio, each round's seconds (``round_s``, measured where the round ran), the first round over the mean
 of the later ones and the cache's hits and misses. The foundation models are loaded once before timing
