@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_neurons.recording.hooks import TAP_MARK
+from lightning_neurons.recording.hooks import TAP_MARK, model_device
 
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -259,21 +259,13 @@ def async_refusal(trainer: Any, pl_module: nn.Module, monitored_prefix: str, mod
     loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
     if isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset):
         return "the probe dataset is iterable"
-    if mode == "auto" and _device_of(pl_module).type == "cpu":
+    if mode == "auto" and model_device(pl_module).type == "cpu":
         return CPU_REFUSAL
     for callback in trainer.callbacks:
         monitor = getattr(callback, "monitor", None)
         if isinstance(monitor, str) and monitor.startswith(monitored_prefix + "/"):
             return f"{type(callback).__name__} monitors {monitor!r}"
     return None
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    device = getattr(module, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    first = next(module.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def worker_stream(device: torch.device) -> Any:

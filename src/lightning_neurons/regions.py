@@ -899,7 +899,8 @@ def random_boxes(
 ) -> Tensor:
     """Random square-ish boxes whose sides are drawn from ``side_fractions`` (fractions of each image side).
 
-    Used for control crops whose scale matches the scale of the units' top crops.
+    Boxes drawn anew on every call; the explanation's control crops use :func:`pooled_control_boxes`, whose boxes
+    repeat across rounds and layers.
 
     Args:
         count: Number of boxes.
