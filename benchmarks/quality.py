@@ -12,8 +12,8 @@ It also prints, per split, a table: the method with single and multi-concept exp
 per-crop zero-shot accuracy (the ceiling of every method), the baselines, and the model-randomisation check.
 
     HF_HUB_OFFLINE=1 python benchmarks/quality.py [--splits development held_out] [--seeds 0 1 2] [--epochs 6]
-        [--threads N] [--correction control|soft_wpmi] [--ablation-measure probability|accuracy]
-        [--previous-defaults] [--quick] [-o out.json]
+        [--threads N] [--encoder-image-size PX] [--correction control|soft_wpmi]
+        [--ablation-measure probability|accuracy] [--previous-defaults] [--quick] [-o out.json]
 
 ``--quick`` is the check people run often (under 5 minutes on 2 CPU cores): the development split, seed 0, a
 smaller network trained 3 epochs on fewer crops (``QUICK``); ``--splits``/``--seeds``/``--epochs`` still override
@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         "--conse-temperature", type=float, default=None, help="ConSE softmax temperature of the embedded backend"
     )
     parser.add_argument(
+        "--encoder-image-size",
+        type=int,
+        default=None,
+        help="side the embedded backend resizes crops to (default: its own, 224)",
+    )
+    parser.add_argument(
         "--splits",
         nargs="+",
         choices=["development", "held_out", "photo12"],
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     backend_kwargs = {"template_weight": 0.0} if args.previous_defaults else {}
     if args.conse_temperature is not None:
         backend_kwargs["temperature"] = args.conse_temperature
+    if args.encoder_image_size is not None:
+        backend_kwargs["image_size"] = args.encoder_image_size
     start = time.perf_counter()
     result: dict = {}
     for split in args.splits:
