@@ -12,7 +12,7 @@ It also prints, per split, a table: the method with single and multi-concept exp
 per-crop zero-shot accuracy (the ceiling of every method), the baselines, and the model-randomisation check.
 
     HF_HUB_OFFLINE=1 python benchmarks/quality.py [--splits development held_out] [--seeds 0 1 2] [--epochs 6]
-        [--threads N] [--encoder-image-size PX] [--correction control|soft_wpmi]
+        [--threads N] [--image-size PX] [--encoder-image-size PX] [--correction control|soft_wpmi]
         [--ablation-measure probability|accuracy] [--previous-defaults] [--quick] [-o out.json]
 
 ``--quick`` is the check people run often (under 5 minutes on 2 CPU cores): the development split, seed 0, a
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         "--conse-temperature", type=float, default=None, help="ConSE softmax temperature of the embedded backend"
     )
     parser.add_argument(
+        "--image-size", type=int, default=None, help="side of the benchmark's images (default: BenchmarkConfig, 64)"
+    )
+    parser.add_argument(
         "--encoder-image-size",
         type=int,
         default=None,
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "correction": args.correction,
         "conv_layer": args.conv_layer,
         "ablation_measure": args.ablation_measure,
+        "image_size": args.image_size,
     }
     backend_kwargs = {"template_weight": 0.0} if args.previous_defaults else {}
     if args.conse_temperature is not None:
@@ -158,13 +162,18 @@ def summary_table(split: str, out: dict) -> list[str]:
         + f"; multi-concept combinations kept for {out['embedded_multi']['kept']:.0%} of the units"
     )
     sanity = out["sanity"]
+    confidence = (
+        f"; confidence trained {sanity['trained_confidence']:.3f} / random {sanity['random_confidence']:.3f} "
+        f"(0.5 = chance), above the threshold ({sanity['threshold']:.2f}): trained {sanity['trained_confident']:.0%}"
+        f" / random {sanity['random_confident']:.0%}"
+        if sanity["threshold"] == sanity["threshold"]  # not NaN: a confidence threshold was set
+        else ""
+    )
     lines.append(
-        f"randomisation check: explanation score trained {sanity['trained_score']:.3f} / random weights "
+        f"randomisation check: concept units trained {sanity['trained_concept_share']:.0%} / random weights "
+        f"{sanity['random_concept_share']:.0%}; explanation score trained {sanity['trained_score']:.3f} / random "
         f"{sanity['random_score']:.3f}; held-out simulation {sanity['trained_simulation']:.3f} / "
-        f"{sanity['random_simulation']:.3f}; confidence trained {sanity['trained_confidence']:.3f} / random "
-        f"{sanity['random_confidence']:.3f} (0.5 = chance); units above the confidence threshold "
-        f"({sanity['threshold']:.2f}): trained {sanity['trained_confident']:.0%} / random "
-        f"{sanity['random_confident']:.0%}; distinct descriptions / top share, trained "
+        f"{sanity['random_simulation']:.3f}{confidence}; distinct descriptions / top share, trained "
         f"{sanity['trained_distinct']:.0f} / {sanity['trained_top_share']:.0%}, random "
         f"{sanity['random_distinct']:.0f} / {sanity['random_top_share']:.0%}"
         + (

@@ -19,7 +19,11 @@ reports its ratio, each round's seconds (``round_s``, measured where the round r
 of the later ones and the cache's hits and misses. The foundation models are loaded once before timing
 (``backend_load_s``): the ratio is what a run pays per fit, not the one-off load of the weights.
 
-    HF_HUB_OFFLINE=1 python benchmarks/train_overhead.py [--jobs quickstart finetune] [--quick] [-o out.json]
+    HF_HUB_OFFLINE=1 python benchmarks/train_overhead.py [--jobs quickstart finetune] [--quick]
+        [--encoder-image-size 128] [-o out.json]
+
+``--encoder-image-size N`` adds ``sync_cache_encoder<N>``: the CPU default with the embedded encoder resizing crops to
+``N`` px instead of 224 (cheaper, and less faithful: see ``benchmarks/results/encoder_image_size.json``).
 
 ``--quick`` shrinks both jobs (few samples, 2 epochs, small images) to check that the script runs; its figures
 mean nothing.
@@ -153,7 +157,7 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
     callbacks = []
     explainer = None
     if explainer_kwargs is not None:
-        explainer = NeuronExplainer(**spec["explainer"], **explainer_kwargs, show_progress=False)
+        explainer = NeuronExplainer(**_explainer_kwargs(spec, explainer_kwargs), show_progress=False)
         callbacks.append(explainer)
     trainer = pl.Trainer(
         max_epochs=spec["epochs"],
@@ -189,6 +193,22 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
     return out
 
 
+def _explainer_kwargs(spec: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """The job's callback arguments with a variant's on top (``backend_kwargs`` merged, not replaced)."""
+    backend_kwargs = {**(spec["explainer"].get("backend_kwargs") or {}), **(variant.get("backend_kwargs") or {})}
+    return {**spec["explainer"], **variant, **({"backend_kwargs": backend_kwargs} if backend_kwargs else {})}
+
+
+def encoder_size_variants(sizes: list[int]) -> dict[str, dict[str, Any]]:
+    """``--encoder-image-size``: the CPU default (``sync_cache``) with the embedded encoder at other sizes.
+
+    Example:
+        >>> encoder_size_variants([128])["sync_cache_encoder128"]["backend_kwargs"]
+        {'image_size': 128}
+    """
+    return {f"sync_cache_encoder{n}": {**VARIANTS["sync_cache"], "backend_kwargs": {"image_size": n}} for n in sizes}
+
+
 def _variants() -> dict[str, dict[str, Any]]:
     from lightning_neurons import NeuronExplainer
 
@@ -198,14 +218,14 @@ def _variants() -> dict[str, dict[str, Any]]:
     return {"default": {}}  # code before issue 24: the callback as it is
 
 
-def _load_backend(spec: dict[str, Any]) -> float:
+def _load_backend(spec: dict[str, Any], variants: dict[str, dict[str, Any]]) -> float:
     """Load (and keep, per process) the foundation models and embed the vocabulary once, outside the timings."""
     from lightning_neurons.backends import load_backend
 
     start = time.perf_counter()
-    kwargs = dict(spec["explainer"].get("backend_kwargs") or {})
-    backend = load_backend(spec["explainer"].get("backend", "embedded"), **kwargs)
-    backend.encoder.encode_images(__import__("torch").rand(1, 3, 32, 32))
+    for kwargs in {json.dumps(_explainer_kwargs(spec, v).get("backend_kwargs") or {}) for v in variants.values()}:
+        backend = load_backend(spec["explainer"].get("backend", "embedded"), **json.loads(kwargs))
+        backend.encoder.encode_images(__import__("torch").rand(1, 3, 32, 32))
     return round(time.perf_counter() - start, 2)
 
 
@@ -215,6 +235,7 @@ def run(
     variants: list[str] | None = None,
     partial: Path | None = None,
     small: bool = False,
+    encoder_sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run the jobs; with ``partial``, the result so far is written there after every fit (long runs on busy
     machines may be cut short)."""
@@ -233,11 +254,12 @@ def run(
     chosen = _variants()
     if variants:
         chosen = {k: v for k, v in chosen.items() if k in variants}
+    chosen.update(encoder_size_variants(encoder_sizes or []))
     with tempfile.TemporaryDirectory() as tmp:
         for job in jobs:
             spec = _job(job, quick, small)
             out: dict[str, Any] = {"epochs": spec["epochs"], "data": dict(spec["data"])}
-            out["backend_load_s"] = _load_backend(spec)
+            out["backend_load_s"] = _load_backend(spec, chosen)
             root = Path(tmp) / job
             print(f"{job}: plain fit", file=sys.stderr)
             plain = [_fit(job, spec, root / "plain0", None)["fit_s"]]
@@ -271,11 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all)")
     parser.add_argument("--quick", action="store_true", help="a reduced run that checks the script (no figures)")
     parser.add_argument("--small", action="store_true", help="fewer, smaller photos, 2 epochs (busy machines)")
+    parser.add_argument(
+        "--encoder-image-size",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also run sync_cache with the embedded encoder at these sizes (the speed / fidelity trade-off)",
+    )
     parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     from lightning_neurons.benchmark.common import save_json
 
-    result = run(args.jobs, args.quick, args.variants, Path(args.output) if args.output else None, args.small)
+    output = Path(args.output) if args.output else None
+    result = run(args.jobs, args.quick, args.variants, output, args.small, args.encoder_image_size)
     print(save_json(result, args.output))
     return 0
 

@@ -31,7 +31,9 @@ def test_recording_overhead_reports_the_recorders_real_bytes(capsys):
 
 
 def test_train_overhead_quick_run_gives_one_object_with_ratios_rounds_and_cache_figures():
-    result = load("train_overhead").run(["quickstart"], quick=True, variants=["sync", "async_cache"])
+    result = load("train_overhead").run(
+        ["quickstart"], quick=True, variants=["sync", "async_cache"], encoder_sizes=[48]
+    )
     assert json.loads(json.dumps(result)) == result  # one JSON object
     job = result["quickstart"]
     assert set(job) >= {"sync", "async_cache", "plain_fit_s", "backend_load_s", "epochs"}
@@ -41,6 +43,7 @@ def test_train_overhead_quick_run_gives_one_object_with_ratios_rounds_and_cache_
         assert variant["ratio"] > 0 and variant["round_epochs"] == [0, 1]
         assert len(variant["round_s"]) == 2 and "first_over_later" in variant
     assert "cache" not in job["sync"]
+    assert job["sync_cache_encoder48"]["ratio"] > 0 and job["sync_cache_encoder48"]["rounds"] == 2
     hits = [c["hits"] for c in job["async_cache"]["cache"]]
     assert hits[1] > 0  # the second round reused embeddings of the first
 
@@ -49,7 +52,17 @@ def test_quality_keeps_its_command_line_and_gains_quick(capsys):
     with pytest.raises(SystemExit):
         load("quality").main(["--help"])
     text = capsys.readouterr().out
-    for option in ("--quick", "--splits", "--seeds", "--epochs", "--threads", "--previous-defaults", "--output"):
+    for option in (
+        "--quick",
+        "--splits",
+        "--seeds",
+        "--epochs",
+        "--threads",
+        "--previous-defaults",
+        "--output",
+        "--image-size",
+        "--encoder-image-size",
+    ):
         assert option in text
 
 

@@ -539,7 +539,9 @@ def randomisation_check(
             share = sum(u.kind == kind for u in layer_units) / max(1, len(layer_units))
             out[f"{name}_{kind}_share"] = float(share)
         out[f"{name}_confidence"] = float(conf.nanmean()) if len(units) else float("nan")
-        out[f"{name}_confident"] = float((conf > threshold).float().mean()) if threshold is not None else 1.0
+        # Without a threshold (confidence is off by default) no unit is "above" it: NaN, not a silent 100%.
+        confident = float((conf > threshold).float().mean()) if threshold is not None and len(units) else float("nan")
+        out[f"{name}_confident"] = confident
         out[f"{name}_simulation"] = _layer_simulation(rnd, layer, sim_probe, encoder, {})
         out[f"{name}_distinct"] = float(diversity["distinct"])
         out[f"{name}_top_share"] = float(diversity["top_share"])
