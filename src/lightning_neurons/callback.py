@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,7 @@ from lightning_neurons.recording.recorder import ActivationRecorder
 from lightning_neurons.recording.samples import DataLoaderSampleSource, batch_inputs, batch_targets
 from lightning_neurons.recording.types import Recording
 from lightning_neurons.results import ExplanationRound
+from lightning_neurons.round_cost import TrainingClock, slow_round_message
 from lightning_neurons.runs import RunBinding, weights_epoch
 from lightning_neurons.session import ExplanationSession, dataset_class_names
 from lightning_neurons.sharing import WorkShare
@@ -329,6 +331,8 @@ class NeuronExplainer(Callback):
         self._background = BackgroundExplainer(self._explain_job)
         self._pending_round: int | None = None  # a checkpoint's round that was still in the background
         self._hook_reason: str | None = None  # why rounds run in the validation hook (logged once)
+        self._training_clock = TrainingClock()  # how long the epoch trained before its validation pass
+        self._said_slow = False  # "training waited for a round longer than it trained" is said once per run
         # Which run the state above belongs to (see lightning_neurons.identity): the Trainer it runs in, the run id
         # its rounds carry, and the (key, global step) of the last explained pass.
         self._run = RunBinding()
@@ -460,9 +464,15 @@ class NeuronExplainer(Callback):
         self._check_outputs(trainer, pl_module)
         self._explain_pending(trainer, pl_module)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start timing the epoch's training (a round that holds it up longer is reported once)."""
+        self._training_clock.epoch_started()
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Register the hooks if this validation pass is to be recorded."""
         self._drain(trainer)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._training_clock.validation_started()
         if self._recorder is None or self._disabled or trainer.sanity_checking:
             return
         if trainer.state.fn == TrainerFn.FITTING and not _end_of_epoch_pass(trainer) and not _step_based(trainer):
@@ -761,6 +771,7 @@ class NeuronExplainer(Callback):
                 _probe_loader(trainer), self.config.recording.input_key, self.config.recording.target_key
             )
             pl_module.eval()
+            started = time.perf_counter()
             with torch.no_grad():
                 rnd = self.session.explain(
                     pl_module,
@@ -774,10 +785,20 @@ class NeuronExplainer(Callback):
                 )
             self.rounds.append(rnd)
             self._publish_metrics(trainer)
+            self._say_if_slow(trainer, recording.epoch, time.perf_counter() - started)
         except Exception as err:
             self._failed(recording.epoch, err)
         finally:
             pl_module.train(was_training)
+
+    def _say_if_slow(self, trainer: pl.Trainer, key: int | None, round_s: float) -> None:
+        """Once per run: training waited for this round longer than the epoch trained, and how to make it cheaper."""
+        if self._said_slow or trainer.state.fn != TrainerFn.FITTING or not trainer.validating:
+            return  # only a round that held training up (not the one at fit end, nor trainer.validate's)
+        message = slow_round_message(self.identity, key, round_s, self._training_clock.trained_s)
+        if message is not None:
+            self._said_slow = True
+            rank_zero_info(message)
 
     def _failed(self, key: int | None, err: BaseException) -> None:
         """``on_error``: raise, or log and warn (training goes on)."""
