@@ -10,9 +10,9 @@ import logging
 import pytest
 
 import lightning_neurons.round_cost as round_cost
+from _cheap import StatsEncoder
 from lightning_neurons.round_cost import TrainingClock, slow_round_message
 from test_background import explainer, fit
-from _cheap import StatsEncoder
 
 
 def test_the_message_names_the_wait_the_training_and_the_settings_that_make_rounds_cheaper():
