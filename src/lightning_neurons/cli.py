@@ -230,7 +230,25 @@ def _fit(argv: list[str]) -> int:
     for explainer in explainers:
         for label, path in explainer.outputs().items():
             print(f"{label + ':':<18} {path}")
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the default process group once a fit has ended well on this rank (every rank gets here).
+
+    Left to interpreter shutdown, gloo's worker threads are torn down while Python is being finalised, which now and
+    then aborts a DDP run that succeeded ("terminate called without an active exception", exit code -6; PyTorch asks
+    programs to call ``destroy_process_group`` at the end of ``main``). Not called after a failure: a rank that
+    raised must not wait on ranks still inside a collective.
+
+    Example:
+        >>> close_process_group()  # no process group: nothing to do
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _import(path: str) -> Any:

@@ -68,11 +68,16 @@ def slow_round_message(identity: str, key: int | None, round_s: float, trained_s
     if trained_s is None or trained_s <= 0 or round_s <= SLOW_ROUND_RATIO * trained_s:
         return None
     return (
-        f"NeuronExplainer[{identity}]: training waited {round_s:.1f} s for round {key}, "
-        f"{round_s / trained_s:.1f}x the {trained_s:.1f} s it trained in that epoch. Rounds cost about the same "
+        f"NeuronExplainer[{identity}]: training waited {_seconds(round_s)} for round {key}, "
+        f"{round_s / trained_s:.1f}x the {_seconds(trained_s)} it trained in that epoch. Rounds cost about the same "
         f"every time (later ones less, from the embedding cache). To make them cheaper: {CHEAPER_ROUNDS}. "
         "This is said once per run."
     )
+
+
+def _seconds(value: float) -> str:
+    """``12.3 s``, or ``0.04 s`` below one second (a short test epoch must not read as ``0.0 s``)."""
+    return f"{value:.1f} s" if value >= 1 else f"{value:.2g} s"
 
 
 __all__ = ["CHEAPER_ROUNDS", "SLOW_ROUND_RATIO", "TrainingClock", "slow_round_message"]
