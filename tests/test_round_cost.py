@@ -52,6 +52,10 @@ def test_a_fit_says_it_once_when_rounds_outlast_training(tmp_path, caplog, monke
     assert len(said) == expected  # three rounds held training up; it is said once
     if expected:
         assert "round 0" in said[0] and "NeuronExplainer[" in said[0]
+        caplog.clear()
+        with caplog.at_level(logging.INFO):  # the same callback in another Trainer: another run, said again
+            fit(tmp_path / "again", [cb], max_epochs=1, limit_train_batches=2)
+        assert len(_said(caplog)) == 1
 
 
 def test_rounds_that_hold_no_training_up_are_not_reported(tmp_path, caplog, monkeypatch):

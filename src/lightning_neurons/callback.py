@@ -686,6 +686,7 @@ class NeuronExplainer(Callback):
         self._checkpoint_epoch = self._checkpoint_step = None
         self.rounds = []
         self._outputs = {}
+        self._said_slow = False  # said once per run, and this is another run
 
     def _guarded(self, work: Callable[[], Any], what: str) -> Any:
         """Run part of a round; a failure warns (``None``) or raises, as ``on_error`` says."""
