@@ -221,8 +221,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 #: Why ``async_explain="auto"`` keeps a CPU run's rounds in the validation hook: the figures behind the choice.
 CPU_REFUSAL = (
     "the model trains on the CPU, where a background round competes with training for the same cores "
-    "(async_explain='auto'; on 2 cores a MobileNetV2 fine-tune took 73 s with background rounds and 64 s with rounds "
-    "in the validation hook; async_explain=True runs them in the background anyway)"
+    "(async_explain='auto'; on 2 cores a MobileNetV2 fine-tune was slower with background rounds in 5 of 6 "
+    "side-by-side runs, README 'Speed'; async_explain=True runs them in the background anyway)"
 )
 
 
