@@ -12,7 +12,8 @@ It also prints, per split, a table: the method with single and multi-concept exp
 per-crop zero-shot accuracy (the ceiling of every method), the baselines, and the model-randomisation check.
 
     HF_HUB_OFFLINE=1 python benchmarks/quality.py [--splits development held_out] [--seeds 0 1 2] [--epochs 6]
-        [--threads N] [--image-size PX] [--encoder-image-size PX] [--correction control|soft_wpmi]
+        [--threads N] [--image-size PX] [--encoder-image-size PX] [--encoder-precision auto|float32|bfloat16]
+        [--correction control|soft_wpmi]
         [--ablation-measure probability|accuracy] [--previous-defaults] [--quick] [-o out.json]
 
 ``--quick`` is the check people run often (under 5 minutes on 2 CPU cores): the development split, seed 0, a
@@ -66,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         help="side the embedded backend resizes crops to (default: its own, 224)",
     )
     parser.add_argument(
+        "--encoder-precision",
+        choices=["auto", "float32", "bfloat16"],
+        default=None,
+        help="number format of the embedded backend's classifier (default: its own, auto)",
+    )
+    parser.add_argument(
         "--splits",
         nargs="+",
         choices=["development", "held_out", "photo12"],
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         backend_kwargs["temperature"] = args.conse_temperature
     if args.encoder_image_size is not None:
         backend_kwargs["image_size"] = args.encoder_image_size
+    if args.encoder_precision is not None:
+        backend_kwargs["precision"] = args.encoder_precision
     start = time.perf_counter()
     result: dict = {}
     for split in args.splits:

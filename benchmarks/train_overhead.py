@@ -20,10 +20,12 @@ of the later ones and the cache's hits and misses. The foundation models are loa
 (``backend_load_s``): the ratio is what a run pays per fit, not the one-off load of the weights.
 
     HF_HUB_OFFLINE=1 python benchmarks/train_overhead.py [--jobs quickstart finetune] [--quick]
-        [--encoder-image-size 128] [-o out.json]
+        [--encoder-image-size 128] [--encoder-precision float32] [-o out.json]
 
 ``--encoder-image-size N`` adds ``sync_cache_encoder<N>``: the CPU default with the embedded encoder resizing crops to
 ``N`` px instead of 224 (cheaper, and less faithful: see ``benchmarks/results/encoder_image_size.json``).
+``--encoder-precision P`` adds ``sync_cache_<P>``: the CPU default with the embedded encoder's classifier in ``P``
+(``float32``: the default before ``precision="auto"`` chose bfloat16 on CPUs with native bfloat16).
 
 ``--quick`` shrinks both jobs (few samples, 2 epochs, small images) to check that the script runs; its figures
 mean nothing.
@@ -209,6 +211,16 @@ def encoder_size_variants(sizes: list[int]) -> dict[str, dict[str, Any]]:
     return {f"sync_cache_encoder{n}": {**VARIANTS["sync_cache"], "backend_kwargs": {"image_size": n}} for n in sizes}
 
 
+def encoder_precision_variants(precisions: list[str]) -> dict[str, dict[str, Any]]:
+    """``--encoder-precision``: the CPU default (``sync_cache``) with the embedded encoder in other number formats.
+
+    Example:
+        >>> encoder_precision_variants(["float32"])["sync_cache_float32"]["backend_kwargs"]
+        {'precision': 'float32'}
+    """
+    return {f"sync_cache_{p}": {**VARIANTS["sync_cache"], "backend_kwargs": {"precision": p}} for p in precisions}
+
+
 def _variants() -> dict[str, dict[str, Any]]:
     from lightning_neurons import NeuronExplainer
 
@@ -236,6 +248,7 @@ def run(
     partial: Path | None = None,
     small: bool = False,
     encoder_sizes: list[int] | None = None,
+    encoder_precisions: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the jobs; with ``partial``, the result so far is written there after every fit (long runs on busy
     machines may be cut short)."""
@@ -255,6 +268,7 @@ def run(
     if variants:
         chosen = {k: v for k, v in chosen.items() if k in variants}
     chosen.update(encoder_size_variants(encoder_sizes or []))
+    chosen.update(encoder_precision_variants(encoder_precisions or []))
     with tempfile.TemporaryDirectory() as tmp:
         for job in jobs:
             spec = _job(job, quick, small)
@@ -300,12 +314,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also run sync_cache with the embedded encoder at these sizes (the speed / fidelity trade-off)",
     )
+    parser.add_argument(
+        "--encoder-precision",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="also run sync_cache with the embedded encoder's classifier in these number formats",
+    )
     parser.add_argument("-o", "--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     from lightning_neurons.benchmark.common import save_json
 
     output = Path(args.output) if args.output else None
-    result = run(args.jobs, args.quick, args.variants, output, args.small, args.encoder_image_size)
+    result = run(
+        args.jobs, args.quick, args.variants, output, args.small, args.encoder_image_size, args.encoder_precision
+    )
     print(save_json(result, args.output))
     return 0
 

@@ -32,7 +32,7 @@ def test_recording_overhead_reports_the_recorders_real_bytes(capsys):
 
 def test_train_overhead_quick_run_gives_one_object_with_ratios_rounds_and_cache_figures():
     result = load("train_overhead").run(
-        ["quickstart"], quick=True, variants=["sync", "async_cache"], encoder_sizes=[48]
+        ["quickstart"], quick=True, variants=["sync", "async_cache"], encoder_sizes=[48], encoder_precisions=["float32"]
     )
     assert json.loads(json.dumps(result)) == result  # one JSON object
     job = result["quickstart"]
@@ -44,6 +44,7 @@ def test_train_overhead_quick_run_gives_one_object_with_ratios_rounds_and_cache_
         assert len(variant["round_s"]) == 2 and "first_over_later" in variant
     assert "cache" not in job["sync"]
     assert job["sync_cache_encoder48"]["ratio"] > 0 and job["sync_cache_encoder48"]["rounds"] == 2
+    assert job["sync_cache_float32"]["ratio"] > 0 and job["sync_cache_float32"]["rounds"] == 2
     hits = [c["hits"] for c in job["async_cache"]["cache"]]
     assert hits[1] > 0  # the second round reused embeddings of the first
 

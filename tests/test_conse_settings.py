@@ -39,6 +39,7 @@ DEFAULTS = {
     "colour_threshold": 0.6,
     "batch_size": 64,
     "resize_mode": "shortest",
+    "precision": "auto",
 }
 CLASSES = ["tabby", "airliner", "volcano", "goldfish", "espresso"]
 
@@ -204,6 +205,7 @@ def test_positional_options_still_work_deprecated(pack: Any) -> None:
         ({"colour_threshold": None}, "colour_threshold must be a number, got None"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
         ({"resize_mode": "crop"}, "resize_mode must be 'shortest' or 'squash', got 'crop'"),
+        ({"precision": "half"}, "precision must be 'auto' or 'float32' or 'bfloat16', got 'half'"),
     ],
 )
 def test_validation_says_what_was_given_and_what_is_allowed(options: dict[str, Any], message: str) -> None:

@@ -26,10 +26,11 @@ ARGS = [
     "--trainer.callbacks.init_args.show_progress=false",
     # The encoder settings the fixture was made with, pinned: this test guards the redesign of the plumbing,
     # while the encoder's defaults are chosen on the quality benchmark and may move.
-    # The offline pack the fixture was made with (the config's backend: auto would pick a cached CLIP).
+    # The offline pack the fixture was made with (the config's backend: auto would pick a cached CLIP), in float32:
+    # precision="auto" is bfloat16 on CPUs with native bfloat16 only, so the fixture would depend on the CPU.
     "--trainer.callbacks.init_args.backend=embedded",
     "--trainer.callbacks.init_args.backend_kwargs="
-    "{image_size: 128, template_weight: 0.0, space: text, hypernym_weight: 0.0}",
+    "{image_size: 128, template_weight: 0.0, space: text, hypernym_weight: 0.0, precision: float32}",
     # The frequency penalty changes which concept wins; the fixture predates it.
     "--trainer.callbacks.init_args.frequency_penalty=0.0",
     # Multi-concept combinations count in `changed` (a unit whose concept set changed); the fixture predates them.

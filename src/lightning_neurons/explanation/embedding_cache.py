@@ -52,7 +52,7 @@ DEFAULT_CACHE_MB = 512.0
 _ENTRY_OVERHEAD = 256
 
 #: Attributes of an encoder that change its image embeddings without changing its name (per-call options).
-_SETTING_ATTRIBUTES = ("settings", "image_size", "resize_mode", "views")
+_SETTING_ATTRIBUTES = ("settings", "image_size", "resize_mode", "views", "compute_dtype")
 
 
 def encoder_key(encoder: Any) -> Hashable:
