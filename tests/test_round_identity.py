@@ -98,6 +98,30 @@ def test_settings_fingerprint_changes_with_what_a_round_means(tmp_path):
     assert runs["vocab"].settings_summary["class_names"].startswith("3 names")
 
 
+def test_the_encoders_image_size_and_number_format_are_part_of_the_settings(tmp_path):
+    """The embedded encoder's precision="auto" is bfloat16 on some CPUs only, and image_size is a per-call option:
+    neither is in the encoder's name, yet both change every crop's embedding. A run resumed on another CPU, or with
+    another image size, starts a new drift baseline instead of counting the difference as drift."""
+    runs = {}
+    variants = {
+        "float32": {"compute_dtype": torch.float32},
+        "again": {"compute_dtype": torch.float32},
+        "bfloat16": {"compute_dtype": torch.bfloat16},
+        "small": {"compute_dtype": torch.float32, "image_size": 128},
+    }
+    for name, attributes in variants.items():
+        backend = cheap_backend()
+        for attribute, value in attributes.items():
+            setattr(backend.encoder, attribute, value)
+        cb = explainer(layers=["head"], backend=backend)
+        trainer(tmp_path / name, cb, max_epochs=1, limit_train_batches=1).fit(Tiny(), *loaders())
+        runs[name] = cb.rounds[-1].identity
+    assert runs["float32"].settings == runs["again"].settings
+    assert len({runs[n].settings for n in ("float32", "bfloat16", "small")}) == 3
+    assert runs["bfloat16"].settings_summary["model"] == "stats:stats@compute_dtype=bfloat16"
+    assert runs["small"].settings_summary["model"] == "stats:stats@image_size=128,compute_dtype=float32"
+
+
 def test_identity_is_written_with_the_round_and_read_back(tmp_path):
     from lightning_neurons.results import ExplanationRound
 

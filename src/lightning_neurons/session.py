@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_neurons.backends.base import Backend
+from lightning_neurons.backends.base import Backend, encoder_label
 from lightning_neurons.backends.cache import CachedImageEncoder
 from lightning_neurons.concepts.concept_set import ConceptSet
 from lightning_neurons.config import RunConfig
@@ -123,7 +123,7 @@ class ExplanationSession:
             self.config,
             class_names=self.class_names,
             concepts=self.concepts.texts,
-            model=f"{backend.name}:{getattr(backend.encoder, 'name', type(backend.encoder).__name__)}",
+            model=f"{backend.name}:{encoder_label(backend.encoder)}",
         )
         self._warn_settings_changed()
 

@@ -146,7 +146,8 @@ def load_backend(
             ``embedded``: the ConSE encoder's options as flat keys (``top_t``, ``template_weight``,
             ``temperature``, ``image_size``, ``views``, ``centre``, ``space``, ``text_temperature``,
             ``hypernym_weight``, ``hypernym_levels``, ``colour_weight``, ``colour_threshold``, ``batch_size``,
-            ``resize_mode``; defaults and ranges on :class:`~lightning_neurons.backends.embedded.ConSESettings`)
+            ``resize_mode``, ``precision``; defaults and ranges on
+            :class:`~lightning_neurons.backends.embedded.ConSESettings`)
             or one ``settings`` value, plus ``generator`` (bool), ``lazy_generator`` and ``keep_basis_concepts``
             (see :func:`~lightning_neurons.backends.embedded.load_embedded_backend`); an unknown key is a
             ``TypeError`` naming the closest ones.

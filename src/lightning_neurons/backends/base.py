@@ -105,6 +105,34 @@ class Backend:
         return (self.text_encoder or self.encoder).encode_texts(texts)
 
 
+#: Attributes of an image encoder that change its image embeddings without changing its name (per-call options).
+EMBEDDING_ATTRIBUTES = ("image_size", "resize_mode", "compute_dtype")
+
+
+def encoder_label(encoder: Any) -> str:
+    """The encoder's name with the per-call options that change its image embeddings (:data:`EMBEDDING_ATTRIBUTES`).
+
+    What a round's settings fingerprint records as its model: the same encoder at another image size, or in bfloat16
+    instead of float32 (``precision="auto"`` differs between CPUs), embeds crops differently, so its rounds start a
+    new drift baseline instead of counting the difference as drift.
+
+    Example:
+        >>> class Encoder:
+        ...     name, image_size = "mobilenet", 224
+        >>> encoder_label(Encoder())
+        'mobilenet@image_size=224'
+    """
+    name = str(getattr(encoder, "name", type(encoder).__name__))
+    parts = []
+    for attribute in EMBEDDING_ATTRIBUTES:
+        try:
+            value = getattr(encoder, attribute)
+        except Exception:  # noqa: BLE001 - an attribute the encoder cannot say is not part of its label
+            continue
+        parts.append(f"{attribute}={str(value).removeprefix('torch.')}")
+    return f"{name}@{','.join(parts)}" if parts else name
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The given device, or the best available one (CUDA, then Apple MPS, then CPU).
 

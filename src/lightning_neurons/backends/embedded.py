@@ -961,7 +961,8 @@ def load_embedded_backend(
         **options: Fields of :class:`ConSESettings` as flat keywords (``top_t``, ``template_weight``,
             ``temperature``, ``image_size``, ``views``, ``centre``, ``space``, ``text_temperature``,
             ``hypernym_weight``, ``hypernym_levels``, ``colour_weight``, ``colour_threshold``, ``batch_size``,
-            ``resize_mode``), replacing those of ``settings``: what ``backend_kwargs`` in a config holds.
+            ``resize_mode``, ``precision``), replacing those of ``settings``: what ``backend_kwargs`` in a config
+            holds.
 
     Raises:
         TypeError: For an unknown keyword (the message names the closest known ones).

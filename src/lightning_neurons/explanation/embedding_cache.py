@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_neurons.backends.base import ImageTextEncoder
+from lightning_neurons.backends.base import EMBEDDING_ATTRIBUTES, ImageTextEncoder
 from lightning_neurons.regions import crop_batches
 
 #: Default bound of a session's cache: 512 MiB (about 130,000 embeddings of the embedded backend's 1,011 floats).
@@ -52,7 +52,7 @@ DEFAULT_CACHE_MB = 512.0
 _ENTRY_OVERHEAD = 256
 
 #: Attributes of an encoder that change its image embeddings without changing its name (per-call options).
-_SETTING_ATTRIBUTES = ("settings", "image_size", "resize_mode", "views", "compute_dtype")
+_SETTING_ATTRIBUTES = ("settings", "views", *EMBEDDING_ATTRIBUTES)
 
 
 def encoder_key(encoder: Any) -> Hashable:
