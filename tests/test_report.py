@@ -141,3 +141,26 @@ def test_the_report_and_the_tabs_json_show_the_same_unit_at_every_epoch(tmp_path
         assert [score for *_, score in report] == ["–" if x is None else f"{x:.2f}" for *_, x in tab]
         states |= {s for s, *_ in tab}
     assert states == {"new", "changed", "gained", "lost", "stable", "dead"}
+
+
+def test_preview_grids_written_on_several_threads_are_the_ones_written_on_one(tmp_path):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    rnd = ExplanationRound(epoch=2)
+    for unit in range(12):
+        rnd.previews[("features.3", unit)] = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8, generator=g)
+    rnd.previews[("a b", 0)] = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = save_previews(rnd, tmp_path / "one")
+        torch.set_num_threads(3)
+        several = save_previews(rnd, tmp_path / "several")
+    finally:
+        torch.set_num_threads(threads)
+    assert len(one) == len(several) == 13
+    # Same files, in the order of the round's previews, byte for byte.
+    assert [p.relative_to(tmp_path / "one") for p in one] == [p.relative_to(tmp_path / "several") for p in several]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, several))
+    assert several[0].name == "epoch_2.png" and several[-1].parent.parent.name == "a%20b"
