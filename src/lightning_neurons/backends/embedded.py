@@ -228,7 +228,7 @@ _CLASSIFIER_COPIES_LOCK = threading.Lock()
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` is a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX tiles).
 
-    Elsewhere oneDNN emulates bfloat16 and it is no faster than float32 (or slower), so ``precision="auto"`` keeps
+    Elsewhere bfloat16 convolutions are emulated (not measured here to be any faster), so ``precision="auto"`` keeps
     float32 there.
     """
     if device.type != "cpu":
@@ -245,8 +245,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
     ``"auto"`` is bfloat16 on a CPU with native bfloat16 arithmetic (:func:`native_bfloat16`) and float32 elsewhere.
     Measured on a 2-core Xeon with AMX (MobileNetV2, 64 crops of 224 px): 0.28 s against 0.56 s a batch; on the
-    development split of ``benchmarks/quality.py`` the scores moved by less than the seeds do (README, "Making
-    rounds cheaper").
+    development split of ``benchmarks/quality.py`` five of six figures moved by less than one standard deviation of
+    the paired differences over five seeds, the final layer's class-name similarity on 96 px images by -0.021
+    (``benchmarks/results/encoder_precision.json``; README, "Making rounds cheaper").
 
     Example:
         >>> resolve_precision("float32", torch.device("cpu"))
