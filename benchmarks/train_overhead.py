@@ -185,6 +185,7 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
         out["round_epochs"] = [r.epoch for r in rounds]
         out["round_s"] = [round(float(r.meta.get("timings", {}).get("total_s", float("nan"))), 2) for r in rounds]
         out["embed_crops_s"] = [round(float(r.meta.get("timings", {}).get("embed_crops", 0.0)), 2) for r in rounds]
+        out["stage_s"] = [{k: round(float(v), 2) for k, v in r.meta.get("timings", {}).items()} for r in rounds]
         if len(rounds) > 1:
             later = statistics.mean(out["round_s"][1:])
             out["first_over_later"] = round(out["round_s"][0] / later, 2) if later > 0 else None

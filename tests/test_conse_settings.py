@@ -37,7 +37,7 @@ DEFAULTS = {
     "hypernym_levels": 3,
     "colour_weight": 0.1,
     "colour_threshold": 0.6,
-    "batch_size": 64,
+    "batch_size": "auto",
     "resize_mode": "shortest",
     "precision": "auto",
 }
@@ -203,7 +203,8 @@ def test_positional_options_still_work_deprecated(pack: Any) -> None:
         ({"hypernym_levels": -1}, "hypernym_levels must be an integer >= 0, got -1"),
         ({"colour_weight": 1.0}, r"colour_weight must be a number in \[0, 1\), got 1.0"),
         ({"colour_threshold": None}, "colour_threshold must be a number, got None"),
-        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, "batch_size must be 'auto' or an integer >= 1, got 0"),
+        ({"batch_size": "big"}, "batch_size must be 'auto' or an integer >= 1, got 'big'"),
         ({"resize_mode": "crop"}, "resize_mode must be 'shortest' or 'squash', got 'crop'"),
         ({"precision": "half"}, "precision must be 'auto' or 'float32' or 'bfloat16', got 'half'"),
     ],

@@ -209,3 +209,28 @@ def test_bfloat16_embeddings_stay_close_to_float32_and_never_share_a_cache_key(p
     assert full._classifier_in(torch.float32) is full.classifier
     assert half._classifier_in(torch.bfloat16) is half._classifier_in(torch.bfloat16)
     assert next(full.classifier.parameters()).dtype == torch.float32
+
+
+def test_batch_size_auto_is_a_small_batch_on_a_cpu_and_the_old_64_on_a_gpu() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert embedded.resolve_batch_size("auto", 224, cpu) == 8  # activations of small batches stay in the caches
+    assert embedded.resolve_batch_size("auto", 128, cpu) == 24
+    assert embedded.resolve_batch_size("auto", 32, cpu) == 64  # never more than on a GPU
+    assert embedded.resolve_batch_size("auto", 4096, cpu) == 1
+    assert embedded.resolve_batch_size("auto", 224, cuda) == 64
+    assert embedded.resolve_batch_size(5, 224, cuda) == 5  # an explicit size is kept everywhere
+    for bad in (0, "big", 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be 'auto' or an integer >= 1"):
+            embedded.resolve_batch_size(bad, 224, cpu)  # type: ignore[arg-type]
+
+
+def test_the_batch_size_changes_how_fast_not_what_a_crop_embeds(parts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    auto, one = _encoder(parts, precision="float32"), _encoder(parts, precision="float32", batch_size=64)
+    assert auto.compute_batch_size == 8 and one.compute_batch_size == 64
+    calls: list[int] = []
+    forward = auto.classifier.forward
+    monkeypatch.setattr(auto.classifier, "forward", lambda x: calls.append(x.shape[0]) or forward(x))
+    photos = _photos().repeat(3, 1, 1, 1)[:13]
+    small, large = auto.encode_images(photos), one.encode_images(photos)
+    assert calls == [8, 5]  # the classifier saw batches of the resolved size
+    torch.testing.assert_close(small, large, atol=1e-4, rtol=1e-4)

@@ -168,5 +168,5 @@ def test_embedded_backends_with_different_settings_do_not_share_them():
     small = load_backend("embedded", device="cpu", generator=False, image_size=128, batch_size=8)
     large = load_backend("embedded", device="cpu", generator=False, image_size=224)
     assert small.encoder.image_size == 128 and small.encoder.batch_size == 8  # not overwritten by the second load
-    assert large.encoder.image_size == 224 and large.encoder.batch_size == 64
+    assert large.encoder.image_size == 224 and large.encoder.batch_size == "auto"
     assert small.encoder.classifier is large.encoder.classifier  # the weights are loaded once

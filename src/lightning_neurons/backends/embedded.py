@@ -262,6 +262,36 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+#: Pixels per classifier batch of ``batch_size="auto"`` on a CPU: 8 crops of 224 px, 24 of 128 px.
+CPU_BATCH_PIXELS = 8 * 224 * 224
+#: ``batch_size="auto"`` on a GPU or MPS device, and the most images per batch on a CPU.
+ACCELERATOR_BATCH_SIZE = 64
+
+
+def resolve_batch_size(batch_size: int | str, image_size: int, device: torch.device) -> int:
+    """Images per classifier forward pass for a :attr:`ConSESettings.batch_size` on ``device``.
+
+    ``"auto"`` on a CPU is the number of images that hold about :data:`CPU_BATCH_PIXELS` pixels (8 at 224 px, 24 at
+    128 px, at most 64): a small batch's activations stay in the CPU's caches. Measured on a 2-core Xeon with AMX
+    (MobileNetV2, 256 crops, bfloat16): 0.60 s in batches of 8 against 1.03 s in batches of 64 at 224 px, 0.23 s
+    against 0.28 s in batches of 32 at 128 px; float32 1.45 s against 2.2 s at 224 px. The embeddings are the same
+    up to rounding (class probabilities within 1e-3). Elsewhere ``"auto"`` is :data:`ACCELERATOR_BATCH_SIZE`.
+
+    Example:
+        >>> resolve_batch_size("auto", 224, torch.device("cpu")), resolve_batch_size("auto", 128, torch.device("cpu"))
+        (8, 24)
+        >>> resolve_batch_size("auto", 224, torch.device("cuda")), resolve_batch_size(16, 224, torch.device("cpu"))
+        (64, 16)
+    """
+    if batch_size != "auto":
+        if not _is_int(batch_size) or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
+        return int(batch_size)
+    if device.type != "cpu":
+        return ACCELERATOR_BATCH_SIZE
+    return max(1, min(ACCELERATOR_BATCH_SIZE, CPU_BATCH_PIXELS // (image_size * image_size)))
+
+
 def _unknown_option(key: str, allowed: Sequence[str], what: str) -> TypeError:
     """A TypeError naming an unknown keyword and its closest allowed names (as ``resolve_layers`` does)."""
     close = difflib.get_close_matches(key, allowed, n=3, cutoff=0.6)
@@ -338,7 +368,8 @@ class ConSESettings:
             encode colour) against a text's softmax over its similarities to those terms; 0 turns it off.
         colour_threshold: The similarity of the "no colour" option of a text's colour softmax: a text less similar
             than this to every colour term puts little mass on colours.
-        batch_size: Images per classifier forward pass (an integer >= 1).
+        batch_size: Images per classifier forward pass: an integer >= 1, or ``"auto"`` (the default: about 8 crops
+            of 224 px on a CPU, where small batches are 1.5-1.7x faster, and 64 on a GPU; :func:`resolve_batch_size`).
         resize_mode: ``"shortest"`` (resize + centre crop) or ``"squash"``.
         precision: The number format the classifier runs in: ``"float32"``, ``"bfloat16"`` (half the bits; the
             convolutions run on the CPU's bfloat16 units where it has them) or ``"auto"`` (the default:
@@ -375,7 +406,7 @@ class ConSESettings:
     hypernym_levels: int = 3
     colour_weight: float = 0.1
     colour_threshold: float = 0.6
-    batch_size: int = 64
+    batch_size: int | str = "auto"
     resize_mode: str = "shortest"
     precision: str = "auto"
 
@@ -426,7 +457,12 @@ class ConSESettings:
             self.colour_weight,
         )
         _check(_is_real(self.colour_threshold), "colour_threshold", "a number", self.colour_threshold)
-        _check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        _check(
+            self.batch_size == "auto" or (_is_int(self.batch_size) and self.batch_size >= 1),
+            "batch_size",
+            "'auto' or an integer >= 1",
+            self.batch_size,
+        )
         _check(self.resize_mode in RESIZE_MODES, "resize_mode", " or ".join(map(repr, RESIZE_MODES)), self.resize_mode)
         _check(self.precision in PRECISIONS, "precision", " or ".join(map(repr, PRECISIONS)), self.precision)
 
@@ -563,7 +599,7 @@ class ConSEEncoder:
     hypernym_weight: _Option[float] = _Option()
     hypernym_levels: _Option[int] = _Option()
     colour_threshold: _Option[float] = _Option()
-    batch_size: _Option[int] = _Option()
+    batch_size: _Option[int | str] = _Option()
     resize_mode: _Option[str] = _Option()
     precision: _Option[str] = _Option()
 
@@ -635,6 +671,11 @@ class ConSEEncoder:
         """The dtype the classifier runs in: :attr:`precision` resolved on this device (:func:`resolve_precision`)."""
         return resolve_precision(self.precision, self.device)
 
+    @property
+    def compute_batch_size(self) -> int:
+        """Images per classifier pass: :attr:`batch_size` resolved for this image size and device."""
+        return resolve_batch_size(self.batch_size, self.image_size, self.device)
+
     def _classifier_in(self, dtype: torch.dtype) -> torch.nn.Module:
         if dtype == torch.float32:
             return self.classifier
@@ -649,8 +690,9 @@ class ConSEEncoder:
         outs = [torch.empty(0, len(self.class_names))]
         dtype = self.compute_dtype
         classifier = self._classifier_in(dtype)
-        for start in range(0, images.shape[0], self.batch_size):
-            chunk = test_time_view(images[start : start + self.batch_size].to(self.device, non_blocking=True), view)
+        batch = self.compute_batch_size
+        for start in range(0, images.shape[0], batch):
+            chunk = test_time_view(images[start : start + batch].to(self.device, non_blocking=True), view)
             pixels = prepare_images(chunk, self.image_size, _IMAGENET_MEAN, _IMAGENET_STD, self.resize_mode)
             pixels = pixels.to(dtype).contiguous(memory_format=torch.channels_last)
             outs.append(classifier(pixels).float().softmax(-1).cpu())
