@@ -384,3 +384,25 @@ def test_crop_batches_prefetch_on_a_side_stream_gives_the_same_crops():
     for batch in crop_batches(images, idx, boxes, 16, 5):
         got.append((batch * 2).cpu())  # the caller's work on the current stream
     assert torch.allclose(torch.cat(got), (whole * 2).cpu(), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [224, 64, (40, 70)])
+def test_crops_are_torchvisions_roi_align_whether_they_are_upsampled_or_shrunk(size: int | tuple[int, int]) -> None:
+    from torchvision.ops import roi_align
+
+    from lightning_neurons.regions import _upsample_rois
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 150, 150), generator=generator, dtype=torch.uint8)
+    index = torch.randint(0, 6, (120,), generator=generator)
+    corner = torch.randint(0, 75, (120, 2), generator=generator)
+    sides = torch.randint(1, 75, (120, 2), generator=generator)  # some boxes smaller than the output, some larger
+    boxes = torch.cat([corner, corner + sides], dim=1)
+    out_hw = (size, size) if isinstance(size, int) else size
+    rois = torch.cat([index[:, None].float(), boxes.float()], dim=1)
+    expected = roi_align(images.float() / 255, rois, out_hw, 1.0, -1, True).clamp(0, 1)
+    torch.testing.assert_close(crop_images(images, index, boxes, size), expected, atol=1e-4, rtol=0)
+    small = (sides[:, 0] <= out_hw[1]) & (sides[:, 1] <= out_hw[0])
+    assert 0 < int(small.sum()) < 120 or size == 224  # the mixed case ran (every box fits in 224 px)
+    direct = _upsample_rois(images.float() / 255, rois[small], out_hw).clamp(0, 1)
+    torch.testing.assert_close(direct, expected[small], atol=1e-4, rtol=0)
