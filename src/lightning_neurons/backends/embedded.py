@@ -458,7 +458,7 @@ class ConSESettings:
         )
         _check(_is_real(self.colour_threshold), "colour_threshold", "a number", self.colour_threshold)
         _check(
-            self.batch_size == "auto" or (_is_int(self.batch_size) and self.batch_size >= 1),
+            self.batch_size == "auto" or (_is_int(self.batch_size) and int(self.batch_size) >= 1),
             "batch_size",
             "'auto' or an integer >= 1",
             self.batch_size,

@@ -21,8 +21,76 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SharedSampleValues:
+    """``[U, N, C]`` values whose first ``R`` samples are the same rows for every unit, stored without repeating them.
+
+    A layer's units are tested on the reservoir (the same ``R`` samples for all) and their own top samples: the
+    ``[U, N, C]`` similarities are ``R`` shared rows ``[R, C]`` then ``[U, k, C]`` rows of each unit. Every sum over
+    samples is then one matrix product with the shared rows plus a small batched one, and the repeated rows are
+    never materialised (on a 256-unit layer with 192 reservoir images and 16 top samples, 13x less memory).
+
+    Args:
+        shared: ``[R, C]`` the rows every unit has, first.
+        own: ``[U, k, C]`` each unit's own rows, after them.
+
+    Example:
+        >>> values = SharedSampleValues(torch.rand(5, 3), torch.rand(2, 4, 3))
+        >>> a = torch.rand(2, 9)
+        >>> torch.allclose(values.products(a), torch.einsum("un,unc->uc", a, values.dense()))
+        True
+    """
+
+    shared: Tensor
+    own: Tensor
+
+    @classmethod
+    def of(cls, concepts: Tensor | SharedSampleValues, units: int) -> SharedSampleValues:
+        """``[N, C]`` (shared by all units), ``[U, N, C]`` (each its own) or already split values, split."""
+        if isinstance(concepts, SharedSampleValues):
+            return concepts
+        if concepts.dim() == 2:
+            return cls(concepts, concepts.new_empty(units, 0, concepts.shape[1]))
+        if concepts.dim() != 3 or concepts.shape[0] != units:
+            raise ValueError(f"concepts must be [N, C] or [{units}, N, C], got {tuple(concepts.shape)}")
+        return cls(concepts.new_empty(0, concepts.shape[2]), concepts)
+
+    @property
+    def num_concepts(self) -> int:
+        """``C``."""
+        return int(self.shared.shape[1])
+
+    def float(self) -> SharedSampleValues:
+        """The values in float32."""
+        return SharedSampleValues(self.shared.float(), self.own.float())
+
+    def square(self) -> SharedSampleValues:
+        """The values squared."""
+        return SharedSampleValues(self.shared.square(), self.own.square())
+
+    def products(self, a: Tensor) -> Tensor:
+        """``[..., U, C]`` sums over samples of ``a[..., u, n] * values[u, n, c]`` for ``a`` ``[..., U, N]``."""
+        r = self.shared.shape[0]
+        out = a[..., :r] @ self.shared
+        if self.own.shape[1]:
+            out = out + torch.einsum("...un,unc->...uc", a[..., r:], self.own)
+        return out
+
+    def column(self, index: Tensor) -> Tensor:
+        """``[U, N]``: each unit's values of its own concept ``index[u]``."""
+        own = self.own.gather(2, index[:, None, None].expand(-1, self.own.shape[1], 1))[..., 0]
+        return torch.cat([self.shared[:, index].T, own], dim=1)
+
+    def dense(self) -> Tensor:
+        """The ``[U, N, C]`` tensor itself (for tests and small inputs)."""
+        units = self.own.shape[0]
+        return torch.cat([self.shared[None].expand(units, -1, -1), self.own], dim=1)
 
 
 def _per_unit(concepts: Tensor, units: int) -> Tensor:
@@ -42,17 +110,22 @@ def _weights(activations: Tensor, weights: Tensor | None) -> Tensor:
     return weights.float()
 
 
-def _products(a: Tensor, x: Tensor) -> Tensor:
+def _products(a: Tensor, x: Tensor | SharedSampleValues) -> Tensor:
     """``[U, C]`` sum over samples of ``a[u, n] * x[(u,) n, c]`` (one matrix product)."""
+    if isinstance(x, SharedSampleValues):
+        return x.products(a)
     return a @ x if x.dim() == 2 else torch.einsum("un,unc->uc", a, x)
 
 
-def correlation(activations: Tensor, concepts: Tensor, weights: Tensor | None = None) -> Tensor:
+def correlation(
+    activations: Tensor, concepts: Tensor | SharedSampleValues, weights: Tensor | None = None
+) -> Tensor:
     """Pearson correlation of each unit's activations with each concept's similarity over the probe samples.
 
     Args:
         activations: ``[U, N]``.
-        concepts: ``[N, C]`` or ``[U, N, C]`` image-text similarities (or any concept values).
+        concepts: ``[N, C]`` or ``[U, N, C]`` image-text similarities (or any concept values), or
+            :class:`SharedSampleValues`.
         weights: Optional ``[U, N]`` sample weights; ``0`` leaves a sample out (how units with different sample
             sets share one tensor).
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lightning_neurons.explanation.metrics import correlation
+from lightning_neurons.explanation.metrics import SharedSampleValues, correlation
 
 _CHANNELS = ("red", "green", "blue")
 _CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -134,7 +134,7 @@ def _centred(a: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def permutation_test(
     activations: Tensor,
-    concepts: Tensor,
+    concepts: Tensor | SharedSampleValues,
     weights: Tensor | None,
     *,
     permutations: int = 200,
@@ -146,7 +146,7 @@ def permutation_test(
 
     Args:
         activations: ``[U, N]``.
-        concepts: ``[N, C]`` or ``[U, N, C]`` similarities.
+        concepts: ``[N, C]`` or ``[U, N, C]`` similarities (or :class:`SharedSampleValues`).
         weights: ``[U, N]`` 0/1 sample mask (``None``: all samples); activations are permuted among a unit's samples.
         permutations: ``B``, permutations per unit.
         generator: CPU generator of the permutations.
@@ -165,18 +165,18 @@ def permutation_test(
     a = activations.float()
     units, n = a.shape
     w = torch.ones_like(a) if weights is None else weights.float()
-    x = concepts.float() if concepts.dim() == 3 else concepts.float()[None].expand(units, -1, -1)
+    x = SharedSampleValues.of(concepts, units).float()
     if observed is None:
         observed = correlation(a, x, w).max(dim=1).values
     da, var_a, count = _centred(a, w)
-    mx = torch.einsum("un,unc->uc", w, x) / count
-    var_x = (torch.einsum("un,unc->uc", w, x.square()) - count * mx.square()).clamp_min(0)
+    mx = x.products(w) / count
+    var_x = (x.square().products(w) - count * mx.square()).clamp_min(0)
     den = (var_a[:, None] * var_x).sqrt()  # [U, C]
     scale = torch.where(den > 1e-12, 1.0 / den.clamp_min(1e-30), torch.zeros_like(den))
     valid = w > 0
     positions = torch.arange(n, device=a.device).expand(units, n)
     slots = torch.argsort(torch.where(valid, positions, positions + n), dim=1)  # valid positions first, in order
-    block = max(1, budget // max(1, units * (n + x.shape[2])))
+    block = max(1, budget // max(1, units * (n + x.num_concepts)))
     exceed = torch.zeros(units, device=a.device)
     for start in range(0, permutations, block):
         b = min(block, permutations - start)
@@ -186,7 +186,7 @@ def permutation_test(
         shuffled = torch.zeros(b, units, n, device=a.device).scatter_(
             2, slots[None].expand(b, -1, -1), da[None].expand(b, -1, -1).gather(2, order)
         )
-        null = (torch.einsum("bun,unc->buc", shuffled, x) * scale[None]).amax(dim=2)  # [b, U]
+        null = (x.products(shuffled) * scale[None]).amax(dim=2)  # [b, U]
         exceed += (null >= observed[None] - 1e-6).float().sum(0)
     p = (1.0 + exceed) / (permutations + 1.0)
     return torch.where(var_a > 1e-12 * count[:, 0], p, torch.full_like(p, float("nan")))
@@ -216,7 +216,7 @@ def _ridge_predict(design: Tensor, target: Tensor, train: Tensor, alpha: float) 
 
 def concept_gain(
     activations: Tensor,
-    concepts: Tensor,
+    concepts: Tensor | SharedSampleValues,
     weights: Tensor,
     statistics: Tensor,
     folds: Tensor,
@@ -233,7 +233,7 @@ def concept_gain(
 
     Args:
         activations: ``[U, N]``.
-        concepts: ``[U, N, C]`` (or ``[N, C]``) similarities.
+        concepts: ``[U, N, C]`` (or ``[N, C]``) similarities (or :class:`SharedSampleValues`).
         weights: ``[U, N]`` 0/1 sample mask.
         statistics: ``[U, N, F]`` (or ``[N, F]``) image statistics of the samples.
         folds: int64 ``[U, N]`` (or ``[N]``) fold of each sample, in ``[0, num_folds)``.
@@ -254,7 +254,7 @@ def concept_gain(
     a = activations.float()
     units, n = a.shape
     w = weights.float()
-    x = concepts.float() if concepts.dim() == 3 else concepts.float()[None].expand(units, -1, -1)
+    x = SharedSampleValues.of(concepts, units).float()
     s = statistics.float() if statistics.dim() == 3 else statistics.float()[None].expand(units, -1, -1)
     f = folds if folds.dim() == 2 else folds[None].expand(units, -1)
     s = _standardise(s, w)
@@ -266,8 +266,7 @@ def concept_gain(
         if not bool((test.sum(1) > 0).any()):
             continue
         chosen = correlation(a, x, train).argmax(dim=1)  # the concept is chosen inside the training folds
-        column = x.gather(2, chosen[:, None, None].expand(-1, n, 1))
-        column = _standardise(column, train)
+        column = _standardise(x.column(chosen)[..., None], train)
         base += test * _ridge_predict(s, a, train, alpha)
         both += test * _ridge_predict(torch.cat([s, column], dim=2), a, train, alpha)
     cv_base = correlation(a, base[..., None], w)[:, 0]
@@ -360,10 +359,11 @@ class UnitSamples:
 
     def chunk(
         self, rows: slice | Tensor, sims: Tensor, statistics: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, SharedSampleValues, Tensor, Tensor]:
         """``(activations [u, N], weights [u, N], sims [u, N, C], statistics [u, N, F], ids [u, N])`` of some units.
 
-        A top sample that is also in the reservoir is counted once (its top slot gets weight 0).
+        A top sample that is also in the reservoir is counted once (its top slot gets weight 0). The similarities
+        keep the reservoir's rows once (:class:`~lightning_neurons.explanation.metrics.SharedSampleValues`).
         """
         top_ids = self.top_ids[rows]
         u = top_ids.shape[0]
@@ -373,7 +373,7 @@ class UnitSamples:
         weights = torch.cat([torch.ones(u, r, device=top_ok.device), top_ok.float()], dim=1)
         acts = acts * (weights > 0)
         top_rows = self.top_rows[rows].clamp_min(0)
-        x = torch.cat([sims[self.reservoir_rows][None].expand(u, -1, -1), sims[top_rows]], dim=1)
+        x = SharedSampleValues(sims[self.reservoir_rows], sims[top_rows])
         s = torch.cat([statistics[self.reservoir_rows][None].expand(u, -1, -1), statistics[top_rows]], dim=1)
         ids = torch.cat([self.reservoir_ids[None].expand(u, -1), top_ids], dim=1)
         return acts, weights, x, s, ids
