@@ -28,8 +28,8 @@ SLOW_ROUND_RATIO = 1.0
 #: The settings that make a round cheaper, with what each costs (README, "Making rounds cheaper").
 CHEAPER_ROUNDS = (
     "every_n_epochs=2 or epochs=[...] (fewer rounds); fewer layers or a smaller top_k (fewer crops to embed); "
-    "a smaller backend_kwargs image_size for the embedded encoder (128 px is 3x cheaper per crop than 224, and less "
-    "faithful); "
+    "a smaller backend_kwargs image_size for the embedded encoder (128 px is about 2.5x cheaper per crop than 224, and "
+    "less faithful); "
     "on a GPU rounds run beside training by default (async_explain='auto')"
 )
 
