@@ -278,3 +278,32 @@ def test_a_layers_records_are_the_same_explained_alone_or_beside_another_layer()
                         have["unit"],
                         field,
                     )
+
+
+def test_the_reservoir_rows_kept_once_give_the_tests_of_the_repeated_rows() -> None:
+    from lightning_neurons.explanation.metrics import SharedSampleValues, correlation
+    from lightning_neurons.explanation.significance import concept_gain, permutation_test
+
+    g = torch.Generator().manual_seed(3)
+    units, reservoir, own, concepts = 6, 40, 5, 7
+    shared, per_unit = torch.rand(reservoir, concepts, generator=g), torch.rand(units, own, concepts, generator=g)
+    split = SharedSampleValues(shared, per_unit)
+    dense = split.dense()
+    assert dense.shape == (units, reservoir + own, concepts)
+    acts = torch.rand(units, reservoir + own, generator=g)
+    acts[0] += 3 * dense[0, :, 2]  # one unit that follows a concept
+    weights = torch.ones(units, reservoir + own)
+    weights[1, -2:] = 0  # a top sample that is also in the reservoir counts once
+    torch.testing.assert_close(correlation(acts, split, weights), correlation(acts, dense, weights))
+    p_split = permutation_test(acts, split, weights, permutations=49, generator=torch.Generator().manual_seed(0))
+    p_dense = permutation_test(acts, dense, weights, permutations=49, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p_split, p_dense)
+    assert float(p_split[0]) <= 0.02
+    statistics = torch.rand(reservoir + own, 4, generator=g)
+    folds = torch.arange(reservoir + own) % 5
+    for a, b in zip(
+        concept_gain(acts, split, weights, statistics, folds), concept_gain(acts, dense, weights, statistics, folds)
+    ):
+        torch.testing.assert_close(a, b)
+    chosen = torch.tensor([2, 0, 1, 6, 3, 4])
+    torch.testing.assert_close(split.column(chosen), dense.gather(2, chosen[:, None, None].expand(-1, 45, 1))[..., 0])
