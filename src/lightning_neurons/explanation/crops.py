@@ -96,14 +96,15 @@ class CropEmbeddings:
 
 @dataclass(frozen=True)
 class _LayerPairs:
-    """One layer's valid slots, their maps, thresholds and boxes."""
+    """One layer's valid slots, their boxes, and the region masks of the pairs that get a preview."""
 
     slots: Tensor  # [P_l] flat ``unit * k + rank``
     k: int
-    maps: Tensor  # [P_l, h, w]
-    thresholds: Tensor  # [U]
     bank_index: Tensor  # [P_l]
-    boxes: Tensor  # [P_l, 4]
+    boxes: Tensor  # [P_l, 4], on the box grid
+    shown: Tensor  # [S] the pairs (rows of ``slots``) that get a preview
+    shown_boxes: Tensor  # [S, 4], off the grid (the region as found)
+    shown_masks: Tensor  # bool [S, mh, mw]
 
 
 def preview_units(cfg: ExplainConfig, layers: dict[str, LayerTopK]) -> dict[str, list[int]]:
@@ -127,8 +128,8 @@ def find_regions(forward: ForwardResult, previews_of: dict[str, list[int]], cfg:
     parts: dict[str, _LayerPairs] = {}
     previews: Previews = {}
     for name, lm in forward.layers.items():
-        parts[name] = _layer_pairs(lm, forward, cfg)
         wanted = previews_of.get(name, [])
+        parts[name] = _layer_pairs(lm, forward, cfg, wanted)
         if wanted:
             previews.update(_layer_previews(name, wanted, parts[name], forward, cfg))
         lm.top_maps = lm.top_maps[:0]  # free the maps
@@ -158,16 +159,29 @@ def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
     return torch.cat(parts) if parts else empty
 
 
-def _layer_pairs(lm: LayerMaps, forward: ForwardResult, cfg: ExplainConfig) -> _LayerPairs:
+def _layer_pairs(lm: LayerMaps, forward: ForwardResult, cfg: ExplainConfig, preview_units: list[int]) -> _LayerPairs:
+    """Every valid pair's box; the pairs previewed (the first ``preview_count`` of ``preview_units``) with masks too.
+
+    One region pass serves both: a pair's box does not depend on the other pairs of the call, so the previewed pairs
+    are found with their masks and the others without.
+    """
     num_units, k = lm.sample_ids.shape
     valid = lm.sample_ids >= 0
     thresholds = unit_thresholds(lm.top_maps, lm.control_values(), cfg.quantile, valid)
     slots = torch.nonzero(valid.flatten()).squeeze(1)
     maps = lm.top_maps.reshape(num_units * k, *lm.top_maps.shape[2:])[slots]
-    boxes, _ = _regions(maps, thresholds[slots // k], forward.image_size, cfg)
+    pair_thresholds = thresholds[slots // k]
+    wanted = torch.tensor(preview_units, dtype=torch.long, device=slots.device)
+    is_shown = torch.isin(slots // k, wanted) & (slots % k < cfg.preview_count)
+    shown, hidden = torch.nonzero(is_shown).squeeze(1), torch.nonzero(~is_shown).squeeze(1)
+    boxes = torch.empty(slots.numel(), 4, dtype=torch.long, device=slots.device)
+    boxes[hidden], _ = _regions(maps[hidden], pair_thresholds[hidden], forward.image_size, cfg)
+    shown_boxes, shown_masks = _regions(maps[shown], pair_thresholds[shown], forward.image_size, cfg, masks=True)
+    assert shown_masks is not None
+    boxes[shown] = shown_boxes
     boxes = snap_boxes(boxes, forward.image_size, cfg.box_grid)
     bank_index = forward.bank_rows(lm.sample_ids.flatten()[slots])
-    return _LayerPairs(slots, k, maps, thresholds, bank_index, boxes)
+    return _LayerPairs(slots, k, bank_index, boxes, shown, shown_boxes, shown_masks)
 
 
 def _regions(
@@ -191,19 +205,14 @@ def _layer_previews(
     name: str, units: list[int], pairs: _LayerPairs, forward: ForwardResult, cfg: ExplainConfig
 ) -> Previews:
     """The first ``preview_count`` top crops of each wanted unit, region outlined, as uint8 CPU images."""
-    unit_of = pairs.slots // pairs.k
-    rank_of = pairs.slots % pairs.k
-    wanted = torch.tensor(units, device=pairs.slots.device)
-    sel = torch.nonzero(torch.isin(unit_of, wanted) & (rank_of < cfg.preview_count)).squeeze(1)
-    if sel.numel() == 0 or cfg.preview_count <= 0:
+    sel = pairs.shown
+    if sel.numel() == 0:
         return {}
-    image_size = forward.image_size
-    boxes, masks = _regions(pairs.maps[sel], pairs.thresholds[unit_of[sel]], image_size, cfg, masks=True)
-    assert masks is not None
+    boxes = pairs.shown_boxes
     crops = crop_images(forward.bank, pairs.bank_index[sel], boxes, cfg.preview_size)
-    cut = crop_masks(masks, boxes, image_size, cfg.preview_size)
+    cut = crop_masks(pairs.shown_masks, boxes, forward.image_size, cfg.preview_size)
     images = preview_images(crops, cut).cpu()
-    sel_units = unit_of[sel].cpu()
+    sel_units = (pairs.slots[sel] // pairs.k).cpu()
     previews: Previews = {}
     for u in units:
         rows = torch.nonzero(sel_units == u).squeeze(1)
