@@ -800,13 +800,13 @@ def _upsample_rois(src: Tensor, rois: Tensor, out_hw: tuple[int, int]) -> Tensor
     """
     height, width = src.shape[-2:]
     out_h, out_w = out_hw
+    # Output pixel i samples the box at its centre, (i + 0.5) / out of the way across; grid_sample's -1 and 1 are the
+    # image's outer pixel edges (align_corners=False).
+    tx = (torch.arange(out_w, dtype=src.dtype, device=src.device) + 0.5) / out_w
+    ty = (torch.arange(out_h, dtype=src.dtype, device=src.device) + 0.5) / out_h
     parts = []
     for chunk in rois.split(_GRID_CHUNK):
         x0, y0, x1, y1 = chunk[:, 1:2], chunk[:, 2:3], chunk[:, 3:4], chunk[:, 4:5]
-        # Output pixel i samples the box at its centre, (i + 0.5) / out of the way across; grid_sample's -1 and 1
-        # are the image's outer pixel edges (align_corners=False).
-        tx = (torch.arange(out_w, dtype=src.dtype, device=src.device) + 0.5) / out_w
-        ty = (torch.arange(out_h, dtype=src.dtype, device=src.device) + 0.5) / out_h
         gx = (2 * (x0 + tx * (x1 - x0)) / width - 1)[:, None, :].expand(-1, out_h, -1)
         gy = (2 * (y0 + ty * (y1 - y0)) / height - 1)[:, :, None].expand(-1, -1, out_w)
         grid = torch.stack([gx, gy], dim=-1)
