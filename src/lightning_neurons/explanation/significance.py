@@ -16,9 +16,11 @@ uniform sample of the probe set, plus the unit's top samples; whole images every
 :func:`unit_kinds` turns both into ``UnitExplanation.kind``: ``"dead"`` (never active), ``"unclear"``
 (``q > q_threshold``), ``"low_level"`` (significant, gain ``<= gain_margin``) or ``"concept"``.
 
-Memory: :func:`layer_significance` works on chunks of units; a chunk holds ``[units, N, C]`` similarities (``N``
-samples per unit, ``C`` concepts) and a ``[B', units, N + C]`` block of the permutation null, each bounded by
-``budget`` floats (default ``2**24``, 64 MiB), whatever the layer's size.
+Memory: :func:`layer_significance` works on chunks of units; a chunk holds the reservoir's ``[R, C]`` similarities
+once and its units' ``[units, k, C]`` of their top samples (``C`` concepts; see
+:class:`~lightning_neurons.explanation.metrics.SharedSampleValues`), less than the ``[units, N, C]`` the chunk size is
+bounded by, and a ``[B', units, N + C]`` block of the permutation null, each within ``budget`` floats (default
+``2**24``, 64 MiB), whatever the layer's size.
 
 Example:
     >>> import torch
