@@ -406,3 +406,20 @@ def test_crops_are_torchvisions_roi_align_whether_they_are_upsampled_or_shrunk(s
     assert 0 < int(small.sum()) < 120 or size == 224  # the mixed case ran (every box fits in 224 px)
     direct = _upsample_rois(images.float() / 255, rois[small], out_hw).clamp(0, 1)
     torch.testing.assert_close(direct, expected[small], atol=1e-4, rtol=0)
+
+
+def test_preview_outlines_are_the_3x3_min_pool_edge_of_the_mask() -> None:
+    import torch.nn.functional as F
+
+    from lightning_neurons.regions import preview_images
+
+    generator = torch.Generator().manual_seed(1)
+    for height, width in [(1, 1), (2, 5), (17, 9), (64, 64)]:
+        crops = torch.rand(5, 3, height, width, generator=generator)
+        masks = torch.rand(5, height, width, generator=generator) > 0.3
+        m = masks[:, None].float()
+        edge = (m - -F.max_pool2d(-m, 3, stride=1, padding=1)) > 0  # inside pixels with an outside neighbour
+        dimmed = crops * (m + (1 - m) * 0.35)
+        colour = torch.tensor([255.0, 220.0, 0.0]).reshape(1, 3, 1, 1) / 255.0
+        expected = (torch.where(edge, colour.expand_as(crops), dimmed) * 255).round().to(torch.uint8)
+        assert torch.equal(preview_images(crops, masks), expected)
