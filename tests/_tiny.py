@@ -6,8 +6,11 @@ any size, 3 classes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 
@@ -35,3 +38,21 @@ class Tiny(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def quiet_trainer(
+    callbacks: Any, *, root: Any = None, logger: Any = False, max_epochs: int = 1, **kwargs: Any
+) -> pl.Trainer:
+    """A CPU-test Trainer that prints nothing: no progress bar or model summary, and checkpoints only when a
+    ``ModelCheckpoint`` is among ``callbacks`` (one callback or a list)."""
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=root,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )

@@ -9,7 +9,6 @@ import threading
 import warnings
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _cheap import StatsEncoder
 from _tiny import Tiny
+from _tiny import quiet_trainer as _quiet_trainer
 from lightning_neurons import NeuronExplainer, load_history
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.background import frozen_copy
@@ -82,17 +82,8 @@ def explainer(encoder, **kwargs):
 
 
 def quiet_trainer(tmp_path, callbacks, max_epochs=2, logger=False, **kwargs):
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=logger,
-        default_root_dir=tmp_path,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    return _quiet_trainer(callbacks, root=tmp_path, logger=logger, max_epochs=max_epochs, **kwargs)
 
 
 def fit(tmp_path, callbacks, max_epochs=2, loggers=None, **kwargs):

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from _cheap import StatsEncoder, cheap_backend
+from _tiny import quiet_trainer
 from lightning_neurons import NeuronExplainer
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.checkpoints import load_checkpoint
@@ -69,17 +70,7 @@ def loaders(n_val=20):
 
 
 def trainer(callbacks, max_epochs=1, tmp_path=None, **kw):
-    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+    return quiet_trainer(callbacks, root=tmp_path, max_epochs=max_epochs, **kw)
 
 
 def hook_count(model):

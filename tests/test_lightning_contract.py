@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _cheap import cheap_backend
-from _tiny import Tiny
+from _tiny import Tiny, quiet_trainer
 from lightning_neurons import NeuronExplainer, load_history
 
 
@@ -42,17 +42,8 @@ def explainer(**kwargs):
 def trainer(tmp_path, callbacks, logger=True, **kwargs):
     kwargs.setdefault("max_epochs", 2)
     kwargs.setdefault("num_sanity_val_steps", 0)
-    return pl.Trainer(
-        callbacks=callbacks if isinstance(callbacks, list) else [callbacks],
-        logger=TensorBoardLogger(tmp_path, name="run") if logger is True else logger,
-        default_root_dir=tmp_path,
-        enable_checkpointing=any(
-            isinstance(c, ModelCheckpoint) for c in (callbacks if isinstance(callbacks, list) else [])
-        ),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
+    logger = TensorBoardLogger(tmp_path, name="run") if logger is True else logger
+    return quiet_trainer(callbacks, root=tmp_path, logger=logger, **kwargs)
 
 
 def table_steps(run_dir: Path, tag: str) -> list[int]:
