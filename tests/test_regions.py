@@ -423,3 +423,21 @@ def test_preview_outlines_are_the_3x3_min_pool_edge_of_the_mask() -> None:
         colour = torch.tensor([255.0, 220.0, 0.0]).reshape(1, 3, 1, 1) / 255.0
         expected = (torch.where(edge, colour.expand_as(crops), dimmed) * 255).round().to(torch.uint8)
         assert torch.equal(preview_images(crops, masks), expected)
+
+
+def test_crops_of_large_photos_are_cut_a_few_at_a_time_and_come_out_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_neurons.regions as regions
+
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(3, 3, 120, 120, generator=generator)
+    index = torch.randint(0, 3, (23,), generator=generator)
+    corner = torch.randint(0, 60, (23, 2), generator=generator)
+    boxes = torch.cat([corner, corner + torch.randint(4, 60, (23, 2), generator=generator)], dim=1)
+    whole = crop_images(images, index, boxes, 64)
+    calls: list[int] = []
+    grid_sample = torch.nn.functional.grid_sample
+    monkeypatch.setattr(regions, "_GRID_SOURCE_FLOATS", 5 * 3 * 120 * 120)  # room for 5 source images a call
+    counted = lambda x, *a, **k: calls.append(x.shape[0]) or grid_sample(x, *a, **k)  # noqa: E731
+    monkeypatch.setattr(regions.F, "grid_sample", counted)
+    assert torch.equal(crop_images(images, index, boxes, 64), whole)
+    assert calls and max(calls) == 5

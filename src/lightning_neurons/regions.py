@@ -780,8 +780,11 @@ def _roi_align(src: Tensor, rois: Tensor, out_hw: tuple[int, int]) -> Tensor:
         return torch.cat(list(parts))
 
 
-#: Crops per ``grid_sample`` call of :func:`_upsample_rois` (its grid holds 2 floats per output pixel: 25 MB at 224 px).
+#: Most crops per ``grid_sample`` call of :func:`_upsample_rois` (its grid holds 2 floats per output pixel: 25 MB at
+#: 224 px).
 _GRID_CHUNK = 64
+#: Floats of source images gathered per ``grid_sample`` call (one copy per crop): 64 MiB, 21 crops of 512 px photos.
+_GRID_SOURCE_FLOATS = 1 << 24
 
 
 def _upsample_rois(src: Tensor, rois: Tensor, out_hw: tuple[int, int]) -> Tensor:
@@ -805,7 +808,8 @@ def _upsample_rois(src: Tensor, rois: Tensor, out_hw: tuple[int, int]) -> Tensor
     tx = (torch.arange(out_w, dtype=src.dtype, device=src.device) + 0.5) / out_w
     ty = (torch.arange(out_h, dtype=src.dtype, device=src.device) + 0.5) / out_h
     parts = []
-    for chunk in rois.split(_GRID_CHUNK):
+    per_call = max(1, min(_GRID_CHUNK, _GRID_SOURCE_FLOATS // max(1, src[0].numel())))
+    for chunk in rois.split(per_call):
         x0, y0, x1, y1 = chunk[:, 1:2], chunk[:, 2:3], chunk[:, 3:4], chunk[:, 4:5]
         gx = (2 * (x0 + tx * (x1 - x0)) / width - 1)[:, None, :].expand(-1, out_h, -1)
         gy = (2 * (y0 + ty * (y1 - y0)) / height - 1)[:, :, None].expand(-1, -1, out_w)
