@@ -348,7 +348,7 @@ class ConSESettings:
             quality metric of the embedded backend on both seeds (e.g. class-name similarity of the output units
             0.32 -> 0.39 and 0.32 -> 0.35, simulation 0.31 -> 0.34 and 0.28 -> 0.34).
         image_size: Side the classifier sees (an integer >= 16). 224 is MobileNetV2's training size; 128 embeds
-            about three times faster on a CPU but describes fewer units right, even on small probe images (the
+            about 2.5 times faster on a CPU but describes fewer units right, even on small probe images (the
             development split: final top-1 0.50 -> 0.44 on 64 px images; README, "Making rounds cheaper").
         views: Test-time views whose class probabilities are averaged, a non-empty subset of :data:`VIEWS`
             (``"none"``, ``"flip"``, ``"zoom"``); each view costs one more classifier pass.

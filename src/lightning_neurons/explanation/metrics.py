@@ -57,9 +57,8 @@ class SharedSampleValues:
             return concepts
         if concepts.dim() == 2:
             return cls(concepts, concepts.new_empty(units, 0, concepts.shape[1]))
-        if concepts.dim() != 3 or concepts.shape[0] != units:
-            raise ValueError(f"concepts must be [N, C] or [{units}, N, C], got {tuple(concepts.shape)}")
-        return cls(concepts.new_empty(0, concepts.shape[2]), concepts)
+        own = _per_unit(concepts, units)  # checks the shape
+        return cls(own.new_empty(0, own.shape[2]), own)
 
     @property
     def num_concepts(self) -> int:

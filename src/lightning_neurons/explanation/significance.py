@@ -254,7 +254,7 @@ def concept_gain(
         [0.0, 0.9]
     """
     a = activations.float()
-    units, n = a.shape
+    units = a.shape[0]
     w = weights.float()
     x = SharedSampleValues.of(concepts, units).float()
     s = statistics.float() if statistics.dim() == 3 else statistics.float()[None].expand(units, -1, -1)
