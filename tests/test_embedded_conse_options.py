@@ -211,6 +211,29 @@ def test_bfloat16_embeddings_stay_close_to_float32_and_never_share_a_cache_key(p
     assert next(full.classifier.parameters()).dtype == torch.float32
 
 
+def test_the_bfloat16_classifier_runs_its_activations_inside_the_convs_and_gives_the_same_probabilities(
+    parts: Any,
+) -> None:
+    import copy
+
+    from lightning_neurons.backends.fused_conv import FusedConv2d, _fused_kernel
+
+    if _fused_kernel() is None:
+        pytest.skip("this PyTorch has no oneDNN fused convolution")
+    half, full = _encoder(parts, precision="bfloat16"), _encoder(parts, precision="float32")
+    fused = half._classifier_in(torch.bfloat16)
+    convs = [m for m in fused.modules() if isinstance(m, FusedConv2d)]
+    assert len(convs) == 52 and sum(m.post_op == "hardtanh" for m in convs) == 35  # every ReLU6 moved into its conv
+    assert not any(isinstance(m, torch.nn.ReLU6) for m in fused.modules())
+    assert not any(isinstance(m, FusedConv2d) for m in full._classifier_in(torch.float32).modules())  # no faster
+    eager = copy.deepcopy(half.classifier).to(torch.bfloat16)
+    pixels = embedded.prepare_images(_photos(), 224, embedded._IMAGENET_MEAN, embedded._IMAGENET_STD, "shortest")
+    pixels = pixels.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got, expected = fused(pixels).float().softmax(-1), eager(pixels).float().softmax(-1)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+
+
 def test_batch_size_auto_is_a_small_batch_on_a_cpu_and_the_old_64_on_a_gpu() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert embedded.resolve_batch_size("auto", 224, cpu) == 8  # activations of small batches stay in the caches
