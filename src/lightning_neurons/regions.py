@@ -816,7 +816,7 @@ def _upsample_rois(src: Tensor, rois: Tensor, out_hw: tuple[int, int]) -> Tensor
         grid = torch.stack([gx, gy], dim=-1)
         source = src[chunk[:, 0].long()]
         parts.append(F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False))
-    return torch.cat(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # cat copies even a single part
 
 
 def _cut_rois(src: Tensor, rois: Tensor, out_hw: tuple[int, int]) -> Tensor:
@@ -859,8 +859,7 @@ def crop_images(images: Tensor, sample_index: Tensor, boxes: Tensor, size: int |
     if images.dtype == torch.uint8:
         src = src / 255.0
     rois = torch.cat([local[:, None].to(src.dtype), boxes.to(src.device, src.dtype)], dim=1)
-    crops = _cut_rois(src, rois, out_hw)
-    return crops.clamp(0.0, 1.0)
+    return _cut_rois(src, rois, out_hw).clamp_(0.0, 1.0)  # a new tensor: clamped in place, no second copy
 
 
 def crop_batches(

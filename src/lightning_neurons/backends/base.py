@@ -198,7 +198,7 @@ def prepare_images(
     images = images[..., top : top + out_h, left : left + out_w].clamp(0.0, 1.0)
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
+    return images.sub_(mean_t).div_(std_t)  # the clamp made a new tensor: normalised in place, the same numbers
 
 
 _MODEL_CACHE: dict[tuple[Any, ...], Any] = {}

@@ -697,7 +697,7 @@ class ConSEEncoder:
         for start in range(0, images.shape[0], batch):
             chunk = test_time_view(images[start : start + batch].to(self.device, non_blocking=True), view)
             pixels = prepare_images(chunk, self.image_size, _IMAGENET_MEAN, _IMAGENET_STD, self.resize_mode)
-            pixels = pixels.to(dtype).contiguous(memory_format=torch.channels_last)
+            pixels = pixels.to(dtype=dtype, memory_format=torch.channels_last)  # one copy for both
             outs.append(classifier(pixels).float().softmax(-1).cpu())
         return torch.cat(outs)
 
