@@ -80,6 +80,29 @@ def test_offline_with_no_cache_falls_back_with_one_warning(empty_cache: Path) ->
     assert backend.name == again.name == "embedded"
 
 
+def test_offline_with_nothing_cached_decides_without_importing_open_clip(tmp_path: Path) -> None:
+    """Importing open_clip (and timm) costs 1.5 s of every fit on 2 CPU cores; with no file it could load, skip it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "hub").mkdir()
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from lightning_neurons.backends import auto\n"
+        f"auto.OPEN_CLIP_URL_CACHE = Path({str(tmp_path / 'clip')!r})\n"
+        f"choice = auto.choose_auto(cache_dir={str(tmp_path / 'hub')!r}, offline=True)\n"
+        "print(choice.backend, 'open_clip' in sys.modules)\n"
+        "Path(auto.OPEN_CLIP_URL_CACHE).mkdir()\n"
+        "(Path(auto.OPEN_CLIP_URL_CACHE) / 'unrelated.pt').write_bytes(b'')\n"
+        f"choice = auto.choose_auto(cache_dir={str(tmp_path / 'hub')!r}, offline=True)\n"
+        "print(choice.backend, 'open_clip' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    # Nothing cached: no import. A file in open_clip's folder: open_clip looks (and finds no weights of its own).
+    assert done.stdout.split() == ["embedded", "False", "embedded", "True"], done.stderr
+
+
 def test_online_without_cache_chooses_to_fetch_the_default_clip(empty_cache: Path) -> None:
     choice = choose_auto(offline=False)
     assert (choice.backend, choice.model_name, choice.pretrained, choice.reason) == (
