@@ -108,3 +108,14 @@ def test_dashboard_benchmark_runs_reduced_and_prints_every_figure(tmp_path):
     assert out["to_pandas_rows"] == 96 * 3 and out["units"] == 96 and out["rounds"] == 3
     assert out["bytes_per_unit_round"] > 0 and len(out["load_average"]) == 3
     assert (tmp_path / "history").is_dir()  # --dir keeps the store
+
+
+def test_encoder_speed_quick_run_times_every_form_on_the_same_crops(capsys):
+    load("encoder_speed").main(["--quick"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["crops"] == 16 and out["batch_size"] >= 1
+    for form in ("float32", "bfloat16_eager", "bfloat16"):
+        assert out[form]["ms_per_crop"] > 0 and len(out[form]["seconds"]) == 1
+    assert out["bfloat16_eager"]["max_logit_diff_vs_bfloat16_eager"] == 0.0
+    if out["fused_convs"]:  # where PyTorch has oneDNN's fused kernel: the same logits, bit for bit
+        assert out["fused_convs"] == 52 and out["bfloat16"]["max_logit_diff_vs_bfloat16_eager"] == 0.0
