@@ -47,8 +47,11 @@ def _fused_kernel() -> object | None:
 class FusedConv2d(nn.Module):
     """A ``Conv2d`` and the activation after it as one oneDNN call (inference only, CPU).
 
+    Where the kernel refuses an input (another device, a dtype oneDNN lacks) the conv and the activation run as
+    they would have.
+
     Args:
-        conv: The convolution (zero padding given as numbers; its weights are shared, not copied).
+        conv: The convolution (zero padding given as numbers; kept as it is, its weights shared, not copied).
         activation: The activation that followed it (a key of :data:`POST_OPS`), or ``None`` for none.
 
     Example:
@@ -62,12 +65,11 @@ class FusedConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, activation: nn.Module | None) -> None:
         super().__init__()
-        self.weight = conv.weight
-        self.bias = conv.bias
+        self.conv = conv
+        self.activation = activation if activation is not None else nn.Identity()
         self.padding = list(conv.padding)  # type: ignore[arg-type]  # checked by fusable()
         self.stride = list(conv.stride)
         self.dilation = list(conv.dilation)
-        self.groups = conv.groups
         self.post_op, self.scalars = POST_OPS[type(activation)] if activation is not None else ("none", [])
 
     @staticmethod
@@ -76,18 +78,23 @@ class FusedConv2d(nn.Module):
         return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.mkldnn._convolution_pointwise(
-            x,
-            self.weight,
-            self.bias,
-            self.padding,
-            self.stride,
-            self.dilation,
-            self.groups,
-            self.post_op,
-            self.scalars,
-            "",
-        )
+        if x.device.type == "cpu":
+            try:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x,
+                    self.conv.weight,
+                    self.conv.bias,
+                    self.padding,
+                    self.stride,
+                    self.dilation,
+                    self.conv.groups,
+                    self.post_op,
+                    self.scalars,
+                    "",
+                )
+            except RuntimeError:  # an input the kernel does not take (float64, say): the two eager steps instead
+                pass
+        return self.activation(self.conv(x))
 
 
 def _fuse_in_place(model: nn.Module) -> int:
