@@ -99,6 +99,34 @@ def test_permutation_p_values_of_null_units_are_roughly_uniform_and_a_driven_uni
     assert torch.equal(small, large)
 
 
+def test_units_that_cannot_be_significant_stop_early_and_the_others_keep_their_p_values():
+    from lightning_neurons.explanation.significance import benjamini_hochberg, sequential_stop
+
+    g = _gen(11)
+    sims = torch.rand(150, 30, generator=g)
+    strength = torch.linspace(0.0, 0.6, 60)[:, None]  # from null units to clearly driven ones
+    acts = strength * sims[:, :1].T + torch.rand(60, 150, generator=g)
+    acts[:3] = 0.7  # constant units: NaN either way
+    stop = sequential_stop(200, 0.05)
+    assert stop == 21
+    full_gen, seq_gen = _gen(12), _gen(12)
+    full = permutation_test(acts, sims, None, permutations=200, generator=full_gen)
+    seq = permutation_test(acts, sims, None, permutations=200, generator=seq_gen, stop_after=stop)
+    assert torch.equal(full_gen.get_state(), seq_gen.get_state())  # the same draws: later tests see the same numbers
+    assert full[:3].isnan().all() and seq[:3].isnan().all()
+    stopped = seq >= stop / 200
+    going = seq < stop / 200
+    assert 10 <= int(stopped.sum()) <= 50 and int(going.sum()) >= 10  # both kinds are in the layer
+    assert torch.equal(seq[going], full[going])  # the units that went on: the same permutations, the same p-values
+    assert bool((full[stopped] >= (stop + 1) / 201 - 1e-7).all())  # the stopped ones were above it with all 200
+    assert bool((seq[stopped] <= 1.0).all())
+    # Benjamini-Hochberg: every q-value below h / B is the same, and so is every decision at q <= 0.05.
+    q_full, q_seq = benjamini_hochberg(full), benjamini_hochberg(seq)
+    small = q_full < stop / 200
+    assert int(small.sum()) >= 5 and torch.equal(q_seq[small], q_full[small])
+    assert torch.equal(q_seq <= 0.05, q_full <= 0.05) and bool((q_seq[~small & ~q_seq.isnan()] >= stop / 200).all())
+
+
 def test_permutations_stay_inside_each_units_samples():
     sims = torch.eye(4).repeat(10, 1)
     acts = sims[:, 1][None].repeat(2, 1) * 3.0

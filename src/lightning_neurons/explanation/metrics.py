@@ -81,6 +81,10 @@ class SharedSampleValues:
             out = out + torch.einsum("...un,unc->...uc", a[..., r:], self.own)
         return out
 
+    def subset(self, units: Tensor) -> SharedSampleValues:
+        """The values of some units (``units``: int64 indices into ``U``); the shared rows stay shared."""
+        return SharedSampleValues(self.shared, self.own[units])
+
     def column(self, index: Tensor) -> Tensor:
         """``[U, N]``: each unit's values of its own concept ``index[u]``."""
         own = self.own.gather(2, index[:, None, None].expand(-1, self.own.shape[1], 1))[..., 0]
@@ -116,9 +120,7 @@ def _products(a: Tensor, x: Tensor | SharedSampleValues) -> Tensor:
     return a @ x if x.dim() == 2 else torch.einsum("un,unc->uc", a, x)
 
 
-def correlation(
-    activations: Tensor, concepts: Tensor | SharedSampleValues, weights: Tensor | None = None
-) -> Tensor:
+def correlation(activations: Tensor, concepts: Tensor | SharedSampleValues, weights: Tensor | None = None) -> Tensor:
     """Pearson correlation of each unit's activations with each concept's similarity over the probe samples.
 
     Args:

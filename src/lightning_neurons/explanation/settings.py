@@ -63,7 +63,9 @@ class ExplainConfig:
             correlation with the best correlation over all concepts of permuted activations.
         permutations: Permutations of each unit's activations in the significance test
             (:func:`~lightning_neurons.explanation.significance.permutation_test`); the smallest p-value is
-            ``1 / (permutations + 1)``. ``0``: no test (every unit is kind ``"unclear"`` unless dead).
+            ``1 / (permutations + 1)``. A unit that could not be significant stops early
+            (:func:`~lightning_neurons.explanation.significance.sequential_stop`: its p-value is then at least twice
+            ``q_threshold``). ``0``: no test (every unit is kind ``"unclear"`` unless dead).
         q_threshold: Benjamini-Hochberg false discovery rate over a layer's units: units with ``q_value`` above it
             are kind ``"unclear"`` ("no clear concept").
         gain_margin: Cross-validated correlation the concept must add beyond simple image statistics for a
