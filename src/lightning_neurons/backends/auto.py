@@ -205,14 +205,19 @@ def choose_auto(
         str(cache),
         f"no open_clip weights are in the local cache ({cache}) and HF_HUB_OFFLINE rules out a download",
     )
+    not_installed = AutoChoice(
+        "embedded", None, None, str(cache), "open_clip is not installed (pip install open_clip_torch)"
+    )
     if importlib.util.find_spec("open_clip") is None:
-        return AutoChoice(
-            "embedded", None, None, str(cache), "open_clip is not installed (pip install open_clip_torch)"
-        )
+        return not_installed
     if is_offline and not _may_hold_weights(cache):
-        # Importing open_clip (and timm) takes 1.5 s on 2 CPU cores, a tenth of a short fine-tune: skip it when no
+        # Importing open_clip (and timm) takes 1.5 s on 2 CPU cores, a seventh of a short fine-tune: skip it when no
         # file it could load exists.
         return no_weights
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:  # found but broken (a missing dependency): as if it were not installed
+        return not_installed
     if weights_cached(wanted, tag, cache):
         return AutoChoice("clip", wanted, tag, str(cache), "cached")
     for found, found_tag in _cached_candidates(cache):
