@@ -103,6 +103,28 @@ def test_offline_with_nothing_cached_decides_without_importing_open_clip(tmp_pat
     assert done.stdout.split() == ["embedded", "False", "embedded", "True"], done.stderr
 
 
+def test_an_open_clip_that_fails_to_import_counts_as_not_installed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    broken = tmp_path / "site" / "open_clip"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('No module named timm')\n")
+    snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "0"
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"")  # something to look at: the import is tried
+    script = (
+        "from lightning_neurons.backends.auto import choose_auto\n"
+        f"print(choose_auto(cache_dir={str(tmp_path / 'hub')!r}, offline=True).reason)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True, env=env
+    )
+    assert done.stdout.strip() == "open_clip is not installed (pip install open_clip_torch)", done.stderr
+
+
 def test_online_without_cache_chooses_to_fetch_the_default_clip(empty_cache: Path) -> None:
     choice = choose_auto(offline=False)
     assert (choice.backend, choice.model_name, choice.pretrained, choice.reason) == (
