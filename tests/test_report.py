@@ -164,3 +164,11 @@ def test_preview_grids_written_on_several_threads_are_the_ones_written_on_one(tm
     assert [p.relative_to(tmp_path / "one") for p in one] == [p.relative_to(tmp_path / "several") for p in several]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, several))
     assert several[0].name == "epoch_2.png" and several[-1].parent.parent.name == "a%20b"
+    # Lossless: the file holds the grid's pixels exactly, whatever zlib settings wrote it.
+    import numpy as np
+    from PIL import Image
+
+    from lightning_neurons.logging.previews import preview_grid
+
+    pixels = np.asarray(Image.open(one[0]).convert("RGB"))
+    assert np.array_equal(pixels, preview_grid(rnd.previews[("features.3", 0)]).permute(1, 2, 0).numpy())
