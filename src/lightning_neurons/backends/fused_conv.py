@@ -30,6 +30,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
+#: The dtypes oneDNN's fused convolution takes on a CPU; other inputs (float64, say) run the eager conv.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 #: The activations oneDNN can apply inside a convolution: module type -> (post-op name, its scalars).
 POST_OPS: dict[type[nn.Module], tuple[str, list[float]]] = {nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}
 
@@ -47,8 +50,8 @@ def _fused_kernel() -> object | None:
 class FusedConv2d(nn.Module):
     """A ``Conv2d`` and the activation after it as one oneDNN call (inference only, CPU).
 
-    Where the kernel refuses an input (another device, a dtype oneDNN lacks) the conv and the activation run as
-    they would have.
+    An input the kernel does not take (on another device, or not in :data:`KERNEL_DTYPES`) runs the conv and the
+    activation as they would have.
 
     Args:
         conv: The convolution (zero padding given as numbers; kept as it is, its weights shared, not copied).
@@ -78,23 +81,20 @@ class FusedConv2d(nn.Module):
         return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
-            try:
-                return torch.ops.mkldnn._convolution_pointwise(
-                    x,
-                    self.conv.weight,
-                    self.conv.bias,
-                    self.padding,
-                    self.stride,
-                    self.dilation,
-                    self.conv.groups,
-                    self.post_op,
-                    self.scalars,
-                    "",
-                )
-            except RuntimeError:  # an input the kernel does not take (float64, say): the two eager steps instead
-                pass
-        return self.activation(self.conv(x))
+        if x.device.type != "cpu" or x.dtype not in KERNEL_DTYPES:  # an input the kernel does not take
+            return self.activation(self.conv(x))
+        return torch.ops.mkldnn._convolution_pointwise(
+            x,
+            self.conv.weight,
+            self.conv.bias,
+            self.padding,
+            self.stride,
+            self.dilation,
+            self.conv.groups,
+            self.post_op,
+            self.scalars,
+            "",
+        )
 
 
 def _fuse_in_place(model: nn.Module) -> int:
@@ -150,7 +150,7 @@ def fuse_conv_activations(model: nn.Module, check_size: int = 32) -> nn.Module:
     try:
         with torch.inference_mode():
             expected, got = model(probe).float(), fused(probe).float()
-    except RuntimeError:  # the private kernel refused these shapes or this build: keep the eager model
+    except RuntimeError:  # the private kernel refused the probe (or the model a 3-channel input): keep the model
         return model
     tolerance = 1e-2 * float(expected.abs().max()) + 1e-3
     return fused if got.shape == expected.shape and float((got - expected).abs().max()) <= tolerance else model
