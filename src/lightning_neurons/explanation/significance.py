@@ -193,6 +193,7 @@ def permutation_test(
     block = max(1, budget // max(1, units * (n + x.num_concepts)))
     # Units stop between steps of a block: small steps stop them sooner, at the cost of more, smaller products.
     step = block if stop_after is None else max(1, min(block, _STOP_STEP))
+    limit = permutations + 1 if stop_after is None else stop_after  # exceedances that stop a unit (never: B + 1)
     exceed = torch.zeros(units, device=a.device)
     stopped_at = torch.zeros(units, device=a.device)  # permutations run when the unit stopped; 0 while it goes on
     going = torch.arange(units, device=a.device)
@@ -212,20 +213,15 @@ def permutation_test(
             values = x if every else x.subset(going)
             null = (values.products(shuffled) * scale[going][None]).amax(dim=2)  # [step, going]
             hits = (null >= observed[going][None] - 1e-6).float()
-            if stop_after is None:
-                exceed[going] += hits.sum(0)
-                continue
             running = exceed[going][None] + hits.cumsum(0)
-            reached = running >= stop_after
+            reached = running >= limit
             done = reached.any(0)
             exceed[going] = running[-1]
             if bool(done.any()):
                 first = reached.float().argmax(0)  # the permutation that brought the h-th exceedance
                 stopped_at[going[done]] = (start + offset + first[done] + 1).float()
                 going = going[~done]
-    p = (1.0 + exceed) / (permutations + 1.0)
-    if stop_after is not None:
-        p = torch.where(stopped_at > 0, stop_after / stopped_at.clamp_min(1.0), p)
+    p = torch.where(stopped_at > 0, limit / stopped_at.clamp_min(1.0), (1.0 + exceed) / (permutations + 1.0))
     return torch.where(var_a > 1e-12 * count[:, 0], p, torch.full_like(p, float("nan")))
 
 
