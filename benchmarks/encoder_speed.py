@@ -37,16 +37,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _crops(count: int, size: int) -> Any:
     """``count`` random boxes of real photos, resized to ``size`` px and normalised for ImageNet."""
     import torch
-    from skimage import data as skdata
 
     from lightning_neurons.backends.base import prepare_images
     from lightning_neurons.backends.embedded import _IMAGENET_MEAN, _IMAGENET_STD
+    from lightning_neurons.demo.data import load_photo
 
-    photos = []
-    for name in ("chelsea", "coffee", "rocket", "astronaut", "horse", "brick"):
-        pixels = torch.as_tensor(getattr(skdata, name)()).float() / 255
-        pixels = pixels.unsqueeze(-1).expand(*pixels.shape[:2], 3) if pixels.ndim == 2 else pixels[..., :3]
-        photos.append(pixels.permute(2, 0, 1))
+    photos = [load_photo(name) for name in ("chelsea", "coffee", "rocket", "astronaut", "horse", "brick")]
     generator = torch.Generator().manual_seed(0)
     crops = []
     for index in range(count):
