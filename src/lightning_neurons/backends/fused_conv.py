@@ -6,8 +6,8 @@ the convolution (a post-op) without the second pass; PyTorch exposes that kernel
 ``torch.ops.mkldnn._convolution_pointwise``, the one its inductor compiler calls for the same pattern, so the fused
 classifier needs no compilation. Measured on 2 cores of a Xeon with AMX (the embedded backend's MobileNetV2, crops
 of 224 px in batches of 8, ``benchmarks/encoder_speed.py``): 1.60-1.85 against 2.17-2.68 ms per crop, 1.35-1.45x
-in two runs, and the same logits bit for bit. In float32 it was no faster (1.31 against 1.22 s for 256 crops), so the backend fuses only its
-bfloat16 classifier.
+in two runs, and the same logits bit for bit. In float32 it was no faster (1.31 against 1.22 s for 256 crops), so
+the backend fuses only its bfloat16 classifier.
 
 The kernel is a private operator of PyTorch: :func:`fuse_conv_activations` checks the fused copy against the
 original on a small input and hands back the original where the operator is missing, fails or disagrees, so a
