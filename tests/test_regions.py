@@ -422,7 +422,9 @@ def test_preview_outlines_are_the_3x3_min_pool_edge_of_the_mask() -> None:
         dimmed = crops * (m + (1 - m) * 0.35)
         colour = torch.tensor([255.0, 220.0, 0.0]).reshape(1, 3, 1, 1) / 255.0
         expected = (torch.where(edge, colour.expand_as(crops), dimmed) * 255).round().to(torch.uint8)
+        given = crops.clone()
         assert torch.equal(preview_images(crops, masks), expected)
+        assert torch.equal(crops, given)  # the caller's crops are left as they were
 
 
 def test_crops_of_large_photos_are_cut_a_few_at_a_time_and_come_out_the_same(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,14 +3,16 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from _rounds import PLAN, bow_embed, make_round
+from _rounds import PLAN, bow_embed, make_real_round, make_round
 from lightning_neurons.drift.history import HISTORY_FILENAME, RunHistory
-from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview
+from lightning_neurons.logging.previews import PREVIEWS_DIRNAME, latest_preview, preview_grid, preview_path
 from lightning_neurons.logging.tensorboard import NeuronTensorBoardLogger, find_tensorboard_writer
 
 
@@ -151,3 +153,55 @@ def test_unit_text_names_the_classes_its_ablation_hurts():
     text = NeuronTensorBoardLogger.unit_text(unit)
     assert "zeroing it hurts: cat (-0.120), dog (-0.031)" in text
     assert "hurts" not in NeuronTensorBoardLogger.unit_text(UnitExplanation("fc", 0, 1, "whiskers", 0.8))
+
+
+def test_top_k_images_hold_the_pixels_of_the_preview_grids_and_files(tmp_path):
+    """The logged grid is the preview file's image, pixel for pixel (both encoded once, the same way)."""
+    rnd = make_real_round(1)
+    with SummaryWriter(tmp_path) as writer:
+        tb = NeuronTensorBoardLogger(writer)
+        tb.log_round(rnd, [], [], epoch=1)
+        tb.save_previews(rnd, tmp_path / PREVIEWS_DIRNAME)
+    acc = load_events(tmp_path)
+    assert rnd.previews
+    for (layer, unit), previews in rnd.previews.items():
+        (event,) = acc.Images(f"neurons/{layer}/{unit}/top_k")
+        logged = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+        grid = preview_grid(previews).permute(1, 2, 0).numpy()
+        assert (event.step, event.height, event.width) == (1, *grid.shape[:2])
+        assert grid.std() > 10  # real photo crops, not a flat colour
+        np.testing.assert_array_equal(logged, grid)
+        saved = np.asarray(Image.open(preview_path(tmp_path / PREVIEWS_DIRNAME, layer, unit, 1)).convert("RGB"))
+        np.testing.assert_array_equal(saved, grid)
+
+
+def test_writers_other_than_pytorchs_get_the_grid_through_add_image():
+    """tensorboardX's writer has protobuf classes of its own: it is handed the uint8 grid, as before."""
+    class OtherWriter:  # the one call this path makes of tensorboardX's SummaryWriter
+        def __init__(self):
+            self.images = []
+
+        def add_image(self, tag, grid, step, dataformats):
+            self.images.append((tag, grid, step, dataformats))
+
+        def add_text(self, *args, **kwargs):
+            pass
+
+        def add_scalar(self, *args, **kwargs):
+            pass
+
+        def add_histogram(self, *args, **kwargs):
+            pass
+
+        def add_custom_scalars(self, *args, **kwargs):
+            pass
+
+        def flush(self):
+            pass
+
+    rnd = make_real_round(0)
+    writer = OtherWriter()
+    NeuronTensorBoardLogger(writer).log_round(rnd, [], [], epoch=0)
+    assert len(writer.images) == len(rnd.previews)
+    tag, grid, step, dataformats = writer.images[0]
+    assert grid.dtype == torch.uint8 and grid.shape[0] == 3 and step == 0 and dataformats == "CHW"

@@ -962,14 +962,14 @@ def preview_images(
         >>> p.dtype, p[0, :, 0, 0].tolist(), p[0, :, 2, 2].tolist(), p[0, :, 4, 4].tolist()
         (torch.uint8, [89, 89, 89], [255, 220, 0], [255, 255, 255])
     """
-    img = crops.float().clamp(0, 1)
+    img = crops.float().clamp(0, 1)  # a new tensor: the rest works on it in place (half the time of copies)
     if masks is not None:
         inside = masks[:, None].bool()
-        img = torch.where(inside, img, img * dim)
+        img.mul_(torch.where(inside, 1.0, dim))  # one factor per pixel for the three channels
         edge = inside & ~_eroded(inside)
-        col = torch.tensor(color, dtype=img.dtype, device=img.device).reshape(1, 3, 1, 1) / 255.0
-        img = torch.where(edge, col, img)
-    return (img * 255).round().to(torch.uint8)
+        for channel, value in enumerate(color):
+            img[:, channel : channel + 1].masked_fill_(edge, value / 255.0)
+    return img.mul_(255).round_().to(torch.uint8)
 
 
 def _eroded(mask: Tensor) -> Tensor:

@@ -527,7 +527,8 @@ def _preview_units(recording: Recording, log_units: int | tuple[int, ...] | None
     out = {}
     for name, layer in recording.layers.items():
         logged = select_units(selection, name, range(layer.num_units))
-        rest = [u for u in range(layer.num_units) if u not in set(logged)]
+        chosen = set(logged)
+        rest = [u for u in range(layer.num_units) if u not in chosen]
         out[name] = sorted([*logged, *rest][: max(DEFAULT_MAX_UNITS, len(logged))])
     return out
 

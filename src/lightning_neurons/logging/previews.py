@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -116,13 +117,26 @@ def save_previews(
         return list(pool.map(lambda job: _write_grid(job[0], job[1], nrow), jobs))
 
 
+def encode_png(grid: Tensor) -> bytes:
+    """A ``uint8`` ``[3, H, W]`` image as PNG bytes, compressed for speed (grids are written every round).
+
+    Fastest zlib level: 2.9x less time than the default for 6% more bytes; run-length matching on top: 15% less
+    time and 8% fewer bytes again on grids of photo crops (2.6 vs 3.1 ms a grid).
+
+    Example:
+        >>> Image.open(io.BytesIO(encode_png(torch.zeros(3, 4, 6, dtype=torch.uint8)))).size
+        (6, 4)
+    """
+    out = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(grid.detach().cpu().permute(1, 2, 0).numpy()))
+    image.save(out, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+    return out.getvalue()
+
+
 def _write_grid(previews: Tensor, path: Path, nrow: int) -> Path:
-    grid = preview_grid(previews, nrow=nrow)
+    png = encode_png(preview_grid(previews, nrow=nrow))
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Fastest zlib level: 2.9x less time than the default for 6% more bytes (these grids are written every round);
-    # run-length matching on top: 15% less time and 8% fewer bytes again on grids of photo crops (2.6 vs 3.1 ms).
-    image = Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy()))
-    image.save(path, compress_level=1, compress_type=zlib.Z_RLE)
+    path.write_bytes(png)
     return path
 
 
