@@ -67,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         help="side the embedded backend resizes crops to (default: its own, 224)",
     )
     parser.add_argument(
+        "--crop-size",
+        type=lambda v: None if v == "encoder" else int(v),
+        default=96,
+        help="side the crops are cut at (default 96; 'encoder': the encoder's own side, as the callback cuts them)",
+    )
+    parser.add_argument(
         "--encoder-precision",
         choices=["auto", "float32", "bfloat16"],
         default=None,
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "ablation_measure": args.ablation_measure,
         "image_size": args.image_size,
     }
+    crop = {"crop_size": args.crop_size}
     backend_kwargs = {"template_weight": 0.0} if args.previous_defaults else {}
     if args.conse_temperature is not None:
         backend_kwargs["temperature"] = args.conse_temperature
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             split=None if split == "photo12" else split,
             backend_kwargs=dict(backend_kwargs),
             **{k: v for k, v in overrides.items() if v is not None},
+            **crop,
         )
         result[split] = run_benchmark_seeds(args.seeds, config=config)
     result["total_s"] = round(time.perf_counter() - start, 1)

@@ -243,3 +243,13 @@ def test_an_unknown_option_names_the_closest_ones() -> None:
 def test_an_unknown_option_of_the_encoder(pack: Any) -> None:
     with pytest.raises(TypeError, match="'hypernym_level'; did you mean 'hypernym_levels' or 'hypernym_weight'"):
         embedded.ConSEEncoder(*pack, hypernym_level=2)
+
+
+def test_the_embedded_encoder_says_the_side_crops_are_cut_at():
+    """The quickstart's encoder resizes to 128 px: its crops are cut at 128 px, not at 224 and resized again."""
+    from lightning_neurons.backends.base import encoder_input_side
+    from lightning_neurons.explanation.settings import ExplainConfig
+
+    small = load_backend("embedded", device="cpu", generator=False, image_size=128).encoder
+    assert encoder_input_side(small) == 128 and ExplainConfig().for_encoder(small).crop_side == 128
+    assert encoder_input_side(load_backend("embedded", device="cpu", generator=False).encoder) == 224

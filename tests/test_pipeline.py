@@ -471,3 +471,34 @@ def test_stages_run_by_hand_hand_each_other_their_values(data):
         return u.description, u.score, u.boxes
 
     assert [key(u) for u in units] == [key(u) for u in whole.units]
+
+
+class SizedEncoder(PlantedEncoder):
+    """The planted encoder, declaring the side it embeds images at and noting the sides it is given."""
+
+    def __init__(self, image_size: object = None) -> None:
+        super().__init__()
+        if image_size is not None:
+            self.image_size = image_size
+        self.sides: set[tuple[int, int]] = set()
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        self.sides.add(tuple(images.shape[-2:]))
+        return super().encode_images(images)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "crop_size", "expected"),
+    [(48, None, 48), ((40, 40), None, 40), (None, None, 224), (48, 32, 32), ((40, 48), None, 224)],
+)
+def test_crops_are_cut_at_the_side_the_encoder_embeds_at(data, image_size, crop_size, expected):
+    """A crop cut at 224 px for an encoder that resizes to 128 px is resampled twice; cut at its side it is not."""
+    images, labels, _ = data
+    model = PlantedNet()
+    rec = record(model, ["pool"], images, top_k=4)
+    encoder = SizedEncoder(image_size)
+    settings = {**CFG, "crop_size": crop_size}
+    rnd = explain_recording(model, rec, ListSource(images, labels), encoder, VOCAB, ExplainConfig(**settings))
+    assert encoder.sides == {(expected, expected)}
+    assert rnd.meta["crop_size"] == expected
+    assert [u.description for u in rnd.units[:4]] == CONCEPTS

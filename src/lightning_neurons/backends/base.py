@@ -133,6 +133,30 @@ def encoder_label(encoder: Any) -> str:
     return f"{name}@{','.join(parts)}" if parts else name
 
 
+#: Side of the crops cut for an encoder that does not say which images it takes (CLIP's and ImageNet's size).
+DEFAULT_CROP_SIDE = 224
+
+
+def encoder_input_side(encoder: Any) -> int | None:
+    """The side of the square images an encoder embeds, where it says: its ``image_size`` (an int or a square pair).
+
+    Crops cut at this side reach the encoder's network without being resized again (a crop cut at 224 px for an
+    encoder that resizes to 128 px is resampled twice, and costs 3x the pixels to cut).
+
+    Example:
+        >>> class Encoder:
+        ...     image_size = (128, 128)
+        >>> encoder_input_side(Encoder()), encoder_input_side(object())
+        (128, None)
+    """
+    size = getattr(encoder, "image_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    return None
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The given device, or the best available one (CUDA, then Apple MPS, then CPU).
 

@@ -92,7 +92,8 @@ class BenchmarkConfig:
         conv_layer: The conv block explained for simulation, contrast and ablation.
         final_layer: The classifier's output layer.
         correction: Concept-score correction of the explanation stage (``"control"`` or ``"soft_wpmi"``).
-        crop_size: Side of the crops given to the encoder.
+        crop_size: Side of the crops given to the encoder (``None``: the encoder's own side, as the callback cuts
+            them; 96 keeps the figures comparable with the earlier runs).
         reservoir_size: Random control samples of the recording.
         seed: Seed of the crops, the weights and the baselines.
         ablation_measure: Hurt measure of the ablation check (``"probability"``: drop of the mean true-class
@@ -115,7 +116,7 @@ class BenchmarkConfig:
     conv_layer: str = "features.block3"
     final_layer: str = "head"
     correction: str = "control"
-    crop_size: int = 96
+    crop_size: int | None = 96
     reservoir_size: int = 48
     seed: int = 0
     ablation_measure: str = "probability"
@@ -140,6 +141,11 @@ class MemoEncoder:
         self.cacheable = bool(getattr(encoder, "cacheable", True))
         self._images: dict[bytes, Tensor] = {}
         self._texts: dict[str, Tensor] = {}
+
+    @property
+    def image_size(self) -> Any:
+        """The wrapped encoder's input side, where it says (crops are cut at it: ``ExplainConfig.for_encoder``)."""
+        return getattr(self.encoder, "image_size", None)
 
     def encode_images(self, images: Tensor) -> Tensor:
         """Embed images, reusing the embedding of any image seen before."""

@@ -276,10 +276,11 @@ def embed_crops(
         encoder: The image side of the image-text encoder.
         forward: The image bank.
         regions: The unique crops.
-        cfg: ``crop_size``, ``encoder_batch_size``, control-crop settings.
+        cfg: ``crop_size`` (``None``: the encoder's side), ``encoder_batch_size``, control-crop settings.
         share: This rank's share of the work (``None``: this process embeds every crop).
         cache: Embeddings of regions seen in earlier rounds (or layers); only the others are embedded.
     """
+    cfg = cfg.for_encoder(encoder)
     ctrl_bank, ctrl_boxes, ctrl_rows = control_crops(forward, regions.boxes, cfg, regions.spans)
     # The whole images of the other fetched samples (top samples outside the reservoir), for the score and the
     # significance tests, which compare whole images on the reservoir and the top samples alike.
@@ -327,12 +328,13 @@ def embed_region_crops(
         forward: The image bank and its sample ids.
         bank_rows: int64 ``[n]`` bank row of each region.
         boxes: int64 ``[n, 4]`` boxes in input pixels.
-        cfg: ``crop_size``, ``encoder_batch_size``, ``show_progress``.
+        cfg: ``crop_size`` (``None``: the encoder's side), ``encoder_batch_size``, ``show_progress``.
         cache: The session's region cache, or ``None``.
     """
+    cfg = cfg.for_encoder(encoder)
     if cache is None:
         return embed_regions(
-            encoder, forward.bank, bank_rows, boxes, cfg.crop_size, cfg.encoder_batch_size, cfg.show_progress
+            encoder, forward.bank, bank_rows, boxes, cfg.crop_side, cfg.encoder_batch_size, cfg.show_progress
         )
     keys = forward.sample_keys()
     return cache.embed(
@@ -341,7 +343,7 @@ def embed_region_crops(
         bank_rows,
         boxes,
         keys,
-        crop_size=cfg.crop_size,
+        crop_size=cfg.crop_side,
         batch_size=cfg.encoder_batch_size,
         show_progress=cfg.show_progress,
     )

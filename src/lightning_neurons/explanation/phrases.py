@@ -60,6 +60,7 @@ def rephrase_units(
     captioner, generator = getattr(backend, "captioner", None), getattr(backend, "generator", None)
     if captioner is None or generator is None:
         raise ValueError("describe=True needs a backend with a captioner and a text generator (e.g. 'embedded')")
+    cfg = cfg.for_encoder(encoder)  # the crops are cut as for the encoder
     by_key = {u.key: u for u in units}
     emb = evidence.crops.embeddings.to(evidence.forward.device)
     for name in evidence.forward.layers:
@@ -84,7 +85,7 @@ def _layer_phrases(
 
     def load(ids_: list[int]) -> Tensor:
         sel = torch.tensor(ids_, device=regions.crop_bank.device)
-        return crop_images(evidence.forward.bank, regions.crop_bank[sel], regions.crop_boxes[sel], cfg.crop_size)
+        return crop_images(evidence.forward.bank, regions.crop_bank[sel], regions.crop_boxes[sel], cfg.crop_side)
 
     phrases = describe_units(captioner, generator, unit_crops, load, unit_concepts, max_words=6)
     return [(u, p) for u, p in zip(unit_ids, phrases) if p]

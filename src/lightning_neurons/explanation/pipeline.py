@@ -109,8 +109,8 @@ def explain_recording(
         >>> rnd.meta["unique_crops"] <= rnd.meta["crops"]  # doctest: +SKIP
         True
     """
-    cfg = config or ExplainConfig()
     encoder = backend.encoder if isinstance(backend, Backend) else backend
+    cfg = (config or ExplainConfig()).for_encoder(encoder)
     epoch = recording.epoch if epoch is None else epoch
     samples = RoundSamples.of(recording)
     _check_layers(model, samples.layers)
@@ -196,6 +196,7 @@ def _round_meta(
         "gain_margin": cfg.gain_margin,
         "frequency_penalty": cfg.frequency_penalty,
         "quantile": cfg.quantile,
+        "crop_size": cfg.crop_size,
         "top_k": recording.top_k,
         "samples": int(samples.ids.numel()),
         "timings": {},

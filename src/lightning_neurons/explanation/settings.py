@@ -7,10 +7,12 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from lightning_neurons.backends.base import DEFAULT_CROP_SIDE, encoder_input_side
 from lightning_neurons.explanation.ablation import HurtMeasure
 from lightning_neurons.explanation.correction import Correction, CorrectionName, as_correction
 from lightning_neurons.recording.hooks import ForwardFn, SelectorSpec
@@ -23,7 +25,9 @@ class ExplainConfig:
     """Settings of the explanation stage.
 
     Args:
-        crop_size: Side of the square crops given to the image encoder.
+        crop_size: Side of the square crops given to the image encoder; ``None`` (the default): the side the encoder
+            embeds images at (:func:`~lightning_neurons.backends.base.encoder_input_side`, 224 where it does not
+            say), so that no crop is resized twice (:meth:`for_encoder` resolves it).
         quantile: Per-unit activation quantile that defines the activated region (Network Dissection: 0.995).
         relative_threshold: Fallback threshold, as a fraction of a map's range, where the quantile leaves nothing.
         padding: Padding added on each side of a region box, as a fraction of its size.
@@ -117,7 +121,7 @@ class ExplainConfig:
         SoftWPMI(temperature=5.0, lam=1.0, p_start=0.998, p_end=0.97, tie_break=0.001)
     """
 
-    crop_size: int = 224
+    crop_size: int | None = None
     quantile: float = 0.995
     relative_threshold: float = 0.5
     padding: float = 0.1
@@ -207,8 +211,36 @@ class ExplainConfig:
         if not 0.0 <= self.combination_margin < 2.0:
             raise ValueError(f"combination_margin must be in [0, 2), got {self.combination_margin}")
         for name in ("crop_size", "batch_size", "encoder_batch_size", "region_chunk", "mask_size", "preview_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def for_encoder(self, encoder: Any) -> ExplainConfig:
+        """These settings with ``crop_size`` resolved for ``encoder`` (unchanged when it is set).
+
+        Example:
+            >>> class Encoder:
+            ...     image_size = 128
+            >>> ExplainConfig().for_encoder(Encoder()).crop_size
+            128
+            >>> ExplainConfig(crop_size=96).for_encoder(Encoder()).crop_size
+            96
+        """
+        if self.crop_size is not None:
+            return self
+        resolved = copy.copy(self)  # not dataclasses.replace: that validates again and repeats deprecation warnings
+        resolved.crop_size = encoder_input_side(encoder) or DEFAULT_CROP_SIDE
+        return resolved
+
+    @property
+    def crop_side(self) -> int:
+        """``crop_size`` of settings resolved for their encoder (:meth:`for_encoder`).
+
+        Raises:
+            ValueError: If ``crop_size`` is ``None`` (the stages get settings resolved by the pipeline).
+        """
+        if self.crop_size is None:
+            raise ValueError("crop_size is not resolved for an encoder yet: use ExplainConfig.for_encoder(encoder)")
+        return self.crop_size
 
     @property
     def correction_value(self) -> Correction:
