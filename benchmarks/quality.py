@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         help="side the crops are cut at (default 96; 'encoder': the encoder's own side, as the callback cuts them)",
     )
     parser.add_argument(
+        "--dedupe-iou",
+        type=float,
+        default=None,
+        help="boxes of a sample overlapping more than this become one crop (default: ExplainConfig's)",
+    )
+    parser.add_argument(
         "--encoder-precision",
         choices=["auto", "float32", "bfloat16"],
         default=None,
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "ablation_measure": args.ablation_measure,
         "image_size": args.image_size,
     }
-    crop = {"crop_size": args.crop_size}
+    crop = {"crop_size": args.crop_size, "dedupe_iou": args.dedupe_iou}
     backend_kwargs = {"template_weight": 0.0} if args.previous_defaults else {}
     if args.conse_temperature is not None:
         backend_kwargs["temperature"] = args.conse_temperature

@@ -12,8 +12,9 @@ device-agnostic (everything stays on the device of its inputs):
    square (so that resizing the crop does not distort it). The component is found on the masks' horizontal
    runs (:class:`MaskRuns`, :func:`peak_runs`): tensor ops only, batched over all pairs of a chunk, no SciPy
    and no copy to the host, and the box comes from reductions over the runs without painting the mask.
-3. :func:`dedupe_boxes`: boxes of the same sample that overlap with IoU above ``0.8`` become one crop
-   (greedy suppression, larger boxes first, resolved in parallel rounds over the overlapping pairs).
+3. :func:`dedupe_boxes`: boxes of the same sample that overlap with IoU above a threshold (the pipeline's
+   ``ExplainConfig.dedupe_iou``, 0.7) become one crop (greedy suppression, larger boxes first, resolved in
+   parallel rounds over the overlapping pairs).
 4. :func:`crop_images` / :func:`crop_masks`: crops and masks resized to a fixed size (``roi_align``).
 5. :func:`preview_images`: ``uint8`` crops, dimmed outside the region and with the region outlined.
 

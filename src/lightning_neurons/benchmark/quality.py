@@ -94,6 +94,7 @@ class BenchmarkConfig:
         correction: Concept-score correction of the explanation stage (``"control"`` or ``"soft_wpmi"``).
         crop_size: Side of the crops given to the encoder (``None``: the encoder's own side, as the callback cuts
             them; 96 keeps the figures comparable with the earlier runs).
+        dedupe_iou: Boxes of a sample overlapping more than this become one crop (``None``: ``ExplainConfig``'s).
         reservoir_size: Random control samples of the recording.
         seed: Seed of the crops, the weights and the baselines.
         ablation_measure: Hurt measure of the ablation check (``"probability"``: drop of the mean true-class
@@ -117,6 +118,7 @@ class BenchmarkConfig:
     final_layer: str = "head"
     correction: str = "control"
     crop_size: int | None = 96
+    dedupe_iou: float | None = None
     reservoir_size: int = 48
     seed: int = 0
     ablation_measure: str = "probability"
@@ -275,6 +277,7 @@ def run_benchmark(
     explain_cfg = ExplainConfig(
         correction=cfg.correction,  # type: ignore[arg-type]
         crop_size=cfg.crop_size,
+        dedupe_iou=ExplainConfig.dedupe_iou if cfg.dedupe_iou is None else cfg.dedupe_iou,
         image_mean=IMAGE_MEAN,
         image_std=IMAGE_STD,
         seed=cfg.seed,
