@@ -37,7 +37,7 @@ class ExplainConfig:
         dedupe_iou: Boxes of the same sample overlapping more than this become one crop (the larger box stands for
             the group). 0.7 was chosen on the development split (``benchmarks/quality.py --quick --crop-size encoder
             --dedupe-iou``, 10 seeds: against 0.8 every figure within a fraction of its seed-to-seed spread, 0.6
-            lower on all three conv-layer figures), for 15% fewer crops to embed in the fine-tune's first round.
+            lower on all three conv-layer figures), for 17% fewer crops to embed in the fine-tune's first round.
         box_grid: Region box edges move to the nearest line of a grid of this many steps per image side, half as
             many along a side the box covers at least half of (0: exact boxes; see
             :func:`~lightning_neurons.regions.snap_boxes`). A region that moves a little between rounds keeps its
