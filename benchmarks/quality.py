@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         "conv_layer": args.conv_layer,
         "ablation_measure": args.ablation_measure,
         "image_size": args.image_size,
+        "dedupe_iou": args.dedupe_iou,
     }
-    crop = {"crop_size": args.crop_size, "dedupe_iou": args.dedupe_iou}
     backend_kwargs = {"template_weight": 0.0} if args.previous_defaults else {}
     if args.conse_temperature is not None:
         backend_kwargs["temperature"] = args.conse_temperature
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         config = BenchmarkConfig(
             split=None if split == "photo12" else split,
             backend_kwargs=dict(backend_kwargs),
+            crop_size=args.crop_size,  # passed even as None: that means the encoder's own side
             **{k: v for k, v in overrides.items() if v is not None},
-            **crop,
         )
         result[split] = run_benchmark_seeds(args.seeds, config=config)
     result["total_s"] = round(time.perf_counter() - start, 1)

@@ -280,7 +280,6 @@ def embed_crops(
         share: This rank's share of the work (``None``: this process embeds every crop).
         cache: Embeddings of regions seen in earlier rounds (or layers); only the others are embedded.
     """
-    cfg = cfg.for_encoder(encoder)
     ctrl_bank, ctrl_boxes, ctrl_rows = control_crops(forward, regions.boxes, cfg, regions.spans)
     # The whole images of the other fetched samples (top samples outside the reservoir), for the score and the
     # significance tests, which compare whole images on the reservoir and the top samples alike.
