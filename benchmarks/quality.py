@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output).write_text(text)
     print(text)
     for split in args.splits:
-        print("\n".join(summary_table(split, result[split])))
+        print("\n".join(summary_table(split, result[split])), file=sys.stderr)  # stdout holds the JSON alone
         for key, where in (("checks", "on the mean over seeds"), ("checks_every_seed", "on every seed")):
             failed = [m for m, c in result[split][key].items() if not all(v for v in c.values() if v is not None)]
             if failed:

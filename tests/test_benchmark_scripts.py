@@ -76,6 +76,7 @@ def test_quality_quick_runs_one_split_and_one_seed(monkeypatch, capsys, tmp_path
     monkeypatch.setattr(quality, "QUICK", dict(tiny, classes=["cat", "coffee", "rocket", "brick"], top_k=4))
     assert quality.main(["--quick", "-o", str(tmp_path / "q.json")]) == 0
     out = json.loads((tmp_path / "q.json").read_text())
+    assert json.loads(capsys.readouterr().out) == out  # stdout is the one JSON object (the table goes to stderr)
     assert out["quick"] is True and set(out) == {"development", "total_s", "quick"}
     assert out["development"]["seeds"] == [0]
     assert "embedded" in out["development"] and "sanity" in out["development"]
