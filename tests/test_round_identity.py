@@ -120,6 +120,10 @@ def test_the_encoders_image_size_and_number_format_are_part_of_the_settings(tmp_
     assert len({runs[n].settings for n in ("float32", "bfloat16", "small")}) == 3
     assert runs["bfloat16"].settings_summary["model"] == "stats:stats@compute_dtype=bfloat16"
     assert runs["small"].settings_summary["model"] == "stats:stats@image_size=128,compute_dtype=float32"
+    # Crops are cut at the encoder's side: the summary says which (and how boxes are merged).
+    assert runs["small"].settings_summary["regions"].startswith("crops 128, ")
+    assert runs["float32"].settings_summary["regions"].startswith("crops 224, ")
+    assert "merge IoU 0.7" in runs["float32"].settings_summary["regions"]
 
 
 def test_identity_is_written_with_the_round_and_read_back(tmp_path):

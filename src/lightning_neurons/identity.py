@@ -3,8 +3,9 @@
 Three small pure functions build the parts of a round's identity, and :func:`round_identity` puts them together:
 
 - :func:`settings_fingerprint`: the settings that change what a round means (vocabulary and its concepts, class
-  names, backend and its model, ``top_k``, reduction) as a short hash and a readable summary. Rounds with different
-  fingerprints are never compared for drift (a new baseline starts).
+  names, backend and its model, ``top_k``, reduction, and the explanation's own: how a description is chosen and
+  judged, the control set, the input normalisation, captioning, how regions are cut) as a short hash and a readable
+  summary. Rounds with different fingerprints are never compared for drift (a new baseline starts).
 - :func:`weights_fingerprint`: a hash of the model's floating-point state (parameters and buffers), so that two
   rounds of the same weights are recognised as such and a round of other weights never passes for one.
 - :func:`new_run_id`: a fresh run identifier (a training run, or a post-hoc output folder).
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from lightning_neurons.config import RunConfig
+from lightning_neurons.explanation.settings import ExplainConfig
 from lightning_neurons.results import RoundIdentity, json_safe
 
 
@@ -37,6 +39,7 @@ def settings_fingerprint(
     class_names: Sequence[str] | None = None,
     concepts: Sequence[str] | None = None,
     model: str | None = None,
+    crop_side: int | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The fingerprint and the readable summary of the settings that change what a round means.
 
@@ -50,6 +53,8 @@ def settings_fingerprint(
             path does not.
         model: The image-text model actually loaded (``backend="auto"`` may load CLIP on one machine and the offline
             pack on another: that changes what a round means).
+        crop_side: The side crops are cut at for the loaded encoder (``ExplainConfig.for_encoder``; ``None``: the
+            config's ``crop_size``, or "the encoder's side" where that is ``None`` too).
 
     Returns:
         ``(fingerprint, summary)``: 16 hex digits, and the dictionary they hash.
@@ -70,8 +75,41 @@ def settings_fingerprint(
         "model": model or json_safe(dict(backend.backend_kwargs)) or None,
         "top_k": int(config.recording.top_k),
         "reduction": str(config.recording.reduction),
+        **_explanation_summary(config.explain, config.recording.reservoir_size, crop_side),
     }
     return _digest(summary), summary
+
+
+def _explanation_summary(explain: ExplainConfig, reservoir_size: int, crop_side: int | None) -> dict[str, Any]:
+    # What decides a unit's shown text and kind (selection and its correction, the significance test and its
+    # thresholds, the control set they compare with), what the crops look like (normalisation undone, how regions are
+    # cut and merged) and whether captions replace the concept: a change of any of them changes the description or the
+    # kind of units whose network did not change.
+    side = crop_side or explain.crop_size
+    regions = (
+        f"crops {side if side else 'at the encoder side'}"
+        f", quantile {explain.quantile:g}, relative {explain.relative_threshold:g}, padding {explain.padding:g}"
+        f", min box {explain.min_box:g}, mask {explain.mask_size}, {explain.component} component"
+        f", merge IoU {explain.dedupe_iou:g}, grid {explain.box_grid}"
+        f", {explain.control_crops_per_image} control crops per image"
+    )
+    normalisation = (
+        {"mean": list(explain.image_mean), "std": list(explain.image_std or ())}
+        if explain.image_mean is not None
+        else "min-max per image"
+    )
+    return {
+        "selection": str(explain.selection),
+        "correction": repr(explain.correction_value),
+        "frequency_penalty": float(explain.frequency_penalty),
+        "permutations": int(explain.permutations),
+        "q_threshold": float(explain.q_threshold),
+        "gain_margin": float(explain.gain_margin),
+        "reservoir_size": int(reservoir_size),
+        "normalisation": normalisation,
+        "describe": bool(explain.describe),
+        "regions": regions,
+    }
 
 
 def _digest(value: Any) -> str:

@@ -124,6 +124,7 @@ class ExplanationSession:
             class_names=self.class_names,
             concepts=self.concepts.texts,
             model=f"{backend.name}:{encoder_label(backend.encoder)}",
+            crop_side=self.config.explain.for_encoder(backend.encoder).crop_side,
         )
         self._warn_settings_changed()
 

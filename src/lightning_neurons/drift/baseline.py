@@ -1,12 +1,13 @@
 """Drift baselines: where a change of the settings that decide what a round means starts a new baseline.
 
-Two rounds explained under different vocabularies, class names, backends (or backend models), ``top_k`` or
-reductions describe the same weights in different terms: their descriptions differ because the question changed,
-not the network. Such rounds are never compared for drift. Each round carries a fingerprint of those settings,
-``ExplanationRound.identity.settings``, made by :func:`lightning_neurons.identity.settings_fingerprint` (the one
-place that says which settings count, with the keys :data:`SETTING_NAMES`). A unit whose previous
-explanation has another fingerprint starts a new baseline (:func:`baseline_units`), and :func:`changed_settings`
-names what changed for the resume warning.
+Two rounds explained under different vocabularies, class names, backends (or backend models), ``top_k``,
+reductions or explanation settings (how a description is chosen and judged, the control set, the normalisation,
+captioning, how regions are cut) describe the same weights in different terms: their descriptions differ because the
+question changed, not the network. Such rounds are never compared for drift. Each round carries a fingerprint of
+those settings, ``ExplanationRound.identity.settings``, made by
+:func:`lightning_neurons.identity.settings_fingerprint` (the one place that says which settings count, with the keys
+:data:`SETTING_NAMES`). A unit whose previous explanation has another fingerprint starts a new baseline
+(:func:`baseline_units`), and :func:`changed_settings` names what changed for the resume warning.
 
 Example:
     >>> from lightning_neurons.config import RunConfig
@@ -25,7 +26,25 @@ from typing import Any
 from lightning_neurons.results import ExplanationRound
 
 #: The settings that change what a round means, in display order (keys of a settings summary).
-SETTING_NAMES: tuple[str, ...] = ("vocabulary", "concepts", "class_names", "backend", "model", "top_k", "reduction")
+SETTING_NAMES: tuple[str, ...] = (
+    "vocabulary",
+    "concepts",
+    "class_names",
+    "backend",
+    "model",
+    "top_k",
+    "reduction",
+    "selection",
+    "correction",
+    "frequency_penalty",
+    "permutations",
+    "q_threshold",
+    "gain_margin",
+    "reservoir_size",
+    "normalisation",
+    "describe",
+    "regions",
+)
 
 
 def round_settings(round: ExplanationRound) -> str | None:
@@ -72,15 +91,19 @@ def baseline_units(
 def changed_settings(previous: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> list[str]:
     """The names of the settings that differ between two summaries (``RoundIdentity.settings_summary``), in order.
 
-    A setting only one summary knows (written by another version) is not counted.
+    A setting only one summary holds counts as changed: the other was written by a version that did not record it,
+    so its fingerprint covers other settings and the rounds are not compared (the warning must say why).
 
     Example:
         >>> changed_settings({"vocabulary": ["general"], "top_k": 16}, {"vocabulary": ["colours"], "top_k": 16})
         ['vocabulary']
+        >>> changed_settings({"top_k": 16}, {"top_k": 16, "q_threshold": 0.05})
+        ['q_threshold']
     """
     if not previous or not current:
         return []
-    return [k for k in previous if k in current and previous[k] != current[k]]
+    names = list(dict.fromkeys([*previous, *current]))
+    return [k for k in names if k not in previous or k not in current or previous[k] != current[k]]
 
 
 def describe_change(previous: Mapping[str, Any], current: Mapping[str, Any], width: int = 80) -> str:
@@ -89,13 +112,24 @@ def describe_change(previous: Mapping[str, Any], current: Mapping[str, Any], wid
     Example:
         >>> describe_change({"top_k": 16, "reduction": "max"}, {"top_k": 8, "reduction": "max"})
         'top_k 16 -> 8'
+        >>> describe_change({"top_k": 16}, {"top_k": 16, "q_threshold": 0.05, "regions": "crops 224"})
+        'not recorded by the earlier version: q_threshold, regions'
     """
 
     def short(value: Any) -> str:
         text = str(value)
         return text if len(text) <= width else text[: width - 3] + "..."
 
-    return ", ".join(f"{k} {short(previous[k])} -> {short(current[k])}" for k in changed_settings(previous, current))
+    changed = changed_settings(previous, current)
+    # Settings one version recorded and the other did not: named once, together, not one line each.
+    new = [k for k in changed if k not in previous]
+    gone = [k for k in changed if k not in current]
+    parts = [f"{k} {short(previous[k])} -> {short(current[k])}" for k in changed if k in previous and k in current]
+    if new:
+        parts.append(f"not recorded by the earlier version: {', '.join(new)}")
+    if gone:
+        parts.append(f"not recorded by this version: {', '.join(gone)}")
+    return ", ".join(parts)
 
 
 def settings_warning(checkpoint: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> str | None:
