@@ -9,6 +9,13 @@ Prints one JSON object. Jobs (both offline, both on real photos of the bundled p
   ``net.features.14`` (96 + 160 = 256 units), the callback's defaults otherwise (``every_n_epochs=1``,
   ``explain_on_fit_end``, top_k 16, embedded backend).
 
+- ``finetune_ddp`` (``--jobs finetune_ddp``): the fine-tune under DDP on the CPU, two processes (``ddp_spawn``,
+  gloo, one thread each), to choose between the two ways a DDP run can explain: ``sync_cache`` (every rank takes a
+  share of each round, in the validation hook; the default) and ``async_cache`` (``async_explain=True``: rank 0
+  explains each round alone in its background worker while both ranks train on). Its fit time is measured inside
+  rank 0, from ``on_fit_start`` to the end of ``fit`` (the processes' start and the models' load left out), and the
+  rounds' figures are read from the round files rank 0 wrote.
+
 Per job the plain fit runs first and last (the ratio divides by their mean, so that load drift on a shared machine
 hits both sides), the variants in between: ``sync`` (every round blocks training, no embedding cache: the code
 before issue 24), ``sync_cache``, ``async`` (background explanation, no cache) and ``async_cache``
@@ -91,7 +98,7 @@ def _full_job(name: str, quick: bool) -> dict[str, Any]:
                 **normalisation,
             ),
         }
-    if name == "finetune":
+    if name in ("finetune", "finetune_ddp"):
         return {
             "data": dict(train_per_class=4, val_per_class=2, image_size=32, batch_size=16)
             if quick
@@ -115,34 +122,9 @@ def _model(job: str) -> Any:
 
 
 def _finetune_model() -> Any:
-    import lightning.pytorch as pl
-    import torch
-    import torch.nn.functional as F
-    from torchvision.models import mobilenet_v2
+    from lightning_neurons.demo import FineTunedMobileNetV2
 
-    from lightning_neurons.backends.embedded import MOBILENET_FILE, MOBILENET_PACKAGE, package_file
-
-    class FineTuned(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = mobilenet_v2()
-            weights = package_file(*MOBILENET_PACKAGE, MOBILENET_FILE)
-            self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-            self.net.classifier[-1] = torch.nn.Linear(self.net.last_channel, 12)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            self.log("val_acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-    return FineTuned()
+    return FineTunedMobileNetV2(num_classes=12)
 
 
 def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -151,21 +133,27 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_neurons import NeuronExplainer
+    from lightning_neurons.benchmark.common import FitClock
     from lightning_neurons.demo import PhotoPatchesDataModule
 
     pl.seed_everything(0, verbose=False)
     data = PhotoPatchesDataModule(**spec["data"])
     model = _model(job)
-    callbacks = []
+    callbacks: list[Any] = []
     explainer = None
     if explainer_kwargs is not None:
         explainer = NeuronExplainer(**_explainer_kwargs(spec, explainer_kwargs), show_progress=False)
         callbacks.append(explainer)
+    ddp = job == "finetune_ddp"
+    clock = root / "fit_seconds.json"
+    if ddp:
+        callbacks.append(FitClock(clock))  # after the explainer: its fit-end work is timed
     trainer = pl.Trainer(
         max_epochs=spec["epochs"],
         accelerator="cpu",
-        devices=1,
-        logger=TensorBoardLogger(root, name=job),
+        devices=2 if ddp else 1,
+        **({"strategy": "ddp_spawn"} if ddp else {}),
+        logger=TensorBoardLogger(root, name=job, version=0),  # fixed: a spawning parent would count again
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -179,8 +167,10 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
         trainer.fit(model, data)
         seconds = time.perf_counter() - start
     out: dict[str, Any] = {"fit_s": round(seconds, 2)}
+    if ddp:  # the fit inside rank 0; the rounds from the files rank 0 wrote (the callbacks ran in the children)
+        out = {"fit_s": round(json.loads(clock.read_text()), 2), "spawned_fit_s": round(seconds, 2)}
     if explainer is not None:
-        rounds = explainer.rounds
+        rounds = _round_files(Path(trainer.log_dir or root) / "neurons") if ddp else explainer.rounds
         out["rounds"] = len(rounds)
         out["round_epochs"] = [r.epoch for r in rounds]
         out["round_s"] = [round(float(r.meta.get("timings", {}).get("total_s", float("nan"))), 2) for r in rounds]
@@ -194,6 +184,13 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
             out["cache"] = caches
         out["unique_crops"] = [r.meta.get("unique_crops") for r in rounds]
     return out
+
+
+def _round_files(folder: Path) -> list[Any]:
+    from lightning_neurons.results import ExplanationRound
+
+    files = sorted(folder.glob("round_epoch=*.json"), key=lambda f: int(f.stem.split("=")[1]))
+    return [ExplanationRound.from_json(f.read_text()) for f in files]
 
 
 def _explainer_kwargs(spec: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +301,9 @@ def _load() -> list[float] | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", nargs="+", choices=["quickstart", "finetune"], default=["quickstart", "finetune"])
+    parser.add_argument(
+        "--jobs", nargs="+", choices=["quickstart", "finetune", "finetune_ddp"], default=["quickstart", "finetune"]
+    )
     parser.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all)")
     parser.add_argument("--quick", action="store_true", help="a reduced run that checks the script (no figures)")
     parser.add_argument("--small", action="store_true", help="fewer, smaller photos, 2 epochs (busy machines)")

@@ -8,6 +8,8 @@ descriptions it gives are arbitrary but deterministic, which is what schedule, D
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 
 import torch
 from torch import nn
@@ -49,3 +51,20 @@ class StatsEncoder:
 def cheap_backend() -> Backend:
     """A Backend around :class:`StatsEncoder` (descriptions compared with the same hashed words)."""
     return Backend(name="stats", encoder=StatsEncoder())
+
+
+class SlowWorkerEncoder(StatsEncoder):
+    """:class:`StatsEncoder` that takes ``delay`` seconds longer per call off the main thread (a background worker).
+
+    Picklable (``ddp_spawn`` pickles the callbacks), so that a round explained in the background is still in flight
+    when the next one is due, in every process.
+    """
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(self.delay)
+        return super().encode_images(images)

@@ -49,6 +49,18 @@ def test_train_overhead_quick_run_gives_one_object_with_ratios_rounds_and_cache_
     assert hits[1] > 0  # the second round reused embeddings of the first
 
 
+@pytest.mark.slow  # three fits of two spawned processes each
+def test_train_overhead_ddp_job_times_the_fit_inside_rank_zero_and_reads_the_rounds_it_wrote():
+    result = load("train_overhead").run(["finetune_ddp"], quick=True, variants=["async_cache"])
+    job = result["finetune_ddp"]
+    assert len(job["plain_fit_s"]) == 2 and all(s > 0 for s in job["plain_fit_s"])
+    variant = job["async_cache"]
+    # rank 0's clock leaves the processes' start out; the rounds come from the files rank 0 wrote
+    assert 0 < variant["fit_s"] < variant["spawned_fit_s"]
+    assert variant["round_epochs"] == [0, 1] and variant["ratio"] > 0
+    assert len(variant["cache"]) == 2 and variant["cache"][1]["hits"] > 0
+
+
 def test_quality_keeps_its_command_line_and_gains_quick(capsys):
     with pytest.raises(SystemExit):
         load("quality").main(["--help"])

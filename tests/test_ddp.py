@@ -17,9 +17,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from _cheap import cheap_backend
+from _cheap import SlowWorkerEncoder, cheap_backend
 from _tiny import Tiny
 from lightning_neurons import NeuronExplainer, load_history
+from lightning_neurons.backends.base import Backend
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["features.0", "features.2", "head"]
@@ -32,24 +33,25 @@ def val_data():
     return TensorDataset(x, torch.randint(0, 3, (N_VAL,), generator=g))
 
 
-def fit(tmp_path: Path, devices: int) -> Path:
+def fit(tmp_path: Path, devices: int, max_epochs: int = 2, **explainer_kwargs) -> Path:
+    explainer_kwargs.setdefault("backend", cheap_backend())
     cb = NeuronExplainer(
         layers=LAYERS,
         top_k=4,
         reservoir_size=12,
-        backend=cheap_backend(),
         vocabulary=["general", "classes"],
         class_names=["zero", "one", "two"],
         evaluate=True,
         ablation=True,
         log_units=2,
         show_progress=False,
+        **explainer_kwargs,
     )
     trainer = pl.Trainer(
         strategy="ddp_spawn" if devices > 1 else "auto",
         accelerator="cpu",
         devices=devices,
-        max_epochs=2,
+        max_epochs=max_epochs,
         limit_train_batches=1,
         num_sanity_val_steps=0,
         callbacks=[cb],
@@ -95,6 +97,42 @@ def test_ddp_spawn_two_processes_explain_exactly_what_one_does(tmp_path):
     assert evaluation["metrics"]["simulation"] == pytest.approx(reference["metrics"]["simulation"], abs=1e-4)
     assert set(evaluation["baselines"]) == set(reference["baselines"])
     assert list((tmp_path / "two" / "run").iterdir()) == [tmp_path / "two" / "run" / "version_0"]
+
+
+def round_meta(run_dir: Path, epoch: int) -> dict:
+    return json.loads((run_dir / f"round_epoch={epoch}.json").read_text())["meta"]
+
+
+@pytest.mark.slow  # two spawned processes import Lightning
+def test_ddp_with_async_explain_rank_zero_explains_alone_in_the_background_and_equals_one_process(tmp_path):
+    """async_explain=True under DDP: rank 0 explains each round alone in its worker (no collective there) while both
+    ranks train on; the rounds equal a one-process run's, filed once, under their own epochs."""
+    one = load_history(fit(tmp_path / "one", devices=1, async_explain=False))
+    two_dir = fit(tmp_path / "two", devices=2, async_explain=True)
+    two = load_history(two_dir)
+    assert one.epochs == two.epochs == [0, 1]
+    for a, b in zip(one.records, two.records, strict=True):
+        assert a.key == b.key
+        assert (a.explanation.description, a.explanation.kind) == (b.explanation.description, b.explanation.kind)
+        assert a.explanation.top_sample_ids == b.explanation.top_sample_ids, a.key
+        assert a.explanation.score == pytest.approx(b.explanation.score, abs=1e-5, nan_ok=True)
+    assert sum(bool(r.explanation.description) for r in two.records) >= len(two.records) // 2
+    for epoch in (0, 1):  # both rounds ran in rank 0's worker, not in the validation hook
+        assert round_meta(two_dir, epoch)["background"]["worker_s"] >= 0
+
+
+@pytest.mark.slow  # two spawned processes import Lightning
+def test_ddp_background_skip_is_decided_by_rank_zero_for_every_rank(tmp_path):
+    """when_busy='skip' under DDP: only rank 0 knows its worker is busy. Every rank must skip the same round, or the
+    round explained at fit end (shared through collectives) would wait for a rank that never comes."""
+    slow = Backend(name="stats", encoder=SlowWorkerEncoder(delay=1.0))
+    run_dir = fit(tmp_path, devices=2, max_epochs=3, async_explain=True, when_busy="skip", backend=slow)
+    history = load_history(run_dir)
+    # Round 0 went to the worker, round 1 came while it was busy (skipped on both ranks), round 2 went to the worker
+    # or was skipped too; the last recording is explained by fit end if it was skipped: no rank waited forever.
+    assert history.epochs[0] == 0 and history.epochs[-1] == 2
+    assert 1 not in history.epochs
+    assert "background" in round_meta(run_dir, 0)
 
 
 @pytest.mark.slow  # two processes launched by Lightning's subprocess launcher, each loading the offline pack

@@ -226,21 +226,30 @@ CPU_REFUSAL = (
 )
 
 
+#: Why ``async_explain="auto"`` keeps a DDP run's rounds in the validation hook, shared between the ranks.
+DDP_REFUSAL = (
+    "DDP shares the round's work between ranks (async_explain='auto'; on 2 CPU processes a MobileNetV2 fine-tune "
+    "took longer with rank 0 explaining alone in the background, README 'Speed'; async_explain=True does that anyway)"
+)
+
+
 def async_refusal(trainer: Any, pl_module: nn.Module, monitored_prefix: str, mode: bool | str = True) -> str | None:
     """Why a round of this fit must run in the validation hook rather than in the background (``None``: it may not).
 
     Background rounds need: ``trainer.fit`` (``validate`` has no training to overlap, and returns the round), one
-    process (under DDP every rank shares the round's work through collectives, which a worker must never run), an
-    uncompiled model (``torch.compile``'s eager stance is process-wide), a map-style probe dataset (the worker
-    indexes it; an iterable one would be re-iterated beside training), and no callback monitoring this explainer's
-    metrics (EarlyStopping or ModelCheckpoint on ``<prefix>/...`` must see the round in the epoch it belongs to).
+    process or ``async_explain=True`` (under DDP the ranks share a round's work through collectives, which a worker
+    must never run; with ``True`` rank 0 explains the whole round alone in its worker instead, and the other ranks
+    go on training), an uncompiled model (``torch.compile``'s eager stance is process-wide), a map-style probe
+    dataset (the worker indexes it; an iterable one would be re-iterated beside training), and no callback monitoring
+    this explainer's metrics (EarlyStopping or ModelCheckpoint on ``<prefix>/...`` must see the round in the epoch it
+    belongs to).
 
     Args:
         trainer: The Trainer.
         pl_module: The LightningModule.
         monitored_prefix: The explainer's tag prefix (``neurons`` or ``neurons-<name>``).
         mode: ``async_explain``: ``False`` always refuses; ``"auto"`` also refuses a model on the CPU
-            (:data:`CPU_REFUSAL`).
+            (:data:`CPU_REFUSAL`) and DDP (:data:`DDP_REFUSAL`).
     """
     from lightning.pytorch.trainer.states import TrainerFn
     from torch.utils.data import DataLoader, IterableDataset
@@ -251,8 +260,8 @@ def async_refusal(trainer: Any, pl_module: nn.Module, monitored_prefix: str, mod
         return "async_explain=False"
     if trainer.state.fn != TrainerFn.FITTING:
         return "not fitting"
-    if trainer.world_size > 1:
-        return "DDP shares the round's work between ranks"
+    if trainer.world_size > 1 and mode is not True:
+        return DDP_REFUSAL
     if compiled_parts(pl_module):
         return "the model is compiled"
     loaders = trainer.val_dataloaders
@@ -294,6 +303,7 @@ class _on_stream:
 
 __all__ = [
     "CPU_REFUSAL",
+    "DDP_REFUSAL",
     "BackgroundExplainer",
     "FinishedRound",
     "RoundJob",

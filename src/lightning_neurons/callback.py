@@ -200,11 +200,13 @@ class NeuronExplainer(Callback):
             handed off at the end of its validation pass (the recording and a frozen copy of the model) and filed
             under its own epoch and step in every logger at the first hook after it is ready; at most one round is
             in flight, the end of ``fit`` and ``teardown`` wait for it, and a failure follows ``on_error`` (with
-            ``"raise"``, at the next hook). Rounds still run in the validation hook, as with ``False``, under DDP,
-            in ``trainer.validate``, for a compiled model, an iterable probe dataset, the explanation at fit end, or
-            when a callback monitors this explainer's metrics (it must see the round in its own epoch). ``"auto"``
-            (the default) also runs them in the validation hook when the model trains on the CPU, where the worker
-            would compete with training for the same cores (measured slower on 2 cores; README, "Speed").
+            ``"raise"``, at the next hook). Rounds still run in the validation hook, as with ``False``, in
+            ``trainer.validate``, for a compiled model, an iterable probe dataset, the explanation at fit end, or
+            when a callback monitors this explainer's metrics (it must see the round in its own epoch). Under DDP
+            ``True`` has rank 0 explain each round alone in its worker while every rank trains on (only rank 0 then
+            holds the round's figures); ``"auto"`` (the default) keeps DDP rounds in the validation hook, shared
+            between the ranks, and also CPU rounds, where the worker would compete with training for the same
+            cores (both measured slower on 2 CPU cores; README, "Speed").
         when_busy: When a scheduled round comes while the previous one is still explained in the background:
             ``"wait"`` for it, or ``"skip"`` the new round with a warning.
         embedding_cache: Keep the embeddings of region crops, control crops and whole images across rounds and
@@ -825,14 +827,31 @@ class NeuronExplainer(Callback):
                 self._hook_reason = refusal  # said once per reason, not every round
                 log.info("NeuronExplainer[%s]: rounds run in the validation hook: %s", self.identity, refusal)
             return False
-        if self._background.busy:
-            if self.config.speed.when_busy == "skip":
-                rank_zero_warn(
-                    f"NeuronExplainer[{self.identity}]: round {recording.epoch} is skipped: round "
-                    f"{self._background.outstanding.key if self._background.outstanding else '?'} is still being "
-                    "explained in the background (when_busy='skip'; 'wait' explains every round)"
-                )
-                return True
+        # Under DDP (async_explain=True) rank 0 explains the round alone in its worker and the other ranks go on
+        # training: every rank must still take the same decisions (skip, hand off), or a later round shared through
+        # collectives would wait for a rank that never comes. Rank 0's decisions are broadcast (on the main thread).
+        busy = self._from_rank_zero(trainer, self._background.busy)
+        if busy and self.config.speed.when_busy == "skip":
+            rank_zero_warn(
+                f"NeuronExplainer[{self.identity}]: round {recording.epoch} is skipped: round "
+                f"{self._background.outstanding.key if self._background.outstanding else '?'} is still being "
+                "explained in the background (when_busy='skip'; 'wait' explains every round)"
+            )
+            return True
+        job = self._round_job(trainer, pl_module, recording, recording.epoch) if trainer.global_rank == 0 else None
+        if not self._from_rank_zero(trainer, job is not None):
+            return False
+        self.last_explained_key = recording.epoch
+        self._last_explained_step = self._last_recording_step
+        self._last_recording_explained = True
+        if job is not None:
+            self._background.submit(job)
+        return True
+
+    def _round_job(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, recording: Recording, key: int
+    ) -> RoundJob | None:
+        """The background worker's job for the round ``key`` (``None``: it cannot run there, explain it in the hook)."""
         self._settle(trainer)
         try:
             model = frozen_copy(pl_module)  # the weights of this epoch, whatever training does next
@@ -841,10 +860,10 @@ class NeuronExplainer(Callback):
             )
         except Exception as err:  # noqa: BLE001 - e.g. a module that cannot be deep-copied: explain here instead
             log.info("NeuronExplainer: explaining round %s in the validation hook (%s)", recording.epoch, err)
-            return False
-        job = RoundJob(
-            key=recording.epoch,
-            step=recording.epoch,
+            return None
+        return RoundJob(
+            key=key,
+            step=key,
             global_step=self._last_recording_step,
             keep_later=False,
             recording=recording,
@@ -854,11 +873,13 @@ class NeuronExplainer(Callback):
             previous_step=self._last_explained_step,
             stream=worker_stream(pl_module.device),
         )
-        self.last_explained_key = recording.epoch
-        self._last_explained_step = self._last_recording_step
-        self._last_recording_explained = True
-        self._background.submit(job)
-        return True
+
+    @staticmethod
+    def _from_rank_zero(trainer: pl.Trainer, decision: bool) -> bool:
+        """Rank 0's ``decision`` on every rank (one broadcast under DDP; the decision itself in one process)."""
+        if trainer.world_size <= 1:
+            return decision
+        return bool(trainer.strategy.broadcast(decision, src=0))
 
     def _explain_job(self, job: RoundJob) -> ExplanationRound:
         """The worker's work: explain the round on the frozen copy; nothing is recorded or written here."""

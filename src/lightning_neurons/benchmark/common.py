@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the scene probe they explain, the two MobileNets, and how they save a result.
+"""What the benchmark scripts share: the scene probe, the two MobileNets, a fit clock and how they save a result.
 
 ``benchmarks/kinds_seeds.py`` and ``benchmarks/quality_diversity.py`` explain a pretrained and a randomly
 initialised MobileNetV2 on both splits of the broad benchmark (:mod:`~lightning_neurons.benchmark.scenes`) with
@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader
@@ -80,6 +82,29 @@ def mobilenets() -> dict[str, nn.Module]:
     return {"pretrained": load_mobilenet("cpu"), "random": mobilenet_v2().eval()}
 
 
+class FitClock(pl.Callback):
+    """Rank 0 writes the seconds from ``on_fit_start`` to its ``teardown`` to ``path`` (JSON, one number).
+
+    Under ``ddp_spawn`` the parent's wall time of ``trainer.fit`` includes starting the processes and loading the
+    models in each; this clock starts after ``setup`` and stops after every callback's ``on_fit_end`` (a callback
+    listed before it tears down first), so it times the fit itself.
+
+    Args:
+        path: Where rank 0 writes the seconds.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self.started: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and self.started is not None:
+            Path(self.path).write_text(json.dumps(time.perf_counter() - self.started))
+
+
 def machine(threads: int) -> str:
     """The line a result states its machine with."""
     return f"{os.cpu_count()} CPU cores (shared), torch threads {threads}"
@@ -94,4 +119,4 @@ def save_json(result: dict[str, Any], path: str | Path | None) -> str:
     return text
 
 
-__all__ = ["SceneProbe", "machine", "mobilenets", "save_json", "scene_probe"]
+__all__ = ["FitClock", "SceneProbe", "machine", "mobilenets", "save_json", "scene_probe"]

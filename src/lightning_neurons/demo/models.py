@@ -1,4 +1,4 @@
-"""Small classifiers (a CNN and a ViT) for the quickstart, the configs and the tests.
+"""Small classifiers (a CNN and a ViT) for the quickstart, the configs and the tests, and a MobileNetV2 to fine-tune.
 
 Example:
     >>> model = SmallCNN(num_classes=12)
@@ -35,7 +35,8 @@ class ImageClassifier(pl.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": accuracy}, prog_bar=True)
+        # Epoch-level validation figures are averaged over the ranks under DDP (a no-op in one process).
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": accuracy}, prog_bar=True, sync_dist=stage != "train")
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -110,3 +111,36 @@ class TinyViT(ImageClassifier):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
+
+
+class FineTunedMobileNetV2(ImageClassifier):
+    """torchvision's ImageNet MobileNetV2 (weights from the offline pack) with a new head: a model to fine-tune.
+
+    Its units worth explaining live in ``net.features.<i>`` (``net.features.14``: 160 channels in the last stage but
+    one). ``benchmarks/train_overhead.py`` fine-tunes it; ``examples/finetune_mobilenet.py`` spells the same model
+    out.
+
+    Args:
+        num_classes: Outputs of the new head.
+        lr: Adam learning rate.
+
+    Example:
+        >>> model = FineTunedMobileNetV2(num_classes=12)
+        >>> model(torch.rand(2, 3, 96, 96)).shape, model.net.features[14].out_channels
+        (torch.Size([2, 12]), 160)
+    """
+
+    def __init__(self, num_classes: int = 12, lr: float = 1e-3) -> None:
+        super().__init__()
+        from torchvision.models import mobilenet_v2
+
+        from lightning_neurons.backends.embedded import MOBILENET_FILE, MOBILENET_PACKAGE, package_file
+
+        self.save_hyperparameters()
+        self.net = mobilenet_v2()
+        weights = package_file(*MOBILENET_PACKAGE, MOBILENET_FILE)
+        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.net.classifier[-1] = nn.Linear(self.net.last_channel, num_classes)  # the new head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
