@@ -9,14 +9,10 @@ it (by the callback), and each unit's two descriptions are compared with the dri
 """
 
 import lightning.pytorch as pl
-import torch
-import torch.nn.functional as F
-from torchvision.models import mobilenet_v2
 
 from lightning_neurons import NeuronExplainer, explain
 from lightning_neurons.backends import load_backend
-from lightning_neurons.backends.embedded import MOBILENET_FILE, MOBILENET_PACKAGE, package_file
-from lightning_neurons.demo import PhotoPatchesDataModule
+from lightning_neurons.demo import FineTunedMobileNetV2, PhotoPatchesDataModule
 from lightning_neurons.demo.data import IMAGE_MEAN, IMAGE_STD
 from lightning_neurons.drift.metrics import compare_units
 from lightning_neurons.explanation.scoring import NO_CLEAR_CONCEPT, confident
@@ -25,34 +21,11 @@ LAYER = "net.features.14"  # 160 channels in the last stage but one
 SETTINGS = dict(top_k=8, image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD), log_units=8)
 
 
-class FineTuned(pl.LightningModule):
-    def __init__(self, num_classes: int = 12) -> None:
-        super().__init__()
-        self.net = mobilenet_v2()
-        weights = package_file(*MOBILENET_PACKAGE, MOBILENET_FILE)
-        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.net.classifier[-1] = torch.nn.Linear(self.net.last_channel, num_classes)  # new head
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        images, labels = batch
-        return F.cross_entropy(self(images), labels)
-
-    def validation_step(self, batch, batch_idx):
-        images, labels = batch
-        self.log("val_acc", (self(images).argmax(1) == labels).float().mean(), prog_bar=True)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
 def main() -> None:
     pl.seed_everything(0)
     data = PhotoPatchesDataModule(train_per_class=48, val_per_class=16, image_size=96, batch_size=32)
     data.setup("fit")
-    model = FineTuned(num_classes=len(data.classes))
+    model = FineTunedMobileNetV2(num_classes=len(data.classes))  # ImageNet weights, a new 12-class head
 
     before = explain(model, data.val_dataloader(), [LAYER], class_names=data.classes, **SETTINGS)
 
