@@ -1,6 +1,6 @@
 """Training time with NeuronExplainer vs without it: ``trainer.fit`` wall time with the callback / the same fit without.
 
-Prints one JSON object. Jobs (both offline, both on real photos of the bundled photo dataset):
+Prints one JSON object. Jobs (all offline, all on real photos of the bundled photo dataset):
 
 - ``quickstart``: ``configs/quickstart.yaml`` (SmallCNN, 64 px crops, 4 epochs, ``features.block3`` + ``block4``,
   top_k 12, the embedded backend at ``image_size=128``).
@@ -153,7 +153,7 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
         accelerator="cpu",
         devices=2 if ddp else 1,
         **({"strategy": "ddp_spawn"} if ddp else {}),
-        logger=TensorBoardLogger(root, name=job, version=0),  # fixed: a spawning parent would count again
+        logger=TensorBoardLogger(root, name=job, version=0),  # a ddp_spawn parent would count the children's version_0
         callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -205,8 +205,9 @@ class NeuronExplainer(Callback):
             when a callback monitors this explainer's metrics (it must see the round in its own epoch). Under DDP
             ``True`` has rank 0 explain each round alone in its worker while every rank trains on (only rank 0 then
             holds the round's figures); ``"auto"`` (the default) keeps DDP rounds in the validation hook, shared
-            between the ranks, and also CPU rounds, where the worker would compete with training for the same
-            cores (both measured slower on 2 CPU cores; README, "Speed").
+            between the ranks (as fast on 2 CPU processes, and every rank keeps the figures; README, "DDP"), and
+            CPU rounds too, where the worker would compete with training for the same cores (measured slower on 2
+            cores; README, "Speed").
         when_busy: When a scheduled round comes while the previous one is still explained in the background:
             ``"wait"`` for it, or ``"skip"`` the new round with a warning.
         embedding_cache: Keep the embeddings of region crops, control crops and whole images across rounds and
