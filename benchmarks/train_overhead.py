@@ -133,7 +133,7 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_neurons import NeuronExplainer
-    from lightning_neurons.benchmark.common import FitClock
+    from lightning_neurons.benchmark.common import FitClock, ProcessGroupCloser
     from lightning_neurons.demo import PhotoPatchesDataModule
 
     pl.seed_everything(0, verbose=False)
@@ -147,7 +147,7 @@ def _fit(job: str, spec: dict[str, Any], root: Path, explainer_kwargs: dict[str,
     ddp = job == "finetune_ddp"
     clock = root / "fit_seconds.json"
     if ddp:
-        callbacks.append(FitClock(clock))  # after the explainer: its fit-end work is timed
+        callbacks += [FitClock(clock), ProcessGroupCloser()]  # after the explainer: its fit-end work is timed
     trainer = pl.Trainer(
         max_epochs=spec["epochs"],
         accelerator="cpu",

@@ -21,6 +21,7 @@ from _cheap import SlowWorkerEncoder, cheap_backend
 from _tiny import Tiny
 from lightning_neurons import NeuronExplainer, load_history
 from lightning_neurons.backends.base import Backend
+from lightning_neurons.benchmark.common import ProcessGroupCloser
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["features.0", "features.2", "head"]
@@ -54,7 +55,7 @@ def fit(tmp_path: Path, devices: int, max_epochs: int = 2, **explainer_kwargs) -
         max_epochs=max_epochs,
         limit_train_batches=1,
         num_sanity_val_steps=0,
-        callbacks=[cb],
+        callbacks=[cb, ProcessGroupCloser()] if devices > 1 else [cb],
         logger=TensorBoardLogger(tmp_path, name="run"),
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -105,6 +105,28 @@ class FitClock(pl.Callback):
             Path(self.path).write_text(json.dumps(time.perf_counter() - self.started))
 
 
+class ProcessGroupCloser(pl.Callback):
+    """Destroy the process group at the end of a ``ddp_spawn`` process's fit (list it last among the callbacks).
+
+    A spawned process exits right after its fit; left to interpreter shutdown, gloo's threads now and then abort it
+    after the fit ended well ("terminate called without an active exception", as
+    :func:`lightning_neurons.cli.close_process_group` explains), and ``trainer.fit`` in the parent then fails.
+    Nothing after the callbacks' ``teardown`` runs a collective in a spawned process, so closing the group there is
+    safe; with any other launcher, or after a failure, it does nothing.
+    """
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+        from lightning.pytorch.trainer.states import TrainerStatus
+
+        from lightning_neurons.cli import close_process_group
+
+        launcher = getattr(trainer.strategy, "launcher", None)
+        # Still RUNNING in the teardown hooks of a fit that ended well (INTERRUPTED after a failure).
+        if isinstance(launcher, _MultiProcessingLauncher) and trainer.state.status == TrainerStatus.RUNNING:
+            close_process_group()
+
+
 def machine(threads: int) -> str:
     """The line a result states its machine with."""
     return f"{os.cpu_count()} CPU cores (shared), torch threads {threads}"
@@ -119,4 +141,4 @@ def save_json(result: dict[str, Any], path: str | Path | None) -> str:
     return text
 
 
-__all__ = ["FitClock", "SceneProbe", "machine", "mobilenets", "save_json", "scene_probe"]
+__all__ = ["FitClock", "ProcessGroupCloser", "SceneProbe", "machine", "mobilenets", "save_json", "scene_probe"]
