@@ -68,3 +68,12 @@ class SlowWorkerEncoder(StatsEncoder):
         if threading.current_thread() is not threading.main_thread():
             time.sleep(self.delay)
         return super().encode_images(images)
+
+
+class FailingWorkerEncoder(StatsEncoder):
+    """:class:`StatsEncoder` that raises off the main thread (a background worker's failure); picklable."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("encoder exploded in the worker")
+        return super().encode_images(images)

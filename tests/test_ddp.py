@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from _cheap import SlowWorkerEncoder, cheap_backend
+from _cheap import FailingWorkerEncoder, SlowWorkerEncoder, cheap_backend
 from _tiny import Tiny
 from lightning_neurons import NeuronExplainer, load_history
 from lightning_neurons.backends.base import Backend
@@ -134,6 +134,20 @@ def test_ddp_background_skip_is_decided_by_rank_zero_for_every_rank(tmp_path):
     assert history.epochs[0] == 0 and history.epochs[-1] == 2
     assert 1 not in history.epochs
     assert "background" in round_meta(run_dir, 0)
+
+
+@pytest.mark.slow  # two spawned processes import Lightning
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+def test_ddp_background_failure_follows_on_error_without_a_rank_left_waiting(tmp_path, on_error):
+    """Rank 0's worker fails: 'warn' goes on training on both ranks and files nothing for the failed rounds; 'raise'
+    ends the fit with the worker's error instead of leaving rank 1 waiting in a collective."""
+    failing = Backend(name="stats", encoder=FailingWorkerEncoder())
+    if on_error == "warn":
+        run_dir = fit(tmp_path, devices=2, async_explain=True, on_error="warn", backend=failing)
+        assert not list(run_dir.glob("round_epoch=*.json"))  # no half-filed round
+        return
+    with pytest.raises(Exception, match="encoder exploded in the worker"):
+        fit(tmp_path, devices=2, async_explain=True, on_error="raise", backend=failing)
 
 
 @pytest.mark.slow  # two processes launched by Lightning's subprocess launcher, each loading the offline pack
