@@ -50,6 +50,10 @@ def test_resume_under_other_settings_reports_no_drift_across_it(tmp_path, first,
     assert all(d.compared and not d.baseline for d in before)  # same settings: compared as always
 
 
+#: The settings the version before the explanation's own settings joined the fingerprint recorded.
+EARLIER_VERSION_SETTINGS = ("vocabulary", "concepts", "class_names", "backend", "model", "top_k", "reduction")
+
+
 def test_a_checkpoint_of_the_version_before_the_explanations_settings_counted_starts_a_new_baseline(
     tmp_path, monkeypatch
 ):
@@ -63,15 +67,7 @@ def test_a_checkpoint_of_the_version_before_the_explanations_settings_counted_st
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first_run = explainer(layers=["head"], async_explain=False)
     trainer(tmp_path, [first_run, ckpt], logger=False, limit_train_batches=1).fit(Tiny(), *loaders())
-    assert list(first_run.rounds[-1].identity.settings_summary) == [
-        "vocabulary",
-        "concepts",
-        "class_names",
-        "backend",
-        "model",
-        "top_k",
-        "reduction",
-    ]
+    assert tuple(first_run.rounds[-1].identity.settings_summary) == EARLIER_VERSION_SETTINGS
     monkeypatch.undo()
 
     resumed = explainer(layers=["head"])
