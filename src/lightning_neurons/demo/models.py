@@ -117,8 +117,7 @@ class FineTunedMobileNetV2(ImageClassifier):
     """torchvision's ImageNet MobileNetV2 (weights from the offline pack) with a new head: a model to fine-tune.
 
     Its units worth explaining live in ``net.features.<i>`` (``net.features.14``: 160 channels in the last stage but
-    one). ``benchmarks/train_overhead.py`` fine-tunes it; ``examples/finetune_mobilenet.py`` spells the same model
-    out.
+    one). ``examples/finetune_mobilenet.py`` and ``benchmarks/train_overhead.py`` fine-tune it.
 
     Args:
         num_classes: Outputs of the new head.
