@@ -22,6 +22,7 @@ from _tiny import Tiny
 from lightning_neurons import NeuronExplainer, load_history
 from lightning_neurons.backends.base import Backend
 from lightning_neurons.benchmark.common import ProcessGroupCloser
+from lightning_neurons.results import ExplanationRound
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["features.0", "features.2", "head"]
@@ -36,9 +37,9 @@ def val_data():
 
 def fit(tmp_path: Path, devices: int, max_epochs: int = 2, **explainer_kwargs) -> Path:
     explainer_kwargs.setdefault("backend", cheap_backend())
+    explainer_kwargs.setdefault("top_k", 4)
     cb = NeuronExplainer(
         layers=LAYERS,
-        top_k=4,
         reservoir_size=12,
         vocabulary=["general", "classes"],
         class_names=["zero", "one", "two"],
@@ -68,8 +69,9 @@ def fit(tmp_path: Path, devices: int, max_epochs: int = 2, **explainer_kwargs) -
 
 @pytest.mark.slow  # two spawned processes import Lightning
 def test_ddp_spawn_two_processes_explain_exactly_what_one_does(tmp_path):
-    one = load_history(fit(tmp_path / "one", devices=1))
-    two_dir = fit(tmp_path / "two", devices=2)
+    # top_k 10: more top samples than the previews show (8 per unit), so the ranks split the other pairs' boxes.
+    one = load_history(fit(tmp_path / "one", devices=1, top_k=10))
+    two_dir = fit(tmp_path / "two", devices=2, top_k=10)
     two = load_history(two_dir)
     assert one.epochs == two.epochs == [0, 1]
     assert len(one) == len(two) == 2 * (6 + 8 + 3)
@@ -84,7 +86,18 @@ def test_ddp_spawn_two_processes_explain_exactly_what_one_does(tmp_path):
         assert [c.text for c in ca] == [c.text for c in cb], a.key
         assert [c.score for c in ca] == pytest.approx([c.score for c in cb], abs=1e-4), a.key
         assert (a.drift.changed, a.drift.concepts_changed) == (b.drift.changed, b.drift.concepts_changed), a.key
-    # The comparison above is not vacuous: units are described, and their kinds (from per-round nulls) agree too.
+    # Each rank found the boxes of one chunk of the pairs; gathered, they are the boxes one process finds (the round
+    # files keep them; the history does not). Not vacuous: conv units have boxes smaller than the 12 px image.
+    one_dir = tmp_path / "one" / "run" / "version_0" / "neurons"
+    for epoch in (0, 1):
+        boxes_one, boxes_two = (
+            {(u.layer, u.unit): u.boxes for u in ExplanationRound.from_json(d / f"round_epoch={epoch}.json").units}
+            for d in (one_dir, two_dir)
+        )
+        assert boxes_one == boxes_two
+    conv_boxes = [b for (layer, _), bs in boxes_two.items() if layer != "head" for b in bs]
+    assert conv_boxes and any(tuple(b) != (0, 0, 12, 12) for b in conv_boxes)
+    # The comparison above is not vacuous either: units are described, and their kinds (from per-round nulls) agree.
     assert sum(bool(r.explanation.description) for r in one.records) >= len(one.records) // 2
     assert [r.explanation.kind for r in one.records] == [r.explanation.kind for r in two.records]
     # rank 0 wrote one TensorBoard run, the rounds and the report; evaluation metrics were computed

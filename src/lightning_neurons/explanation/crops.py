@@ -114,7 +114,12 @@ def preview_units(cfg: ExplainConfig, layers: dict[str, LayerTopK]) -> dict[str,
     return {name: list(range(min(8, lt.num_units))) for name, lt in layers.items()}
 
 
-def find_regions(forward: ForwardResult, previews_of: dict[str, list[int]], cfg: ExplainConfig) -> Regions:
+def find_regions(
+    forward: ForwardResult,
+    previews_of: dict[str, list[int]],
+    cfg: ExplainConfig,
+    share: WorkShare | None = None,
+) -> Regions:
     """Boxes of every unit's activated regions, deduplicated into unique crops, and the previews.
 
     Frees each layer's ``top_maps`` once its boxes are found (the maps are the largest part of a round).
@@ -123,13 +128,16 @@ def find_regions(forward: ForwardResult, previews_of: dict[str, list[int]], cfg:
         forward: The forward stage's result.
         previews_of: ``{layer: units}`` to make previews for.
         cfg: Threshold, box, dedupe and preview settings.
+        share: Under DDP, this rank's share: each rank finds the boxes of one chunk of a layer's pairs and all
+            gather them (a pair's box does not depend on the other pairs, so every rank ends with the boxes one
+            process finds). ``None``: this process finds every box.
     """
     device = forward.device
     parts: dict[str, _LayerPairs] = {}
     previews: Previews = {}
     for name, lm in forward.layers.items():
         wanted = previews_of.get(name, [])
-        parts[name] = _layer_pairs(lm, forward, cfg, wanted)
+        parts[name] = _layer_pairs(lm, forward, cfg, wanted, share)
         if wanted:
             previews.update(_layer_previews(name, wanted, parts[name], forward, cfg))
         lm.top_maps = lm.top_maps[:0]  # free the maps
@@ -159,11 +167,18 @@ def _cat(parts: list[Tensor], empty: Tensor) -> Tensor:
     return torch.cat(parts) if parts else empty
 
 
-def _layer_pairs(lm: LayerMaps, forward: ForwardResult, cfg: ExplainConfig, preview_units: list[int]) -> _LayerPairs:
+def _layer_pairs(
+    lm: LayerMaps,
+    forward: ForwardResult,
+    cfg: ExplainConfig,
+    preview_units: list[int],
+    share: WorkShare | None = None,
+) -> _LayerPairs:
     """Every valid pair's box; the pairs previewed (the first ``preview_count`` of ``preview_units``) with masks too.
 
     One region pass serves both: a pair's box does not depend on the other pairs of the call, so the previewed pairs
-    are found with their masks and the others without.
+    are found with their masks and the others without, and under DDP each rank finds one chunk of the others (the
+    previewed few are found on every rank, which needs their masks on rank 0 and their boxes everywhere).
     """
     num_units, k = lm.sample_ids.shape
     valid = lm.sample_ids >= 0
@@ -175,7 +190,15 @@ def _layer_pairs(lm: LayerMaps, forward: ForwardResult, cfg: ExplainConfig, prev
     is_shown = torch.isin(slots // k, wanted) & (slots % k < cfg.preview_count)
     shown, hidden = torch.nonzero(is_shown).squeeze(1), torch.nonzero(~is_shown).squeeze(1)
     boxes = torch.empty(slots.numel(), 4, dtype=torch.long, device=slots.device)
-    boxes[hidden], _ = _regions(maps[hidden], pair_thresholds[hidden], forward.image_size, cfg)
+    if share is not None and share.world_size > 1:
+        part = share.chunk(hidden.numel())
+        mine = hidden[part.start : part.stop]
+        local, _ = _regions(maps[mine], pair_thresholds[mine], forward.image_size, cfg)
+        # Box corners are whole pixels: exact in the float32 of the gather.
+        gathered = share.gather_rows(local.reshape(-1, 4), hidden.numel()).reshape(-1, 4)
+        boxes[hidden] = gathered.round().to(boxes.device, torch.long)
+    else:
+        boxes[hidden], _ = _regions(maps[hidden], pair_thresholds[hidden], forward.image_size, cfg)
     shown_boxes, shown_masks = _regions(maps[shown], pair_thresholds[shown], forward.image_size, cfg, masks=True)
     assert shown_masks is not None
     boxes[shown] = shown_boxes

@@ -91,7 +91,8 @@ def explain_recording(
         config: Settings (defaults: :class:`ExplainConfig`).
         epoch: Epoch stamped on the results (default: ``recording.epoch``).
         class_names: Names of the class indices, for the ablation check.
-        share: This rank's share of the crop embedding under DDP (``None``: this process embeds every crop).
+        share: This rank's share of the region boxes and the crop embedding under DDP (``None``: this process does
+            all of it).
         cache: Region embeddings kept across rounds (:class:`RegionEmbeddingCache`); only the regions it has not
             seen are embedded, and its hits and misses in this round go to ``meta["embedding_cache"]``. The round
             is the same with or without it.
@@ -123,7 +124,7 @@ def explain_recording(
     with _timed(timings, "forward"):
         forward = forward_samples(model, samples, source, cfg, device)
     with _timed(timings, "regions"):
-        regions = find_regions(forward, preview_units(cfg, samples.layers), cfg)
+        regions = find_regions(forward, preview_units(cfg, samples.layers), cfg, share)
     before = cache.stats() if cache is not None else None
     with _timed(timings, "embed_crops"):
         crops = embed_crops(encoder, forward, regions, cfg, share, cache)
