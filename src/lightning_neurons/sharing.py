@@ -1,10 +1,11 @@
 """Sharing the explanation work of a round between DDP ranks.
 
-Under DDP every rank runs the explanation stage on the same (synced) recording; the expensive part, embedding the
-region crops and control crops with the image encoder, is split into one contiguous chunk per rank and the
-embeddings are gathered back with one fixed-size ``all_gather``. Every rank thus ends with the same embeddings a
-single process would compute, the round takes about ``1 / world_size`` of the encoder time, and no rank waits in a
-collective while another works alone (the ranks meet at the gather, each having done its equal share).
+Under DDP every rank runs the explanation stage on the same (synced) recording; the expensive parts, finding the
+region boxes of the (unit, sample) pairs that get no preview and embedding the region crops and control crops with
+the image encoder, are split into one contiguous chunk per rank and gathered back with fixed-size ``all_gather``
+calls. Every rank thus ends with the same boxes and embeddings a single process would compute, those stages take
+about ``1 / world_size`` of their time, and no rank waits in a collective while another works alone (the ranks meet
+at each gather, each having done its equal share).
 
 Example:
     >>> import torch
