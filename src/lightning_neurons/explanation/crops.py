@@ -128,9 +128,9 @@ def find_regions(
         forward: The forward stage's result.
         previews_of: ``{layer: units}`` to make previews for.
         cfg: Threshold, box, dedupe and preview settings.
-        share: Under DDP, this rank's share: each rank finds the boxes of one chunk of a layer's pairs and all
-            gather them (a pair's box does not depend on the other pairs, so every rank ends with the boxes one
-            process finds). ``None``: this process finds every box.
+        share: Under DDP, this rank's share: each rank finds the boxes of one chunk of a layer's pairs without a
+            preview and all gather them (a pair's box does not depend on the other pairs, so every rank ends with
+            the boxes one process finds). ``None``: this process finds every box.
     """
     device = forward.device
     parts: dict[str, _LayerPairs] = {}
