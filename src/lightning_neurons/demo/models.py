@@ -131,14 +131,10 @@ class FineTunedMobileNetV2(ImageClassifier):
 
     def __init__(self, num_classes: int = 12, lr: float = 1e-3) -> None:
         super().__init__()
-        from torchvision.models import mobilenet_v2
-
-        from lightning_neurons.backends.embedded import MOBILENET_FILE, MOBILENET_PACKAGE, package_file
+        from lightning_neurons.backends.embedded import mobilenet_from_pack
 
         self.save_hyperparameters()
-        self.net = mobilenet_v2()
-        weights = package_file(*MOBILENET_PACKAGE, MOBILENET_FILE)
-        self.net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.net = mobilenet_from_pack()
         self.net.classifier[-1] = nn.Linear(self.net.last_channel, num_classes)  # the new head
 
     def forward(self, x: Tensor) -> Tensor:
